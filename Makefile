@@ -1,0 +1,29 @@
+# The two commands a new user needs: `make demo` and `make test` (each sets up .venv first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= demo_out
+
+.PHONY: setup demo test test-slow lint bench clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/clstm4d demo --out $(OUT)
+
+test: setup
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+bench: setup
+	$(VENV)/bin/clstm4d bench
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache build src/*.egg-info

@@ -1,0 +1,9 @@
+"""clstm4d: convolutional recurrent networks for 1D/2D/3D maps over time.
+
+Importing the package loads torch (and numpy) only; I/O, training and plotting
+dependencies are imported where they are used.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]
