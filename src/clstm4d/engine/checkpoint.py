@@ -1,0 +1,334 @@
+"""Checkpoints: safetensors tensors plus JSON config and state, written atomically.
+
+A checkpoint is a directory::
+
+    step_000100/
+      model.safetensors      model weights
+      optimizer.safetensors  optimizer tensors (absent for weights-only checkpoints)
+      rng.safetensors        torch RNG states (CPU and every CUDA device)
+      config.json            the resolved configuration (with the model's own ``config``)
+      state.json             step, optimizer/scheduler scalars, numpy/python RNG, metrics
+
+Loading never unpickles anything: only ``safetensors`` and ``json`` are read. Every
+checkpoint is written into a temporary sibling directory and renamed into place, and the
+``latest.json`` pointer is replaced atomically afterwards, so a crash leaves either the old or
+the new checkpoint, never a half-written one.
+
+Examples:
+    >>> import tempfile, torch
+    >>> net = torch.nn.Linear(2, 3)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     ck = save_checkpoint(d, net, step=5, config={"model": {"name": "linear"}})
+    ...     other = torch.nn.Linear(2, 3)
+    ...     load_weights(other, ck)
+    ...     bool(torch.equal(other.weight, net.weight)), read_checkpoint_state(ck)["step"]
+    (True, 5)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+__all__ = [
+    "atomic_write_text",
+    "find_checkpoint",
+    "load_training_state",
+    "load_weights",
+    "read_checkpoint_config",
+    "read_checkpoint_state",
+    "save_checkpoint",
+]
+
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.json"
+LATEST = "latest.json"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(obj: Any) -> Any:
+    """Tuples become ``{"__tuple__": [...]}`` so that they come back as tuples."""
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_jsonable(v) for v in obj]}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, torch.Tensor):
+        raise TypeError("tensors belong in safetensors, not JSON")
+    return obj
+
+
+def _from_json(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tuple__"}:
+            return tuple(_from_json(v) for v in obj["__tuple__"])
+        return {k: _from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_json(v) for v in obj]
+    return obj
+
+
+def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = v
+    return tensors, {"param_groups": _jsonable(sd["param_groups"]), "scalars": _jsonable(scalars)}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    for idx, st in _from_json(meta["scalars"]).items():
+        state.setdefault(int(idx), {}).update(st)
+    return {"state": state, "param_groups": _from_json(meta["param_groups"])}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (global RNG saved)
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    meta = {"numpy": [name, int(pos), int(has_gauss), float(cached)],
+            "python": _jsonable(random.getstate())}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    name, pos, has_gauss, cached = meta["numpy"]
+    keys = tensors["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state((name, keys, pos, has_gauss, cached))  # noqa: NPY002
+    random.setstate(_from_json(meta["python"]))
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    *,
+    step: int,
+    config: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    extra: dict[str, Any] | None = None,
+    name: str | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write a checkpoint ``directory/<name>`` atomically and point ``latest.json`` at it.
+
+    Args:
+        directory: the folder that holds checkpoints (created if needed).
+        model: the model (unwrap DDP before passing it).
+        step: the number of optimizer steps done.
+        config: the resolved configuration (JSON serialisable).
+        optimizer, scheduler, scaler: saved when given, for an exact ``--resume``; the RNG
+            states of torch, numpy and Python are saved alongside them.
+        extra: more JSON-serialisable state (e.g. last metrics).
+        name: the checkpoint's folder name (default ``step_{step:06d}``).
+        keep: keep only this many ``step_*`` checkpoints (older ones are deleted).
+
+    Returns:
+        The checkpoint's folder.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = name or f"step_{step:06d}"
+    final = directory / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=directory))
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / MODEL_FILE))
+        state: dict[str, Any] = {"step": int(step), "extra": _jsonable(extra or {})}
+        if optimizer is not None:
+            tensors, meta = _split_optimizer(optimizer.state_dict())
+            save_file(tensors, str(tmp / OPTIM_FILE))
+            state["optimizer"] = meta
+            rng_tensors, rng_meta = _rng_state()
+            save_file(rng_tensors, str(tmp / RNG_FILE))
+            state["rng"] = rng_meta
+        if scheduler is not None:
+            sd = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+            state["scheduler"] = _jsonable(sd)
+        if scaler is not None and scaler.is_enabled():
+            sd = scaler.state_dict()
+            state["scaler"] = _jsonable({k: float(v) if isinstance(v, torch.Tensor) else v
+                                         for k, v in sd.items()})
+        (tmp / CONFIG_FILE).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(directory / LATEST, json.dumps({"checkpoint": name, "step": int(step)}))
+    if keep is not None and keep > 0:
+        olds = sorted(p for p in directory.glob("step_*") if p.is_dir() and p != final)
+        for p in olds[: max(0, len(olds) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Resolve ``path`` to a checkpoint folder.
+
+    Accepts a checkpoint folder, its ``model.safetensors``, a folder of checkpoints with a
+    ``latest.json`` pointer, or a training run folder whose ``checkpoints/`` has one.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_file():
+        if p.name == MODEL_FILE:
+            p = p.parent
+        else:
+            raise CheckpointError(
+                f"{p} is not a checkpoint: expected a folder with {MODEL_FILE} and {CONFIG_FILE}"
+            )
+    for cand in (p, p / "checkpoints"):
+        if (cand / MODEL_FILE).is_file():
+            return cand
+        if (cand / LATEST).is_file():
+            try:
+                name = json.loads((cand / LATEST).read_text())["checkpoint"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"unreadable checkpoint pointer {cand / LATEST}") from None
+            if (cand / name / MODEL_FILE).is_file():
+                return cand / name
+            raise CheckpointError(f"{cand / LATEST} points at a missing checkpoint {name}")
+    raise CheckpointError(
+        f"{p} is not a checkpoint: expected {MODEL_FILE} and {CONFIG_FILE}, or {LATEST}"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"unreadable checkpoint file {path}: {e}") from None
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The configuration saved with a checkpoint (a plain dict)."""
+    return _from_json(_read_json(find_checkpoint(path) / CONFIG_FILE))
+
+
+def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """The JSON state saved with a checkpoint (``step``, ``extra``, ...)."""
+    return _from_json(_read_json(find_checkpoint(path) / STATE_FILE))
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's weights into ``model``, strictly.
+
+    Raises:
+        CheckpointError: when keys or shapes differ, naming the first few differences, so a
+            checkpoint from another model gives a clear message instead of a traceback.
+    """
+    from safetensors.torch import load_file
+
+    ck = find_checkpoint(path)
+    try:
+        weights = load_file(str(ck / MODEL_FILE))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"unreadable weights {ck / MODEL_FILE}: {e}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:2])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})")
+        if shapes:
+            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
+        raise CheckpointError(
+            f"checkpoint {ck} was written for another model: weights {'; '.join(parts)}"
+        )
+    model.load_state_dict(weights, strict=True)
+
+
+def load_training_state(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, scaler and RNG states; return the JSON state."""
+    from safetensors.torch import load_file
+
+    ck = find_checkpoint(path)
+    load_weights(model, ck)
+    state = read_checkpoint_state(ck)
+    if "optimizer" not in state or not (ck / OPTIM_FILE).is_file():
+        raise CheckpointError(f"checkpoint {ck} holds weights only; it cannot be resumed")
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    tensors = {k: v.to(dev) if not k.endswith(".step") else v
+               for k, v in load_file(str(ck / OPTIM_FILE)).items()}
+    try:
+        optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {ck} does not fit: {e}") from None
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if (ck / RNG_FILE).is_file():
+        _set_rng_state(load_file(str(ck / RNG_FILE)), state["rng"])
+    return state

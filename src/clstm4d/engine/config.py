@@ -1,0 +1,277 @@
+"""Configuration: YAML file -> dataclasses -> keyword arguments, with command-line overrides.
+
+A configuration has four sections, each a dataclass: ``model`` (what
+:func:`clstm4d.models.create_model` builds), ``data`` (what the training patches look like),
+``train`` (optimiser, schedule, precision, checkpoints) and ``predict`` (sliding windows over
+space, chunks over time). Unknown keys are errors, never silently ignored.
+
+Examples:
+    >>> cfg = Config.from_dict({"train": {"steps": 10}}, overrides=["model.temporal=none"])
+    >>> cfg.train.steps, cfg.model.temporal
+    (10, 'none')
+    >>> try:
+    ...     Config.from_dict({"train": {"stpes": 10}})
+    ... except ConfigError as e:
+    ...     print(e)  # doctest: +ELLIPSIS
+    unknown key 'train.stpes' (known keys in 'train': out, steps, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "PredictConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """What to build: a preset name plus keyword overrides for ``create_model``.
+
+    Fields left at ``None`` keep the preset's value. ``extra`` passes any further keyword
+    argument of the model unchanged (e.g. ``{"dropout": 0.1}``).
+    """
+
+    name: str = "tiny"
+    spatial_dims: int | None = None
+    in_channels: int | None = None
+    out_channels: int | None = None
+    channels: list[int] | None = None
+    temporal: str | None = None
+    cell: str | None = None
+    bidirectional: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``create_model(self.name, **kwargs)``; ``None`` fields left out."""
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("name", "extra") and getattr(self, f.name) is not None
+        }
+        if "channels" in out:
+            out["channels"] = tuple(out["channels"])
+        out.update(self.extra)
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Training data: a datalist and how patches are cut from it.
+
+    ``roi`` is the spatial patch size (one int per spatial axis, or one int for all);
+    ``window`` the number of frames per patch.
+    """
+
+    datalist: str | None = None
+    window: int = 8
+    roi: list[int] | None = None
+    batch_size: int = 2
+    foreground_prob: float = 0.5
+    normalize: str | None = "percentile"
+    augment: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, precision, logging and checkpoints.
+
+    ``amp``: ``"auto"`` (bf16 on a CUDA device that supports it, else fp32), ``"bf16"``,
+    ``"fp16"`` (CUDA only, with gradient scaling) or ``"none"``.
+    ``activation_checkpointing`` sets the model's ``checkpoint`` switch.
+    """
+
+    out: str = "runs/train"
+    steps: int = 200
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 10
+    scheduler: str = "cosine"
+    grad_clip: float | None = 1.0
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+    amp: str = "auto"
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    progress: bool = True
+    threads: int | None = None
+
+
+@dataclass
+class PredictConfig:
+    """Inference: sliding windows over space (``roi``, ``overlap``, Gaussian blending) and
+    chunks of ``chunk`` frames over time with the recurrent state carried between chunks.
+
+    ``roi=None`` runs each frame whole.
+    """
+
+    roi: list[int] | None = None
+    overlap: float = 0.25
+    chunk: int = 16
+    sw_batch_size: int = 1
+    mode: str = "gaussian"
+    device: str = "auto"
+    amp: str = "auto"
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+             "predict": PredictConfig}
+
+
+@dataclass
+class Config:
+    """The whole configuration; see the section dataclasses for every key."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
+        """Build from a nested dict (as read from YAML/JSON) and ``section.key=value`` overrides.
+
+        Override values are parsed as YAML (``3`` -> int, ``[32, 32]`` -> list, ``none`` -> str).
+        """
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"configuration must be a mapping of sections, got {type(raw).__name__}"
+            )
+        merged: dict[str, dict[str, Any]] = {}
+        for section, values in raw.items():
+            if section not in _SECTIONS:
+                raise ConfigError(
+                    f"unknown section '{section}' (known sections: {', '.join(_SECTIONS)})"
+                )
+            if values is None:
+                values = {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"section '{section}' must be a mapping, got {values!r}")
+            merged[section] = dict(values)
+        for item in overrides or []:
+            key, value = _parse_override(item)
+            section, _, name = key.partition(".")
+            if section not in _SECTIONS or not name:
+                raise ConfigError(
+                    f"override '{item}' must look like SECTION.KEY=VALUE with SECTION one of "
+                    f"{', '.join(_SECTIONS)}"
+                )
+            merged.setdefault(section, {})[name] = value
+        kwargs = {s: _build(_SECTIONS[s], s, merged.get(s, {})) for s in _SECTIONS}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (JSON/YAML serialisable) that ``from_dict`` reads back."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML (or JSON) configuration file and apply ``section.key=value`` overrides.
+
+    Args:
+        path: the file, or ``None`` for the defaults.
+        overrides: strings ``"section.key=value"``, applied after the file.
+    """
+    raw: Any = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        import yaml
+
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse config file {p}: {e}".splitlines()[0]) from None
+    return Config.from_dict(raw, overrides)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like SECTION.KEY=VALUE")
+    key, text = item.split("=", 1)
+    import yaml
+
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _build(cls: type, section: str, values: dict[str, Any]):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(
+                f"unknown key '{section}.{name}' (known keys in '{section}': "
+                f"{', '.join(fields)})"
+            )
+        kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a simple type hint; ints are accepted where floats are."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"'{key}' must be of type {hint.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,181 @@
+"""Losses and metrics over sequences, via MONAI, with time folded into the batch.
+
+Shape legend: ``n`` batch, ``t`` frames, ``k`` classes (0 = background), ``*s`` spatial axes.
+
+MONAI's losses and metrics take ``(B, K, *s)``; every function here folds ``(n, t)`` into
+``B`` so that every frame counts, and drops padded frames (``lengths``) before doing so.
+
+Examples:
+    >>> import torch
+    >>> label = torch.zeros(3, 4, 4, dtype=torch.long); label[:, 1:3, 1:3] = 1
+    >>> pred = label.clone(); pred[2] = 0
+    >>> d = dice_per_frame(pred, label, num_classes=2)
+    >>> tuple(d.shape), [round(v, 3) for v in d[:, 0].tolist()]
+    ((3, 1), [1.0, 1.0, 0.0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SequenceLoss",
+    "dice_per_frame",
+    "hd95_per_frame",
+    "temporal_consistency",
+    "valid_frames_mask",
+]
+
+
+def valid_frames_mask(lengths: torch.Tensor | None, n: int, t: int, device=None) -> torch.Tensor:
+    """Boolean mask ``(n, t)``: True for real frames, False for padding beyond ``lengths``."""
+    if lengths is None:
+        return torch.ones(n, t, dtype=torch.bool, device=device)
+    lengths = torch.as_tensor(lengths, device=device).reshape(n, 1)
+    return torch.arange(t, device=device).reshape(1, t) < lengths
+
+
+class SequenceLoss(torch.nn.Module):
+    """Dice + cross-entropy over every real frame of a batch of sequences.
+
+    MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` applied to frames folded into the
+    batch; each frame's Dice is computed on its own (``batch=False``), so a frame with a small
+    structure counts as much as one with a large structure.
+
+    Args:
+        lambda_dice: weight of the Dice term.
+        lambda_ce: weight of the cross-entropy term.
+
+    Shape:
+        - logits: ``(n, t, k, *s)``
+        - label: ``(n, t, *s)`` integer class indices
+        - lengths: ``(n,)`` or ``None`` (all frames real)
+        - output: scalar
+    """
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0):
+        super().__init__()
+        from monai.losses import DiceCELoss
+
+        self.loss = DiceCELoss(
+            to_onehot_y=True, softmax=True, include_background=False,
+            lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+        )
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, lengths=None) -> torch.Tensor:
+        if logits.dim() != label.dim() + 1 or logits.shape[:2] != label.shape[:2]:
+            raise ValueError(
+                f"logits (n, t, k, *s) and label (n, t, *s) do not match: got logits "
+                f"{tuple(logits.shape)} and label {tuple(label.shape)}"
+            )
+        n, t = label.shape[:2]
+        mask = valid_frames_mask(lengths, n, t, logits.device).flatten()  # (n*t,)
+        x = logits.flatten(0, 1)[mask].float()  # (frames, k, *s)
+        y = label.flatten(0, 1)[mask].unsqueeze(1)  # (frames, 1, *s)
+        return self.loss(x, y)
+
+
+def _onehot(x: torch.Tensor, k: int) -> torch.Tensor:
+    # (t, *s) -> (t, k, *s)
+    return torch.nn.functional.one_hot(x.long(), k).movedim(-1, 1).float()
+
+
+def dice_per_frame(pred, label, num_classes: int) -> torch.Tensor:
+    """Dice of every foreground class in every frame, via MONAI's ``compute_dice``.
+
+    A frame where a class is absent from both prediction and label scores 1.
+
+    Shape:
+        - pred, label: ``(t, *s)`` integer class indices
+        - output: ``(t, num_classes - 1)``
+    """
+    from monai.metrics import compute_dice
+
+    pred, label = torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(label))
+    if pred.shape != label.shape:
+        raise ValueError(
+            f"prediction and label must have the same shape (t, *s): got {tuple(pred.shape)} "
+            f"and {tuple(label.shape)}"
+        )
+    d = compute_dice(_onehot(pred, num_classes), _onehot(label, num_classes),
+                     include_background=False, ignore_empty=False)
+    return d
+
+
+def hd95_per_frame(pred, label, num_classes: int,
+                   spacing: Sequence[float] | None = None) -> torch.Tensor:
+    """95th-percentile Hausdorff distance per frame and foreground class (physical units when
+    ``spacing`` is given), via MONAI. NaN where the class is absent from prediction or label.
+
+    Shape:
+        - pred, label: ``(t, *s)``
+        - output: ``(t, num_classes - 1)``
+    """
+    import warnings
+
+    from monai.metrics import compute_hausdorff_distance
+
+    pred, label = torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(label))
+    p, y = _onehot(pred, num_classes), _onehot(label, num_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns for every empty class
+        hd = compute_hausdorff_distance(
+            p, y, include_background=False, percentile=95,
+            spacing=None if spacing is None else [float(v) for v in spacing],
+        )
+    pe = p[:, 1:].flatten(2).sum(-1) == 0
+    ye = y[:, 1:].flatten(2).sum(-1) == 0
+    hd = hd.float()
+    hd[pe | ye | ~torch.isfinite(hd)] = float("nan")
+    return hd
+
+
+def temporal_consistency(pred, label=None, num_classes: int = 2) -> dict[str, list[float]]:
+    """How smoothly the segmented volume changes from frame to frame, per foreground class.
+
+    For each class with volume ``V(t)`` (voxel count):
+
+    - ``volume_roughness``: mean ``|V(t) - V(t-1)|`` divided by the mean ``V`` — 0 for a
+      constant volume; flicker (a structure vanishing in one frame) makes it large;
+    - ``label_volume_roughness``: the same for the label (the true motion), when given;
+    - ``volume_change_error``: mean ``|dV_pred(t) - dV_label(t)|`` / mean ``V_label``, when a
+      label is given — 0 when the prediction changes exactly as much as the truth does;
+    - ``consecutive_dice``: mean Dice between frames ``t-1`` and ``t`` of the prediction.
+
+    Shape:
+        - pred, label: ``(t, *s)``
+    """
+    pred = torch.as_tensor(np.asarray(pred))
+    out: dict[str, list[float]] = {"volume_roughness": [], "consecutive_dice": []}
+    if label is not None:
+        label = torch.as_tensor(np.asarray(label))
+        out["label_volume_roughness"] = []
+        out["volume_change_error"] = []
+    for k in range(1, num_classes):
+        vp = (pred == k).flatten(1).sum(1).double()
+        dp = vp.diff()
+        out["volume_roughness"].append(_ratio(dp.abs().mean(), vp.mean()))
+        if pred.shape[0] > 1:
+            a, b = (pred[:-1] == k).flatten(1), (pred[1:] == k).flatten(1)
+            inter = (a & b).sum(1).double()
+            den = (a.sum(1) + b.sum(1)).double()
+            cd = torch.where(den > 0, 2 * inter / den.clamp(min=1), torch.ones_like(den))
+            out["consecutive_dice"].append(float(cd.mean()))
+        else:
+            out["consecutive_dice"].append(float("nan"))
+        if label is not None:
+            vl = (label == k).flatten(1).sum(1).double()
+            dl = vl.diff()
+            out["label_volume_roughness"].append(_ratio(dl.abs().mean(), vl.mean()))
+            out["volume_change_error"].append(_ratio((dp - dl).abs().mean(), vl.mean()))
+    return out
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = float(a), float(b)
+    if not np.isfinite(a):
+        return float("nan")
+    return a / b if b > 0 else (0.0 if a == 0 else float("inf"))

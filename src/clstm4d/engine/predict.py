@@ -1,0 +1,158 @@
+"""Inference on whole sequences of any size and length.
+
+Shape legend: ``t`` frames, ``c`` input channels, ``k`` classes, ``*s`` spatial axes.
+
+Space is covered by sliding windows (MONAI's ``sliding_window_inference``, overlapping
+windows blended with Gaussian weights); time is processed in chunks of frames. For a
+streamable (unidirectional) model the recurrent state of every window is carried from one
+chunk to the next, so the result equals one pass over the whole sequence while memory is set
+by the window and chunk sizes, not by the number of frames. Models that are not streamable
+(bidirectional recurrences, time-as-channels) see each chunk on its own: a bidirectional model
+uses the frames of its chunk in both directions, so give it ``chunk >= t`` for the exact
+whole-sequence result; a time-as-channels model always gets chunks of its fixed window
+(``frames``), the last one padded by repeating its final frame.
+
+Examples:
+    >>> import torch
+    >>> class Running(torch.nn.Module):  # a toy streamable model: running mean over time
+    ...     streamable = True
+    ...     def forward(self, x, state=None, return_state=False):
+    ...         s = torch.zeros_like(x[:, 0]) if state is None else state[0]
+    ...         n0 = 0 if state is None else state[1]
+    ...         outs = []
+    ...         for i in range(x.shape[1]):
+    ...             s = s + x[:, i]
+    ...             outs.append(torch.cat([-s, s], 1) / (n0 + i + 1))
+    ...         y = torch.stack(outs, 1)
+    ...         return (y, (s, n0 + x.shape[1])) if return_state else y
+    >>> x = torch.randn(7, 1, 12, 10)
+    >>> full = predict_sequence(Running(), x, chunk=7, roi=None, return_probs=True)[1]
+    >>> chunked = predict_sequence(Running(), x, chunk=3, roi=[8, 8], return_probs=True)[1]
+    >>> bool(torch.allclose(full, chunked, atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .runtime import autocast
+
+__all__ = ["predict_sequence"]
+
+
+def _window_key(coords) -> tuple:
+    # coords: one list of slices per window in the batch: [batch, channel, *spatial]
+    return tuple(tuple((s.start, s.stop) for s in w[2:]) for w in coords)
+
+
+@torch.no_grad()
+def predict_sequence(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    *,
+    roi: Sequence[int] | int | None = None,
+    overlap: float = 0.25,
+    chunk: int | None = 16,
+    sw_batch_size: int = 1,
+    mode: str = "gaussian",
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    return_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Segment every frame of one sequence.
+
+    Args:
+        model: maps ``(n, t, c, *s)`` to logits ``(n, t, k, *s)``; when ``model.streamable``
+            is true it must accept ``state=`` and ``return_state=True``.
+        image: ``(t, c, *s)`` (a numpy array is accepted too).
+        roi: spatial window size (one int for all axes); ``None`` runs every frame whole.
+            Axes where the window is larger than the image are padded by MONAI.
+        overlap: fraction of overlap between neighbouring windows.
+        chunk: frames per chunk (``None``: all frames at once).
+        sw_batch_size: windows run together (they share a chunk; states stay per window).
+        mode: blending of overlapping windows, ``"gaussian"`` or ``"constant"``.
+        device: where the model runs (default: where its parameters are); the result is
+            accumulated on the image's device.
+        amp_dtype: autocast dtype, or None for full precision.
+        return_probs: also return the class probabilities ``(t, k, *s)`` (float32).
+
+    Returns:
+        Labels ``(t, *s)`` as ``uint8`` (``int64`` beyond 255 classes), and the probabilities
+        when ``return_probs``.
+    """
+    from monai.inferers import sliding_window_inference
+
+    image = torch.as_tensor(image)
+    if image.dim() < 3:
+        raise ValueError(
+            f"image must be (t, c, *s) with 1-3 spatial axes, got {tuple(image.shape)}"
+        )
+    t, c = image.shape[:2]
+    spatial = tuple(image.shape[2:])
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device)
+    streamable = bool(getattr(model, "streamable", False))
+    frames = (getattr(model, "config", None) or {}).get("frames")
+    if frames is not None and not streamable:
+        chunk = int(frames)
+    if chunk is None or chunk <= 0:
+        chunk = t
+    if roi is not None:
+        roi = [int(roi)] * len(spatial) if isinstance(roi, int) else [int(r) for r in roi]
+        if len(roi) != len(spatial):
+            raise ValueError(
+                f"roi needs one size per spatial axis ({len(spatial)}), got {roi}"
+            )
+        if all(r >= s for r, s in zip(roi, spatial, strict=True)):
+            roi = None  # one window covers everything: no need to slide
+    model.eval()
+    labels = None
+    probs_all = None
+    states: dict[Any, Any] = {}
+
+    def run(x: torch.Tensor, key: Any) -> torch.Tensor:
+        # x: (n, tc, c, *roi) -> probabilities (n, tc, k, *roi) in float32
+        with autocast(device, amp_dtype):
+            if streamable:
+                logits, states[key] = model(x, state=states.get(key), return_state=True)
+            else:
+                logits = model(x)
+        return torch.softmax(logits.float(), dim=2)
+
+    for t0 in range(0, t, chunk):
+        x = image[t0:t0 + chunk]  # (tc, c, *s)
+        tc = x.shape[0]
+        pad = 0
+        if frames is not None and not streamable and tc < chunk:
+            pad = chunk - tc  # time-as-channels needs its full window
+            x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])], 0)
+        if roi is None:
+            p = run(x.unsqueeze(0).to(device), "whole")[0]  # (tc, k, *s)
+        else:
+            n_t = x.shape[0]
+            folded = x.flatten(0, 1).unsqueeze(0)  # (1, tc*c, *s): time folded into channels
+
+            def predictor(win, coords, n_t=n_t):
+                w = win.unflatten(1, (n_t, c)).to(device)  # (nw, tc, c, *roi)
+                return run(w, _window_key(coords)).flatten(1, 2)  # (nw, tc*k, *roi)
+
+            p = sliding_window_inference(
+                folded, roi, sw_batch_size, predictor, overlap=overlap, mode=mode,
+                with_coord=True, device=image.device,
+            )
+            p = torch.as_tensor(p)[0].unflatten(0, (n_t, -1))  # (tc, k, *s)
+        p = p[: tc].to(image.device)
+        if labels is None:
+            k = p.shape[1]
+            labels = torch.empty((t, *spatial), dtype=torch.uint8 if k <= 256 else torch.int64)
+            if return_probs:
+                probs_all = torch.empty((t, k, *spatial), dtype=torch.float32)
+        labels[t0:t0 + tc] = p.argmax(1).to(labels.dtype)
+        if return_probs:
+            probs_all[t0:t0 + tc] = p
+    return (labels, probs_all) if return_probs else labels

@@ -1,0 +1,165 @@
+"""Devices, mixed precision, distributed set-up and peak-memory measurement.
+
+Everything here is chosen once at the start of a run and passed down; models never hold a
+device.
+
+Examples:
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> with PeakMemory(torch.device("cpu")) as pm:
+    ...     x = torch.ones(1_000_000)
+    >>> pm.peak_bytes >= 0
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+__all__ = ["DistInfo", "PeakMemory", "autocast", "init_distributed", "resolve_device"]
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> the CUDA device ``local_rank`` when CUDA is available, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (expected auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available")
+    return dev
+
+
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` in ``{"auto", "bf16", "fp16", "none"}`` (None = off).
+
+    ``"auto"`` picks bf16 on CUDA devices that support it and fp32 elsewhere (bf16 on CPUs
+    without native support is slower than fp32).
+    """
+    if amp not in ("auto", "bf16", "fp16", "none"):
+        raise UserError(f"amp must be one of auto, bf16, fp16, none; got '{amp}'")
+    if amp == "none":
+        return None
+    if amp == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise UserError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on CPU")
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for ``dtype`` on ``device``, or a no-op when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; uses nccl when the device is CUDA and
+    gloo otherwise. Without those variables (a plain ``python`` run) nothing is initialised.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local)
+    if world <= 1:
+        return DistInfo(), device
+    import torch.distributed as dist
+
+    here = False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        here = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, here), device
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
+class PeakMemory:
+    """Peak memory used inside a ``with`` block, in bytes (``peak_bytes``).
+
+    On CUDA: the peak of ``torch.cuda.max_memory_allocated`` above the level at entry. On CPU:
+    the peak resident set size above the level at entry, sampled every ``interval`` seconds
+    from ``/proc/self/statm`` (Linux); elsewhere the process's lifetime ``ru_maxrss``.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.device = device
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._base = _rss_bytes()
+        self._peak = self._base or 0
+        if self._base is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, _rss_bytes() or 0)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        if self._base is None:
+            scale = 1 if sys.platform == "darwin" else 1024
+            self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_bytes() or 0)
+        self.peak_bytes = self._peak - self._base

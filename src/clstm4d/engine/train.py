@@ -1,0 +1,343 @@
+"""The training loop: AdamW, Dice + cross-entropy over all frames, exact resume, DDP.
+
+Shape legend: ``n`` batch, ``t`` frames, ``c`` channels, ``k`` classes, ``*s`` spatial axes.
+
+:func:`fit` trains any model ``(n, t, c, *s) -> (n, t, k, *s)`` on any map-style dataset whose
+items are dicts with ``image (t, c, *s)``, ``label (t, *s)`` and optionally ``length``;
+:func:`train` builds model and dataset from a :class:`~clstm4d.engine.config.Config` and calls
+it. The batches of step ``i`` are a pure function of ``(seed, i)``, so a run resumed from a
+checkpoint sees exactly the batches the uninterrupted run would have seen, and under
+``torchrun`` rank ``r`` of ``w`` takes the ``r``-th slice of the same global batch a single
+process would take.
+
+Examples:
+    >>> sampler = StepBatchSampler(5, batch_size=2, steps=3, seed=0)
+    >>> [len(b) for b in sampler]
+    [2, 2, 2]
+    >>> list(StepBatchSampler(5, 2, steps=3, seed=0, start_step=2)) == list(sampler)[2:]
+    True
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .checkpoint import find_checkpoint, load_training_state, save_checkpoint
+from .config import Config, TrainConfig
+from .errors import UserError
+from .metrics import SequenceLoss
+from .runtime import DistInfo, PeakMemory, amp_dtype, autocast, init_distributed
+
+__all__ = ["StepBatchSampler", "TrainResult", "fit", "train"]
+
+log = logging.getLogger(__name__)
+
+
+class StepBatchSampler(Sampler):
+    """Batches of dataset indices, step by step, reproducible from ``(seed, step)``.
+
+    The global batch of step ``i`` is the slice ``[i*B*w, (i+1)*B*w)`` of an endless stream
+    made of one random permutation of the dataset per epoch (epoch ``e`` seeded with
+    ``seed + e``); rank ``r`` takes the ``r``-th block of ``B`` of it.
+
+    Args:
+        length: the dataset's length.
+        batch_size: ``B``, samples per step on this rank.
+        steps: the last step (exclusive).
+        seed: the seed of the permutations.
+        start_step: the first step yielded (for resuming).
+        rank, world_size: this process's slice of the global batch.
+    """
+
+    def __init__(self, length: int, batch_size: int, steps: int, seed: int = 0,
+                 start_step: int = 0, rank: int = 0, world_size: int = 1):
+        if length < 1:
+            raise UserError("the training dataset is empty")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        self.length, self.batch_size, self.steps = length, batch_size, steps
+        self.seed, self.start_step, self.rank, self.world = seed, start_step, rank, world_size
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def _index(self, position: int) -> int:
+        epoch, i = divmod(position, self.length)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(self.length, generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm[i]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        glob = self.batch_size * self.world
+        for step in range(self.start_step, self.steps):
+            first = step * glob + self.rank * self.batch_size
+            yield [self._index(p) for p in range(first, first + self.batch_size)]
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    checkpoint: Path | None
+    steps: int
+    seconds: float
+    peak_memory_bytes: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warm, total = max(0, cfg.warmup_steps), max(1, cfg.steps)
+    if cfg.scheduler not in ("cosine", "constant"):
+        raise UserError(f"train.scheduler must be 'cosine' or 'constant', got '{cfg.scheduler}'")
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class _MetricsLog:
+    """Metrics to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard when installed)."""
+
+    COLUMNS = ["step", "loss", "lr", "seconds", "val_dice"]
+
+    def __init__(self, out: Path, resume_step: int):
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = out / "metrics.jsonl"
+        self.csv = out / "metrics.csv"
+        if resume_step > 0:  # drop lines past the checkpoint we resume from
+            for path in (self.jsonl, self.csv):
+                if path.exists():
+                    keep = []
+                    for i, line in enumerate(path.read_text().splitlines()):
+                        if path == self.csv and i == 0:
+                            keep.append(line)
+                            continue
+                        step = (json.loads(line)["step"] if path == self.jsonl
+                                else int(line.split(",")[0]))
+                        if step <= resume_step:
+                            keep.append(line)
+                    path.write_text("".join(x + "\n" for x in keep))
+        else:
+            self.jsonl.write_text("")
+            self.csv.write_text(",".join(self.COLUMNS) + "\n")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self.csv, "a", newline="") as f:
+            csv.writer(f).writerow([row.get(c, "") for c in self.COLUMNS])
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def fit(
+    model: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    cfg: TrainConfig,
+    *,
+    batch_size: int,
+    config: dict[str, Any] | None = None,
+    resume: str | Path | None = None,
+    validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    num_workers: int = 0,
+    dist_info: DistInfo | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train ``model`` for ``cfg.steps`` optimizer steps.
+
+    Args:
+        model: ``(n, t, c, *s) -> (n, t, k, *s)`` logits; moved to ``device``.
+        dataset: items ``{"image": (t, c, *s), "label": (t, *s), "length": int (optional)}``.
+        cfg: optimiser, schedule, precision, logging and checkpoint settings; ``cfg.out`` is
+            the run folder (``checkpoints/``, ``metrics.jsonl``, ``metrics.csv``).
+        batch_size: samples per step on each process.
+        config: the resolved configuration, saved beside every checkpoint.
+        resume: a checkpoint (or run folder) to continue from exactly.
+        validate: called on rank 0 with the bare model every ``cfg.val_every`` steps and at the
+            end; returns metrics such as ``{"val_dice": 0.8}``.
+        num_workers: DataLoader workers (exact resume needs a dataset that is deterministic
+            per index, which ``PatchDataset`` is).
+        dist_info, device: where this process runs; default: from the ``torchrun``
+            environment and ``cfg.device``.
+
+    Returns:
+        A :class:`TrainResult` (on ranks other than 0 ``checkpoint`` is None).
+    """
+    if dist_info is None or device is None:
+        dist_info, device = init_distributed(cfg.device)
+    if cfg.steps < 1:
+        raise UserError(f"train.steps must be >= 1, got {cfg.steps}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    ckdir = out / "checkpoints"
+    config = dict(config or {})
+    dtype = amp_dtype(device, cfg.amp)
+    model = model.to(device)
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    net: torch.nn.Module = model
+    if dist_info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loss_fn = SequenceLoss(cfg.lambda_dice, cfg.lambda_ce)
+    start = 0
+    if resume is not None:
+        state = load_training_state(find_checkpoint(resume), model, optimizer, scheduler, scaler)
+        start = int(state["step"])
+        log.info("resumed from %s at step %d", resume, start)
+        if dist_info.distributed:  # every rank continues with its own RNG stream
+            torch.manual_seed(cfg.seed + dist_info.rank + 1_000_003 * start)
+    sampler = StepBatchSampler(len(dataset), batch_size, cfg.steps, cfg.seed, start,
+                               dist_info.rank, dist_info.world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                        generator=torch.Generator(), persistent_workers=False)
+    main = dist_info.is_main
+    mlog = _MetricsLog(out, start) if main else None
+    bar = None
+    if main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    history: list[dict[str, Any]] = []
+    ck_path = None
+    t_start = time.perf_counter()
+    running, count = 0.0, 0
+
+    def save(step: int) -> Path | None:
+        if not main:
+            return None
+        return save_checkpoint(ckdir, model, step=step, config=config, optimizer=optimizer,
+                               scheduler=scheduler, scaler=scaler,
+                               extra={"history": history[-1:] if history else []},
+                               keep=cfg.keep_checkpoints)
+
+    with PeakMemory(device) as peak:
+        step = start
+        for batch in loader:
+            net.train()
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["label"].to(device, non_blocking=True)
+            lengths = batch.get("length")
+            with autocast(device, dtype):
+                logits = net(x)
+            loss = loss_fn(logits, y, None if lengths is None else lengths.to(device))
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss is {loss.item()} at step {step}; lower train.lr")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            value = loss.detach()
+            if dist_info.distributed:
+                import torch.distributed as tdist
+
+                tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
+                value = value / dist_info.world_size
+            running += float(value)
+            count += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(value):.4f}")
+            row: dict[str, Any] | None = None
+            if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
+                row = {"step": step, "loss": running / count,
+                       "lr": scheduler.get_last_lr()[0],
+                       "seconds": round(time.perf_counter() - t_start, 3)}
+                running, count = 0.0, 0
+            if validate is not None and main and (
+                (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps
+            ):
+                row = row or {"step": step, "seconds": round(time.perf_counter() - t_start, 3)}
+                row.update(validate(model))
+            if row is not None:
+                history.append(row)
+                if mlog is not None:
+                    mlog.write(row)
+                if bar is not None and "val_dice" in row:
+                    bar.write(json.dumps(row))
+                log.info("step %d: %s", step, row)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save(step)
+            if dist_info.distributed and validate is not None and cfg.val_every and \
+                    step % cfg.val_every == 0:
+                import torch.distributed as tdist
+
+                tdist.barrier()
+        seconds = time.perf_counter() - t_start
+        ck_path = save(step)
+    if bar is not None:
+        bar.close()
+    if mlog is not None:
+        mlog.close()
+    if dist_info.distributed:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    return TrainResult(ck_path, step, seconds, int(peak.peak_bytes), history)
+
+
+def train(cfg: Config, *, resume: str | Path | None = None,
+          progress_validation: bool = True) -> TrainResult:
+    """Train the model described by ``cfg`` on ``cfg.data.datalist``.
+
+    The model's missing sizes come from the data: ``spatial_dims`` and ``out_channels``
+    (number of classes) from the datalist, ``in_channels`` from the first case. Validation
+    (mean Dice over the frames of the datalist's ``validation`` cases) runs on rank 0.
+    """
+    from .builders import build_dataset, build_model, load_cases, make_validator
+
+    dist_info, device = init_distributed(cfg.train.device)
+    if cfg.data.datalist is None:
+        raise UserError("no training data: set data.datalist (or --datalist)")
+    datalist, train_cases, val_cases = load_cases(cfg.data.datalist)
+    model, resolved = build_model(cfg, datalist, train_cases)
+    dataset = build_dataset(cfg, train_cases, resolved)
+    validate = None
+    if val_cases and progress_validation:
+        validate = make_validator(cfg, val_cases, resolved, device)
+    return fit(model, dataset, cfg.train, batch_size=cfg.data.batch_size, config=resolved,
+               resume=resume, validate=validate, num_workers=cfg.data.num_workers,
+               dist_info=dist_info, device=device)
