@@ -13,7 +13,7 @@ import torch
 
 from clstm4d.engine.checkpoint import find_checkpoint, load_weights, read_checkpoint_state
 from clstm4d.engine.config import TrainConfig
-from clstm4d.engine.train import StepBatchSampler, fit
+from clstm4d.engine.train import EpochStream, StepBatchSampler, fit
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -73,9 +73,11 @@ def test_sampler_ranks_split_the_global_batch():
     r0 = list(StepBatchSampler(7, 2, steps=5, seed=2, rank=0, world_size=2))
     r1 = list(StepBatchSampler(7, 2, steps=5, seed=2, rank=1, world_size=2))
     assert [a + b for a, b in zip(r0, r1, strict=True)] == single
-    # every epoch is a permutation: the first 7 positions cover the dataset once
-    flat = [i for b in single for i in b]
-    assert sorted(flat[:7]) == list(range(7))
+    # every epoch is a permutation: each block of 7 positions covers the dataset once
+    stream = EpochStream(list(range(7)), seed=2)
+    flat = [stream[p] for b in single for p in b]
+    assert sorted(flat[:7]) == sorted(flat[7:14]) == list(range(7))
+    assert flat[:7] != flat[7:14]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo test uses a POSIX launcher")

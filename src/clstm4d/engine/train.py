@@ -11,10 +11,13 @@ checkpoint sees exactly the batches the uninterrupted run would have seen, and u
 process would take.
 
 Examples:
-    >>> sampler = StepBatchSampler(5, batch_size=2, steps=3, seed=0)
-    >>> [len(b) for b in sampler]
-    [2, 2, 2]
-    >>> list(StepBatchSampler(5, 2, steps=3, seed=0, start_step=2)) == list(sampler)[2:]
+    >>> sampler = StepBatchSampler(5, batch_size=2, steps=3)
+    >>> list(sampler)
+    [[0, 1], [2, 3], [4, 5]]
+    >>> list(StepBatchSampler(5, 2, steps=3, start_step=2)) == list(sampler)[2:]
+    True
+    >>> stream = EpochStream(list("abc"), seed=0)
+    >>> sorted(stream[p] for p in range(3)) == sorted(stream[p] for p in range(3, 6))
     True
 """
 
@@ -39,23 +42,21 @@ from .errors import UserError
 from .metrics import SequenceLoss
 from .runtime import DistInfo, PeakMemory, amp_dtype, autocast, init_distributed
 
-__all__ = ["StepBatchSampler", "TrainResult", "fit", "train"]
+__all__ = ["EpochStream", "StepBatchSampler", "TrainResult", "fit", "train"]
 
 log = logging.getLogger(__name__)
 
 
 class StepBatchSampler(Sampler):
-    """Batches of dataset indices, step by step, reproducible from ``(seed, step)``.
-
-    The global batch of step ``i`` is the slice ``[i*B*w, (i+1)*B*w)`` of an endless stream
-    made of one random permutation of the dataset per epoch (epoch ``e`` seeded with
-    ``seed + e``); rank ``r`` takes the ``r``-th block of ``B`` of it.
+    """Batches of sample positions, step by step: step ``i`` of rank ``r`` gets positions
+    ``[(i*w + r)*B, (i*w + r + 1)*B)`` of an endless stream, so the global batch of a step
+    is the same for any number of ranks and for a resumed run.
 
     Args:
-        length: the dataset's length.
+        length: unused positions are fine; kept for ``len(dataset)`` checks (must be >= 1).
         batch_size: ``B``, samples per step on this rank.
         steps: the last step (exclusive).
-        seed: the seed of the permutations.
+        seed: kept for symmetry with :class:`EpochStream` (which owns the randomness).
         start_step: the first step yielded (for resuming).
         rank, world_size: this process's slice of the global batch.
     """
@@ -66,27 +67,44 @@ class StepBatchSampler(Sampler):
             raise UserError("the training dataset is empty")
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
-        self.length, self.batch_size, self.steps = length, batch_size, steps
-        self.seed, self.start_step, self.rank, self.world = seed, start_step, rank, world_size
-        self._perm_epoch = -1
-        self._perm: list[int] = []
-
-    def _index(self, position: int) -> int:
-        epoch, i = divmod(position, self.length)
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = torch.randperm(self.length, generator=g).tolist()
-            self._perm_epoch = epoch
-        return self._perm[i]
+        self.batch_size, self.steps = batch_size, steps
+        self.start_step, self.rank, self.world = start_step, rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         glob = self.batch_size * self.world
         for step in range(self.start_step, self.steps):
             first = step * glob + self.rank * self.batch_size
-            yield [self._index(p) for p in range(first, first + self.batch_size)]
+            yield list(range(first, first + self.batch_size))
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start_step)
+
+
+class EpochStream(torch.utils.data.Dataset):
+    """An endless stream over a map-style dataset: position ``p`` is item
+    ``perm_e[p mod len]`` of epoch ``e = p // len``, with one random permutation per epoch
+    seeded from ``(seed, e)``; datasets with ``set_epoch`` (``PatchDataset``) are told the
+    epoch, so they draw new crops each epoch. A pure function of the position: works the same
+    in DataLoader workers, on every rank and after a resume.
+    """
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+        self.length = len(dataset)
+        self._epoch, self._perm = -1, []
+
+    def __len__(self) -> int:  # not used by the batch sampler; positions are unbounded
+        return self.length
+
+    def __getitem__(self, position: int):
+        epoch, i = divmod(int(position), self.length)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(self.length, generator=g).tolist()
+            self._epoch = epoch
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+        return self.dataset[self._perm[i]]
 
 
 @dataclass
@@ -227,7 +245,8 @@ def fit(
             torch.manual_seed(cfg.seed + dist_info.rank + 1_000_003 * start)
     sampler = StepBatchSampler(len(dataset), batch_size, cfg.steps, cfg.seed, start,
                                dist_info.rank, dist_info.world_size)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+    loader = DataLoader(EpochStream(dataset, cfg.seed), batch_sampler=sampler,
+                        num_workers=num_workers,
                         generator=torch.Generator(), persistent_workers=False)
     main = dist_info.is_main
     mlog = _MetricsLog(out, start) if main else None

@@ -1,0 +1,356 @@
+"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, bench.
+
+``main(argv) -> int`` is the console script (and ``python -m clstm4d``). Errors the user can
+fix (a missing file, an unknown configuration key, a wrong channel count, a checkpoint of
+another model, bad data) end with one line on stderr and exit code 2; ``--debug`` shows the
+traceback instead.
+
+Examples:
+    >>> main(["train", "--set", "train.stpes=3"])  # doctest: +SKIP
+    clstm4d train: error: unknown key 'train.stpes' (known keys in 'train': out, steps, ...)
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that shows defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML",
+                   help="configuration file (sections model, data, train, predict); "
+                        "see docs/training.md for every key")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help="override one configuration key, e.g. --set train.lr=1e-3 "
+                        "(repeatable; values are parsed as YAML)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="clstm4d", description="Convolutional recurrent segmentation of "
+                     "sequences of images and volumes (2D+t, 3D+t).")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks instead of one-line errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---- demo
+    d = sub.add_parser("demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="synthetic data -> train temporal and per-frame models -> compare",
+                       description="Generate synthetic 4D data, train the time-resolved UNet "
+                       "(ConvLSTM at the bottleneck) and the same network without memory with "
+                       "the same budget, evaluate both on held-out sequences, print a table and "
+                       "write report.json, plots, a GIF and the checkpoints into --out.")
+    d.add_argument("--out", default="demo_out", help="output folder")
+    d.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                   help="2 = 2D+t (fits a 2-core CPU in minutes), 3 = 3D+t volumes")
+    d.add_argument("--steps", type=int, default=None,
+                   help="training steps per model (default: 400)")
+    d.add_argument("--frames", type=int, default=16, help="frames per synthetic sequence")
+    d.add_argument("--cases", type=int, default=24, help="training sequences")
+    d.add_argument("--test", type=int, default=8, help="held-out test sequences")
+    d.add_argument("--size", type=int, default=None,
+                   help="spatial size per axis (default 64 in 2D, 32 in 3D)")
+    d.add_argument("--model", default="tiny", help="model preset (see clstm4d.list_models())")
+    d.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    d.add_argument("--window", type=int, default=8, help="frames per training sample")
+    d.add_argument("--seed", type=int, default=0, help="seed for data and training")
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    # ---- train
+    t = sub.add_parser("train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="train a model from a datalist (single process or under torchrun)",
+                       description="Train on a datalist (Decathlon-style JSON). Runs the same "
+                       "under `torchrun --nproc_per_node=N` with DistributedDataParallel. "
+                       "Command-line options override the --config file.")
+    _add_config_args(t)
+    t.add_argument("--datalist", help="datalist JSON (data.datalist)")
+    t.add_argument("--out", help="run folder for checkpoints and metrics (train.out)")
+    t.add_argument("--model", help="model preset (model.name)")
+    t.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    t.add_argument("--batch-size", type=int, help="sequences per step and process "
+                   "(data.batch_size)")
+    t.add_argument("--lr", type=float, help="learning rate (train.lr)")
+    t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"),
+                   help="mixed precision (train.amp)")
+    t.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
+    t.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward to save memory "
+                        "(train.activation_checkpointing)")
+    t.add_argument("--checkpoint-every", type=int, help="save every N steps "
+                   "(train.checkpoint_every)")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue exactly from a checkpoint (default: the latest in --out)")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration and exit")
+
+    # ---- predict
+    p = sub.add_parser("predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="segment a sequence with a trained checkpoint",
+                       description="Segment every frame of an image sequence: sliding windows "
+                       "over space (Gaussian blending), chunks of frames over time with the "
+                       "recurrent state carried between chunks. The output is written in the "
+                       "input's format and geometry.")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder, its model.safetensors, or a training run folder")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="one 4D file (NIfTI/TIFF) or the per-frame files of one sequence")
+    p.add_argument("--output", required=True,
+                   help="output file (single-file formats) or folder (per-frame series)")
+    p.add_argument("--roi", type=int, nargs="+", help="sliding-window size per spatial axis "
+                   "(one value for all); default: the checkpoint's predict.roi (whole frames)")
+    p.add_argument("--overlap", type=float, help="window overlap fraction (default 0.25)")
+    p.add_argument("--chunk", type=int, help="frames per chunk (default 16)")
+    p.add_argument("--sw-batch-size", type=int, help="windows run together (default 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+                   help="mixed precision")
+
+    # ---- evaluate
+    e = sub.add_parser("evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="per-frame Dice, HD95 and temporal consistency of a prediction",
+                       description="Compare a predicted label sequence with the reference: "
+                       "Dice and HD95 per frame and class, how smoothly the segmented volume "
+                       "changes frame to frame; writes frames.csv, summary.json and plots.")
+    e.add_argument("--pred", required=True, nargs="+", help="predicted label file(s)")
+    e.add_argument("--label", required=True, nargs="+", help="reference label file(s)")
+    e.add_argument("--out", default=None, help="folder for frames.csv, summary.json and plots")
+    e.add_argument("--num-classes", type=int, default=None,
+                   help="classes including background (default: max label + 1)")
+    e.add_argument("--corrupted", default="",
+                   help="comma-separated frames to report separately, e.g. 3,7")
+    e.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+
+    # ---- synth
+    s = sub.add_parser("synth", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="write a synthetic 4D dataset (files + datalist)",
+                       description="Write a deterministic synthetic 2D+t/3D+t dataset with "
+                       "corrupted frames as files plus a datalist.json.")
+    from clstm4d.data import add_synth_arguments
+
+    add_synth_arguments(s)
+
+    # ---- bench
+    b = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="run the benchmark scripts in benchmarks/",
+                       description="Run benchmarks/bench_<NAME>.py (all of them without NAME); "
+                       "further arguments go to the script.")
+    b.add_argument("name", nargs="?", default=None,
+                   help="convlstm, unet or predict (default: all)")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    return parser
+
+
+# ------------------------------------------------------------------------------ commands
+
+def _cmd_demo(args) -> int:
+    from clstm4d.engine.demo import DemoOptions, format_table, run_demo
+
+    opts = DemoOptions(out=args.out, dims=args.dims, frames=args.frames, cases=args.cases,
+                       test=args.test, size=args.size, model=args.model,
+                       batch_size=args.batch_size, window=args.window, seed=args.seed,
+                       threads=args.threads, progress=not args.no_progress)
+    if args.steps is not None:
+        opts.steps = args.steps
+    if opts.steps < 1 or opts.cases < 1 or opts.test < 1 or opts.frames < 2:
+        from clstm4d.engine.errors import UserError
+
+        raise UserError("--steps, --cases and --test must be >= 1 and --frames >= 2")
+    t0 = time.perf_counter()
+    report = run_demo(opts, say=lambda m: print(m, flush=True))
+    out = Path(args.out)
+    print()
+    print(format_table(report))
+    print()
+    print(f"wrote {out / 'report.json'}, {out / 'dice_per_frame.png'}, {out / 'montage.png'}, "
+          f"{out / 'sequence.gif'} and checkpoints under {out / 'runs'} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from clstm4d.engine.config import load_config
+    from clstm4d.engine.train import train
+
+    flags = {"data.datalist": args.datalist, "train.out": args.out, "model.name": args.model,
+             "train.steps": args.steps, "data.batch_size": args.batch_size,
+             "train.lr": args.lr, "train.amp": args.amp, "train.device": args.device,
+             "train.activation_checkpointing": args.activation_checkpointing,
+             "train.checkpoint_every": args.checkpoint_every}
+    overrides = list(args.overrides) + [f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                                        for k, v in flags.items() if v is not None]
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    resume = None
+    if args.resume is not None:
+        resume = args.resume or cfg.train.out
+    res = train(cfg, resume=resume)
+    if res.checkpoint is not None:
+        last = res.history[-1] if res.history else {}
+        print(f"trained {res.steps} steps in {res.seconds:.1f} s"
+              + (f", loss {last['loss']:.4f}" if "loss" in last else "")
+              + (f", val Dice {last['val_dice']:.3f}" if "val_dice" in last else "")
+              + f"; checkpoint {res.checkpoint}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from clstm4d.data import read_image, write_label
+    from clstm4d.engine.builders import load_model, segment
+    from clstm4d.engine.runtime import amp_dtype, resolve_device
+
+    device = resolve_device(args.device)
+    model, config = load_model(args.checkpoint, device)
+    dims = int(config["model"]["spatial_dims"])
+    paths = args.input[0] if len(args.input) == 1 else args.input
+    for f in args.input:
+        if not Path(f).exists():
+            from clstm4d.engine.errors import UserError
+
+            raise UserError(f"input not found: {f}")
+    image, geometry = read_image(paths, dims)
+    over = {k: v for k, v in {"roi": args.roi, "overlap": args.overlap, "chunk": args.chunk,
+                              "sw_batch_size": args.sw_batch_size}.items() if v is not None}
+    if "roi" in over and len(over["roi"]) == 1:
+        over["roi"] = over["roi"] * dims
+    t0 = time.perf_counter()
+    labels = segment(model, config, image, device=device, amp_dtype=amp_dtype(device, args.amp),
+                     name=str(args.input[0]), **over)
+    written = write_label(labels, geometry, args.output)
+    print(f"segmented {labels.shape[0]} frames of {tuple(labels.shape[1:])} in "
+          f"{time.perf_counter() - t0:.1f} s -> "
+          f"{written[0] if len(written) == 1 else f'{len(written)} files in {args.output}'}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from clstm4d.data import read_label
+    from clstm4d.engine.errors import UserError
+    from clstm4d.engine.evaluate import evaluate_sequence, write_frames_csv
+
+    for f in args.pred + args.label:
+        if not Path(f).exists():
+            raise UserError(f"file not found: {f}")
+    pred, _ = read_label(args.pred[0] if len(args.pred) == 1 else args.pred)
+    label, geometry = read_label(args.label[0] if len(args.label) == 1 else args.label)
+    if pred.shape != label.shape:
+        raise UserError(f"prediction {pred.shape} and label {label.shape} differ in shape "
+                        "(t, *s)")
+    k = args.num_classes or int(max(pred.max(), label.max())) + 1
+    try:
+        corrupted = [int(x) for x in args.corrupted.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--corrupted must be comma-separated frame numbers, got "
+                        f"{args.corrupted!r}") from None
+    res = evaluate_sequence(pred, label, max(k, 2), spacing=geometry.spacing,
+                            corrupted=corrupted, hd95=not args.no_hd95)
+    s = res["summary"]
+    print(f"frames {s['frames']}  Dice {s['dice']:.4f}  HD95 {s['hd95']:.3f}  "
+          f"volume change error {s['volume_change_error']:.4f}  "
+          f"consecutive-frame Dice {s['consecutive_dice']:.4f}"
+          + (f"  Dice corrupted {s['dice_corrupted']:.4f}" if corrupted else ""))
+    print("per frame Dice:", " ".join(f"{r['dice']:.3f}" for r in res["frames"]))
+    if args.out:
+        from clstm4d.engine.checkpoint import atomic_write_text
+        from clstm4d.engine.plots import plot_dice_per_frame, plot_volumes
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_frames_csv(res["frames"], out / "frames.csv")
+        clean = {key: (v if isinstance(v, (int, str)) or np.isfinite(v) else None)
+                 for key, v in s.items()}
+        atomic_write_text(out / "summary.json", json.dumps(clean, indent=2))
+        names = [f"class{i}" for i in range(1, max(k, 2))]
+        curves = {n: [r[f"dice_{n}"] for r in res["frames"]] for n in names}
+        plot_dice_per_frame(curves, out / "dice_per_frame.png", corrupted=corrupted,
+                            ylabel="Dice")
+        plot_volumes(res["frames"], names, out / "volume_per_frame.png")
+        print(f"wrote {out / 'frames.csv'}, summary.json, dice_per_frame.png, "
+              "volume_per_frame.png")
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from clstm4d.data import synth_options, write_synthetic_dataset
+
+    path = write_synthetic_dataset(**synth_options(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from clstm4d.engine.errors import UserError
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not root.is_dir():
+        raise UserError(f"benchmarks/ not found next to the sources ({root}); "
+                        "run from a source checkout")
+    scripts = sorted(root.glob("bench_*.py"))
+    if args.name:
+        scripts = [s for s in scripts if s.stem == f"bench_{args.name}"]
+        if not scripts:
+            known = ", ".join(s.stem[6:] for s in sorted(root.glob("bench_*.py")))
+            raise UserError(f"unknown benchmark '{args.name}' (known: {known})")
+    rc = 0
+    for script in scripts:
+        print(f"== {script.name}", flush=True)
+        rc = max(rc, subprocess.call([sys.executable, str(script), *args.args]))
+    return rc
+
+
+_COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "predict": _cmd_predict,
+             "evaluate": _cmd_evaluate, "synth": _cmd_synth, "bench": _cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``clstm4d`` command line; returns the exit code.
+
+    Args:
+        argv: the arguments after the program name (default ``sys.argv[1:]``).
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help or a usage error: argparse already printed
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from clstm4d.engine.errors import UserError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"clstm4d {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, OSError) as e:
+        if args.debug or os.environ.get("CLSTM4D_DEBUG"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, FileNotFoundError) and e.filename:
+            msg = f"file not found: {e.filename}"
+        print(f"clstm4d {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,217 @@
+"""The demo: what temporal memory buys, measured on embedded synthetic 4D data.
+
+:func:`run_demo` generates a synthetic dataset (sequences with dropped-out and occluded
+frames), trains the time-resolved UNet (a ConvLSTM at the bottleneck) and the same network
+without memory (``temporal="none"``) with the same data, steps and seed, evaluates both on
+held-out sequences longer than the training window, and writes ``report.json``, plots, a GIF
+and the checkpoints into the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_text
+from .config import Config
+
+__all__ = ["DemoOptions", "format_table", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoOptions:
+    """Settings of the demo (the defaults are what ``clstm4d demo`` runs).
+
+    ``dims=2`` is the default because it is what fits a 2-core CPU in minutes (see
+    docs/training.md for the measurement); ``dims=3`` runs the same comparison on volumes.
+    """
+
+    out: str = "demo_out"
+    dims: int = 2
+    size: int | None = None
+    frames: int = 16
+    cases: int = 24
+    test: int = 8
+    model: str = "tiny"
+    steps: int = 400
+    batch_size: int = 4
+    window: int = 8
+    roi: list[int] | None = None
+    lr: float = 3e-3
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "temporal (ConvLSTM)": {"temporal": "bottleneck"},
+        "per-frame": {"temporal": "none"},
+    })
+
+
+def _say_default(msg: str) -> None:
+    log.info(msg)
+
+
+def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> dict[str, Any]:
+    """Run the whole demo and return the report (also written to ``out/report.json``)."""
+    from clstm4d.data import load_case, load_datalist, write_synthetic_dataset
+
+    from .builders import load_model, segment
+    from .evaluate import evaluate_sequence, write_frames_csv
+    from .plots import overlay_montage, plot_dice_per_frame, write_gif
+    from .train import train
+
+    t0 = time.perf_counter()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = opts.size or (64 if opts.dims == 2 else 32)
+    say(f"[1/4] synthetic {opts.dims}D+t data: {opts.cases} training + {opts.test} held-out "
+        f"sequences of {opts.frames} frames, {size}^{opts.dims} voxels -> {out / 'data'}")
+    datalist_path = write_synthetic_dataset(
+        out / "data", cases=opts.cases, frames=opts.frames, size=size, spatial_dims=opts.dims,
+        seed=opts.seed, validation=0.0, test=opts.test,
+    )
+    dl = load_datalist(datalist_path)
+    t_data = time.perf_counter() - t0
+
+    results: dict[str, Any] = {}
+    for i, (name, overrides) in enumerate(opts.variants.items()):
+        slug = _slug(name)
+        cfg = Config.from_dict({
+            "model": {"name": opts.model, **overrides},
+            "data": {"datalist": str(datalist_path), "window": opts.window, "roi": opts.roi,
+                     "batch_size": opts.batch_size, "foreground_prob": 0.5},
+            "train": {"out": str(out / "runs" / slug), "steps": opts.steps, "lr": opts.lr,
+                      "seed": opts.seed, "log_every": 10, "progress": opts.progress,
+                      "warmup_steps": max(1, opts.steps // 20)},
+            "predict": {"roi": None, "chunk": 16},
+        })
+        say(f"[2/4] training {name} ({i + 1}/{len(opts.variants)}): model '{opts.model}' "
+            f"{overrides}, {opts.steps} steps x batch {opts.batch_size} x {opts.window} frames")
+        res = train(cfg, progress_validation=False)
+        model, config = load_model(res.checkpoint)
+        results[name] = {"train": res, "model": model, "config": config, "slug": slug}
+
+    say(f"[3/4] evaluating on {len(dl.test)} held-out sequences")
+    test_cases = [load_case(c) for c in dl.test]
+    num_classes = dl.num_classes
+    class_names = {k: v for k, v in dl.labels.items() if k}
+    report_models: dict[str, Any] = {}
+    showcase = test_cases[0]
+    showcase_preds: dict[str, np.ndarray] = {}
+    showcase_curves: dict[str, list[float]] = {}
+    for name, r in results.items():
+        t_eval = time.perf_counter()
+        per_case, frames_all = [], []
+        for c in test_cases:
+            pred = segment(r["model"], r["config"], c.image, name=c.name)
+            ev = evaluate_sequence(pred, c.label, num_classes, spacing=c.geometry.spacing,
+                                   corrupted=c.meta.get("corrupted", []),
+                                   class_names=class_names)
+            per_case.append({"case": c.name, **ev["summary"]})
+            frames_all += [{"case": c.name, **row} for row in ev["frames"]]
+            if c is showcase:
+                showcase_preds[name] = pred
+                showcase_curves[name] = [row["dice"] for row in ev["frames"]]
+        write_frames_csv(frames_all, out / f"frames_{r['slug']}.csv")
+        dice = np.array([f["dice"] for f in frames_all])
+        corr = np.array([f["corrupted"] for f in frames_all], bool)
+        tr = r["train"]
+        report_models[name] = {
+            "model": r["config"]["model_config"],
+            "parameters": int(sum(p.numel() for p in r["model"].parameters())),
+            "dice": float(dice.mean()),
+            "dice_corrupted": float(dice[corr].mean()) if corr.any() else float("nan"),
+            "dice_clean": float(dice[~corr].mean()) if (~corr).any() else float("nan"),
+            "hd95": _mean([c["hd95"] for c in per_case]),
+            "volume_change_error": _mean([c["volume_change_error"] for c in per_case]),
+            "consecutive_dice": _mean([c["consecutive_dice"] for c in per_case]),
+            "train_seconds": round(tr.seconds, 2),
+            "train_steps": tr.steps,
+            "peak_memory_mb": round(tr.peak_memory_bytes / 2**20, 1),
+            "eval_seconds": round(time.perf_counter() - t_eval, 2),
+            "checkpoint": str(tr.checkpoint),
+            "cases": per_case,
+        }
+
+    say("[4/4] writing plots, GIF and report")
+    corrupted = showcase.meta.get("corrupted", [])
+    plots = {
+        "dice_per_frame": str(plot_dice_per_frame(
+            showcase_curves, out / "dice_per_frame.png", corrupted=corrupted,
+            title=f"Dice per frame, held-out sequence {showcase.name}")),
+        "montage": str(overlay_montage(showcase.image, showcase.label, showcase_preds,
+                                       out / "montage.png", corrupted=corrupted)),
+        "gif": str(write_gif(showcase.image, showcase.label, showcase_preds,
+                             out / "sequence.gif", corrupted=corrupted)),
+    }
+    names = list(report_models)
+    margin = (report_models[names[0]]["dice_corrupted"] - report_models[names[1]]["dice_corrupted"]
+              if len(names) >= 2 else float("nan"))
+    report = {
+        "settings": {k: v for k, v in asdict(opts).items() if k != "progress"} | {"size": size},
+        "data": {"datalist": str(datalist_path), "training_cases": len(dl.training),
+                 "test_cases": len(dl.test), "classes": dl.labels,
+                 "seconds": round(t_data, 2)},
+        "models": report_models,
+        "corrupted_margin": margin,
+        "plots": plots,
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(out / "report.json", json.dumps(_finite(report), indent=2))
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The demo's result table as text (one row per model)."""
+    head = (f"{'model':<22} {'Dice all':>8} {'corrupted':>9} {'clean':>7} {'HD95':>6} "
+            f"{'train s':>8} {'peak MB':>8} {'params':>8}")
+    lines = [head, "-" * len(head)]
+    for name, m in report["models"].items():
+        lines.append(
+            f"{name:<22} {m['dice']:>8.3f} {m['dice_corrupted']:>9.3f} {m['dice_clean']:>7.3f} "
+            f"{_fmt(m['hd95']):>6} {m['train_seconds']:>8.1f} {m['peak_memory_mb']:>8.1f} "
+            f"{m['parameters']:>8d}"
+        )
+    margin = report["corrupted_margin"]
+    lines.append(f"temporal - per-frame Dice on corrupted frames: {margin:+.3f}")
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.2f}"
+
+
+def _mean(values) -> float:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.split("(")[0].strip().lower())
+
+
+def _finite(obj):
+    """NaN/inf -> None so that report.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,164 @@
+"""The `clstm4d` command end to end on tiny synthetic data, through `main([...])`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clstm4d.cli import main
+
+SUBCOMMANDS = ["demo", "train", "predict", "evaluate", "synth", "bench"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A synthetic dataset and a model trained for a few steps on it."""
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["synth", "--out", str(root / "data"), "--cases", "3", "--frames", "6",
+                 "--size", "24", "--test", "1", "--validation", "0.34"]) == 0
+    dl = root / "data" / "datalist.json"
+    assert main(["train", "--datalist", str(dl), "--out", str(root / "run"), "--steps", "3",
+                 "--batch-size", "2", "--set", "data.window=4", "--set", "train.progress=false",
+                 "--set", "model.channels=[4, 8]", "--set", "train.val_every=3"]) == 0
+    entry = json.loads(dl.read_text())["test"][0]
+    return {"root": root, "datalist": dl, "ckpt": root / "run",
+            "image": root / "data" / entry["image"], "label": root / "data" / entry["label"]}
+
+
+def test_train_writes_checkpoint_config_and_metrics(run):
+    from clstm4d.engine.checkpoint import find_checkpoint, read_checkpoint_config
+
+    ck = find_checkpoint(run["ckpt"])
+    assert {p.name for p in ck.iterdir()} >= {"model.safetensors", "config.json", "state.json"}
+    cfg = read_checkpoint_config(ck)
+    assert cfg["model"]["spatial_dims"] == 2 and cfg["model"]["out_channels"] == 3
+    assert cfg["model_config"]["channels"] == [4, 8]
+    rows = [json.loads(x) for x in (run["ckpt"] / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and 0 <= rows[-1]["val_dice"] <= 1
+
+
+def test_predict_chunks_and_windows_equal_one_pass_and_keep_geometry(run, tmp_path):
+    import nibabel as nib
+
+    outs = {}
+    for name, extra in {"one": ["--chunk", "6"], "chunks": ["--chunk", "4"],
+                        "windows": ["--chunk", "2", "--roi", "16", "--overlap", "0.5"]}.items():
+        out = tmp_path / f"{name}.nii.gz"
+        assert main(["predict", "--checkpoint", str(run["ckpt"]), "--input", str(run["image"]),
+                     "--output", str(out), *extra]) == 0
+        outs[name] = nib.load(str(out))
+    src = nib.load(str(run["image"]))
+    one = np.asarray(outs["one"].dataobj)
+    assert one.shape[:2] == src.shape[:2] and one.shape[-1] == 6  # 6 frames > window 4
+    np.testing.assert_allclose(outs["one"].affine, src.affine)
+    # carrying the recurrent state across chunks of frames gives the one-pass result
+    np.testing.assert_array_equal(np.asarray(outs["chunks"].dataobj), one)
+    # sliding windows (Gaussian blending) change little on a model this small
+    agree = (np.asarray(outs["windows"].dataobj) == one).mean()
+    assert agree > 0.9
+
+
+def test_evaluate_writes_csv_and_plots(run, tmp_path, capsys):
+    pred = tmp_path / "pred.nii.gz"
+    assert main(["predict", "--checkpoint", str(run["ckpt"]), "--input", str(run["image"]),
+                 "--output", str(pred)]) == 0
+    assert main(["evaluate", "--pred", str(pred), "--label", str(run["label"]),
+                 "--out", str(tmp_path / "ev"), "--corrupted", "2"]) == 0
+    text = (tmp_path / "ev" / "frames.csv").read_text().splitlines()
+    assert len(text) == 7 and "dice_class1" in text[0] and "hd95_class2" in text[0]
+    assert (tmp_path / "ev" / "dice_per_frame.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert 0 <= summary["dice"] <= 1
+    # the label against itself is perfect
+    assert main(["evaluate", "--pred", str(run["label"]), "--label", str(run["label"])]) == 0
+    assert "Dice 1.0000" in capsys.readouterr().out
+
+
+def test_resume_continues_from_latest(run, tmp_path):
+    out = tmp_path / "more"
+    args = ["train", "--datalist", str(run["datalist"]), "--out", str(out), "--steps", "2",
+            "--set", "data.window=4", "--set", "model.channels=[4, 8]",
+            "--set", "train.progress=false"]
+    assert main(args) == 0
+    assert main([*args[:6], "4", *args[7:], "--resume"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+
+
+def _one_error_line(capsys, rc):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_user_errors_are_one_line(run, tmp_path, capsys):
+    rc = main(["predict", "--checkpoint", str(run["ckpt"]), "--input", str(tmp_path / "no.nii.gz"),
+               "--output", str(tmp_path / "o.nii.gz")])
+    assert "not found" in _one_error_line(capsys, rc)
+
+    rc = main(["train", "--datalist", str(run["datalist"]), "--set", "train.stpes=1"])
+    assert "unknown key 'train.stpes'" in _one_error_line(capsys, rc)
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  nmae: tiny\n")
+    rc = main(["train", "--config", str(cfg), "--datalist", str(run["datalist"])])
+    assert "unknown key 'model.nmae'" in _one_error_line(capsys, rc)
+
+    # an image with 2 channels per frame for a model trained on 1
+    from clstm4d.data import Geometry, write_image
+
+    img = np.random.default_rng(0).random((5, 2, 24, 24), dtype=np.float32)
+    two = write_image(img, Geometry.default("nifti", (24, 24), 5, channels=2),
+                      tmp_path / "two.nii.gz")[0]
+    rc = main(["predict", "--checkpoint", str(run["ckpt"]), "--input", str(two),
+               "--output", str(tmp_path / "o.nii.gz")])
+    assert "2 channel(s) per frame but the model expects 1" in _one_error_line(capsys, rc)
+
+    # resuming a run with a checkpoint written for another model
+    rc = main(["train", "--datalist", str(run["datalist"]), "--out", str(tmp_path / "x"),
+               "--steps", "4", "--set", "model.channels=[4, 8, 16]", "--set",
+               "train.progress=false", "--resume", str(run["ckpt"])])
+    assert "written for another model" in _one_error_line(capsys, rc)
+
+    rc = main(["predict", "--checkpoint", str(run["datalist"]), "--input", str(run["image"]),
+               "--output", str(tmp_path / "o.nii.gz")])
+    assert "not a checkpoint" in _one_error_line(capsys, rc)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_explains_every_option(command, capsys):
+    import argparse
+
+    from clstm4d.cli import _build_parser
+
+    assert main([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: clstm4d " + command)
+    sub = next(a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    assert parser.description
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, (command, action.dest)
+
+
+def test_demo_tiny(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--steps", "2", "--cases", "2", "--test", "1",
+               "--frames", "6", "--size", "24", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "corrupted" in text and "per-frame" in text
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"temporal (ConvLSTM)", "per-frame"}
+    for m in report["models"].values():
+        assert 0 <= m["dice"] <= 1 and m["train_steps"] == 2
+        assert Path(m["checkpoint"], "model.safetensors").is_file()
+    for name in ("dice_per_frame.png", "montage.png", "sequence.gif"):
+        assert (out / name).stat().st_size > 1000
+    from PIL import Image
+
+    assert Image.open(out / "sequence.gif").n_frames == 6
