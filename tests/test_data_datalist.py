@@ -176,3 +176,33 @@ def test_label_files_must_hold_integers(tmp_path):
         read_label(tmp_path / "x.mha")
     with pytest.raises(DataError, match="expected 2 spatial axes"):
         read_label(tmp_path / "x.nii.gz", spatial_dims=2)
+
+
+def test_datalist_from_folder_pairs_files_and_frame_folders(tmp_path):
+    from clstm4d.data import datalist_from_folder
+
+    geom = Geometry.default("nifti", (6, 5, 4), 3)
+    series = Geometry.default("nrrd-series", (6, 5, 4), 3)
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(3, 1, 6, 5, 4)).astype(np.float32)
+    label = rng.integers(0, 2, size=(3, 6, 5, 4))
+    write_image(image, geom, tmp_path / "imagesTr" / "a.nii.gz")
+    write_label(label, geom, tmp_path / "labelsTr" / "a_seg.nii.gz")
+    write_image(image, series, tmp_path / "imagesTr" / "b")  # b/frame_000.nrrd ...
+    write_label(label, series, tmp_path / "labelsTr" / "b")  # b/frame_000.seg.nrrd ...
+    write_image(image, geom, tmp_path / "imagesTs" / "c.nii.gz")
+    path = datalist_from_folder(tmp_path, labels={0: "background", 1: "x"}, validation=0,
+                                time_interval=0.25)
+    dl = load_datalist(path)
+    assert [c.name for c in dl.training] == ["a", "b"] and [c.name for c in dl.test] == ["c"]
+    for case in dl.training:
+        data = load_case(case)
+        np.testing.assert_array_equal(data.image, image)
+        np.testing.assert_array_equal(data.label, label)
+    assert load_case(dl.training[1]).geometry.time_interval == 0.25
+    (tmp_path / "imagesTr" / "d.nii.gz").write_bytes(b"")
+    (tmp_path / "imagesTr" / "e.tif").write_bytes(b"")
+    with pytest.raises(DataError, match=r"2 image\(s\) without a label in labelsTr: \['d', 'e'\]"):
+        datalist_from_folder(tmp_path)
+    with pytest.raises(DataError, match="expected an 'imagesTr'"):
+        datalist_from_folder(tmp_path / "labelsTr")

@@ -9,6 +9,7 @@ from .datalist import (
     Case,
     CaseData,
     Datalist,
+    datalist_from_folder,
     load_case,
     load_datalist,
     save_datalist,
@@ -19,6 +20,7 @@ from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
     add_synth_arguments,
+    design_check,
     make_synthetic_case,
     synth_options,
     write_synthetic_dataset,
@@ -27,11 +29,11 @@ from .transforms import Augment, normalize_intensity
 
 __all__ = [
     "DataError", "Geometry", "atomic_path",
-    "Case", "CaseData", "Datalist", "load_case", "load_datalist", "save_datalist",
+    "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist", "save_datalist",
     "validate_datalist",
     "detect_format", "read_image", "read_label", "write_image", "write_label",
     "PatchDataset", "crop_or_pad",
-    "CLASS_NAMES", "add_synth_arguments", "make_synthetic_case", "synth_options",
+    "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",
     "write_synthetic_dataset",
     "Augment", "normalize_intensity",
 ]

@@ -33,6 +33,7 @@ from ._common import DataError, Geometry, atomic_path, full_suffix
 from .io import NIFTI_SUFFIXES, NRRD_SUFFIXES, read_image, read_label
 
 __all__ = ["Case", "CaseData", "Datalist", "load_datalist", "save_datalist", "load_case",
+           "datalist_from_folder",
            "validate_datalist"]
 
 SECTIONS = ("training", "validation", "test")
@@ -125,8 +126,11 @@ def _resolve(value, root: Path, where: str, key: str, json_path) -> Path | list[
         if path.is_dir():
             frames = sorted((p for p in path.iterdir() if full_suffix(p) in _FRAME_SUFFIXES
                              and not p.name.startswith(".")), key=_natural_key)
+            segs = [p for p in frames if p.name.lower().endswith(".seg.nrrd")]
             if key == "image":
-                frames = [p for p in frames if not p.name.lower().endswith(".seg.nrrd")]
+                frames = [p for p in frames if p not in segs]
+            elif segs:  # images and .seg.nrrd labels side by side: the labels are the latter
+                frames = segs
             if not frames:
                 raise DataError(f"{where}: {key!r} folder has no NIfTI/NRRD frame files", path)
             return frames
@@ -376,3 +380,89 @@ def validate_datalist(datalist: Datalist | str | os.PathLike,
         raise DataError(f"{len(problems)} bad case(s):\n  " + "\n  ".join(problems),
                         datalist.path)
     return problems
+
+
+_CASE_SUFFIXES = _FRAME_SUFFIXES + (".tif", ".tiff")
+
+
+def _case_entries(folder: Path) -> dict[str, Path]:
+    """Case name -> file (4D file / TIFF) or frame folder, for one images*/labels* folder."""
+    out = {}
+    for p in sorted(folder.iterdir(), key=_natural_key):
+        if p.name.startswith("."):
+            continue
+        suffix = full_suffix(p)
+        if p.is_dir():
+            out[p.name] = p
+        elif suffix in _CASE_SUFFIXES:
+            name = p.name[: -len(suffix)]
+            for tail in ("_seg", "_label", "_labels", "_mask"):
+                if name.endswith(tail) and folder.name.startswith("labels"):
+                    name = name[: -len(tail)]
+            out[name] = p
+    return out
+
+
+def datalist_from_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                         labels: dict[int, str] | None = None, spatial_dims: int | None = None,
+                         validation: float = 0.2, seed: int = 0,
+                         time_interval: float | None = None) -> Path:
+    """Write a datalist for a folder laid out like the Medical Segmentation Decathlon.
+
+    Layout::
+
+        folder/imagesTr/p01.nii.gz      one 4D file per case (NIfTI or TIFF), or
+        folder/imagesTr/p02/            a folder of per-frame files (NIfTI or NRRD)
+        folder/labelsTr/p01.nii.gz      same case name (``p01_seg.nii.gz`` also matches)
+        folder/labelsTr/p02/            frames as .nii.gz or .seg.nrrd
+        folder/imagesTs/...             optional unlabelled cases -> "test"
+
+    Args:
+        folder: the dataset folder.
+        out: the JSON to write (default ``folder/datalist.json``).
+        labels: class index -> name (recommended: label values are then checked).
+        spatial_dims: 2 for 2D+t data stored as ``x, y, 1, t`` NIfTI, else as stored.
+        validation: fraction of labelled cases put in ``validation`` (seeded shuffle).
+        seed: seed of that shuffle.
+        time_interval: seconds between frames, for series that do not store it.
+
+    Returns:
+        The datalist path. Raises :class:`DataError` listing every image without a label.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from clstm4d.data import write_synthetic_dataset
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = write_synthetic_dataset(root, cases=4, frames=4, size=24)
+        >>> dl = load_datalist(datalist_from_folder(root, root / "mine.json", spatial_dims=2))
+        >>> len(dl.training), len(dl.validation), dl.training[0].image.name
+        (3, 1, 'case_000.nii.gz')
+    """
+    folder = Path(folder)
+    if not (folder / "imagesTr").is_dir() and not (folder / "imagesTs").is_dir():
+        raise DataError("expected an 'imagesTr' (and 'labelsTr') or 'imagesTs' folder", folder)
+    if not 0 <= validation < 1:
+        raise ValueError(f"validation must be a fraction in [0, 1), got {validation}")
+    images = _case_entries(folder / "imagesTr") if (folder / "imagesTr").is_dir() else {}
+    segs = _case_entries(folder / "labelsTr") if (folder / "labelsTr").is_dir() else {}
+    missing = [name for name in images if name not in segs]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) without a label in labelsTr: {missing[:20]}",
+                        folder / "imagesTr")
+    labelled = [{"name": n, "image": images[n], "label": segs[n]} for n in images]
+    order = np.random.default_rng(seed).permutation(len(labelled))
+    n_val = int(round(len(labelled) * validation))
+    if validation > 0 and len(labelled) >= 2:
+        n_val = min(max(n_val, 1), len(labelled) - 1)
+    val_idx = set(order[:n_val].tolist())
+    test = []
+    if (folder / "imagesTs").is_dir():
+        test = [{"name": n, "image": p} for n, p in _case_entries(folder / "imagesTs").items()]
+    extra: dict[str, Any] = {}
+    if time_interval is not None:
+        extra["time_interval"] = time_interval
+    return save_datalist(
+        out if out is not None else folder / "datalist.json",
+        training=[e for i, e in enumerate(labelled) if i not in val_idx],
+        validation=[e for i, e in enumerate(labelled) if i in val_idx], test=test,
+        labels=labels, spatial_dims=spatial_dims, **extra)

@@ -57,7 +57,8 @@ class PatchDataset(Dataset):
         foreground_prob: probability that the patch is centred on a random foreground voxel
             (label > 0) of a random frame of the window instead of a uniform position.
         seed: base seed.
-        augment: ``True`` (default :class:`Augment`), an :class:`Augment`, or ``False``/``None``.
+        augment: ``True`` (default :class:`Augment`), an :class:`Augment`, a dict of its
+            keyword arguments, or ``False``/``None``.
         normalize: ``"percentile"`` (default), ``"zscore"`` or ``None``; per case (see
             :func:`normalize_intensity`).
         samples_per_case: items per case per epoch.
@@ -101,8 +102,10 @@ class PatchDataset(Dataset):
                              f"{samples_per_case}")
         if augment is True:
             augment = Augment()
+        elif isinstance(augment, dict):
+            augment = Augment(**augment)
         elif augment is not None and augment is not False and not isinstance(augment, Augment):
-            raise TypeError(f"PatchDataset: augment must be a bool or an Augment, got "
+            raise TypeError(f"PatchDataset: augment must be a bool, a dict or an Augment, got "
                             f"{type(augment).__name__}")
         self.cases = list(cases)
         self.window = window
