@@ -243,3 +243,35 @@ def test_writers_reject_wrong_shapes_and_values(tmp_path):
     with pytest.raises(ValueError, match="fractional"):
         write_label(np.full((2, 4, 4), 0.5), geom, tmp_path / "a.nii.gz")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("qcode, scode", [(1, 0), (0, 2), (2, 4), (0, 0)])
+def test_nifti_qform_and_sform_codes_survive(tmp_path, qcode, scode):
+    affine = _oblique_affine()
+    img = nib.Nifti1Image(np.zeros((4, 3, 2, 2), np.int16), None)
+    img.set_qform(affine if qcode else None, code=qcode)
+    img.set_sform(affine if scode else None, code=scode)
+    nib.save(img, str(tmp_path / "src.nii"))
+    src = nib.load(str(tmp_path / "src.nii"))
+    label, geom = read_label(tmp_path / "src.nii")
+    write_label(label, geom, f"{tmp_path}/out/")  # a folder: named after the source
+    back = nib.load(str(tmp_path / "out" / "src.nii"))
+    if qcode or scode:
+        assert (int(back.header["qform_code"]), int(back.header["sform_code"])) == (qcode, scode)
+    np.testing.assert_allclose(back.affine, src.affine, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bad.nrrd", "bad.tif", "bad.nii"])
+def test_unreadable_files_name_the_file(tmp_path, name):
+    (tmp_path / name).write_bytes(b"garbage, not an image header at all" * 3)
+    with pytest.raises(DataError, match=rf"{name}: cannot read"):
+        read_image(tmp_path / name)
+    with pytest.raises(DataError, match="file not found"):
+        read_image(tmp_path / ("missing_" + name))
+
+
+def test_multichannel_label_is_refused(tmp_path):
+    geom = Geometry.default("nifti", (4, 4), frames=2, channels=2)
+    write_image(np.zeros((2, 2, 4, 4), np.float32), geom, tmp_path / "two.nii.gz")
+    with pytest.raises(DataError, match="a label map has one channel, this file has 2"):
+        read_label(tmp_path / "two.nii.gz", spatial_dims=2)

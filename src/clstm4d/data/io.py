@@ -100,6 +100,9 @@ def read_label(path_or_paths: PathLike | Sequence[PathLike],
     segments, otherwise a :class:`DataError` says so).
     """
     array, geometry = _read(path_or_paths, spatial_dims, label=True)
+    if array.shape[1] != 1:
+        raise DataError(f"a label map has one channel, this file has {array.shape[1]}",
+                        geometry.sources[0])
     return array[:, 0], geometry
 
 
@@ -111,8 +114,9 @@ def write_image(array: np.ndarray, geometry: Geometry, out: PathLike | Sequence[
         array: ``(t, c, *s)``; ``t`` and ``*s`` must match the geometry.
         geometry: from :func:`read_image` (or :meth:`Geometry.default`).
         out: the file for single-file formats; for series a folder (one file per frame, named
-            after the source frames, or ``frame_000...``) or a list of ``t`` paths. An existing
-            folder given for a single-file format receives a file named after the source.
+            after the source frames, or ``frame_000...``) or a list of ``t`` paths. A folder
+            (existing, or a path ending in ``/``) given for a single-file format receives a file
+            named after the source.
 
     Returns:
         The written paths. Each file is written atomically.
@@ -225,9 +229,10 @@ def _outputs(geometry, out, frames, label):
             raise ValueError(f"out: expected {frames if series else 1} paths for format "
                              f"{geometry.format!r}, got {len(paths)}")
         return paths
+    is_dir = str(out).endswith(("/", os.sep))
     out = Path(out)
     if not series:
-        if out.is_dir():
+        if is_dir or out.is_dir():
             src = Path(geometry.sources[0]).name if geometry.sources else "output"
             return [out / _renamed(src, geometry.format, label)]
         return [out]
@@ -336,7 +341,7 @@ def _write_nifti(array, geometry, path, label, frame=False):
     img = klass(np.ascontiguousarray(data), geometry.affine, header=hdr)
     h = img.header
     h.set_data_dtype(data.dtype)
-    if src is None or "nifti_header" not in geometry.header:
+    if src is None:
         zooms = list(geometry.spacing) + [1.0] * (3 - geometry.spatial_dims)
         if data.ndim >= 4:
             zooms.append(geometry.time_interval or 1.0)
@@ -353,9 +358,14 @@ def _write_nifti(array, geometry, path, label, frame=False):
         h.set_slope_inter(1.0, 0.0)
     else:
         h.set_slope_inter(np.nan, np.nan)
-    if src is not None:
-        img.set_qform(src.get_qform(), code=int(src["qform_code"]) or 1)
-        img.set_sform(geometry.affine, code=int(src["sform_code"]) or 1)
+    if src is not None:  # keep which of qform/sform the source declared (codes included)
+        qcode, scode = int(src["qform_code"]), int(src["sform_code"])
+        if not qcode and not scode:
+            scode = 2  # the source had neither: declare the affine so that it survives
+        img.set_qform(src.get_qform() if qcode else None, code=qcode)
+        img.set_sform(geometry.affine if scode else None, code=scode)
+        if qcode and not scode:
+            img.set_qform(geometry.affine, code=qcode)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
 

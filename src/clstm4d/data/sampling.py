@@ -117,6 +117,7 @@ class PatchDataset(Dataset):
         self.samples_per_case = samples_per_case
         self.epoch = 0
         self._cache: dict[int, CaseData] = {}
+        self._fg_cache: dict[int, list[np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.cases) * self.samples_per_case
@@ -134,6 +135,13 @@ class PatchDataset(Dataset):
             self._cache[index] = CaseData(image, data.label, data.geometry, data.meta,
                                           data.name or getattr(c, "name", f"case{index}"))
         return self._cache[index]
+
+    def _foreground(self, index: int) -> list[np.ndarray]:
+        """Flat indices of the foreground voxels of each frame of case ``index`` (cached)."""
+        if index not in self._fg_cache:
+            label = self.case_data(index).label
+            self._fg_cache[index] = [np.flatnonzero(frame > 0) for frame in label]
+        return self._fg_cache[index]
 
     def _roi(self, spatial_shape):
         d = len(spatial_shape)
@@ -159,9 +167,14 @@ class PatchDataset(Dataset):
         roi = self._roi(spatial)
         corner = None
         if label is not None and self.foreground_prob > 0 and rng.random() < self.foreground_prob:
-            fg = np.argwhere(label[frames] > 0)  # (n, 1 + d): frame, *voxel
-            if len(fg):
-                voxel = fg[rng.integers(len(fg)), 1:]
+            fg = self._foreground(index % len(self.cases))[frames]  # flat indices per frame
+            counts = np.array([len(f) for f in fg])
+            if counts.sum():
+                # a uniform draw over all foreground voxels of the window
+                k = int(rng.integers(counts.sum()))
+                frame = int(np.searchsorted(np.cumsum(counts), k, side="right"))
+                flat = fg[frame][k - (counts[:frame].sum())]
+                voxel = np.unravel_index(flat, spatial)
                 corner = [int(v) - r // 2 for v, r in zip(voxel, roi, strict=True)]
                 corner = [min(max(c, 0), max(n - r, 0)) if n >= r else c
                           for c, n, r in zip(corner, spatial, roi, strict=True)]
