@@ -100,9 +100,12 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
         })
         say(f"[2/4] training {name} ({i + 1}/{len(opts.variants)}): model '{opts.model}' "
             f"{overrides}, {opts.steps} steps x batch {opts.batch_size} x {opts.window} frames")
+        cpu0 = time.process_time()
         res = train(cfg, progress_validation=False)
+        cpu = time.process_time() - cpu0
         model, config = load_model(res.checkpoint)
-        results[name] = {"train": res, "model": model, "config": config, "slug": slug}
+        results[name] = {"train": res, "model": model, "config": config, "slug": slug,
+                         "cpu_seconds": cpu}
 
     say(f"[3/4] evaluating on {len(dl.test)} held-out sequences")
     test_cases = [load_case(c) for c in dl.test]
@@ -139,6 +142,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
             "volume_change_error": _mean([c["volume_change_error"] for c in per_case]),
             "consecutive_dice": _mean([c["consecutive_dice"] for c in per_case]),
             "train_seconds": round(tr.seconds, 2),
+            "train_cpu_seconds": round(r["cpu_seconds"], 2),
             "train_steps": tr.steps,
             "peak_memory_mb": round(tr.peak_memory_bytes / 2**20, 1),
             "eval_seconds": round(time.perf_counter() - t_eval, 2),
