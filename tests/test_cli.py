@@ -38,6 +38,7 @@ def test_train_writes_checkpoint_config_and_metrics(run):
     assert cfg["model_config"]["channels"] == [4, 8]
     rows = [json.loads(x) for x in (run["ckpt"] / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and 0 <= rows[-1]["val_dice"] <= 1
+    assert len(rows[-1]["val_dice_per_frame"]) == 6
 
 
 def test_predict_chunks_and_windows_equal_one_pass_and_keep_geometry(run, tmp_path):

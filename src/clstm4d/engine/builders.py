@@ -156,17 +156,21 @@ def segment(model: torch.nn.Module, config: dict[str, Any], image: np.ndarray, *
 
 
 def make_validator(cfg: Config, cases, resolved: dict[str, Any], device: torch.device):
-    """A function ``model -> {"val_dice": mean Dice over frames and foreground classes}``."""
+    """A function ``model -> {"val_dice": mean Dice over frames and foreground classes,
+    "val_dice_per_frame": [mean over validation cases of frame 0, 1, ...]}``."""
     from .metrics import dice_per_frame
 
     k = int(resolved["model"]["out_channels"])
 
-    def validate(model: torch.nn.Module) -> dict[str, float]:
+    def validate(model: torch.nn.Module) -> dict[str, Any]:
         scores = []
         for c in cases:
             pred = segment(model, resolved, c.image, device=device, name=c.name)
-            scores.append(dice_per_frame(pred, c.label, k).mean(1))
+            scores.append(dice_per_frame(pred, c.label, k).mean(1))  # (t,)
         model.train()
-        return {"val_dice": float(torch.cat(scores).mean())}
+        longest = max(len(s) for s in scores)
+        per_frame = [float(torch.stack([s[f] for s in scores if len(s) > f]).mean())
+                     for f in range(longest)]
+        return {"val_dice": float(torch.cat(scores).mean()), "val_dice_per_frame": per_frame}
 
     return validate

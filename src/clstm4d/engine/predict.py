@@ -143,7 +143,7 @@ def predict_sequence(
 
             p = sliding_window_inference(
                 folded, roi, sw_batch_size, predictor, overlap=overlap, mode=mode,
-                with_coord=True, device=image.device,
+                with_coord=True, sw_device=device, device=image.device,
             )
             p = torch.as_tensor(p)[0].unflatten(0, (n_t, -1))  # (tc, k, *s)
         p = p[: tc].to(image.device)
