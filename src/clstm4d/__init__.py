@@ -4,6 +4,8 @@ Importing the package loads torch (and numpy) only; I/O, training and plotting
 dependencies are imported where they are used.
 """
 
+from clstm4d.nn import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["ConvGRU", "ConvGRUCell", "ConvLSTM", "ConvLSTMCell", "__version__"]

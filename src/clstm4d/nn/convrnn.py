@@ -1,0 +1,745 @@
+"""N-dimensional convolutional LSTM and GRU: cells and multi-layer sequence layers.
+
+One implementation serves 1D, 2D and 3D maps (``spatial_dims``); the LSTM and the GRU share
+the sequence machinery (time loop, directions, state, lengths, dropout, checkpointing) and
+differ only in the cell update (:func:`_lstm_update`, :func:`_gru_update`).
+
+Shape legend: ``n`` batch, ``t`` time (frames), ``c`` input channels, ``h`` hidden channels,
+``g`` gates (4 for the LSTM, 3 for the GRU), ``*s`` spatial axes (``(w,)``, ``(h, w)`` or
+``(d, h, w)``), ``D`` directions (2 when bidirectional), ``L`` layers.
+
+Parameter layout (identical to :class:`torch.nn.LSTM` / :class:`torch.nn.GRU`, with kernel
+axes appended): ``weight_ih_l{k}`` ``(g*h, c_k, *kernel)``, ``weight_hh_l{k}``
+``(g*h, h, *kernel)``, ``bias_ih_l{k}`` and ``bias_hh_l{k}`` ``(g*h,)``; suffix ``_reverse``
+for the backward direction; ``c_0 = in_channels``, ``c_k = D*h`` for ``k > 0``. Gate order
+is i, f, g, o (LSTM) and r, z, n (GRU). The input-to-hidden convolution of a layer runs
+once over all frames (batch and time folded); only the hidden-to-hidden convolution runs
+per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+__all__ = ["ConvGRU", "ConvGRUCell", "ConvLSTM", "ConvLSTMCell"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_NUM_GATES = {"lstm": 4, "gru": 3}
+
+
+# ----------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _check_int(name: str, value, minimum: int, owner: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def _per_axis(name: str, value, spatial_dims: int, owner: str) -> tuple[int, ...]:
+    """An int or a tuple of ``spatial_dims`` ints >= 1, as a tuple."""
+    values = (value,) * spatial_dims if isinstance(value, int) else value
+    if not isinstance(values, Sequence) or len(values) != spatial_dims:
+        raise ValueError(
+            f"{owner}: {name} must be an int or a sequence of {spatial_dims} ints "
+            f"(one per spatial axis), got {value!r}"
+        )
+    for v in values:
+        _check_int(name, v, 1, owner)
+    return tuple(int(v) for v in values)
+
+
+def _same_padding(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """Padding for F.pad (last axis first) that keeps the spatial size, odd or even kernels.
+
+    The total padding ``dilation * (kernel - 1)`` is split with the extra voxel on the
+    right/bottom/back side, as ``padding="same"`` in :mod:`torch.nn` does.
+    """
+    pads: list[int] = []
+    for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
+        total = d * (k - 1)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+# ----------------------------------------------------------------------------------------------
+# cell updates: the only place where LSTM and GRU differ
+
+
+def _lstm_update(
+    gates: Tensor, state: tuple[Tensor, ...], peephole: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """One LSTM update from the summed gate pre-activations ``gates`` ``(n, 4h, *s)``."""
+    _, c = state
+    i, f, g, o = gates.chunk(4, dim=1)
+    if peephole is not None:
+        # (3h,) -> three (1, h, 1, ..., 1) per-channel weights on the cell state
+        w_ci, w_cf, w_co = peephole.view(3, 1, -1, *([1] * (gates.dim() - 2))).unbind(0)
+        i = i + w_ci * c
+        f = f + w_cf * c
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    if peephole is not None:
+        o = o + w_co * c
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h, c
+
+
+def _gru_update(gates_x: Tensor, gates_h: Tensor, h: Tensor) -> Tensor:
+    """One GRU update from the input gates ``(n, 3h, *s)`` and the hidden gates (with b_hh)."""
+    xr, xz, xn = gates_x.chunk(3, dim=1)
+    hr, hz, hn = gates_h.chunk(3, dim=1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return n + z * (h - n)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared base
+
+
+class _ConvRNNBase(nn.Module):
+    """Owns validation, parameters, initialisation, convolutions and the cell step."""
+
+    _mode = "lstm"  # set by subclasses: "lstm" | "gru"
+    _is_cell = False
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        hidden_channels: int,
+        kernel_size: int | Sequence[int],
+        num_layers: int = 1,
+        bias: bool = True,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        dilation: int | Sequence[int] = 1,
+        forget_bias: float = 1.0,
+        peephole: bool = False,
+        checkpoint: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
+            raise ValueError(f"{owner}: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+        _check_int("in_channels", in_channels, 1, owner)
+        _check_int("hidden_channels", hidden_channels, 1, owner)
+        _check_int("num_layers", num_layers, 1, owner)
+        kernel = _per_axis("kernel_size", kernel_size, spatial_dims, owner)
+        dil = _per_axis("dilation", dilation, spatial_dims, owner)
+        for name, flag in (("bias", bias), ("bidirectional", bidirectional),
+                           ("peephole", peephole), ("checkpoint", checkpoint)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{owner}: {name} must be a bool, got {flag!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+            0.0 <= dropout <= 1.0
+        ):
+            raise ValueError(f"{owner}: dropout must be a number in [0, 1], got {dropout!r}")
+        if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)) or (
+            not math.isfinite(forget_bias)
+        ):
+            raise ValueError(f"{owner}: forget_bias must be a finite number, got {forget_bias!r}")
+
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.hidden_channels = hidden_channels
+        self.kernel_size = kernel
+        self.num_layers = num_layers
+        self.bias = bias
+        self.bidirectional = bidirectional
+        self.dropout = float(dropout)
+        self.dilation = dil
+        self.forget_bias = float(forget_bias)
+        self.peephole = peephole
+        self.checkpoint = checkpoint
+        self._pad = _same_padding(kernel, dil)
+        # symmetric padding (odd kernels) goes into the conv call, no extra copy
+        self._sym = all(a == b for a, b in zip(self._pad[::2], self._pad[1::2], strict=True))
+        self._conv_padding = tuple(self._pad[::2][::-1]) if self._sym else 0
+
+        factory = {"device": device, "dtype": dtype}
+        g, h = _NUM_GATES[self._mode] * hidden_channels, hidden_channels
+        num_dirs = 2 if bidirectional else 1
+        self._param_names: list[list[dict[str, str]]] = []
+        for layer in range(num_layers):
+            c_in = in_channels if layer == 0 else h * num_dirs
+            per_dir = []
+            for d in range(num_dirs):
+                sfx = "" if self._is_cell else f"_l{layer}" + ("_reverse" if d else "")
+                shapes = {"weight_ih": (g, c_in, *kernel), "weight_hh": (g, h, *kernel)}
+                if bias:
+                    shapes.update(bias_ih=(g,), bias_hh=(g,))
+                if peephole:
+                    shapes["weight_peephole"] = (3 * h,)
+                names = {}
+                for key, shape in shapes.items():
+                    self.register_parameter(key + sfx, nn.Parameter(torch.empty(shape, **factory)))
+                    names[key] = key + sfx
+                per_dir.append(names)
+            self._param_names.append(per_dir)
+        self.reset_parameters()
+
+    # -- parameters -------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Initialise every parameter (the only place initialisation happens).
+
+        Convolution weights: uniform in ``(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in`` =
+        input channels x kernel volume of that convolution (PyTorch's conv default). Biases:
+        zero, except the forget-gate slice of ``bias_ih`` (LSTM) which is set to
+        ``forget_bias`` (Keras' ``unit_forget_bias`` for ``forget_bias=1``). Peephole weights:
+        zero (the layer starts as a plain ConvLSTM).
+        """
+        h = self.hidden_channels
+        for per_dir in self._param_names:
+            for names in per_dir:
+                for key, name in names.items():
+                    p = getattr(self, name)
+                    with torch.no_grad():
+                        if key.startswith("weight_i") or key == "weight_hh":
+                            bound = 1.0 / math.sqrt(p[0].numel())
+                            p.uniform_(-bound, bound)
+                        else:
+                            p.zero_()
+                            if key == "bias_ih" and self._mode == "lstm":
+                                p[h:2 * h].fill_(self.forget_bias)
+
+    def _params(self, layer: int, direction: int) -> dict[str, Tensor]:
+        return {k: getattr(self, n) for k, n in self._param_names[layer][direction].items()}
+
+    def extra_repr(self) -> str:
+        s = (f"spatial_dims={self.spatial_dims}, {self.in_channels}, {self.hidden_channels}, "
+             f"kernel_size={self.kernel_size}")
+        defaults = {"num_layers": 1, "bias": True, "bidirectional": False, "dropout": 0.0,
+                    "dilation": (1,) * self.spatial_dims, "forget_bias": 1.0,
+                    "peephole": False, "checkpoint": False}
+        for key, default in defaults.items():
+            if hasattr(self, key) and getattr(self, key) != default:
+                if key in ("forget_bias", "peephole") and self._mode != "lstm":
+                    continue
+                if self._is_cell and key in ("num_layers", "bidirectional", "dropout",
+                                             "checkpoint"):
+                    continue
+                s += f", {key}={getattr(self, key)}"
+        return s
+
+    # -- convolution and one step ----------------------------------------------------------
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """'same' convolution of ``x`` ``(b, c, *s)`` -> ``(b, weight.shape[0], *s)``."""
+        if not self._sym:
+            x = F.pad(x, self._pad)
+        return _CONV[self.spatial_dims](
+            x, weight, bias, padding=self._conv_padding, dilation=self.dilation
+        )
+
+    def _input_bias(self, p: dict[str, Tensor]) -> Tensor | None:
+        """Bias added to the input convolution (LSTM: both biases folded together)."""
+        if "bias_ih" not in p:
+            return None
+        return p["bias_ih"] + p["bias_hh"] if self._mode == "lstm" else p["bias_ih"]
+
+    def _step(self, gates_x: Tensor, state: tuple[Tensor, ...], p: dict[str, Tensor]):
+        """One recurrent step from the input gates ``(n, g*h, *s)``; returns the new state."""
+        if self._mode == "lstm":
+            gates = gates_x + self._conv(state[0], p["weight_hh"], None)
+            return _lstm_update(gates, state, p.get("weight_peephole"))
+        gates_h = self._conv(state[0], p["weight_hh"], p.get("bias_hh"))
+        return (_gru_update(gates_x, gates_h, state[0]),)
+
+    def _num_state(self) -> int:
+        return 2 if self._mode == "lstm" else 1
+
+    def _check_x(self, x, batch_dims: int, layout: str) -> None:
+        owner = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{owner}: x must be a torch.Tensor, got {type(x).__name__}")
+        want = batch_dims + 1 + self.spatial_dims
+        if x.dim() != want:
+            raise ValueError(
+                f"{owner}: expected x of shape {layout} with {self.spatial_dims} spatial axes "
+                f"({want} dims), got shape {tuple(x.shape)} ({x.dim()} dims)"
+            )
+        if x.shape[batch_dims] != self.in_channels:
+            raise ValueError(
+                f"{owner}: expected x with in_channels={self.in_channels} at dim {batch_dims} "
+                f"of {layout}, got shape {tuple(x.shape)}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# cells
+
+
+class _ConvCellBase(_ConvRNNBase):
+    _is_cell = True
+
+    def _cell_forward(self, x: Tensor, state: tuple[Tensor, ...] | None) -> tuple[Tensor, ...]:
+        self._check_x(x, 1, "(N, C_in, *S)")
+        owner = type(self).__name__
+        expected = (x.shape[0], self.hidden_channels, *x.shape[2:])
+        if state is None:
+            zero = x.new_zeros(expected)
+            state = (zero,) * self._num_state()
+        for name, s in zip(("h", "c"), state, strict=False):
+            if not isinstance(s, Tensor) or tuple(s.shape) != expected:
+                got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+                raise ValueError(f"{owner}: expected state {name} of shape {expected}, got {got}")
+        p = self._params(0, 0)
+        gates_x = self._conv(x, p["weight_ih"], self._input_bias(p))
+        return self._step(gates_x, tuple(state), p)
+
+
+
+
+class ConvLSTMCell(_ConvCellBase):
+    r"""One step of a convolutional LSTM over 1D, 2D or 3D maps.
+
+    .. math::
+        \begin{array}{ll}
+        i = \sigma(W_{ii} * x + b_{ii} + W_{hi} * h + b_{hi} + w_{ci} \odot c) \\
+        f = \sigma(W_{if} * x + b_{if} + W_{hf} * h + b_{hf} + w_{cf} \odot c) \\
+        g = \tanh(W_{ig} * x + b_{ig} + W_{hg} * h + b_{hg}) \\
+        c' = f \odot c + i \odot g \\
+        o = \sigma(W_{io} * x + b_{io} + W_{ho} * h + b_{ho} + w_{co} \odot c') \\
+        h' = o \odot \tanh(c')
+        \end{array}
+
+    where ``*`` is a "same"-padded convolution and the peephole terms ``w_c? \odot c``
+    (per-channel weights broadcast over space, Shi et al. 2015 with channel-wise instead of
+    voxel-wise weights) are present only with ``peephole=True``.
+
+    Args:
+        spatial_dims: number of spatial axes, 1, 2 or 3.
+        in_channels: channels of the input ``x``.
+        hidden_channels: channels ``H`` of the hidden state.
+        kernel_size: int or per-axis tuple; odd and even sizes both keep the spatial size
+            (even kernels pad one voxel more at the end of each axis).
+        bias: add ``bias_ih`` and ``bias_hh``. Default: True.
+        dilation: int or per-axis tuple, used by both convolutions. Default: 1.
+        device, dtype: factory keywords for the parameters.
+        forget_bias: initial value of the forget-gate slice of ``bias_ih`` (the other biases
+            start at zero). Default: 1.0 (Keras' ``unit_forget_bias``).
+        peephole: add the per-channel peephole weights ``weight_peephole`` ``(3*H,)``,
+            ordered ``w_ci, w_cf, w_co``. Default: False.
+
+    Shape:
+        - x: ``(N, C_in, *S)``; state: ``(h, c)``, each ``(N, H, *S)``, zeros when omitted.
+        - returns ``(h', c')``, each ``(N, H, *S)``.
+
+    Attributes:
+        weight_ih: ``(4*H, C_in, *kernel)``, gates i, f, g, o (as :class:`torch.nn.LSTMCell`).
+        weight_hh: ``(4*H, H, *kernel)``.
+        bias_ih, bias_hh: ``(4*H,)``.
+
+    Examples:
+        >>> cell = ConvLSTMCell(2, in_channels=3, hidden_channels=8, kernel_size=3)
+        >>> h, c = cell(torch.randn(2, 3, 16, 16))
+        >>> h, c = cell(torch.randn(2, 3, 16, 16), (h, c))
+        >>> tuple(h.shape), tuple(c.shape)
+        ((2, 8, 16, 16), (2, 8, 16, 16))
+    """
+
+    _mode = "lstm"
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        hidden_channels: int,
+        kernel_size: int | Sequence[int],
+        bias: bool = True,
+        dilation: int | Sequence[int] = 1,
+        forget_bias: float = 1.0,
+        peephole: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, hidden_channels, kernel_size, bias=bias,
+                         dilation=dilation, forget_bias=forget_bias, peephole=peephole,
+                         device=device, dtype=dtype)
+
+    def forward(
+        self, x: Tensor, state: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Shape: x ``(N, C_in, *S)``, state ``(h, c)`` each ``(N, H, *S)`` -> ``(h', c')``."""
+        if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
+            raise ValueError(f"ConvLSTMCell: state must be a tuple (h, c), got {type(state)}")
+        return self._cell_forward(x, state)
+
+
+class ConvGRUCell(_ConvCellBase):
+    r"""One step of a convolutional GRU over 1D, 2D or 3D maps.
+
+    .. math::
+        \begin{array}{ll}
+        r = \sigma(W_{ir} * x + b_{ir} + W_{hr} * h + b_{hr}) \\
+        z = \sigma(W_{iz} * x + b_{iz} + W_{hz} * h + b_{hz}) \\
+        n = \tanh(W_{in} * x + b_{in} + r \odot (W_{hn} * h + b_{hn})) \\
+        h' = (1 - z) \odot n + z \odot h
+        \end{array}
+
+    where ``*`` is a "same"-padded convolution (as :class:`torch.nn.GRUCell`, with
+    convolutions instead of matrix products).
+
+    Args:
+        spatial_dims: number of spatial axes, 1, 2 or 3.
+        in_channels: channels of the input ``x``.
+        hidden_channels: channels ``H`` of the hidden state.
+        kernel_size: int or per-axis tuple; odd and even sizes both keep the spatial size
+            (even kernels pad one voxel more at the end of each axis).
+        bias: add ``bias_ih`` and ``bias_hh``. Default: True.
+        dilation: int or per-axis tuple, used by both convolutions. Default: 1.
+        device, dtype: factory keywords for the parameters.
+
+    Shape:
+        - x: ``(N, C_in, *S)``; state ``h``: ``(N, H, *S)``, zeros when omitted.
+        - returns ``h'``: ``(N, H, *S)``.
+
+    Attributes:
+        weight_ih: ``(3*H, C_in, *kernel)``, gates r, z, n (as :class:`torch.nn.GRUCell`).
+        weight_hh: ``(3*H, H, *kernel)``.
+        bias_ih, bias_hh: ``(3*H,)``.
+
+    Examples:
+        >>> cell = ConvGRUCell(3, in_channels=1, hidden_channels=4, kernel_size=(1, 3, 3))
+        >>> h = cell(torch.randn(2, 1, 5, 8, 8))
+        >>> tuple(cell(torch.randn(2, 1, 5, 8, 8), h).shape)
+        (2, 4, 5, 8, 8)
+    """
+
+    _mode = "gru"
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        hidden_channels: int,
+        kernel_size: int | Sequence[int],
+        bias: bool = True,
+        dilation: int | Sequence[int] = 1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, hidden_channels, kernel_size, bias=bias,
+                         dilation=dilation, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> Tensor:
+        """Shape: x ``(N, C_in, *S)``, state ``h`` ``(N, H, *S)`` -> ``h'`` ``(N, H, *S)``."""
+        if state is not None and not isinstance(state, Tensor):
+            raise TypeError(f"ConvGRUCell: state must be a Tensor h, got {type(state).__name__}")
+        return self._cell_forward(x, None if state is None else (state,))[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# sequence layers
+
+
+class _ConvRNNLayerBase(_ConvRNNBase):
+    """The shared sequence machinery: layers, directions, state, lengths, dropout, checkpoint."""
+
+    def _check_state(self, state, x: Tensor) -> list[tuple[Tensor, ...]] | None:
+        """Validate ``state`` and split it into one tuple per (layer, direction)."""
+        if state is None:
+            return None
+        owner = type(self).__name__
+        names = ("h_0", "c_0")[: self._num_state()]
+        if self._mode == "lstm":
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise ValueError(f"{owner}: state must be a tuple (h_0, c_0), got "
+                                 f"{type(state).__name__} of length "
+                                 f"{len(state) if isinstance(state, (tuple, list)) else '-'}")
+            tensors = tuple(state)
+        else:
+            if not isinstance(state, Tensor):
+                raise TypeError(f"{owner}: state must be a Tensor h_0, got "
+                                f"{type(state).__name__}")
+            tensors = (state,)
+        num_dirs = 2 if self.bidirectional else 1
+        expected = (self.num_layers * num_dirs, x.shape[0], self.hidden_channels, *x.shape[3:])
+        for name, s in zip(names, tensors, strict=True):
+            if not isinstance(s, Tensor) or tuple(s.shape) != expected:
+                got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+                raise ValueError(
+                    f"{owner}: expected state {name} of shape (num_layers*D, N, H, *S) = "
+                    f"{expected}, got {got}"
+                )
+        return [tuple(s[i] for s in tensors) for i in range(expected[0])]
+
+    def _check_lengths(self, lengths, n: int, t: int, device) -> Tensor | None:
+        if lengths is None:
+            return None
+        owner = type(self).__name__
+        lengths = torch.as_tensor(lengths)
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise TypeError(f"{owner}: lengths must hold integers, got dtype {lengths.dtype}")
+        if tuple(lengths.shape) != (n,):
+            raise ValueError(
+                f"{owner}: expected lengths of shape (N,) = ({n},), got {tuple(lengths.shape)}"
+            )
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > t:
+            raise ValueError(
+                f"{owner}: lengths must lie in [1, T] = [1, {t}], got values in [{lo}, {hi}]"
+            )
+        return lengths.to(device=device, dtype=torch.long)
+
+    def _run_direction(
+        self,
+        x: Tensor,
+        p: dict[str, Tensor],
+        state: tuple[Tensor, ...],
+        mask: Tensor | None,
+        reverse: bool,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One direction of one layer: x ``(n, t, c, *s)`` -> output ``(n, t, h, *s)``, state."""
+        n, t = x.shape[:2]
+        bias = self._input_bias(p)
+        if self.checkpoint and torch.is_grad_enabled():
+            gates_x = None
+        else:
+            # hoisted input convolution over all frames: (n*t, c, *s) -> (n, t, g*h, *s)
+            gates_x = self._conv(x.flatten(0, 1), p["weight_ih"], bias).unflatten(0, (n, t))
+        outputs: list[Tensor | None] = [None] * t
+        for ti in (range(t - 1, -1, -1) if reverse else range(t)):
+            m = None if mask is None else mask[:, ti]
+            if gates_x is None:
+                out, state = _checkpoint(
+                    self._checkpointed_step, x[:, ti], m, p, *state, use_reentrant=False
+                )
+            else:
+                out, state = self._masked_step(gates_x[:, ti], m, p, state)
+            outputs[ti] = out
+        return torch.stack(outputs, dim=1), state
+
+    def _masked_step(self, gates_x, m, p, state):
+        new = self._step(gates_x, state, p)
+        if m is None:
+            return new[0], new
+        # frames past a sequence's length keep the state and output zeros
+        m = m.view(-1, *([1] * (new[0].dim() - 1)))
+        new = tuple(torch.where(m, a, b) for a, b in zip(new, state, strict=True))
+        return new[0] * m, new
+
+    def _checkpointed_step(self, x_t, m, p, *state):
+        gates_x = self._conv(x_t, p["weight_ih"], self._input_bias(p))
+        return self._masked_step(gates_x, m, p, state)
+
+    def _sequence_forward(self, x: Tensor, state, lengths):
+        self._check_x(x, 2, "(N, T, C_in, *S)")
+        n, t = x.shape[:2]
+        states = self._check_state(state, x)
+        lengths = self._check_lengths(lengths, n, t, x.device)
+        mask = None if lengths is None else (
+            torch.arange(t, device=x.device)[None, :] < lengths[:, None])  # (n, t)
+        num_dirs = 2 if self.bidirectional else 1
+        zero = x.new_zeros((n, self.hidden_channels, *x.shape[3:]))
+        finals: list[tuple[Tensor, ...]] = []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for d in range(num_dirs):
+                s0 = (zero,) * self._num_state() if states is None else states[
+                    layer * num_dirs + d]
+                out, s_n = self._run_direction(layer_input, self._params(layer, d), s0, mask,
+                                               reverse=d == 1)
+                outputs.append(out)
+                finals.append(s_n)
+            layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        final = tuple(torch.stack([f[i] for f in finals]) for i in range(self._num_state()))
+        return layer_input, final
+
+
+
+
+
+class ConvLSTM(_ConvRNNLayerBase):
+    r"""Multi-layer convolutional LSTM over 1D, 2D or 3D maps, laid out as ``nn.LSTM``.
+
+    Each layer applies :class:`ConvLSTMCell`'s update (gates i, f, g, o; optional per-channel
+    peepholes) at every frame. Inputs and outputs are batch-first: ``(N, T, C, *S)``.
+    ``forward(x, state=None, lengths=None)``: ``state`` continues a sequence (pass the state
+    returned by the previous call; unidirectional layers then give exactly the result of one
+    run over the joined sequence). ``lengths`` ``(N,)`` marks padded batches with
+    packed-sequence semantics: frames at or past ``lengths[i]`` change nothing and output
+    zeros, the final state is taken at each sequence's last valid frame, and the reverse
+    direction starts there. Zero initial states take dtype and device from ``x``.
+
+    Args:
+        spatial_dims: number of spatial axes, 1, 2 or 3.
+        in_channels: channels of the input ``x``.
+        hidden_channels: channels ``H`` of the hidden state.
+        kernel_size: int or per-axis tuple; odd and even sizes both keep the spatial size
+            (even kernels pad one voxel more at the end of each axis).
+        num_layers: stacked layers. Default: 1.
+        bias: add ``bias_ih`` and ``bias_hh``. Default: True.
+        bidirectional: run a second, reversed direction per layer and concatenate the two
+            outputs on the channel axis. Default: False.
+        dropout: dropout on the output of every layer except the last (as nn.LSTM), in
+            training mode only. Default: 0.0.
+        dilation: int or per-axis tuple, used by both convolutions. Default: 1.
+        checkpoint: recompute each step's activations (input convolution included) during
+            backward instead of storing them; same outputs and gradients, less memory, more
+            time. Default: False.
+        device, dtype: factory keywords for the parameters.
+        forget_bias: initial value of the forget-gate slice of ``bias_ih`` (the other biases
+            start at zero). Default: 1.0 (Keras' ``unit_forget_bias``).
+        peephole: per-channel peephole weights ``weight_peephole_l{k}`` ``(3*H,)`` ordered
+            ``w_ci, w_cf, w_co``: ``w_ci * c_{t-1}`` is added to the i pre-activation,
+            ``w_cf * c_{t-1}`` to f and ``w_co * c_t`` to o. Default: False.
+
+    Shape:
+        - x: ``(N, T, C_in, *S)``; state ``(h_0, c_0)``, each ``(num_layers*D, N, H, *S)``;
+          lengths ``(N,)`` integers in ``[1, T]``.
+        - output: ``(N, T, D*H, *S)``, the last layer's h at every frame;
+          ``(h_n, c_n)``, each ``(num_layers*D, N, H, *S)``.
+
+    Attributes:
+        weight_ih_l{k}: ``(4*H, C_in_k, *kernel)``, gates i, f, g, o; ``C_in_0 = in_channels``,
+            ``C_in_k = D*H``. Suffix ``_reverse`` for the reverse direction.
+        weight_hh_l{k}: ``(4*H, H, *kernel)``.
+        bias_ih_l{k}, bias_hh_l{k}: ``(4*H,)``.
+
+    Porting weights: from Keras ``ConvLSTM{1,2,3}D`` (``kernel`` ``k + (C_in, 4H)``,
+    ``recurrent_kernel`` ``k + (H, 4H)``, gates i, f, c, o, one ``bias``) use
+    ``weight_ih = kernel.permute(-1, -2, *range(n))`` (same for ``weight_hh``), ``bias_ih =
+    bias`` and ``bias_hh = 0``; Keras' "same" padding and gate order match. From the
+    concatenated design (one conv over ``cat(x, h)`` to ``4H`` channels, gates i, f, o, g):
+    split the weight on its input axis into ``[:, :C_in]`` -> ``weight_ih`` and
+    ``[:, C_in:]`` -> ``weight_hh``, reorder the gate blocks on axis 0 from i, f, o, g to
+    i, f, g, o, and put its bias in ``bias_ih`` (``bias_hh = 0``).
+
+    Examples:
+        >>> lstm = ConvLSTM(3, in_channels=2, hidden_channels=8, kernel_size=3, num_layers=2)
+        >>> x = torch.randn(1, 4, 2, 6, 10, 10)           # (N, T, C, D, H, W)
+        >>> out, (h_n, c_n) = lstm(x)
+        >>> tuple(out.shape), tuple(h_n.shape)
+        ((1, 4, 8, 6, 10, 10), (2, 1, 8, 6, 10, 10))
+        >>> more, state = lstm(torch.randn(1, 3, 2, 6, 10, 10), (h_n, c_n))   # continue
+    """
+
+    _mode = "lstm"
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        hidden_channels: int,
+        kernel_size: int | Sequence[int],
+        num_layers: int = 1,
+        bias: bool = True,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        dilation: int | Sequence[int] = 1,
+        forget_bias: float = 1.0,
+        peephole: bool = False,
+        checkpoint: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, hidden_channels, kernel_size, num_layers,
+                         bias, bidirectional, dropout, dilation, forget_bias, peephole,
+                         checkpoint, device, dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        state: tuple[Tensor, Tensor] | None = None,
+        lengths: Tensor | Sequence[int] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Shape: x ``(N, T, C_in, *S)`` -> ``(output (N, T, D*H, *S), (h_n, c_n))``."""
+        out, (h_n, c_n) = self._sequence_forward(x, state, lengths)
+        return out, (h_n, c_n)
+
+
+class ConvGRU(_ConvRNNLayerBase):
+    r"""Multi-layer convolutional GRU over 1D, 2D or 3D maps, laid out as ``nn.GRU``.
+
+    Each layer applies :class:`ConvGRUCell`'s update (gates r, z, n with
+    ``n = tanh(W_in * x + b_in + r * (W_hn * h + b_hn))``) at every frame. Inputs and outputs
+    are batch-first: ``(N, T, C, *S)``.
+    ``forward(x, state=None, lengths=None)``: ``state`` continues a sequence (pass the state
+    returned by the previous call; unidirectional layers then give exactly the result of one
+    run over the joined sequence). ``lengths`` ``(N,)`` marks padded batches with
+    packed-sequence semantics: frames at or past ``lengths[i]`` change nothing and output
+    zeros, the final state is taken at each sequence's last valid frame, and the reverse
+    direction starts there. Zero initial states take dtype and device from ``x``.
+
+    Args:
+        spatial_dims: number of spatial axes, 1, 2 or 3.
+        in_channels: channels of the input ``x``.
+        hidden_channels: channels ``H`` of the hidden state.
+        kernel_size: int or per-axis tuple; odd and even sizes both keep the spatial size
+            (even kernels pad one voxel more at the end of each axis).
+        num_layers: stacked layers. Default: 1.
+        bias: add ``bias_ih`` and ``bias_hh``. Default: True.
+        bidirectional: run a second, reversed direction per layer and concatenate the two
+            outputs on the channel axis. Default: False.
+        dropout: dropout on the output of every layer except the last (as nn.LSTM), in
+            training mode only. Default: 0.0.
+        dilation: int or per-axis tuple, used by both convolutions. Default: 1.
+        checkpoint: recompute each step's activations (input convolution included) during
+            backward instead of storing them; same outputs and gradients, less memory, more
+            time. Default: False.
+        device, dtype: factory keywords for the parameters.
+
+    Shape:
+        - x: ``(N, T, C_in, *S)``; state ``h_0`` ``(num_layers*D, N, H, *S)``;
+          lengths ``(N,)`` integers in ``[1, T]``.
+        - output: ``(N, T, D*H, *S)``; ``h_n``: ``(num_layers*D, N, H, *S)``.
+
+    Attributes:
+        weight_ih_l{k}: ``(3*H, C_in_k, *kernel)``, gates r, z, n; ``C_in_0 = in_channels``,
+            ``C_in_k = D*H``. Suffix ``_reverse`` for the reverse direction.
+        weight_hh_l{k}: ``(3*H, H, *kernel)``.
+        bias_ih_l{k}, bias_hh_l{k}: ``(3*H,)``.
+
+    Examples:
+        >>> gru = ConvGRU(1, in_channels=3, hidden_channels=5, kernel_size=4, bidirectional=True)
+        >>> out, h_n = gru(torch.randn(2, 7, 3, 33), lengths=[7, 4])
+        >>> tuple(out.shape), tuple(h_n.shape)
+        ((2, 7, 10, 33), (2, 2, 5, 33))
+    """
+
+    _mode = "gru"
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        hidden_channels: int,
+        kernel_size: int | Sequence[int],
+        num_layers: int = 1,
+        bias: bool = True,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        dilation: int | Sequence[int] = 1,
+        checkpoint: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, hidden_channels, kernel_size, num_layers,
+                         bias, bidirectional, dropout, dilation, checkpoint=checkpoint,
+                         device=device, dtype=dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        state: Tensor | None = None,
+        lengths: Tensor | Sequence[int] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Shape: x ``(N, T, C_in, *S)`` -> ``(output (N, T, D*H, *S), h_n)``."""
+        out, (h_n,) = self._sequence_forward(x, state, lengths)
+        return out, h_n
