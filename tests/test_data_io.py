@@ -275,3 +275,18 @@ def test_multichannel_label_is_refused(tmp_path):
     write_image(np.zeros((2, 2, 4, 4), np.float32), geom, tmp_path / "two.nii.gz")
     with pytest.raises(DataError, match="a label map has one channel, this file has 2"):
         read_label(tmp_path / "two.nii.gz", spatial_dims=2)
+
+
+def test_2d_nrrd_frames_with_spacings_and_no_space_directions(tmp_path):
+    frames = []
+    for i in range(3):
+        frames.append(tmp_path / f"f{i}.nrrd")
+        nrrd.write(str(frames[-1]), np.full((5, 4), i, np.int16),
+                   {"spacings": [0.5, 2.0], "kinds": ["domain", "domain"]}, index_order="F")
+    image, geom = read_image(frames)
+    assert image.shape == (3, 1, 5, 4) and geom.spacing == (0.5, 2.0)
+    np.testing.assert_array_equal(image[:, 0, 0, 0], [0, 1, 2])
+    written = write_image(image * 2, geom, tmp_path / "out")
+    back, g = read_image(written)
+    np.testing.assert_array_equal(back, image * 2)
+    assert g.spacing == (0.5, 2.0)

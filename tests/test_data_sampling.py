@@ -120,3 +120,17 @@ def test_bad_arguments_are_named():
         PatchDataset([np.zeros(3)])
     with pytest.raises(ValueError, match="Augment: flip must be a probability"):
         Augment(flip=1.5)
+
+
+def test_lazy_cases_from_a_datalist_and_whole_sequences(tmp_path):
+    from clstm4d.data import load_datalist, make_synthetic_case, write_synthetic_dataset
+
+    dl = load_datalist(write_synthetic_dataset(tmp_path, cases=2, frames=6, size=20,
+                                               validation=0))
+    ds = PatchDataset(dl.training, window=None, roi=None, normalize=None)
+    item = ds[1]
+    ref = make_synthetic_case((0, 1), 6, 20, 2)
+    np.testing.assert_allclose(item["image"].numpy(), ref.image, rtol=1e-6)
+    np.testing.assert_array_equal(item["label"].numpy(), ref.label)
+    assert item["case"] == "case_001" and item["length"] == 6
+    assert np.flatnonzero(item["corrupted"].numpy()).tolist() == ref.meta["corrupted"]

@@ -29,8 +29,8 @@ from .transforms import Augment, normalize_intensity
 
 __all__ = [
     "DataError", "Geometry", "atomic_path",
-    "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist", "save_datalist",
-    "validate_datalist",
+    "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist",
+    "save_datalist", "validate_datalist",
     "detect_format", "read_image", "read_label", "write_image", "write_label",
     "PatchDataset", "crop_or_pad",
     "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",

@@ -80,12 +80,13 @@ def read_image(path_or_paths: PathLike | Sequence[PathLike],
 
     Examples:
         >>> import tempfile, pathlib
-        >>> out = pathlib.Path(tempfile.mkdtemp()) / "img.nii.gz"
+        >>> out = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name) / "img.nii.gz"
         >>> g = Geometry.default("nifti", (6, 5), frames=3, spacing=(1.5, 1.5), time_interval=0.1)
         >>> _ = write_image(np.ones((3, 1, 6, 5), np.float32), g, out)
         >>> image, geom = read_image(out, spatial_dims=2)
         >>> image.shape, geom.spacing, geom.time_interval
         ((3, 1, 6, 5), (1.5, 1.5), 0.1)
+        >>> tmpdir.cleanup()
     """
     array, geometry = _read(path_or_paths, spatial_dims, label=False)
     return array, geometry

@@ -273,10 +273,12 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
     Examples:
         >>> import tempfile
         >>> from clstm4d.data import load_datalist
-        >>> path = write_synthetic_dataset(tempfile.mkdtemp(), cases=3, frames=6, size=24)
+        >>> tmpdir = tempfile.TemporaryDirectory()
+        >>> path = write_synthetic_dataset(tmpdir.name, cases=3, frames=6, size=24)
         >>> dl = load_datalist(path)
         >>> len(dl.training), len(dl.validation), dl.labels, dl.spatial_dims
         (2, 1, {0: 'background', 1: 'chamber', 2: 'blob'}, 2)
+        >>> tmpdir.cleanup()
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
