@@ -290,3 +290,19 @@ def test_2d_nrrd_frames_with_spacings_and_no_space_directions(tmp_path):
     back, g = read_image(written)
     np.testing.assert_array_equal(back, image * 2)
     assert g.spacing == (0.5, 2.0)
+
+
+def test_output_path_keeps_cases_apart(tmp_path):
+    from clstm4d.data import output_path
+
+    geom = Geometry.default("nrrd-series", (4, 4, 4), 2)
+    label = np.ones((2, 4, 4, 4), int)
+    a = write_label(label, geom, output_path(geom, tmp_path, "a"))
+    b = write_label(label, geom, output_path(geom, tmp_path, "b"))
+    assert [p.relative_to(tmp_path).as_posix() for p in a + b] == [
+        "a/frame_000.seg.nrrd", "a/frame_001.seg.nrrd", "b/frame_000.seg.nrrd",
+        "b/frame_001.seg.nrrd"]
+    nifti = Geometry.default("nifti", (4, 4, 4), 2)
+    nifti.sources = ("/data/p01.nii",)
+    assert write_label(label, nifti, output_path(nifti, tmp_path, "p01")) == [tmp_path / "p01.nii"]
+    assert nib.load(str(tmp_path / "p01.nii")).shape == (4, 4, 4, 2)

@@ -123,6 +123,7 @@ def test_bad_arguments_are_named():
 
 
 def test_lazy_cases_from_a_datalist_and_whole_sequences(tmp_path):
+    pytest.importorskip("nibabel")
     from clstm4d.data import load_datalist, make_synthetic_case, write_synthetic_dataset
 
     dl = load_datalist(write_synthetic_dataset(tmp_path, cases=2, frames=6, size=20,

@@ -21,7 +21,8 @@ import numpy as np
 
 from ._common import DataError, Geometry, atomic_path, full_suffix
 
-__all__ = ["read_image", "read_label", "write_image", "write_label", "detect_format"]
+__all__ = ["read_image", "read_label", "write_image", "write_label", "detect_format",
+           "output_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,29 @@ def write_label(array: np.ndarray, geometry: Geometry, out: PathLike | Sequence[
             raise ValueError("write_label: labels must be integers, got fractional values")
     dtype = np.uint8 if (array.size == 0 or array.max() < 256) else np.uint16
     return _write(array.astype(dtype)[:, None], geometry, out, label=True)
+
+
+def output_path(geometry: Geometry, folder: PathLike, name: str) -> Path:
+    """Where to write the result of case ``name`` into ``folder``, in the source's format.
+
+    Single-file formats: ``folder/<name><source suffix>`` (``.nii.gz``, ``.nii``, ``.tif``);
+    series: the folder ``folder/<name>`` (the writer names the frames after the source's).
+    Pass the result as ``out`` to :func:`write_label` / :func:`write_image`.
+
+    Examples:
+        >>> g = Geometry.default("nifti", (4, 4), 2)
+        >>> output_path(g, "preds", "p01").as_posix()
+        'preds/p01.nii.gz'
+        >>> g.sources = ("scan/p01.tif",); g.format = "tiff"
+        >>> output_path(g, "preds", "p01").as_posix()
+        'preds/p01.tif'
+    """
+    folder = Path(folder)
+    if geometry.format.endswith("-series"):
+        return folder / name
+    default = {"nifti": ".nii.gz", "tiff": ".tif"}[geometry.format]
+    suffix = full_suffix(geometry.sources[0]) if geometry.sources else default
+    return folder / (name + (suffix or default))
 
 
 # --------------------------------------------------------------------------------- dispatch
@@ -305,10 +329,7 @@ def _read_nifti(path, label, frame=False):
     space_unit, time_unit = hdr.get_xyzt_units()
     # header floats are float32: str() gives the shortest decimal (0.1, not 0.10000000149)
     time_interval = float(str(zooms[3])) if len(shape) >= 4 and zooms[3] > 0 else None
-    affine = np.eye(4)
-    affine[:, :] = img.affine
-    if file_dims < 3:  # 2D file: its affine still describes 3 axes
-        pass
+    affine = np.asarray(img.affine, dtype=np.float64)  # (4, 4) even for a 2D file
     geometry = Geometry(
         format="nifti-series" if frame else "nifti", spatial_shape=data.shape[2:],
         frames=data.shape[0], channels=data.shape[1], affine=affine, space="RAS",
