@@ -59,8 +59,10 @@ def test_short_sequences_are_padded_and_report_their_length():
     assert batch["image"].shape == (2, 5, 1, 12, 10) and batch["length"].tolist() == [3, 3]
 
 
-def test_roi_larger_than_case_is_zero_padded():
-    ds = PatchDataset([_coded_case(t=2, shape=(4, 3))], window=2, roi=(6, 5), normalize=None)
+@pytest.mark.parametrize("foreground_prob", [0.0, 1.0])
+def test_roi_larger_than_case_is_zero_padded(foreground_prob):
+    ds = PatchDataset([_coded_case(t=2, shape=(4, 3))], window=2, roi=(6, 5), normalize=None,
+                      foreground_prob=foreground_prob)
     img = ds[0]["image"][0, 0]
     assert img.shape == (6, 5)
     assert (img[1:5, 1:4] == torch.tensor([[10 * y + x for x in range(3)]
