@@ -306,3 +306,14 @@ def test_output_path_keeps_cases_apart(tmp_path):
     nifti.sources = ("/data/p01.nii",)
     assert write_label(label, nifti, output_path(nifti, tmp_path, "p01")) == [tmp_path / "p01.nii"]
     assert nib.load(str(tmp_path / "p01.nii")).shape == (4, 4, 4, 2)
+
+
+def test_importing_the_data_layer_loads_no_format_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, clstm4d.data; "
+            "print(sorted({'nibabel', 'nrrd', 'tifffile', 'scipy', 'monai'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert out.stdout.strip() == "[]", out.stdout
