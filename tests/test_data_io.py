@@ -317,3 +317,20 @@ def test_importing_the_data_layer_loads_no_format_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_nrrd_with_a_time_axis_or_unknown_label_layers_is_refused(tmp_path):
+    affine = _oblique_affine()
+    dirs = np.vstack([np.full(3, np.nan), affine[:3, :3].T])
+    base = {"space": "left-posterior-superior", "space directions": dirs,
+            "space origin": affine[:3, 3].copy(), "kinds": ["list", "domain", "domain", "domain"]}
+    nrrd.write(str(tmp_path / "cine.nrrd"), np.zeros((3, 4, 4, 4), np.int16),
+               {**base, "axis 0 quantity": "time"}, index_order="F")
+    with pytest.raises(DataError, match="cine.nrrd: a 4D NRRD with a time axis"):
+        read_image([tmp_path / "cine.nrrd"])
+    nrrd.write(str(tmp_path / "lab.nrrd"), np.zeros((2, 4, 4, 4), np.uint8), base,
+               index_order="F")
+    with pytest.raises(DataError, match="lab.nrrd: a label frame must be one 3D volume"):
+        read_label([tmp_path / "lab.nrrd"])
+    image, _ = read_image([tmp_path / "lab.nrrd"])  # an image: the list axis is channels
+    assert image.shape == (1, 2, 4, 4, 4)

@@ -450,7 +450,18 @@ def _read_nrrd(path, label):
     extra = {}
     if nonspatial:
         ax = nonspatial[0]
+        quantity = str(header.get(f"axis {ax} quantity", "")).lower()
+        if str(kinds[ax]).lower() == "time" or quantity == "time" or \
+                path.name.lower().endswith(".seq.nrrd"):
+            raise DataError("a 4D NRRD with a time axis (a 3D Slicer sequence) is not read as "
+                            "one file; save one 3D .nrrd per frame and list them", path)
         data = np.moveaxis(data, ax, 0)
+        is_segmentation = path.name.lower().endswith(".seg.nrrd") or any(
+            k.startswith("Segment") for k in header)
+        if label and not is_segmentation:
+            raise DataError(f"a label frame must be one 3D volume; this NRRD has a non-spatial "
+                            f"axis {ax} (kind {kinds[ax]!r}, size {data.shape[0]}) and no 3D "
+                            "Slicer segment fields", path)
         if label:
             data = _merge_segment_layers(data, header, path)[None, None]
             extra["merged_layers"] = True
