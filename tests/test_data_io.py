@@ -275,3 +275,62 @@ def test_multichannel_label_is_refused(tmp_path):
     write_image(np.zeros((2, 2, 4, 4), np.float32), geom, tmp_path / "two.nii.gz")
     with pytest.raises(DataError, match="a label map has one channel, this file has 2"):
         read_label(tmp_path / "two.nii.gz", spatial_dims=2)
+
+
+def test_2d_nrrd_frames_with_spacings_and_no_space_directions(tmp_path):
+    frames = []
+    for i in range(3):
+        frames.append(tmp_path / f"f{i}.nrrd")
+        nrrd.write(str(frames[-1]), np.full((5, 4), i, np.int16),
+                   {"spacings": [0.5, 2.0], "kinds": ["domain", "domain"]}, index_order="F")
+    image, geom = read_image(frames)
+    assert image.shape == (3, 1, 5, 4) and geom.spacing == (0.5, 2.0)
+    np.testing.assert_array_equal(image[:, 0, 0, 0], [0, 1, 2])
+    written = write_image(image * 2, geom, tmp_path / "out")
+    back, g = read_image(written)
+    np.testing.assert_array_equal(back, image * 2)
+    assert g.spacing == (0.5, 2.0)
+
+
+def test_output_path_keeps_cases_apart(tmp_path):
+    from clstm4d.data import output_path
+
+    geom = Geometry.default("nrrd-series", (4, 4, 4), 2)
+    label = np.ones((2, 4, 4, 4), int)
+    a = write_label(label, geom, output_path(geom, tmp_path, "a"))
+    b = write_label(label, geom, output_path(geom, tmp_path, "b"))
+    assert [p.relative_to(tmp_path).as_posix() for p in a + b] == [
+        "a/frame_000.seg.nrrd", "a/frame_001.seg.nrrd", "b/frame_000.seg.nrrd",
+        "b/frame_001.seg.nrrd"]
+    nifti = Geometry.default("nifti", (4, 4, 4), 2)
+    nifti.sources = ("/data/p01.nii",)
+    assert write_label(label, nifti, output_path(nifti, tmp_path, "p01")) == [tmp_path / "p01.nii"]
+    assert nib.load(str(tmp_path / "p01.nii")).shape == (4, 4, 4, 2)
+
+
+def test_importing_the_data_layer_loads_no_format_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, clstm4d.data; "
+            "print(sorted({'nibabel', 'nrrd', 'tifffile', 'scipy', 'monai'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_nrrd_with_a_time_axis_or_unknown_label_layers_is_refused(tmp_path):
+    affine = _oblique_affine()
+    dirs = np.vstack([np.full(3, np.nan), affine[:3, :3].T])
+    base = {"space": "left-posterior-superior", "space directions": dirs,
+            "space origin": affine[:3, 3].copy(), "kinds": ["list", "domain", "domain", "domain"]}
+    nrrd.write(str(tmp_path / "cine.nrrd"), np.zeros((3, 4, 4, 4), np.int16),
+               {**base, "axis 0 quantity": "time"}, index_order="F")
+    with pytest.raises(DataError, match="cine.nrrd: a 4D NRRD with a time axis"):
+        read_image([tmp_path / "cine.nrrd"])
+    nrrd.write(str(tmp_path / "lab.nrrd"), np.zeros((2, 4, 4, 4), np.uint8), base,
+               index_order="F")
+    with pytest.raises(DataError, match="lab.nrrd: a label frame must be one 3D volume"):
+        read_label([tmp_path / "lab.nrrd"])
+    image, _ = read_image([tmp_path / "lab.nrrd"])  # an image: the list axis is channels
+    assert image.shape == (1, 2, 4, 4, 4)

@@ -59,8 +59,10 @@ def test_short_sequences_are_padded_and_report_their_length():
     assert batch["image"].shape == (2, 5, 1, 12, 10) and batch["length"].tolist() == [3, 3]
 
 
-def test_roi_larger_than_case_is_zero_padded():
-    ds = PatchDataset([_coded_case(t=2, shape=(4, 3))], window=2, roi=(6, 5), normalize=None)
+@pytest.mark.parametrize("foreground_prob", [0.0, 1.0])
+def test_roi_larger_than_case_is_zero_padded(foreground_prob):
+    ds = PatchDataset([_coded_case(t=2, shape=(4, 3))], window=2, roi=(6, 5), normalize=None,
+                      foreground_prob=foreground_prob)
     img = ds[0]["image"][0, 0]
     assert img.shape == (6, 5)
     assert (img[1:5, 1:4] == torch.tensor([[10 * y + x for x in range(3)]
@@ -120,3 +122,18 @@ def test_bad_arguments_are_named():
         PatchDataset([np.zeros(3)])
     with pytest.raises(ValueError, match="Augment: flip must be a probability"):
         Augment(flip=1.5)
+
+
+def test_lazy_cases_from_a_datalist_and_whole_sequences(tmp_path):
+    pytest.importorskip("nibabel")
+    from clstm4d.data import load_datalist, make_synthetic_case, write_synthetic_dataset
+
+    dl = load_datalist(write_synthetic_dataset(tmp_path, cases=2, frames=6, size=20,
+                                               validation=0))
+    ds = PatchDataset(dl.training, window=None, roi=None, normalize=None)
+    item = ds[1]
+    ref = make_synthetic_case((0, 1), 6, 20, 2)
+    np.testing.assert_allclose(item["image"].numpy(), ref.image, rtol=1e-6)
+    np.testing.assert_array_equal(item["label"].numpy(), ref.label)
+    assert item["case"] == "case_001" and item["length"] == 6
+    assert np.flatnonzero(item["corrupted"].numpy()).tolist() == ref.meta["corrupted"]

@@ -100,6 +100,7 @@ def test_1d_variant():
 
 @pytest.mark.parametrize("fmt", ["nifti", "nrrd-series", "tiff"])
 def test_write_synthetic_dataset_round_trip(tmp_path, fmt):
+    pytest.importorskip({"nifti": "nibabel", "nrrd-series": "nrrd", "tiff": "tifffile"}[fmt])
     path = write_synthetic_dataset(tmp_path, cases=3, frames=5, size=24, spatial_dims=3,
                                    seed=7, format=fmt, test=1)
     doc = json.loads(path.read_text())
@@ -117,10 +118,13 @@ def test_write_synthetic_dataset_round_trip(tmp_path, fmt):
 
 
 def test_synth_arguments_map_onto_write_synthetic_dataset(tmp_path):
+    pytest.importorskip("nibabel")
     parser = add_synth_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--out", str(tmp_path), "--cases", "2", "--frames", "4",
-                              "--size", "20", "--dims", "2", "--seed", "1", "--validation", "0"])
+                              "--size", "20", "--dims", "2", "--seed", "1", "--validation", "0",
+                              "--corrupted", "2"])
     path = write_synthetic_dataset(**synth_options(args))
     dl = load_datalist(path)
     assert len(dl.training) == 2 and not dl.validation
-    assert load_case(dl.training[0]).image.shape == (4, 1, 20, 20)
+    case = load_case(dl.training[0])
+    assert case.image.shape == (4, 1, 20, 20) and len(case.meta["corrupted"]) == 2

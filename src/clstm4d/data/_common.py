@@ -171,11 +171,12 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
     Examples:
         >>> import tempfile, pathlib
-        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> d = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
         >>> with atomic_path(d / "a.txt") as tmp:
         ...     _ = tmp.write_text("hello")
         >>> (d / "a.txt").read_text(), sorted(p.name for p in d.iterdir())
         ('hello', ['a.txt'])
+        >>> tmpdir.cleanup()
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)

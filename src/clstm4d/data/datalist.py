@@ -170,13 +170,14 @@ def load_datalist(json_path: str | os.PathLike) -> Datalist:
 
     Examples:
         >>> import json, tempfile, pathlib
-        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> d = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
         >>> _ = (d / "list.json").write_text(json.dumps({"labels": {"0": "bg", "1": "lv"},
         ...     "training": [{"image": "a.nii.gz", "label": "a_seg.nii.gz", "corrupted": [2]}],
         ...     "test": ["b.nii.gz"]}))
         >>> dl = load_datalist(d / "list.json")
         >>> [c.name for c in dl.cases()], dl.num_classes, dl.training[0].meta
         (['a', 'b'], 2, {'corrupted': [2]})
+        >>> tmpdir.cleanup()
     """
     json_path = Path(json_path)
     if not json_path.is_file():
@@ -432,11 +433,12 @@ def datalist_from_folder(folder: str | os.PathLike, out: str | os.PathLike | Non
     Examples:
         >>> import tempfile, pathlib
         >>> from clstm4d.data import write_synthetic_dataset
-        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> root = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
         >>> _ = write_synthetic_dataset(root, cases=4, frames=4, size=24)
         >>> dl = load_datalist(datalist_from_folder(root, root / "mine.json", spatial_dims=2))
         >>> len(dl.training), len(dl.validation), dl.training[0].image.name
         (3, 1, 'case_000.nii.gz')
+        >>> tmpdir.cleanup()
     """
     folder = Path(folder)
     if not (folder / "imagesTr").is_dir() and not (folder / "imagesTs").is_dir():

@@ -21,7 +21,8 @@ import numpy as np
 
 from ._common import DataError, Geometry, atomic_path, full_suffix
 
-__all__ = ["read_image", "read_label", "write_image", "write_label", "detect_format"]
+__all__ = ["read_image", "read_label", "write_image", "write_label", "detect_format",
+           "output_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +81,13 @@ def read_image(path_or_paths: PathLike | Sequence[PathLike],
 
     Examples:
         >>> import tempfile, pathlib
-        >>> out = pathlib.Path(tempfile.mkdtemp()) / "img.nii.gz"
+        >>> out = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name) / "img.nii.gz"
         >>> g = Geometry.default("nifti", (6, 5), frames=3, spacing=(1.5, 1.5), time_interval=0.1)
         >>> _ = write_image(np.ones((3, 1, 6, 5), np.float32), g, out)
         >>> image, geom = read_image(out, spatial_dims=2)
         >>> image.shape, geom.spacing, geom.time_interval
         ((3, 1, 6, 5), (1.5, 1.5), 0.1)
+        >>> tmpdir.cleanup()
     """
     array, geometry = _read(path_or_paths, spatial_dims, label=False)
     return array, geometry
@@ -147,6 +149,29 @@ def write_label(array: np.ndarray, geometry: Geometry, out: PathLike | Sequence[
             raise ValueError("write_label: labels must be integers, got fractional values")
     dtype = np.uint8 if (array.size == 0 or array.max() < 256) else np.uint16
     return _write(array.astype(dtype)[:, None], geometry, out, label=True)
+
+
+def output_path(geometry: Geometry, folder: PathLike, name: str) -> Path:
+    """Where to write the result of case ``name`` into ``folder``, in the source's format.
+
+    Single-file formats: ``folder/<name><source suffix>`` (``.nii.gz``, ``.nii``, ``.tif``);
+    series: the folder ``folder/<name>`` (the writer names the frames after the source's).
+    Pass the result as ``out`` to :func:`write_label` / :func:`write_image`.
+
+    Examples:
+        >>> g = Geometry.default("nifti", (4, 4), 2)
+        >>> output_path(g, "preds", "p01").as_posix()
+        'preds/p01.nii.gz'
+        >>> g.sources = ("scan/p01.tif",); g.format = "tiff"
+        >>> output_path(g, "preds", "p01").as_posix()
+        'preds/p01.tif'
+    """
+    folder = Path(folder)
+    if geometry.format.endswith("-series"):
+        return folder / name
+    default = {"nifti": ".nii.gz", "tiff": ".tif"}[geometry.format]
+    suffix = full_suffix(geometry.sources[0]) if geometry.sources else default
+    return folder / (name + (suffix or default))
 
 
 # --------------------------------------------------------------------------------- dispatch
@@ -304,10 +329,7 @@ def _read_nifti(path, label, frame=False):
     space_unit, time_unit = hdr.get_xyzt_units()
     # header floats are float32: str() gives the shortest decimal (0.1, not 0.10000000149)
     time_interval = float(str(zooms[3])) if len(shape) >= 4 and zooms[3] > 0 else None
-    affine = np.eye(4)
-    affine[:, :] = img.affine
-    if file_dims < 3:  # 2D file: its affine still describes 3 axes
-        pass
+    affine = np.asarray(img.affine, dtype=np.float64)  # (4, 4) even for a 2D file
     geometry = Geometry(
         format="nifti-series" if frame else "nifti", spatial_shape=data.shape[2:],
         frames=data.shape[0], channels=data.shape[1], affine=affine, space="RAS",
@@ -428,7 +450,18 @@ def _read_nrrd(path, label):
     extra = {}
     if nonspatial:
         ax = nonspatial[0]
+        quantity = str(header.get(f"axis {ax} quantity", "")).lower()
+        if str(kinds[ax]).lower() == "time" or quantity == "time" or \
+                path.name.lower().endswith(".seq.nrrd"):
+            raise DataError("a 4D NRRD with a time axis (a 3D Slicer sequence) is not read as "
+                            "one file; save one 3D .nrrd per frame and list them", path)
         data = np.moveaxis(data, ax, 0)
+        is_segmentation = path.name.lower().endswith(".seg.nrrd") or any(
+            k.startswith("Segment") for k in header)
+        if label and not is_segmentation:
+            raise DataError(f"a label frame must be one 3D volume; this NRRD has a non-spatial "
+                            f"axis {ax} (kind {kinds[ax]!r}, size {data.shape[0]}) and no 3D "
+                            "Slicer segment fields", path)
         if label:
             data = _merge_segment_layers(data, header, path)[None, None]
             extra["merged_layers"] = True

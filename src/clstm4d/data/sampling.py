@@ -176,7 +176,7 @@ class PatchDataset(Dataset):
                 flat = fg[frame][k - (counts[:frame].sum())]
                 voxel = np.unravel_index(flat, spatial)
                 corner = [int(v) - r // 2 for v, r in zip(voxel, roi, strict=True)]
-                corner = [min(max(c, 0), max(n - r, 0)) if n >= r else c
+                corner = [min(max(c, 0), n - r) if n >= r else -((r - n) // 2)
                           for c, n, r in zip(corner, spatial, roi, strict=True)]
         if corner is None:
             corner = [int(rng.integers(0, n - r + 1)) if n > r else -((r - n) // 2)

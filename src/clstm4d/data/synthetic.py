@@ -273,10 +273,12 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
     Examples:
         >>> import tempfile
         >>> from clstm4d.data import load_datalist
-        >>> path = write_synthetic_dataset(tempfile.mkdtemp(), cases=3, frames=6, size=24)
+        >>> tmpdir = tempfile.TemporaryDirectory()
+        >>> path = write_synthetic_dataset(tmpdir.name, cases=3, frames=6, size=24)
         >>> dl = load_datalist(path)
         >>> len(dl.training), len(dl.validation), dl.labels, dl.spatial_dims
         (2, 1, {0: 'background', 1: 'chamber', 2: 'blob'}, 2)
+        >>> tmpdir.cleanup()
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
@@ -347,6 +349,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--test", type=int, default=0, help="extra test cases (default 0)")
     parser.add_argument("--noise", type=float, default=0.08, help="noise std (default 0.08)")
     parser.add_argument("--blobs", type=int, default=2, help="drifting blobs per case (default 2)")
+    parser.add_argument("--corrupted", type=int, default=None,
+                        help="corrupted frames per case (default: about a quarter of the frames)")
     return parser
 
 
@@ -355,7 +359,7 @@ def synth_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out, "cases": args.cases, "frames": args.frames, "size": args.size,
             "spatial_dims": args.dims, "seed": args.seed, "format": args.format,
             "validation": args.validation, "test": args.test, "noise": args.noise,
-            "blobs": args.blobs}
+            "blobs": args.blobs, "corrupted": args.corrupted}
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
