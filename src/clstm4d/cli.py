@@ -63,14 +63,15 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dims", type=int, choices=(2, 3), default=2,
                    help="2 = 2D+t (fits a 2-core CPU in minutes), 3 = 3D+t volumes")
     d.add_argument("--steps", type=int, default=None,
-                   help="training steps per model (default: 400)")
+                   help="training steps per model (default: 400 in 2D, 200 in 3D)")
     d.add_argument("--frames", type=int, default=16, help="frames per synthetic sequence")
     d.add_argument("--cases", type=int, default=24, help="training sequences")
     d.add_argument("--test", type=int, default=8, help="held-out test sequences")
     d.add_argument("--size", type=int, default=None,
-                   help="spatial size per axis (default 64 in 2D, 32 in 3D)")
+                   help="spatial size per axis (default 64 in 2D, 24 in 3D)")
     d.add_argument("--model", default="tiny", help="model preset (see clstm4d.list_models())")
-    d.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    d.add_argument("--batch-size", type=int, default=None,
+                   help="windows per step (default 4 in 2D, 2 in 3D)")
     d.add_argument("--window", type=int, default=8, help="frames per training sample")
     d.add_argument("--seed", type=int, default=0, help="seed for data and training")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -167,14 +168,8 @@ def _cmd_demo(args) -> int:
 
     opts = DemoOptions(out=args.out, dims=args.dims, frames=args.frames, cases=args.cases,
                        test=args.test, size=args.size, model=args.model,
-                       batch_size=args.batch_size, window=args.window, seed=args.seed,
-                       threads=args.threads, progress=not args.no_progress)
-    if args.steps is not None:
-        opts.steps = args.steps
-    if opts.steps < 1 or opts.cases < 1 or opts.test < 1 or opts.frames < 2:
-        from clstm4d.engine.errors import UserError
-
-        raise UserError("--steps, --cases and --test must be >= 1 and --frames >= 2")
+                       batch_size=args.batch_size, steps=args.steps, window=args.window,
+                       seed=args.seed, threads=args.threads, progress=not args.no_progress)
     t0 = time.perf_counter()
     report = run_demo(opts, say=lambda m: print(m, flush=True))
     out = Path(args.out)

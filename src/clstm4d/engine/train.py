@@ -316,7 +316,7 @@ def fit(
                 if mlog is not None:
                     mlog.write(row)
                 if bar is not None and "val_dice" in row:
-                    bar.write(json.dumps(row))
+                    bar.write(f"step {step}: validation Dice {row['val_dice']:.4f}")
                 log.info("step %d: %s", step, row)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save(step)
