@@ -163,3 +163,16 @@ def test_demo_tiny(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(out / "sequence.gif").n_frames == 6
+
+
+def test_python_dash_m_runs_the_same_command():
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "clstm4d", "evaluate", "--pred", "missing.nii.gz",
+                          "--label", "missing.nii.gz"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "clstm4d evaluate: error: file not found: missing.nii.gz"

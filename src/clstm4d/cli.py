@@ -240,15 +240,15 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    import numpy as np
-
-    from clstm4d.data import read_label
     from clstm4d.engine.errors import UserError
-    from clstm4d.engine.evaluate import evaluate_sequence, write_frames_csv
 
     for f in args.pred + args.label:
         if not Path(f).exists():
             raise UserError(f"file not found: {f}")
+    import numpy as np
+
+    from clstm4d.data import read_label
+    from clstm4d.engine.evaluate import evaluate_sequence, write_frames_csv
     pred, _ = read_label(args.pred[0] if len(args.pred) == 1 else args.pred)
     label, geometry = read_label(args.label[0] if len(args.label) == 1 else args.label)
     if pred.shape != label.shape:
