@@ -74,7 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="windows per step (default 4 in 2D, 2 in 3D)")
     d.add_argument("--window", type=int, default=8, help="frames per training sample")
     d.add_argument("--seed", type=int, default=0, help="seed for data and training")
-    d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: half the cores, 1 to 4)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     # ---- train
