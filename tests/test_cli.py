@@ -78,15 +78,28 @@ def test_evaluate_writes_csv_and_plots(run, tmp_path, capsys):
     assert "Dice 1.0000" in capsys.readouterr().out
 
 
-def test_resume_continues_from_latest(run, tmp_path):
-    out = tmp_path / "more"
-    args = ["train", "--datalist", str(run["datalist"]), "--out", str(out), "--steps", "2",
-            "--set", "data.window=4", "--set", "model.channels=[4, 8]",
-            "--set", "train.progress=false"]
-    assert main(args) == 0
-    assert main([*args[:6], "4", *args[7:], "--resume"]) == 0
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4]
+def test_resume_equals_uninterrupted_run(run, tmp_path):
+    """Real model, augmentation and dropout: the loss curve after --resume is the same."""
+    common = ["--datalist", str(run["datalist"]), "--set", "data.window=4",
+              "--set", "model.channels=[4, 8]", "--set", "model.extra={dropout: 0.2}",
+              "--set", "train.progress=false", "--set", "train.log_every=1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", *common, "--out", str(full), "--steps", "4"]) == 0
+    assert main(["train", *common, "--out", str(part), "--steps", "4",
+                 "--checkpoint-every", "2"]) == 0
+    # forget everything after step 2, then continue from the latest checkpoint
+    import shutil
+
+    shutil.rmtree(part / "checkpoints" / "step_000004")
+    (part / "checkpoints" / "latest.json").write_text('{"checkpoint": "step_000002"}')
+    assert main(["train", *common, "--out", str(part), "--steps", "4", "--resume"]) == 0
+
+    def losses(out):
+        return [(r["step"], r["loss"]) for r in map(json.loads,
+                (out / "metrics.jsonl").read_text().splitlines())]
+
+    assert [s for s, _ in losses(part)] == [1, 2, 3, 4]
+    assert losses(part) == losses(full)
 
 
 def _one_error_line(capsys, rc):
