@@ -79,6 +79,56 @@ def default_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
+def _train_child(cfg_dict: dict[str, Any], threads: int, queue) -> None:
+    """Train in a child process; send back the result (or the error message)."""
+    from .train import train
+
+    try:
+        torch.set_num_threads(threads)
+        cpu0 = time.process_time()
+        res = train(Config.from_dict(cfg_dict), progress_validation=False)
+        queue.put(("ok", {"checkpoint": str(res.checkpoint), "steps": res.steps,
+                          "seconds": res.seconds, "peak": res.peak_memory_bytes,
+                          "cpu": time.process_time() - cpu0}))
+    except (UserError, ValueError, OSError) as e:  # the parent raises it as a user error
+        queue.put(("user", str(e)))
+    except BaseException as e:
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+        raise
+
+
+def _train_isolated(cfg: Config, threads: int):
+    """Train each model in a fresh process, so that its time and peak memory are its own
+    (not shared with allocator caches and lazy initialisation left by the other model)."""
+    import multiprocessing as mp
+
+    from .train import TrainResult
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_train_child, args=(cfg.to_dict(), threads, queue))
+    proc.start()
+    import queue as queue_module
+
+    while True:
+        try:
+            status, payload = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"the training process ended without a result (exit code {proc.exitcode})"
+                ) from None
+    proc.join()
+    if status == "user":
+        raise UserError(payload)
+    if status != "ok":
+        raise RuntimeError(f"training failed in the child process: {payload}")
+    res = TrainResult(Path(payload["checkpoint"]), payload["steps"], payload["seconds"],
+                      payload["peak"])
+    return res, payload["cpu"]
+
+
 def _say_default(msg: str) -> None:
     log.info(msg)
 
@@ -90,7 +140,6 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
     from .builders import load_model, segment
     from .evaluate import evaluate_sequence, write_frames_csv
     from .plots import overlay_montage, plot_dice_per_frame, write_gif
-    from .train import train
 
     t0 = time.perf_counter()
     torch.set_num_threads(opts.threads or default_threads())
@@ -128,9 +177,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
         })
         say(f"[2/4] training {name} ({i + 1}/{len(opts.variants)}): model '{opts.model}' "
             f"{overrides}, {opts.steps} steps x batch {opts.batch_size} x {opts.window} frames")
-        cpu0 = time.process_time()
-        res = train(cfg, progress_validation=False)
-        cpu = time.process_time() - cpu0
+        res, cpu = _train_isolated(cfg, opts.threads or default_threads())
         model, config = load_model(res.checkpoint)
         results[name] = {"train": res, "model": model, "config": config, "slug": slug,
                          "cpu_seconds": cpu}

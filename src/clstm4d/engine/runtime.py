@@ -119,12 +119,28 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _release_free_memory() -> None:
+    """Return freed heap memory to the OS (glibc), so that a new measurement starts from what
+    is really in use rather than from what an earlier run left cached in the allocator."""
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 class PeakMemory:
     """Peak memory used inside a ``with`` block, in bytes (``peak_bytes``).
 
     On CUDA: the peak of ``torch.cuda.max_memory_allocated`` above the level at entry. On CPU:
-    the peak resident set size above the level at entry, sampled every ``interval`` seconds
-    from ``/proc/self/statm`` (Linux); elsewhere the process's lifetime ``ru_maxrss``.
+    the peak resident set size above the level at entry (after handing freed heap memory back
+    to the OS), sampled every ``interval`` seconds from ``/proc/self/statm`` (Linux); elsewhere
+    the process's lifetime ``ru_maxrss``.
     """
 
     def __init__(self, device: torch.device, interval: float = 0.005):
@@ -139,6 +155,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
+        _release_free_memory()
         self._base = _rss_bytes()
         self._peak = self._base or 0
         if self._base is not None:
