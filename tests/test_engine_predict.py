@@ -1,0 +1,48 @@
+"""predict_sequence with the real models: chunks with carried state == one pass; models that
+cannot stream get whole windows."""
+
+from __future__ import annotations
+
+import torch
+
+from clstm4d.engine.predict import predict_sequence
+from clstm4d.models import create_model
+
+
+def _model(name="tiny", **kw):
+    torch.manual_seed(0)
+    kw = {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "channels": (4, 8), **kw}
+    return create_model(name, **kw).eval()
+
+
+def test_chunks_with_state_equal_one_pass_for_every_temporal_mode():
+    x = torch.randn(7, 1, 20, 18)
+    for temporal in ("bottleneck", "skips", "none"):
+        model = _model(temporal=temporal)
+        _, one = predict_sequence(model, x, chunk=None, return_probs=True)
+        _, chunked = predict_sequence(model, x, chunk=3, return_probs=True)
+        torch.testing.assert_close(chunked, one, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            ref = torch.softmax(model(x.unsqueeze(0))[0], 1)
+        torch.testing.assert_close(one, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_time_as_channels_gets_full_windows():
+    model = _model("tac-tiny", frames=4)
+    x = torch.randn(6, 1, 16, 16)
+    labels, probs = predict_sequence(model, x, chunk=2, return_probs=True)
+    assert labels.shape == (6, 16, 16) and probs.shape == (6, 3, 16, 16)
+    with torch.no_grad():  # the first window is frames 0-3; the last is 4, 5 + 5 repeated
+        first = torch.softmax(model(x[None, :4])[0], 1)
+        last = torch.softmax(model(torch.cat([x[4:], x[5:].expand(2, -1, -1, -1)])[None])[0], 1)
+    torch.testing.assert_close(probs[:4], first, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(probs[4:], last[:2], atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_windows_cover_every_voxel_and_keep_state_per_window():
+    model = _model(temporal="bottleneck")
+    x = torch.randn(5, 1, 40, 36)
+    _, a = predict_sequence(model, x, roi=[16, 16], overlap=0.5, chunk=None, return_probs=True)
+    _, b = predict_sequence(model, x, roi=[16, 16], overlap=0.5, chunk=2, return_probs=True)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)  # states carried per window
+    torch.testing.assert_close(a.sum(1), torch.ones(5, 40, 36), atol=1e-4, rtol=0)
