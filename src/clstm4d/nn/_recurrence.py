@@ -26,6 +26,7 @@ Shape legend: ``n`` batch, ``t`` time, ``k`` frames of a segment, ``c`` input ch
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -81,25 +82,60 @@ def conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, ...],
     return _CONV[sd](x, weight, bias, padding=padding, dilation=dilation)
 
 
-def conv_backward(dy: Tensor, x: Tensor, weight: Tensor, pad: tuple[int, ...],
-                  dilation: tuple[int, ...], mask: tuple[bool, bool, bool]):
-    """Gradients (input, weight, bias) of :func:`conv` for the output gradient ``dy``."""
+def _prepare(x: Tensor, pad: tuple[int, ...]) -> tuple[Tensor, list[int]]:
+    """Pad asymmetric 'same' padding explicitly; return the input and the conv padding."""
+    sd = x.dim() - 2
+    if _symmetric(pad):
+        return x.contiguous(), list(pad[::2][::-1])
+    return F.pad(x, pad).contiguous(), [0] * sd
+
+
+def conv_input_grad(dy: Tensor, x: Tensor, weight: Tensor, pad: tuple[int, ...],
+                    dilation: tuple[int, ...]) -> Tensor:
+    """Gradient of :func:`conv` with respect to its input ``x`` for the output gradient ``dy``."""
     sd = weight.dim() - 2
-    sym = _symmetric(pad)
-    if not sym:
-        x = F.pad(x, pad)
-    padding = list(pad[::2][::-1]) if sym else [0] * sd
-    dx, dw, db = torch.ops.aten.convolution_backward(
-        dy.contiguous(), x.contiguous(), weight, [weight.shape[0]] if mask[2] else None,
-        [1] * sd, padding, list(dilation), False, [0] * sd, 1, list(mask))
-    if dx is not None and not sym:
-        # drop the gradient of the padding: slice every spatial axis back
+    xp, padding = _prepare(x, pad)
+    dx, _, _ = torch.ops.aten.convolution_backward(
+        dy.contiguous(), xp, weight, None, [1] * sd, padding, list(dilation), False, [0] * sd,
+        1, [True, False, False])
+    if xp.shape != x.shape:
+        # drop the gradient of the explicit padding: slice every spatial axis back
         index = [slice(None), slice(None)]
         for axis in range(sd):
             left, right = pad[2 * (sd - 1 - axis)], pad[2 * (sd - 1 - axis) + 1]
             index.append(slice(left, dx.shape[2 + axis] - right))
         dx = dx[tuple(index)]
-    return dx, dw, db
+    return dx
+
+
+def conv_weight_grad(dy: Tensor, x: Tensor, weight: Tensor, pad: tuple[int, ...],
+                     dilation: tuple[int, ...], acc: Tensor | None) -> Tensor:
+    """Weight gradient of :func:`conv`, added to ``acc`` in place (or returned when None).
+
+    When the weights are large next to the activations (a UNet bottleneck), the gradient is
+    computed in blocks of output channels: oneDNN computes each block in its own layout and
+    then reorders it, so one call over all channels would hold the weight gradient twice.
+    """
+    sd = weight.dim() - 2
+    xp, padding = _prepare(x, pad)
+    g = weight.shape[0]
+    blocks = max(1, min(4, weight.numel() // max(1, dy.numel())))
+    bounds = [round(i * g / blocks) for i in range(blocks + 1)]
+    fresh = acc is None
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        _, dw, _ = torch.ops.aten.convolution_backward(
+            dy[:, a:b].contiguous(), xp, weight[a:b], None, [1] * sd, padding, list(dilation),
+            False, [0] * sd, 1, [False, True, False])
+        if fresh and blocks == 1:
+            return dw
+        if acc is None:
+            acc = torch.empty_like(weight)
+        if fresh:
+            acc[a:b] = dw
+        else:
+            acc[a:b] += dw
+        del dw
+    return acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,9 +229,14 @@ def _gru_backward_step(a, hn, h_prev, dh, dgx, dgh):
 
 
 def _segments(t: int, size: int, reverse: bool) -> list[range]:
-    """Frame ranges in processing order; each range lists its frames in processing order."""
-    starts = list(range(0, t, size))
-    segs = [range(s, min(s + size, t)) for s in starts]
+    """Frame ranges in processing order, each listing its frames in processing order.
+
+    ``t // size`` segments (at least one) of near-equal length >= ``size`` (when t allows):
+    a short last segment would run its batched convolutions at a small batch.
+    """
+    count = max(1, t // size)
+    bounds = [round(i * t / count) for i in range(count + 1)]
+    segs = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if reverse:
         segs = [range(r.stop - 1, r.start - 1, -1) for r in reversed(segs)]
     return segs
@@ -229,21 +270,21 @@ class ConvRecurrence(torch.autograd.Function):
         h = zero if h0 is None else h0
         c = (zero if c0 is None else c0) if lstm else None
         if keep:
-            gates = conv(x.flatten(0, 1), w_ih, b_x, spec.pad, spec.dilation).unflatten(0, (n, t))
             cells = x.new_empty((n, t, hid, *spatial))  # LSTM: c_t; GRU: W_hn h + b_hn
-        starts = []  # (h, c) at the start of each segment (checkpoint)
+        gates = []  # per segment: the activated gates (n, k, g*h, *s) (kept for backward)
+        starts = []  # per segment: (h, c) at its start (checkpoint)
         first = True
         for seg in _segments(t, spec.segment, spec.reverse):
             lo, hi = _lo_hi(seg)
-            if keep:
-                seg_gates, base = gates, 0
-            else:
+            if not keep:
                 starts.append((h, c))
-                seg_gates = conv(x[:, lo:hi].flatten(0, 1), w_ih, b_x, spec.pad,
-                                 spec.dilation).unflatten(0, (n, hi - lo))
-                base = lo
+            # input convolution of the segment's frames: (n*k, c, *s) -> (n, k, g*h, *s)
+            seg_gates = conv(x[:, lo:hi].flatten(0, 1), w_ih, b_x, spec.pad,
+                             spec.dilation).unflatten(0, (n, hi - lo))
+            if keep:
+                gates.append(seg_gates)
             for ti in seg:
-                a = seg_gates[:, ti - base]
+                a = seg_gates[:, ti - lo]
                 skip_h = first and h0 is None
                 if lstm:
                     h_new, c_new = _lstm_forward_step(
@@ -289,16 +330,21 @@ class ConvRecurrence(torch.autograd.Function):
         nd = out.dim() - 2  # dims of (n, h, *s)
         peep_b = None if peep is None else [_bcast(p, out[:, 0]) for p in peep.chunk(3)]
         dpeep = None if peep is None else [out.new_zeros(hid) for _ in range(3)]
-        w_adj = w_hh.transpose(0, 1).flip(list(range(2, w_hh.dim())))  # adjoint conv weight
+        # gradient to the previous hidden state, per step: a forward convolution with the
+        # flipped, transposed weights (oneDNN even at batch 1) when that copy of the weights
+        # is small next to one frame's gates; else PyTorch's backward-data convolution
         pad_adj = _swap(spec.pad)
+        w_adj = None
+        if w_hh.numel() <= n * g * math.prod(out.shape[3:]):
+            w_adj = w_hh.transpose(0, 1).flip(list(range(2, w_hh.dim())))
         zero = out.new_zeros(out[:, 0].shape)
         h_init = zero if h0 is None else h0
         c_init = (zero if c0 is None else c0) if lstm else None
-        dx = x.new_zeros(x.shape) if need[1] else None
-        dw_ih = torch.zeros_like(w_ih) if need[5] else None
-        db_x = torch.zeros_like(b_x) if b_x is not None and need[6] else None
-        dw_hh = torch.zeros_like(w_hh) if need[7] else None
-        db_hh = torch.zeros_like(b_hh) if b_hh is not None and need[8] else None
+        dx = x.new_empty(x.shape) if need[1] else None
+        # weight/bias gradients: [dw_ih, db_x, dw_hh, db_hh], summed over segments in place
+        # (no zero-filled accumulators: the weights can be far larger than the activations)
+        want = [need[5], b_x is not None and need[6], need[7], b_hh is not None and need[8]]
+        acc: list[Tensor | None] = [None] * 4
         dh = dh_n
         dc = dc_n
         order = [ti for seg in _segments(t, spec.segment, spec.reverse) for ti in seg]
@@ -310,7 +356,7 @@ class ConvRecurrence(torch.autograd.Function):
             k = hi - lo
             # -- gates (and cell states) of this segment: kept or recomputed
             if ctx.keep:
-                gates = ctx.gates[:, lo:hi]
+                gates = ctx.gates[si]
                 cells = ctx.cells[:, lo:hi]
             else:
                 h, c = ctx.starts[si]
@@ -385,7 +431,9 @@ class ConvRecurrence(torch.autograd.Function):
                     direct_h = _gru_backward_step(gates[:, j], cells[:, j], h_prev[:, j], d_new,
                                                   dgx[:, j], dgh[:, j])
                 if pos > 0 or (h0 is not None and need[3]):
-                    dh = conv(dgh[:, j], w_adj, None, pad_adj, spec.dilation)
+                    dh = (conv(dgh[:, j], w_adj, None, pad_adj, spec.dilation)
+                          if w_adj is not None else
+                          conv_input_grad(dgh[:, j], h_prev[:, j], w_hh, spec.pad, spec.dilation))
                     if direct_h is not None:
                         dh.add_(direct_h)
                 else:
@@ -394,26 +442,28 @@ class ConvRecurrence(torch.autograd.Function):
                     dh = carry_h if dh is None else dh + carry_h
                 if carry_c is not None:
                     dc = dc + carry_c
-            # -- batched gradients of the two convolutions over the segment's frames
-            if dw_hh is not None or db_hh is not None:
-                _, dw, db = conv_backward(
-                    dgh.flatten(0, 1), h_prev.flatten(0, 1), w_hh, spec.pad, spec.dilation,
-                    (False, dw_hh is not None, db_hh is not None))
-                if dw_hh is not None:
-                    dw_hh += dw
-                if db_hh is not None:
-                    db_hh += db
-            if dx is not None or dw_ih is not None or db_x is not None:
-                dxs, dw, db = conv_backward(
-                    dgx.flatten(0, 1), x[:, lo:hi].flatten(0, 1), w_ih, spec.pad,
-                    spec.dilation, (dx is not None, dw_ih is not None, db_x is not None))
-                if dx is not None:
-                    dx[:, lo:hi] = dxs.unflatten(0, (n, k))
-                if dw_ih is not None:
-                    dw_ih += dw
-                if db_x is not None:
-                    db_x += db
+            # -- batched gradients of the two convolutions over the segment's frames; the input
+            # gradient first, while the weight gradients do not exist yet (oneDNN holds a
+            # reordered copy of the weights during each call)
+            x_seg = x[:, lo:hi].flatten(0, 1)
+            if dx is not None:
+                dx[:, lo:hi] = conv_input_grad(dgx.flatten(0, 1), x_seg, w_ih, spec.pad,
+                                               spec.dilation).unflatten(0, (n, k))
+            dims = [0, *range(2, dgx.dim() - 1)]  # sum over (n*k, *s) for the biases
+            if want[2]:
+                acc[2] = conv_weight_grad(dgh.flatten(0, 1), h_prev.flatten(0, 1), w_hh,
+                                          spec.pad, spec.dilation, acc[2])
+            if want[3]:
+                db = dgh.flatten(0, 1).sum(dims)
+                acc[3] = db if acc[3] is None else acc[3].add_(db)
+            del h_prev
+            if want[0]:
+                acc[0] = conv_weight_grad(dgx.flatten(0, 1), x_seg, w_ih, spec.pad,
+                                          spec.dilation, acc[0])
+            if want[1]:
+                db = dgx.flatten(0, 1).sum(dims)
+                acc[1] = db if acc[1] is None else acc[1].add_(db)
         dh0 = dh if (h0 is not None and need[3]) else None
         dc0 = dc if (lstm and c0 is not None and need[4]) else None
         dpeep_t = torch.cat(dpeep) if (dpeep is not None and need[9]) else None
-        return None, dx, None, dh0, dc0, dw_ih, db_x, dw_hh, db_hh, dpeep_t
+        return None, dx, None, dh0, dc0, acc[0], acc[1], acc[2], acc[3], dpeep_t

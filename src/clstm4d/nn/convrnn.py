@@ -497,9 +497,12 @@ class _ConvRNNLayerBase(_ConvRNNBase):
             )
         return lengths.to(device=device, dtype=torch.long)
 
-    # frames per segment of the fast path's backward (and of its forward without autograd):
-    # the input convolution and the weight gradients run batched over a segment.
-    _segment_frames = 4
+    # Frames per segment of the fast path: the input convolution and the weight gradients
+    # run batched over a segment, and the backward holds one segment's gate gradients. At
+    # least `_segment_frames`; more while a segment's gate tensor stays below the weights'
+    # size (then memory is dominated by the weight gradients, and bigger batches are faster).
+    _segment_frames = 2
+    _checkpoint_frames = 2  # with checkpoint=True: frames recomputed together in backward
 
     def _use_fast_path(self, x: Tensor) -> bool:
         """The hand-written backward through time (:mod:`._recurrence`) serves plain eager
@@ -532,9 +535,11 @@ class _ConvRNNLayerBase(_ConvRNNBase):
                   None if lstm else p.get("bias_hh"), p.get("weight_peephole"))
         grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in inputs)
         if grad and self.checkpoint:
-            segment = max(1, math.ceil(math.sqrt(t)))
+            segment = self._checkpoint_frames
         elif grad:
-            segment = self._segment_frames
+            frame = n * p["weight_hh"].shape[0] * math.prod(x.shape[3:])  # gates of one frame
+            weights = p["weight_ih"].numel() + p["weight_hh"].numel()
+            segment = min(t, max(self._segment_frames, weights // frame))
         else:
             segment = t
         spec = Spec(self._mode, self.spatial_dims, self._pad, self.dilation, reverse, segment,
