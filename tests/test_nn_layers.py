@@ -197,6 +197,39 @@ def test_fast_path_equals_reference_path(kind, kwargs, with_state, lengths):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_backward_twice_with_retained_graph(kind):
+    """The fast path overwrites its saved gates with their gradients unless the graph is
+    retained: a second backward through a retained graph must see the same gates."""
+    layer = KINDS[kind](2, 2, 3, 3, bidirectional=True, dtype=DT)
+    x = torch.randn(1, 4, 2, 6, 5, dtype=DT, requires_grad=True)
+    out, _ = layer(x)
+    out.sin().sum().backward(retain_graph=True)
+    first = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    out.sin().sum().backward()
+    second = [x.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(2 * a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cuda_fast_path_equals_reference_path(kind):
+    torch.manual_seed(10)
+    layer = KINDS[kind](3, 2, 4, 3, num_layers=2, bidirectional=True, device="cuda", dtype=DT)
+    x = torch.randn(2, 4, 2, 5, 6, 7, device="cuda", dtype=DT)
+    results = []
+    for fast in (True, False):
+        layer._fast = fast
+        layer.zero_grad()
+        out, state = layer(x, lengths=torch.tensor([4, 2]))
+        (out.sin().sum() + _h(state, kind).sum()).backward()
+        results.append([out.detach()] + [p.grad for p in layer.parameters()])
+    layer._fast = True
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_fast_path_inference_and_float32_onednn():
     """No-grad forward (no saved buffers) and the float32 oneDNN convolutions agree too."""
     torch.manual_seed(9)

@@ -186,42 +186,62 @@ def _gru_forward_step(a: Tensor, h: Tensor, zero_h: bool, w_hh: Tensor, b_hh, sp
     return torch.addcmul(n, z, h - n)
 
 
+def _sigmoid_grad_(v: Tensor, s: Tensor) -> Tensor:
+    """v <- v * s * (1 - s) in place (s a sigmoid output)."""
+    return v.mul_(s).addcmul_(v, s, value=-1)
+
+
 def _lstm_backward_step(a, c_prev, c_new, dh, dc_state, peep, dg, dpeep):
-    """Gate gradients into ``dg`` ``(n, 4h, *s)``; returns the gradient for c_prev."""
+    """Gate gradients into ``dg`` ``(n, 4h, *s)``, which may be ``a`` itself (each gate's
+    slot is written once that gate's activation is no longer read); returns the gradient
+    for c_prev. Few temporaries: this runs once per frame on full-size maps."""
     i, f, g, o = a.chunk(4, dim=1)
-    di, df, dgg, do = dg.chunk(4, dim=1)
-    tc = torch.tanh(c_new)
+    slot_i, slot_f, slot_g, slot_o = dg.chunk(4, dim=1)
+    dims = [0, *range(2, a.dim())]
+    t = torch.tanh(c_new)
+    d_o = _sigmoid_grad_(dh * t, o)
     dc = dh * o
-    dc.mul_(1 - tc * tc)
+    dc.mul_(t.mul_(t).neg_().add_(1))  # * (1 - tanh(c)^2)
+    del t
     if dc_state is not None:
         dc.add_(dc_state)
-    torch.mul(dh, tc, out=do).mul_(o * (1 - o))
     if peep is not None:
-        dc.addcmul_(do, peep[2])
-    torch.mul(dc, g, out=di).mul_(i * (1 - i))
-    torch.mul(dc, i, out=dgg).mul_(1 - g * g)
-    torch.mul(dc, c_prev, out=df).mul_(f * (1 - f))
-    dc_prev = dc.mul_(f)
+        dc.addcmul_(d_o, peep[2])
+        dpeep[2] += (d_o * c_new).sum(dims)
+    slot_o.copy_(d_o)
+    del d_o
+    d_f = _sigmoid_grad_(dc * c_prev, f)
+    dc_prev = dc * f
     if peep is not None:
-        dc_prev.addcmul_(di, peep[0]).addcmul_(df, peep[1])
-        dims = [0, *range(2, a.dim())]
-        dpeep[0] += (di * c_prev).sum(dims)
-        dpeep[1] += (df * c_prev).sum(dims)
-        dpeep[2] += (do * c_new).sum(dims)
+        dc_prev.addcmul_(d_f, peep[1])
+        dpeep[1] += (d_f * c_prev).sum(dims)
+    slot_f.copy_(d_f)
+    del d_f
+    d_i = _sigmoid_grad_(dc * g, i)
+    d_g = dc.mul_(i)
+    d_g.addcmul_(d_g * g, g, value=-1)  # * (1 - g^2)
+    if peep is not None:
+        dc_prev.addcmul_(d_i, peep[0])
+        dpeep[0] += (d_i * c_prev).sum(dims)
+    slot_i.copy_(d_i)
+    slot_g.copy_(d_g)
     return dc_prev
 
 
 def _gru_backward_step(a, hn, h_prev, dh, dgx, dgh):
-    """Gate gradients into ``dgx`` (input conv) and ``dgh`` (hidden conv); returns the direct
-    gradient for h_prev (through z)."""
+    """Gate gradients into ``dgx`` (input conv; may be ``a`` itself) and ``dgh`` (hidden
+    conv); returns the direct gradient for h_prev (through z)."""
     r, z, n = a.chunk(3, dim=1)
-    dr, dz, dn = dgx.chunk(3, dim=1)
-    torch.mul(dh, 1 - z, out=dn).mul_(1 - n * n)
-    torch.mul(dh, h_prev - n, out=dz).mul_(z * (1 - z))
-    torch.mul(dn, hn, out=dr).mul_(r * (1 - r))
-    dgh[:, : 2 * dr.shape[1]].copy_(dgx[:, : 2 * dr.shape[1]])
-    torch.mul(dn, r, out=dgh[:, 2 * dr.shape[1]:])
-    return dh * z
+    h = dh.shape[1]
+    d_n = (dh * (1 - z)).mul_(1 - n * n)
+    d_z = (dh * (h_prev - n)).mul_(z * (1 - z))
+    d_r = (d_n * hn).mul_(r * (1 - r))
+    direct = dh * z
+    torch.mul(d_n, r, out=dgh[:, 2 * h:])
+    for slot, grad in zip(dgx.chunk(3, dim=1), (d_r, d_z, d_n), strict=True):
+        slot.copy_(grad)
+    dgh[:, : 2 * h].copy_(dgx[:, : 2 * h])
+    return direct
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,21 +283,21 @@ class ConvRecurrence(torch.autograd.Function):
         hid = w_hh.shape[1]
         spatial = x.shape[3:]
         grad = spec.grad
-        keep = grad and not spec.checkpoint  # keep gates and states for backward
+        keep = grad and not spec.checkpoint  # keep the gates for backward
+        save_cells = keep and not lstm  # GRU: W_hn h + b_hn of every frame
         out = x.new_empty((n, t, hid, *spatial))
         peep_b = None if peep is None else [_bcast(p, out[:, 0]) for p in peep.chunk(3)]
         zero = x.new_zeros((n, hid, *spatial))
         h = zero if h0 is None else h0
         c = (zero if c0 is None else c0) if lstm else None
-        if keep:
-            cells = x.new_empty((n, t, hid, *spatial))  # LSTM: c_t; GRU: W_hn h + b_hn
+        cells = x.new_empty((n, t, hid, *spatial)) if save_cells else None
         gates = []  # per segment: the activated gates (n, k, g*h, *s) (kept for backward)
-        starts = []  # per segment: (h, c) at its start (checkpoint)
+        starts = []  # per segment: (h, c) at its start; h only where the output lacks it
         first = True
         for seg in _segments(t, spec.segment, spec.reverse):
             lo, hi = _lo_hi(seg)
-            if not keep:
-                starts.append((h, c))
+            if grad:
+                starts.append((h if spec.checkpoint and mask is not None else None, c))
             # input convolution of the segment's frames: (n*k, c, *s) -> (n, k, g*h, *s)
             seg_gates = conv(x[:, lo:hi].flatten(0, 1), w_ih, b_x, spec.pad,
                              spec.dilation).unflatten(0, (n, hi - lo))
@@ -288,11 +308,10 @@ class ConvRecurrence(torch.autograd.Function):
                 skip_h = first and h0 is None
                 if lstm:
                     h_new, c_new = _lstm_forward_step(
-                        a, None if skip_h else h, c, w_hh, peep_b, spec,
-                        cells[:, ti] if keep and mask is None else None)
+                        a, None if skip_h else h, c, w_hh, peep_b, spec, None)
                 else:
                     h_new = _gru_forward_step(a, h, skip_h, w_hh, b_hh, spec,
-                                              cells[:, ti] if keep else None)
+                                              cells[:, ti] if save_cells else None)
                 first = False
                 if mask is None:
                     out[:, ti].copy_(h_new)
@@ -303,26 +322,29 @@ class ConvRecurrence(torch.autograd.Function):
                     h = torch.where(m, h_new, h)
                     if lstm:
                         c = torch.where(m, c_new, c)
-                        if keep:
-                            cells[:, ti].copy_(c)
         h_n = h.clone()
         c_n = c.clone() if lstm else None
         if grad:
             ctx.spec = spec
             ctx.keep = keep
-            ctx.h0_given = h0 is not None
-            ctx.save_for_backward(x, mask, h0, c0, w_ih, b_x, w_hh, b_hh, peep, out)
-            if keep:
-                ctx.gates, ctx.cells = gates, cells
-            else:
-                ctx.starts = starts
+            # everything goes through save_for_backward, so that autograd frees it as soon as
+            # this node's backward has run (unless the graph is retained)
+            ctx.num_gates = len(gates)
+            ctx.save_for_backward(x, mask, h0, c0, w_ih, b_x, w_hh, b_hh, peep, out, cells,
+                                  *gates, *(v for hc in starts for v in hc))
         return (out, h_n, c_n) if lstm else (out, h_n)
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n=None):
         spec = ctx.spec
         lstm = spec.mode == "lstm"
-        x, mask, h0, c0, w_ih, b_x, w_hh, b_hh, peep, out = ctx.saved_tensors
+        x, mask, h0, c0, w_ih, b_x, w_hh, b_hh, peep, out, saved_cells, *extra = (
+            ctx.saved_tensors)
+        # retain_graph=True: a second backward will read the saved gates again
+        keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph",
+                             lambda: True)()
+        saved_gates = extra[: ctx.num_gates]
+        starts = list(zip(extra[ctx.num_gates::2], extra[ctx.num_gates + 1::2], strict=True))
         need = ctx.needs_input_grad
         n, t = x.shape[:2]
         hid = w_hh.shape[1]
@@ -355,11 +377,25 @@ class ConvRecurrence(torch.autograd.Function):
             lo, hi = _lo_hi(seg)
             k = hi - lo
             # -- gates (and cell states) of this segment: kept or recomputed
-            if ctx.keep:
-                gates = ctx.gates[si]
-                cells = ctx.cells[:, lo:hi]
+            if ctx.keep and not lstm:
+                gates = saved_gates[si]
+                cells = saved_cells[:, lo:hi]
+            elif ctx.keep:  # LSTM: c_t from the kept gates, c_t = f * c_{t-1} + i * g
+                gates = saved_gates[si]
+                cells = out.new_empty((n, k, hid, *out.shape[3:]))
+                c = starts[si][1]
+                for ti in seg:
+                    i, f, gg, _ = gates[:, ti - lo].chunk(4, dim=1)
+                    c_new = torch.addcmul(f * c, i, gg)
+                    if mask is not None:
+                        c_new = torch.where(mask[:, ti].view(n, *([1] * nd)), c_new, c)
+                    cells[:, ti - lo] = c_new
+                    c = cells[:, ti - lo]
             else:
-                h, c = ctx.starts[si]
+                h = starts[si][0]
+                if h is None:  # the output of the segment before (no lengths), or h_0
+                    h = h_init if si == 0 else out[:, segments[si - 1][-1]]
+                c = starts[si][1]
                 gates = conv(x[:, lo:hi].flatten(0, 1), w_ih, b_x, spec.pad,
                              spec.dilation).unflatten(0, (n, k))
                 cells = out.new_empty((n, k, hid, *out.shape[3:]))
@@ -395,7 +431,12 @@ class ConvRecurrence(torch.autograd.Function):
                     else:
                         h_prev[:, ti - lo].copy_(out[:, pi])
             # -- backward through the segment's steps
-            dgx = out.new_empty((n, k, g, *out.shape[3:]))
+            # gate gradients: written over the gates themselves when nothing needs them after
+            # this backward (the graph is not retained, or they were recomputed)
+            if not ctx.keep or not keep_graph:
+                dgx = gates
+            else:
+                dgx = out.new_empty((n, k, g, *out.shape[3:]))
             dgh = dgx if lstm else out.new_empty((n, k, g, *out.shape[3:]))
             for ti in reversed(seg):
                 j = ti - lo
@@ -422,7 +463,7 @@ class ConvRecurrence(torch.autograd.Function):
                         if lo <= pi < hi:
                             c_prev = cells[:, pi - lo]
                         else:  # the state at the segment's start
-                            c_prev = ctx.cells[:, pi] if ctx.keep else ctx.starts[si][1]
+                            c_prev = starts[si][1]
                     c_new = cells[:, j]
                     dc = _lstm_backward_step(gates[:, j], c_prev, c_new, d_new, dc_state,
                                              peep_b, dgx[:, j], dpeep)

@@ -498,10 +498,10 @@ class _ConvRNNLayerBase(_ConvRNNBase):
         return lengths.to(device=device, dtype=torch.long)
 
     # Frames per segment of the fast path: the input convolution and the weight gradients
-    # run batched over a segment, and the backward holds one segment's gate gradients. At
-    # least `_segment_frames`; more while a segment's gate tensor stays below the weights'
-    # size (then memory is dominated by the weight gradients, and bigger batches are faster).
-    _segment_frames = 2
+    # run batched over a segment, and the backward holds one segment's gate gradients: as
+    # few frames as give a batch of 2, more while a segment's gates stay smaller than the
+    # weights (then the weight gradients dominate memory, and bigger batches are faster).
+    _min_batch = 2
     _checkpoint_frames = 2  # with checkpoint=True: frames recomputed together in backward
 
     def _use_fast_path(self, x: Tensor) -> bool:
@@ -539,7 +539,9 @@ class _ConvRNNLayerBase(_ConvRNNBase):
         elif grad:
             frame = n * p["weight_hh"].shape[0] * math.prod(x.shape[3:])  # gates of one frame
             weights = p["weight_ih"].numel() + p["weight_hh"].numel()
-            segment = min(t, max(self._segment_frames, weights // frame))
+            # at least 2 samples per batched call (PyTorch sends batch-1 convolutions to a
+            # slow kernel on CPU)
+            segment = min(t, max(math.ceil(self._min_batch / n), weights // frame))
         else:
             segment = t
         spec = Spec(self._mode, self.spatial_dims, self._pad, self.dilation, reverse, segment,
