@@ -161,6 +161,8 @@ def test_gradcheck(kind):
          [4, 5]),
         # large frames, small weights: the backward runs in segments of 2 + 3 frames
         ({"kernel_size": 3, "bidirectional": True, "spatial": (12, 13)}, True, [5, 3]),
+        # batch 1, zero state: the first frame is left out of the recurrent weight gradient
+        ({"kernel_size": 3, "bidirectional": True, "batch": 1}, False, None),
         # large weights, small frames: weight gradients computed in blocks of channels
         ({"kernel_size": (3, 4), "num_layers": 2, "spatial": (1, 1)}, True, None),
     ],
@@ -171,13 +173,14 @@ def test_fast_path_equals_reference_path(kind, kwargs, with_state, lengths):
     if kind == "lstm":
         kwargs = {**kwargs, "peephole": True}
     spatial = kwargs.pop("spatial", (4, 5))
+    batch = kwargs.pop("batch", 2)
     layer = KINDS[kind](2, 2, 3, dtype=DT, **kwargs)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)
     d = 2 if layer.bidirectional else 1
-    x = torch.randn(2, 5, 2, *spatial, dtype=DT)
-    h0 = torch.randn(layer.num_layers * d, 2, 3, *spatial, dtype=DT)
+    x = torch.randn(batch, 5, 2, *spatial, dtype=DT)
+    h0 = torch.randn(layer.num_layers * d, batch, 3, *spatial, dtype=DT)
     results = []
     for fast in (True, False):
         layer._fast = fast

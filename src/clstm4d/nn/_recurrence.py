@@ -492,8 +492,15 @@ class ConvRecurrence(torch.autograd.Function):
                                                spec.dilation).unflatten(0, (n, k))
             dims = [0, *range(2, dgx.dim() - 1)]  # sum over (n*k, *s) for the biases
             if want[2]:
-                acc[2] = conv_weight_grad(dgh.flatten(0, 1), h_prev.flatten(0, 1), w_hh,
+                dgh_w, h_prev_w = dgh, h_prev
+                if h0 is None and lo <= first_frame < hi and n == 1 and k > 1:
+                    # the first frame's previous state is zero: no weight gradient (a view
+                    # at batch 1; a copy otherwise, so only then)
+                    part = slice(1, None) if first_frame == lo else slice(None, -1)
+                    dgh_w, h_prev_w = dgh[:, part], h_prev[:, part]
+                acc[2] = conv_weight_grad(dgh_w.flatten(0, 1), h_prev_w.flatten(0, 1), w_hh,
                                           spec.pad, spec.dilation, acc[2])
+                del dgh_w, h_prev_w
             if want[3]:
                 db = dgh.flatten(0, 1).sum(dims)
                 acc[3] = db if acc[3] is None else acc[3].add_(db)
