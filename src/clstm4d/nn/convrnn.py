@@ -36,6 +36,26 @@ _NUM_GATES = {"lstm": 4, "gru": 3}
 
 
 # ----------------------------------------------------------------------------------------------
+# torch version compatibility (pyproject allows torch >= 2.1)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
+# ----------------------------------------------------------------------------------------------
 # validation helpers
 
 
@@ -507,8 +527,7 @@ class _ConvRNNLayerBase(_ConvRNNBase):
     def _use_fast_path(self, x: Tensor) -> bool:
         """The hand-written backward through time (:mod:`._recurrence`) serves plain eager
         calls; autocast and torch.compile use the reference path built from autograd ops."""
-        return (self._fast and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled(x.device.type))
+        return self._fast and not _is_compiling() and not _autocast_enabled(x.device.type)
 
     def _run_direction(
         self,
