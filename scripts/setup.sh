@@ -17,8 +17,11 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "setup: keeping torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
-elif "${pip[@]}" install --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
-  echo "setup: installed torch $TORCH_VERSION from a local wheel"
+elif local=$(mktemp -d) && "${pip[@]}" download --no-deps --no-index -d "$local" \
+      "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+  # pip's configuration offers a local wheel (find-links): take that one, deps from the index.
+  "${pip[@]}" install "$local"/torch-*.whl
+  echo "setup: installed torch from a local wheel: $(basename "$local"/torch-*.whl)"
 elif command -v nvidia-smi >/dev/null 2>&1; then
   "${pip[@]}" install "torch==$TORCH_VERSION"
 else

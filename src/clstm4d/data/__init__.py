@@ -1,0 +1,39 @@
+"""Data: 4D image I/O with geometry, datalists, synthetic 4D data and patch sampling.
+
+Arrays are numpy: images ``(t, c, *s)`` float32, labels ``(t, *s)`` int64. nibabel, pynrrd
+and tifffile are imported only by the functions that read or write their formats.
+"""
+
+from ._common import DataError, Geometry, atomic_path
+from .datalist import (
+    Case,
+    CaseData,
+    Datalist,
+    datalist_from_folder,
+    load_case,
+    load_datalist,
+    save_datalist,
+    validate_datalist,
+)
+from .io import detect_format, output_path, read_image, read_label, write_image, write_label
+from .sampling import PatchDataset, crop_or_pad
+from .synthetic import (
+    CLASS_NAMES,
+    add_synth_arguments,
+    design_check,
+    make_synthetic_case,
+    synth_options,
+    write_synthetic_dataset,
+)
+from .transforms import Augment, normalize_intensity
+
+__all__ = [
+    "DataError", "Geometry", "atomic_path",
+    "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist",
+    "save_datalist", "validate_datalist",
+    "detect_format", "output_path", "read_image", "read_label", "write_image", "write_label",
+    "PatchDataset", "crop_or_pad",
+    "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",
+    "write_synthetic_dataset",
+    "Augment", "normalize_intensity",
+]

@@ -1,0 +1,194 @@
+"""Shared pieces of the data layer: the error type, geometry, atomic writes.
+
+Shape legend: ``t`` frames, ``c`` channels, ``s`` / ``*s`` spatial axes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DataError", "Geometry", "atomic_path"]
+
+
+class DataError(ValueError):
+    """A problem with input data, naming the case, the file and the problem.
+
+    Args:
+        problem: what is wrong, with what was expected and what arrived.
+        path: the file (or folder) concerned, if any.
+        case: the case name, if known.
+
+    Attributes:
+        problem, path, case: as given; ``str(error)`` joins them as ``case 'x': path: problem``.
+
+    Examples:
+        >>> str(DataError("3 frames, label has 4", path="img.nii.gz", case="p01"))
+        "case 'p01': img.nii.gz: 3 frames, label has 4"
+    """
+
+    def __init__(self, problem: str, path: str | os.PathLike | None = None,
+                 case: str | None = None):
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        self.case = case
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        parts = []
+        if self.case is not None:
+            parts.append(f"case {self.case!r}")
+        if self.path is not None:
+            parts.append(self.path)
+        parts.append(self.problem)
+        return ": ".join(parts)
+
+    def with_case(self, case: str) -> DataError:
+        """Return a copy of this error that names ``case``."""
+        return DataError(self.problem, self.path, case)
+
+
+@dataclass
+class Geometry:
+    """Everything needed to write a result back over the source it was read from.
+
+    The returned arrays have layout ``(t, c, *s)``; the spatial axes keep the file's voxel order
+    (NIfTI and NRRD: ``(x, y, z)`` as stored, i.e. ``i, j, k``; TIFF: ``(z, y, x)``).
+
+    Args:
+        format: ``"nifti"`` (one 4D file), ``"nifti-series"`` / ``"nrrd-series"`` (one 3D file
+            per frame) or ``"tiff"`` (an ImageJ hyperstack).
+        spatial_shape: spatial size of the returned arrays.
+        frames: number of frames ``t``.
+        channels: number of image channels ``c``.
+        affine: ``(4, 4)`` map from voxel indices of the returned spatial axes (padded with
+            zeros to 3) to world coordinates in ``space``.
+        space: world frame: ``"RAS"`` for NIfTI, the NRRD ``space`` field, ``""`` for TIFF.
+        space_unit: e.g. ``"mm"`` or ``"micron"``; ``None`` when the file has none.
+        time_interval: seconds (or ``time_unit``) between frames; ``None`` when unknown.
+        time_unit: ``"s"``, ``"ms"``, ``"us"`` or ``None``.
+        sources: the file(s) read, one per frame for series.
+        header: format-specific values that the writer needs (library header objects,
+            TIFF axes, squeezed axes, segment metadata).
+
+    Examples:
+        >>> g = Geometry.default("nifti", (4, 5), frames=3, spacing=(2.0, 2.0), time_interval=0.5)
+        >>> g.spacing, g.origin, g.spatial_dims
+        ((2.0, 2.0), (0.0, 0.0), 2)
+    """
+
+    format: str
+    spatial_shape: tuple[int, ...]
+    frames: int
+    channels: int = 1
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    space: str = ""
+    space_unit: str | None = None
+    time_interval: float | None = None
+    time_unit: str | None = None
+    sources: tuple[str, ...] = ()
+    header: dict[str, Any] = field(default_factory=dict)
+
+    FORMATS = ("nifti", "nifti-series", "nrrd-series", "tiff")
+
+    def __post_init__(self):
+        if self.format not in self.FORMATS:
+            raise ValueError(f"Geometry: format must be one of {self.FORMATS}, got {self.format!r}")
+        self.spatial_shape = tuple(int(n) for n in self.spatial_shape)
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"Geometry: affine must be (4, 4), got {self.affine.shape}")
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spatial_shape)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size along each returned spatial axis (column norms of the affine)."""
+        cols = self.affine[:3, : self.spatial_dims]
+        return tuple(float(v) for v in np.linalg.norm(cols, axis=0))
+
+    @property
+    def origin(self) -> tuple[float, ...]:
+        """World position of voxel 0 (first ``spatial_dims`` coordinates)."""
+        return tuple(float(v) for v in self.affine[: self.spatial_dims, 3])
+
+    @property
+    def direction(self) -> np.ndarray:
+        """``(3, s)`` unit vectors of the spatial axes in world coordinates."""
+        cols = self.affine[:3, : self.spatial_dims]
+        return cols / np.maximum(np.linalg.norm(cols, axis=0), 1e-12)
+
+    @classmethod
+    def default(cls, format: str, spatial_shape, frames: int, channels: int = 1,
+                spacing=None, origin=None, time_interval: float | None = None,
+                space_unit: str | None = "mm", time_unit: str | None = "s") -> Geometry:
+        """A geometry for arrays made from scratch (e.g. synthetic data): axis-aligned grid."""
+        d = len(spatial_shape)
+        if not 1 <= d <= 3:
+            raise ValueError(f"Geometry.default: spatial_shape must have 1-3 axes, "
+                             f"got {spatial_shape}")
+        spacing = (1.0,) * d if spacing is None else tuple(float(v) for v in spacing)
+        origin = (0.0,) * d if origin is None else tuple(float(v) for v in origin)
+        if len(spacing) != d or len(origin) != d:
+            raise ValueError(f"Geometry.default: spacing {spacing} and origin {origin} must have "
+                             f"{d} values like spatial_shape {tuple(spatial_shape)}")
+        affine = np.eye(4)
+        for i in range(d):
+            affine[i, i] = spacing[i]
+            affine[i, 3] = origin[i]
+        space = {"nifti": "RAS", "nifti-series": "RAS", "nrrd-series": "left-posterior-superior"}
+        return cls(format=format, spatial_shape=tuple(spatial_shape), frames=frames,
+                   channels=channels, affine=affine, space=space.get(format, ""),
+                   space_unit=space_unit, time_interval=time_interval,
+                   time_unit=time_unit if time_interval is not None else None)
+
+
+def full_suffix(path: str | os.PathLike) -> str:
+    """``.nii.gz``, ``.seg.nrrd``, ``.nrrd``, ``.tif`` ... (lower case)."""
+    name = Path(path).name.lower()
+    for suffix in (".nii.gz", ".seg.nrrd", ".ome.tiff", ".ome.tif"):
+        if name.endswith(suffix):
+            return suffix
+    return Path(name).suffix
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success rename it onto ``final``.
+
+    The temporary name ends with ``final``'s name, so libraries that pick the format from the
+    extension (``.nii.gz``) see the right one. A crash leaves no half-written file under the final
+    name (``os.replace`` is atomic on one file system) and the temporary file is removed.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
+        >>> with atomic_path(d / "a.txt") as tmp:
+        ...     _ = tmp.write_text("hello")
+        >>> (d / "a.txt").read_text(), sorted(p.name for p in d.iterdir())
+        ('hello', ['a.txt'])
+        >>> tmpdir.cleanup()
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix="-" + final.name)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

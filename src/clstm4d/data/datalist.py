@@ -1,0 +1,470 @@
+"""Datalists (Medical Segmentation Decathlon style JSON) and case loading.
+
+A datalist is a JSON file::
+
+    {"labels": {"0": "background", "1": "chamber"}, "spatial_dims": 3,
+     "training":   [{"image": "imagesTr/p01.nii.gz", "label": "labelsTr/p01.nii.gz"}],
+     "validation": [{"image": ["p02/t00.nrrd", "p02/t01.nrrd"],
+                     "label": ["p02/t00.seg.nrrd", "p02/t01.seg.nrrd"]}],
+     "test":       ["imagesTs/p03.nii.gz"]}
+
+``image`` / ``label`` is one 4D file, a list of per-frame files, a folder of frame files or a
+glob pattern (both sorted in natural order); relative paths resolve against the JSON's folder.
+An optional ``"time_interval"`` (seconds; top level or per entry) gives the frame interval of
+formats that do not store one (per-frame series).
+
+Shape legend: ``t`` frames, ``c`` channels, ``s`` / ``*s`` spatial axes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._common import DataError, Geometry, atomic_path, full_suffix
+from .io import NIFTI_SUFFIXES, NRRD_SUFFIXES, read_image, read_label
+
+__all__ = ["Case", "CaseData", "Datalist", "load_datalist", "save_datalist", "load_case",
+           "datalist_from_folder",
+           "validate_datalist"]
+
+SECTIONS = ("training", "validation", "test")
+# keys of an MSD dataset.json plus ours; anything else at the top level is a mistake
+TOP_LEVEL_KEYS = frozenset(SECTIONS) | {
+    "labels", "spatial_dims", "name", "description", "reference", "licence", "license",
+    "release", "tensorImageSize", "modality", "channels", "numTraining", "numValidation",
+    "numTest", "time_interval", "synthetic",
+}
+_FRAME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
+
+
+@dataclass
+class Case:
+    """One entry of a datalist: where its files are (nothing is read yet).
+
+    Args:
+        name: unique case name (from the entry's ``"name"`` or the image file name).
+        image: one file or a list of per-frame files (absolute paths).
+        label: the same for labels, or ``None``.
+        meta: the entry's other keys (e.g. ``"corrupted": [3, 7]``).
+        spatial_dims: 2 or 3 (from the datalist), ``None`` = as stored.
+        labels: class index -> name from the datalist, used to check label values.
+    """
+
+    name: str
+    image: Path | list[Path]
+    label: Path | list[Path] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    spatial_dims: int | None = None
+    labels: dict[int, str] | None = None
+
+
+@dataclass
+class CaseData:
+    """A loaded case.
+
+    Attributes:
+        image: ``(t, c, *s)`` float32.
+        label: ``(t, *s)`` int64 or ``None``.
+        geometry: of the image (the label's is checked to match).
+        meta: the datalist entry's extra keys; synthetic cases carry ``"corrupted"``.
+        name: the case name.
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    geometry: Geometry
+    meta: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+
+@dataclass
+class Datalist:
+    """A parsed datalist: sections of :class:`Case`, class names and spatial dims."""
+
+    training: list[Case] = field(default_factory=list)
+    validation: list[Case] = field(default_factory=list)
+    test: list[Case] = field(default_factory=list)
+    labels: dict[int, str] = field(default_factory=dict)
+    spatial_dims: int | None = None
+    path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background (``max label index + 1``), 0 if unknown."""
+        return max(self.labels) + 1 if self.labels else 0
+
+    def cases(self, *sections: str) -> list[Case]:
+        """The cases of the given sections (all sections when none is given)."""
+        for s in sections:
+            if s not in SECTIONS:
+                raise ValueError(f"section must be one of {SECTIONS}, got {s!r}")
+        return [c for s in (sections or SECTIONS) for c in getattr(self, s)]
+
+
+def _natural_key(path: Path):
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", str(path))]
+
+
+def _resolve(value, root: Path, where: str, key: str, json_path) -> Path | list[Path]:
+    if isinstance(value, str):
+        if any(ch in value for ch in "*?["):
+            matches = sorted((Path(p) for p in glob.glob(str(root / value))), key=_natural_key)
+            if not matches:
+                raise DataError(f"{where}: {key!r} pattern {value!r} matches no file", json_path)
+            return matches if len(matches) > 1 else matches[0]
+        path = Path(value) if os.path.isabs(value) else root / value
+        if path.is_dir():
+            frames = sorted((p for p in path.iterdir() if full_suffix(p) in _FRAME_SUFFIXES
+                             and not p.name.startswith(".")), key=_natural_key)
+            segs = [p for p in frames if p.name.lower().endswith(".seg.nrrd")]
+            if key == "image":
+                frames = [p for p in frames if p not in segs]
+            elif segs:  # images and .seg.nrrd labels side by side: the labels are the latter
+                frames = segs
+            if not frames:
+                raise DataError(f"{where}: {key!r} folder has no NIfTI/NRRD frame files", path)
+            return frames
+        return path
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return [Path(v) if os.path.isabs(v) else root / v for v in value]
+    raise DataError(f"{where}: {key!r} must be a path or a non-empty list of paths, got "
+                    f"{type(value).__name__} {value!r:.80}", json_path)
+
+
+def _parse_labels(raw, json_path) -> dict[int, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise DataError(f"'labels' must be an object like {{\"0\": \"background\"}}, got {raw!r}",
+                        json_path)
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, int) and not str(k).lstrip("-").isdigit():  # {"background": 0}
+            k, v = v, k
+        try:
+            out[int(k)] = str(v)
+        except (TypeError, ValueError):
+            raise DataError(f"'labels' keys must be class indices, got {k!r}", json_path) from None
+    if any(k < 0 for k in out):
+        raise DataError(f"'labels' indices must be >= 0, got {sorted(out)}", json_path)
+    return dict(sorted(out.items()))
+
+
+def load_datalist(json_path: str | os.PathLike) -> Datalist:
+    """Parse a datalist JSON; paths resolve against its folder. Files are not opened.
+
+    Raises:
+        DataError: unknown top-level keys, entries without ``"image"`` (or without ``"label"``
+            in ``training``/``validation``), duplicate case names, malformed values. Every
+            problem of the file is listed in one error.
+
+    Examples:
+        >>> import json, tempfile, pathlib
+        >>> d = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
+        >>> _ = (d / "list.json").write_text(json.dumps({"labels": {"0": "bg", "1": "lv"},
+        ...     "training": [{"image": "a.nii.gz", "label": "a_seg.nii.gz", "corrupted": [2]}],
+        ...     "test": ["b.nii.gz"]}))
+        >>> dl = load_datalist(d / "list.json")
+        >>> [c.name for c in dl.cases()], dl.num_classes, dl.training[0].meta
+        (['a', 'b'], 2, {'corrupted': [2]})
+        >>> tmpdir.cleanup()
+    """
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise DataError("datalist file not found", json_path)
+    try:
+        raw = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"not valid JSON ({e})", json_path) from e
+    if not isinstance(raw, dict):
+        raise DataError(f"a datalist must be a JSON object, got {type(raw).__name__}", json_path)
+    problems = []
+    unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
+    if unknown:
+        problems.append(f"unknown top-level keys {unknown}; expected sections {list(SECTIONS)} "
+                        f"and optional {sorted(TOP_LEVEL_KEYS - set(SECTIONS))}")
+    if not any(s in raw for s in SECTIONS):
+        problems.append(f"no section: expected at least one of {list(SECTIONS)}")
+    labels = {}
+    try:
+        labels = _parse_labels(raw.get("labels"), json_path)
+    except DataError as e:
+        problems.append(e.problem)
+    spatial_dims = raw.get("spatial_dims")
+    if spatial_dims not in (None, 1, 2, 3):
+        problems.append(f"'spatial_dims' must be 1, 2 or 3, got {spatial_dims!r}")
+        spatial_dims = None
+    root = json_path.parent
+    out = Datalist(labels=labels, spatial_dims=spatial_dims, path=json_path,
+                   meta={k: v for k, v in raw.items() if k not in SECTIONS})
+    seen: dict[str, str] = {}
+    for section in SECTIONS:
+        entries = raw.get(section, [])
+        if not isinstance(entries, list):
+            problems.append(f"{section!r} must be a list, got {type(entries).__name__}")
+            continue
+        for i, entry in enumerate(entries):
+            where = f"{section}[{i}]"
+            if isinstance(entry, str):
+                entry = {"image": entry}
+            if not isinstance(entry, dict):
+                problems.append(f"{where}: an entry must be an object or a path, got {entry!r:.60}")
+                continue
+            if "image" not in entry:
+                problems.append(f"{where}: missing key 'image' (keys: {sorted(entry)})")
+                continue
+            if section != "test" and "label" not in entry:
+                problems.append(f"{where}: missing key 'label' (keys: {sorted(entry)}); "
+                                f"{section} cases need labels")
+                continue
+            try:
+                image = _resolve(entry["image"], root, where, "image", json_path)
+                label = (_resolve(entry["label"], root, where, "label", json_path)
+                         if entry.get("label") is not None else None)
+            except DataError as e:
+                problems.append(e.problem if e.path == str(json_path) else str(e))
+                continue
+            name = entry.get("name") or _default_name(image)
+            if name in seen:
+                problems.append(f"{where}: duplicate case name {name!r} (also {seen[name]}); "
+                                "add a 'name' key")
+                continue
+            seen[name] = where
+            meta = {k: v for k, v in entry.items() if k not in ("image", "label", "name")}
+            if "time_interval" in raw and "time_interval" not in meta:
+                meta["time_interval"] = raw["time_interval"]
+            getattr(out, section).append(Case(name, image, label, meta, spatial_dims,
+                                              labels or None))
+    if problems:
+        raise DataError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems), json_path)
+    return out
+
+
+def _default_name(image) -> str:
+    first = image[0] if isinstance(image, list) else image
+    if isinstance(image, list) and len(image) > 1:
+        return first.parent.name
+    name = first.name
+    suffix = full_suffix(first)
+    return name[: -len(suffix)] if suffix else name
+
+
+def save_datalist(path: str | os.PathLike, *, training: Iterable[dict] = (),
+                  validation: Iterable[dict] = (), test: Iterable[dict] = (),
+                  labels: dict[int, str] | None = None, spatial_dims: int | None = None,
+                  **extra: Any) -> Path:
+    """Write a datalist JSON atomically. Entry paths under its folder are made relative.
+
+    Args:
+        path: the JSON file.
+        training, validation, test: entries ``{"image": ..., "label": ..., **meta}`` with
+            paths (str/Path or lists of them).
+        labels: class index -> name. spatial_dims: 2 or 3.
+        extra: other top-level keys (must be among the known MSD keys).
+    """
+    path = Path(path)
+    root = path.parent.resolve()
+
+    def rel(p):
+        if isinstance(p, (list, tuple)):
+            return [rel(q) for q in p]
+        p = Path(p)
+        if not p.is_absolute():
+            return p.as_posix()
+        resolved = p.resolve()
+        return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(p)
+
+    doc: dict[str, Any] = {}
+    unknown = sorted(set(extra) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ValueError(f"save_datalist: unknown top-level keys {unknown}")
+    doc.update(extra)
+    if labels is not None:
+        doc["labels"] = {str(k): v for k, v in sorted(labels.items())}
+    if spatial_dims is not None:
+        doc["spatial_dims"] = spatial_dims
+    for section, entries in (("training", training), ("validation", validation),
+                             ("test", test)):
+        entries = [{k: (rel(v) if k in ("image", "label") else v) for k, v in e.items()}
+                   for e in entries]
+        doc[section] = entries
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def load_case(case: Case, spatial_dims: int | None = None,
+              labels: dict[int, str] | None = None) -> CaseData:
+    """Read a case's image (and label) and check that they fit together.
+
+    Args:
+        case: from :func:`load_datalist`.
+        spatial_dims: overrides ``case.spatial_dims``.
+        labels: overrides ``case.labels`` (class indices allowed in the label).
+
+    Returns:
+        :class:`CaseData` with image ``(t, c, *s)`` float32 and label ``(t, *s)`` int64.
+
+    Raises:
+        DataError: naming the case, the file and the problem (missing or unreadable file,
+            NaN/inf, frames of different shape or geometry, image/label mismatch in frames,
+            shape or grid, label values outside the declared classes).
+    """
+    dims = spatial_dims if spatial_dims is not None else case.spatial_dims
+    classes = labels if labels is not None else case.labels
+    try:
+        image, geometry = read_image(case.image, dims)
+        label = None
+        if case.label is not None:
+            label, lgeom = read_label(case.label, dims)
+            _check_pair(image, geometry, label, lgeom, classes)
+    except DataError as e:
+        raise e.with_case(case.name) from None
+    if geometry.time_interval is None and case.meta.get("time_interval"):
+        # per-frame series store no frame interval: take it from the datalist
+        geometry.time_interval = float(case.meta["time_interval"])
+        geometry.time_unit = geometry.time_unit or "s"
+    return CaseData(image, label, geometry, dict(case.meta), case.name)
+
+
+def _check_pair(image, geometry, label, lgeom, classes):
+    lpath = lgeom.sources[0]
+    if label.shape[0] != image.shape[0]:
+        raise DataError(f"label has {label.shape[0]} frames, the image "
+                        f"({geometry.sources[0]}) has {image.shape[0]}", lpath)
+    if label.shape[1:] != image.shape[2:]:
+        raise DataError(f"label spatial shape {label.shape[1:]} differs from the image's "
+                        f"{image.shape[2:]} ({geometry.sources[0]})", lpath)
+    if not np.allclose(lgeom.affine, geometry.affine, atol=1e-3, rtol=1e-4):
+        raise DataError("label grid (affine) differs from the image's: "
+                        f"{np.round(lgeom.affine[:3], 4).tolist()} vs "
+                        f"{np.round(geometry.affine[:3], 4).tolist()}", lpath)
+    if classes:
+        values = np.unique(label)
+        bad = [int(v) for v in values if int(v) not in classes]
+        if bad:
+            raise DataError(f"label values {bad[:10]} are not among the declared classes "
+                            f"{sorted(classes)}", lpath)
+
+
+def validate_datalist(datalist: Datalist | str | os.PathLike,
+                      sections: Sequence[str] = SECTIONS, strict: bool = True) -> list[str]:
+    """Load every case and report every problem at once.
+
+    Args:
+        datalist: a :class:`Datalist` or the JSON path.
+        sections: which sections to check.
+        strict: raise one :class:`DataError` that lists all problems (else return them).
+
+    Returns:
+        One message per bad case (empty when all cases load).
+    """
+    if not isinstance(datalist, Datalist):
+        datalist = load_datalist(datalist)
+    problems = []
+    for case in datalist.cases(*sections):
+        try:
+            load_case(case)
+        except DataError as e:
+            problems.append(str(e))
+    if problems and strict:
+        raise DataError(f"{len(problems)} bad case(s):\n  " + "\n  ".join(problems),
+                        datalist.path)
+    return problems
+
+
+_CASE_SUFFIXES = _FRAME_SUFFIXES + (".tif", ".tiff")
+
+
+def _case_entries(folder: Path) -> dict[str, Path]:
+    """Case name -> file (4D file / TIFF) or frame folder, for one images*/labels* folder."""
+    out = {}
+    for p in sorted(folder.iterdir(), key=_natural_key):
+        if p.name.startswith("."):
+            continue
+        suffix = full_suffix(p)
+        if p.is_dir():
+            out[p.name] = p
+        elif suffix in _CASE_SUFFIXES:
+            name = p.name[: -len(suffix)]
+            for tail in ("_seg", "_label", "_labels", "_mask"):
+                if name.endswith(tail) and folder.name.startswith("labels"):
+                    name = name[: -len(tail)]
+            out[name] = p
+    return out
+
+
+def datalist_from_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                         labels: dict[int, str] | None = None, spatial_dims: int | None = None,
+                         validation: float = 0.2, seed: int = 0,
+                         time_interval: float | None = None) -> Path:
+    """Write a datalist for a folder laid out like the Medical Segmentation Decathlon.
+
+    Layout::
+
+        folder/imagesTr/p01.nii.gz      one 4D file per case (NIfTI or TIFF), or
+        folder/imagesTr/p02/            a folder of per-frame files (NIfTI or NRRD)
+        folder/labelsTr/p01.nii.gz      same case name (``p01_seg.nii.gz`` also matches)
+        folder/labelsTr/p02/            frames as .nii.gz or .seg.nrrd
+        folder/imagesTs/...             optional unlabelled cases -> "test"
+
+    Args:
+        folder: the dataset folder.
+        out: the JSON to write (default ``folder/datalist.json``).
+        labels: class index -> name (recommended: label values are then checked).
+        spatial_dims: 2 for 2D+t data stored as ``x, y, 1, t`` NIfTI, else as stored.
+        validation: fraction of labelled cases put in ``validation`` (seeded shuffle).
+        seed: seed of that shuffle.
+        time_interval: seconds between frames, for series that do not store it.
+
+    Returns:
+        The datalist path. Raises :class:`DataError` listing every image without a label.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from clstm4d.data import write_synthetic_dataset
+        >>> root = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
+        >>> _ = write_synthetic_dataset(root, cases=4, frames=4, size=24)
+        >>> dl = load_datalist(datalist_from_folder(root, root / "mine.json", spatial_dims=2))
+        >>> len(dl.training), len(dl.validation), dl.training[0].image.name
+        (3, 1, 'case_000.nii.gz')
+        >>> tmpdir.cleanup()
+    """
+    folder = Path(folder)
+    if not (folder / "imagesTr").is_dir() and not (folder / "imagesTs").is_dir():
+        raise DataError("expected an 'imagesTr' (and 'labelsTr') or 'imagesTs' folder", folder)
+    if not 0 <= validation < 1:
+        raise ValueError(f"validation must be a fraction in [0, 1), got {validation}")
+    images = _case_entries(folder / "imagesTr") if (folder / "imagesTr").is_dir() else {}
+    segs = _case_entries(folder / "labelsTr") if (folder / "labelsTr").is_dir() else {}
+    missing = [name for name in images if name not in segs]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) without a label in labelsTr: {missing[:20]}",
+                        folder / "imagesTr")
+    labelled = [{"name": n, "image": images[n], "label": segs[n]} for n in images]
+    order = np.random.default_rng(seed).permutation(len(labelled))
+    n_val = int(round(len(labelled) * validation))
+    if validation > 0 and len(labelled) >= 2:
+        n_val = min(max(n_val, 1), len(labelled) - 1)
+    val_idx = set(order[:n_val].tolist())
+    test = []
+    if (folder / "imagesTs").is_dir():
+        test = [{"name": n, "image": p} for n, p in _case_entries(folder / "imagesTs").items()]
+    extra: dict[str, Any] = {}
+    if time_interval is not None:
+        extra["time_interval"] = time_interval
+    return save_datalist(
+        out if out is not None else folder / "datalist.json",
+        training=[e for i, e in enumerate(labelled) if i not in val_idx],
+        validation=[e for i, e in enumerate(labelled) if i in val_idx], test=test,
+        labels=labels, spatial_dims=spatial_dims, **extra)

@@ -1,0 +1,199 @@
+"""Patch sampling in space x time for training.
+
+Shape legend: ``t`` frames, ``c`` channels, ``s`` / ``*s`` spatial axes, ``roi`` patch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .datalist import Case, CaseData, load_case
+from .transforms import NORMALIZATIONS, Augment, normalize_intensity
+
+__all__ = ["PatchDataset", "crop_or_pad"]
+
+
+def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int],
+                lead: int) -> np.ndarray:
+    """Take ``array[..., start:start+size]`` over the last axes, zero-padding outside.
+
+    Args:
+        array: ``(*lead_axes, *s)`` with ``lead`` leading axes left alone.
+        start: first index per spatial axis (may be negative or run past the end).
+        size: patch size per spatial axis.
+
+    Examples:
+        >>> crop_or_pad(np.arange(4).reshape(1, 4), [-1], [6], lead=1)
+        array([[0, 0, 1, 2, 3, 0]])
+    """
+    out = np.zeros(array.shape[:lead] + tuple(size), array.dtype)
+    src, dst = [slice(None)] * lead, [slice(None)] * lead
+    for n, s0, k in zip(array.shape[lead:], start, size, strict=True):
+        a, b = max(s0, 0), min(s0 + k, n)
+        src.append(slice(a, max(a, b)))
+        dst.append(slice(a - s0, a - s0 + max(0, b - a)))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+class PatchDataset(Dataset):
+    """Windows of frames x spatial patches from a list of cases (a torch ``Dataset``).
+
+    Item ``i`` takes case ``i % len(cases)`` and draws a window start and a crop from a
+    generator seeded with ``(seed, epoch, i)``: the same index gives the same patch until
+    :meth:`set_epoch` changes the epoch. The crop is the same for every frame of the window.
+
+    Args:
+        cases: :class:`Case` (loaded on first use and cached) or :class:`CaseData`.
+        window: frames per item; ``None`` = the whole sequence. Shorter sequences are padded
+            with zero frames (label 0) at the end, and ``length`` says how many are real.
+        roi: spatial patch size (int or one per axis); ``None`` = the whole extent. Cases
+            smaller than the roi are zero-padded.
+        foreground_prob: probability that the patch is centred on a random foreground voxel
+            (label > 0) of a random frame of the window instead of a uniform position.
+        seed: base seed.
+        augment: ``True`` (default :class:`Augment`), an :class:`Augment`, a dict of its
+            keyword arguments, or ``False``/``None``.
+        normalize: ``"percentile"`` (default), ``"zscore"`` or ``None``; per case (see
+            :func:`normalize_intensity`).
+        samples_per_case: items per case per epoch.
+
+    Shape:
+        Items are dicts: ``image (t_win, c, *roi)`` float32 tensor, ``label (t_win, *roi)``
+        int64 tensor (zeros when the case has no label), ``length`` int, ``start`` int (first
+        frame), ``corrupted (t_win,)`` bool tensor (from ``meta["corrupted"]``), ``case`` str.
+
+    Examples:
+        >>> from clstm4d.data import make_synthetic_case
+        >>> cases = [make_synthetic_case(seed=s, frames=6, size=32) for s in range(2)]
+        >>> ds = PatchDataset(cases, window=8, roi=16, foreground_prob=1.0, seed=0)
+        >>> item = ds[0]
+        >>> tuple(item["image"].shape), tuple(item["label"].shape), item["length"]
+        ((8, 1, 16, 16), (8, 16, 16), 6)
+        >>> bool((item["label"] > 0).any()), bool((ds[0]["image"] == item["image"]).all())
+        (True, True)
+    """
+
+    def __init__(self, cases: Sequence[Case | CaseData], window: int | None = None,
+                 roi: int | Sequence[int] | None = None, foreground_prob: float = 0.0,
+                 seed: int = 0, augment: bool | Augment | None = False,
+                 normalize: str | None = "percentile", samples_per_case: int = 1):
+        if not cases:
+            raise ValueError("PatchDataset: cases must not be empty")
+        for c in cases:
+            if not isinstance(c, (Case, CaseData)):
+                raise TypeError(f"PatchDataset: cases must be Case or CaseData, got "
+                                f"{type(c).__name__}")
+        if window is not None and window < 1:
+            raise ValueError(f"PatchDataset: window must be >= 1 or None, got {window}")
+        if not 0 <= foreground_prob <= 1:
+            raise ValueError(f"PatchDataset: foreground_prob must be in [0, 1], got "
+                             f"{foreground_prob}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"PatchDataset: normalize must be one of {NORMALIZATIONS}, got "
+                             f"{normalize!r}")
+        if samples_per_case < 1:
+            raise ValueError(f"PatchDataset: samples_per_case must be >= 1, got "
+                             f"{samples_per_case}")
+        if augment is True:
+            augment = Augment()
+        elif isinstance(augment, dict):
+            augment = Augment(**augment)
+        elif augment is not None and augment is not False and not isinstance(augment, Augment):
+            raise TypeError(f"PatchDataset: augment must be a bool, a dict or an Augment, got "
+                            f"{type(augment).__name__}")
+        self.cases = list(cases)
+        self.window = window
+        self.roi = roi
+        self.foreground_prob = foreground_prob
+        self.seed = seed
+        self.augment = augment or None
+        self.normalize = normalize
+        self.samples_per_case = samples_per_case
+        self.epoch = 0
+        self._cache: dict[int, CaseData] = {}
+        self._fg_cache: dict[int, list[np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.cases) * self.samples_per_case
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw different windows/crops/augmentations for a new epoch (deterministically)."""
+        self.epoch = int(epoch)
+
+    def case_data(self, index: int) -> CaseData:
+        """The loaded, normalised case ``index`` (cached)."""
+        if index not in self._cache:
+            c = self.cases[index]
+            data = load_case(c) if isinstance(c, Case) else c
+            image = normalize_intensity(data.image, self.normalize)
+            self._cache[index] = CaseData(image, data.label, data.geometry, data.meta,
+                                          data.name or getattr(c, "name", f"case{index}"))
+        return self._cache[index]
+
+    def _foreground(self, index: int) -> list[np.ndarray]:
+        """Flat indices of the foreground voxels of each frame of case ``index`` (cached)."""
+        if index not in self._fg_cache:
+            label = self.case_data(index).label
+            self._fg_cache[index] = [np.flatnonzero(frame > 0) for frame in label]
+        return self._fg_cache[index]
+
+    def _roi(self, spatial_shape):
+        d = len(spatial_shape)
+        if self.roi is None:
+            return tuple(spatial_shape)
+        roi = (int(self.roi),) * d if np.ndim(self.roi) == 0 else tuple(int(r) for r in self.roi)
+        if len(roi) != d or min(roi) < 1:
+            raise ValueError(f"PatchDataset: roi must be a positive int or {d} of them for "
+                             f"spatial shape {tuple(spatial_shape)}, got {self.roi!r}")
+        return roi
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"PatchDataset index {index} out of range [0, {len(self)})")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        data = self.case_data(index % len(self.cases))
+        image, label = data.image, data.label
+        t, spatial = image.shape[0], image.shape[2:]
+        window = t if self.window is None else self.window
+        start = int(rng.integers(0, t - window + 1)) if t > window else 0
+        length = min(window, t - start)
+        frames = slice(start, start + length)
+        roi = self._roi(spatial)
+        corner = None
+        if label is not None and self.foreground_prob > 0 and rng.random() < self.foreground_prob:
+            fg = self._foreground(index % len(self.cases))[frames]  # flat indices per frame
+            counts = np.array([len(f) for f in fg])
+            if counts.sum():
+                # a uniform draw over all foreground voxels of the window
+                k = int(rng.integers(counts.sum()))
+                frame = int(np.searchsorted(np.cumsum(counts), k, side="right"))
+                flat = fg[frame][k - (counts[:frame].sum())]
+                voxel = np.unravel_index(flat, spatial)
+                corner = [int(v) - r // 2 for v, r in zip(voxel, roi, strict=True)]
+                corner = [min(max(c, 0), n - r) if n >= r else -((r - n) // 2)
+                          for c, n, r in zip(corner, spatial, roi, strict=True)]
+        if corner is None:
+            corner = [int(rng.integers(0, n - r + 1)) if n > r else -((r - n) // 2)
+                      for n, r in zip(spatial, roi, strict=True)]
+        img = crop_or_pad(image[frames], corner, roi, lead=2)  # (length, c, *roi)
+        lab = (crop_or_pad(label[frames], corner, roi, lead=1) if label is not None
+               else np.zeros((length, *roi), np.int64))
+        if self.augment is not None:
+            img, lab = self.augment(img, lab, rng)
+        if length < window:  # pad frames at the end
+            img = np.concatenate([img, np.zeros((window - length, *img.shape[1:]), img.dtype)])
+            lab = np.concatenate([lab, np.zeros((window - length, *lab.shape[1:]), lab.dtype)])
+        corrupted = np.zeros(window, bool)
+        for f in data.meta.get("corrupted", []):
+            if start <= f < start + length:
+                corrupted[f - start] = True
+        return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
+                "label": torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)),
+                "length": length, "start": start, "corrupted": torch.from_numpy(corrupted),
+                "case": data.name}

@@ -1,0 +1,169 @@
+"""Per-frame building blocks shared by the UNets: layers chosen by ``spatial_dims`` from one table.
+
+Shape legend: ``n`` batch, ``t`` time (frames), ``c`` channels, ``*s`` spatial axes (``(w,)``,
+``(h, w)`` or ``(d, h, w)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+__all__ = [
+    "ACTS", "NORMS", "ConvUnit", "DecoderStage", "EncoderStage", "crop_to", "layer",
+    "pad_to_multiple",
+]
+
+# One table: the class for each kind of layer and each spatial_dims.
+_LAYERS: dict[str, dict[int, type[nn.Module]]] = {
+    "conv": {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d},
+    "convtranspose": {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d},
+    "maxpool": {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d},
+    "instance": {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
+    "batch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+}
+
+#: Normalisations accepted by ``norm=``. ``"instance"`` normalises every frame of every sample
+#: on its own (no cross-frame statistics); ``"batch"`` pools statistics over batch *and* frames
+#: in training mode, so a model with it is causal and frame-independent only in eval mode.
+NORMS = ("instance", "batch", "group", "none")
+
+#: Activations accepted by ``act=`` (``"leakyrelu"`` has slope 0.1, as MONAI's BasicUNet).
+ACTS: dict[str, Callable[[], nn.Module]] = {
+    "leakyrelu": lambda: nn.LeakyReLU(0.1, inplace=True),
+    "relu": lambda: nn.ReLU(inplace=True),
+    "gelu": nn.GELU,
+    "silu": lambda: nn.SiLU(inplace=True),
+}
+
+
+def layer(kind: str, spatial_dims: int, *args, **kwargs) -> nn.Module:
+    """Build the layer ``kind`` (``"conv"``, ``"convtranspose"``, ``"maxpool"``, ``"instance"``,
+    ``"batch"``) for ``spatial_dims`` 1, 2 or 3.
+
+    Examples:
+        >>> layer("conv", 3, 4, 8, kernel_size=3, padding=1)
+        Conv3d(4, 8, kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1))
+    """
+    return _LAYERS[kind][spatial_dims](*args, **kwargs)
+
+
+def _norm(norm: str, spatial_dims: int, channels: int) -> nn.Module:
+    if norm == "none":
+        return nn.Identity()
+    if norm == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return layer(norm, spatial_dims, channels, affine=True)
+
+
+class ConvUnit(nn.Module):
+    """Convolution (kernel 3, "same") -> normalisation -> activation -> optional dropout.
+
+    The convolution has no bias when a normalisation follows it (the norm's shift replaces it).
+
+    Shape:
+        ``(n, c_in, *s)`` -> ``(n, c_out, *s)``.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str,
+                 act: str, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv = layer("conv", spatial_dims, in_channels, out_channels, kernel_size=3,
+                          padding=1, bias=norm == "none")
+        self.norm = _norm(norm, spatial_dims, out_channels)
+        self.act = ACTS[act]()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.act(self.norm(self.conv(x))))
+
+
+def _run(fn: Callable[..., Tensor], checkpoint: bool, *args: Tensor) -> Tensor:
+    """``fn(*args)``, recomputed during backward when ``checkpoint`` and grad is on."""
+    if checkpoint and torch.is_grad_enabled():
+        return _checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class EncoderStage(nn.Module):
+    """Optional max-pool by 2, then two :class:`ConvUnit`.
+
+    With ``checkpoint=True`` each unit is recomputed during backward, so only the unit inputs
+    stay alive between forward and backward (one tensor per unit instead of about three).
+
+    Shape:
+        ``(n, c_in, *s)`` -> ``(n, c_out, *s)`` (``*s`` halved when ``downsample``).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str,
+                 act: str, dropout: float, downsample: bool) -> None:
+        super().__init__()
+        self.pool = layer("maxpool", spatial_dims, 2) if downsample else nn.Identity()
+        self.unit1 = ConvUnit(spatial_dims, in_channels, out_channels, norm, act, dropout)
+        self.unit2 = ConvUnit(spatial_dims, out_channels, out_channels, norm, act, dropout)
+
+    def _first(self, x: Tensor) -> Tensor:
+        return self.unit1(self.pool(x))
+
+    def forward(self, x: Tensor, checkpoint: bool = False) -> Tensor:
+        x = _run(self._first, checkpoint, x)
+        return _run(self.unit2, checkpoint, x)
+
+
+class DecoderStage(nn.Module):
+    """Transposed convolution (kernel 2, stride 2) of the deeper map, concatenation with the
+    skip, then two :class:`ConvUnit`.
+
+    The upsampled map always lines up with the skip (the network pads its input to a multiple
+    of the total stride), so no crop or pad is needed here.
+
+    Shape:
+        deep ``(n, c_deep, *s/2)``, skip ``(n, c_out, *s)`` -> ``(n, c_out, *s)``.
+    """
+
+    def __init__(self, spatial_dims: int, deep_channels: int, out_channels: int, norm: str,
+                 act: str, dropout: float) -> None:
+        super().__init__()
+        self.up = layer("convtranspose", spatial_dims, deep_channels, out_channels,
+                        kernel_size=2, stride=2)
+        self.unit1 = ConvUnit(spatial_dims, 2 * out_channels, out_channels, norm, act, dropout)
+        self.unit2 = ConvUnit(spatial_dims, out_channels, out_channels, norm, act, dropout)
+
+    def _first(self, deep: Tensor, skip: Tensor) -> Tensor:
+        # the concatenation lives inside the checkpointed function: it is never saved
+        return self.unit1(torch.cat([self.up(deep), skip], dim=1))
+
+    def forward(self, deep: Tensor, skip: Tensor, checkpoint: bool = False) -> Tensor:
+        x = _run(self._first, checkpoint, deep, skip)
+        return _run(self.unit2, checkpoint, x)
+
+
+def pad_to_multiple(x: Tensor, multiple: int, spatial_dims: int) -> tuple[Tensor, list[int]]:
+    """Zero-pad the last ``spatial_dims`` axes of ``x`` at their end up to a multiple.
+
+    Returns the padded tensor and the original spatial sizes (for :func:`crop_to`).
+
+    Examples:
+        >>> y, size = pad_to_multiple(torch.ones(1, 2, 5, 8), 4, spatial_dims=2)
+        >>> tuple(y.shape), size
+        ((1, 2, 8, 8), [5, 8])
+    """
+    size = list(x.shape[-spatial_dims:])
+    pads: list[int] = []
+    for s in reversed(size):  # F.pad lists the last axis first
+        pads += [0, -s % multiple]
+    if any(pads):
+        x = F.pad(x, pads)
+    return x, size
+
+
+def crop_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Crop the trailing spatial axes of ``x`` back to ``size`` (undoes :func:`pad_to_multiple`)."""
+    if list(x.shape[-len(size):]) == list(size):
+        return x
+    index = (Ellipsis, *(slice(0, s) for s in size))
+    return x[index]

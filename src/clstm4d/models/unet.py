@@ -1,0 +1,288 @@
+"""Time-resolved UNet: a per-frame UNet with convolutional recurrent memory across frames.
+
+Shape legend: ``n`` batch, ``t`` time (frames), ``c`` channels, ``k`` classes (``out_channels``),
+``*s`` spatial axes (``(w,)``, ``(h, w)`` or ``(d, h, w)``), ``L`` levels (``len(channels)``).
+
+Layout: the encoder and decoder run on every frame with batch and time folded together
+(``(n*t, c, *s)``); the recurrence unfolds time (``(n, t, c, *s)``) where it sits:
+
+- ``temporal="bottleneck"``: one ConvLSTM/ConvGRU on the deepest features (the reference design);
+- ``temporal="skips"``: one at the output of every encoder level; its output is both the skip
+  connection and the input of the next level (recurrence along the whole encoder, as
+  cell-tracking networks do);
+- ``temporal="none"``: no recurrence: every frame is segmented on its own (the baseline).
+
+There are ``L - 1`` poolings and exactly ``L - 1`` upsampling stages, so every upsampled map
+lines up with its skip; the input is zero-padded up to a multiple of ``2**(L-1)`` and the
+logits cropped back, so any spatial size works.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from clstm4d.models.blocks import (
+    ACTS,
+    NORMS,
+    DecoderStage,
+    EncoderStage,
+    crop_to,
+    layer,
+    pad_to_multiple,
+)
+from clstm4d.nn import ConvGRU, ConvLSTM
+
+__all__ = ["TimeResolvedUNet"]
+
+TEMPORAL = ("bottleneck", "skips", "none")
+CELLS = {"lstm": ConvLSTM, "gru": ConvGRU}
+
+
+def _choice(owner: str, name: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{owner}: {name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def _positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_unet_args(owner: str, spatial_dims: Any, in_channels: Any, out_channels: Any,
+                    channels: Any, norm: Any, act: Any, dropout: Any) -> tuple[int, ...]:
+    """Validate the arguments every UNet here shares; returns ``channels`` as a tuple."""
+    if spatial_dims not in (1, 2, 3) or isinstance(spatial_dims, bool):
+        raise ValueError(f"{owner}: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    _positive_int(owner, "in_channels", in_channels)
+    _positive_int(owner, "out_channels", out_channels)
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or not channels:
+        raise ValueError(
+            f"{owner}: channels must be a non-empty sequence of ints (widths per level, "
+            f"e.g. (16, 32, 64, 128)), got {channels!r}"
+        )
+    for c in channels:
+        _positive_int(owner, "channels[i]", c)
+    _choice(owner, "norm", norm, NORMS)
+    _choice(owner, "act", act, tuple(ACTS))
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not (
+        0 <= dropout < 1
+    ):
+        raise ValueError(f"{owner}: dropout must be a float in [0, 1), got {dropout!r}")
+    return tuple(int(c) for c in channels)
+
+
+def check_sequence_input(owner: str, x: Tensor, spatial_dims: int, in_channels: int) -> None:
+    """Raise a ValueError naming the expected ``(n, t, c, *s)`` layout when ``x`` differs."""
+    expected = 3 + spatial_dims
+    layout = "(N, T, C, " + ", ".join("DHW"[3 - spatial_dims:]) + ")"
+    if x.dim() != expected:
+        hint = ""
+        if x.dim() == expected - 1:
+            hint = " (a single frame or a sequence without a batch axis? use x.unsqueeze(0) " \
+                   "or x.unsqueeze(1) to add the missing axis)"
+        raise ValueError(
+            f"{owner}: expected input of {expected} dims {layout} for spatial_dims="
+            f"{spatial_dims}, got {x.dim()} dims with shape {tuple(x.shape)}{hint}"
+        )
+    if x.shape[2] != in_channels:
+        raise ValueError(
+            f"{owner}: expected {in_channels} input channels at axis 2 of {layout}, got "
+            f"{x.shape[2]} (input shape {tuple(x.shape)})"
+        )
+    if x.shape[1] < 1 or x.shape[0] < 1:
+        raise ValueError(f"{owner}: expected at least one sample and one frame, got shape "
+                         f"{tuple(x.shape)}")
+
+
+class _Recurrence(nn.Module):
+    """A one-layer ConvLSTM/ConvGRU keeping the width; a 1x1 convolution folds the two
+    directions back to ``channels`` when bidirectional.
+
+    Shape:
+        ``(n, t, c, *s)`` -> ``(n, t, c, *s)``.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, cell: str, kernel_size: int,
+                 bidirectional: bool, checkpoint: bool) -> None:
+        super().__init__()
+        self.cell = cell
+        self.rnn = CELLS[cell](spatial_dims, channels, channels, kernel_size,
+                               bidirectional=bidirectional, checkpoint=checkpoint)
+        self.proj = (layer("conv", spatial_dims, 2 * channels, channels, kernel_size=1)
+                     if bidirectional else None)
+
+    def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        y, state = self.rnn(x, state)  # (n, t, D*c, *s)
+        if self.proj is not None:
+            y = self.proj(y.flatten(0, 1)).unflatten(0, y.shape[:2])  # (n, t, c, *s)
+        return y, state
+
+
+class TimeResolvedUNet(nn.Module):
+    r"""UNet for sequences of 1D/2D/3D maps with ConvLSTM/ConvGRU memory across frames.
+
+    Every frame goes through the same encoder and decoder (batch and time folded); the
+    recurrence carries information between frames at the bottleneck (``"bottleneck"``), at
+    every encoder level (``"skips"``) or nowhere (``"none"``). Logits come out for every frame.
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels: channels per frame of the input.
+        out_channels: classes ``k`` (softmax over them; class 0 = background).
+        channels: widths per level; ``len(channels) - 1`` poolings. Default ``(16, 32, 64, 128)``.
+        temporal: ``"bottleneck"``, ``"skips"`` or ``"none"``. Default ``"bottleneck"``.
+        cell: ``"lstm"`` or ``"gru"``. Default ``"lstm"``.
+        bidirectional: run the recurrence both ways (offline analysis; not streamable; a 1x1
+            convolution merges the two directions). Default False.
+        rnn_kernel_size: kernel of the recurrent convolutions. Default 3.
+        norm: ``"instance"`` (default, per frame), ``"batch"`` (statistics pooled over batch
+            and frames in training mode), ``"group"`` (8 groups) or ``"none"``.
+        act: ``"leakyrelu"`` (default, slope 0.1), ``"relu"``, ``"gelu"`` or ``"silu"``.
+        dropout: dropout probability after every convolution unit. Default 0.
+        checkpoint: recompute activations during backward: each convolution unit of the
+            per-frame stages and the recurrence (``checkpoint=True`` of the core layers).
+            Same gradients, less memory, more time. Default False.
+
+    Shape:
+        - x: ``(N, T, C_in, *S)``, any ``*S``, any ``T >= 1``.
+        - output: logits ``(N, T, C_out, *S)``; with ``return_state=True`` also the state.
+
+    Attributes:
+        streamable: True when running a sequence in chunks of frames with the state carried
+            (``state=``, ``return_state=True``) gives the one-pass output; False when
+            bidirectional.
+        config: the keyword arguments that rebuild the model through
+            :func:`clstm4d.create_model` (``config["name"]`` is the preset).
+
+    Examples:
+        >>> import torch
+        >>> net = TimeResolvedUNet(2, in_channels=1, out_channels=3, channels=(4, 8))
+        >>> x = torch.randn(2, 5, 1, 13, 20)              # (N, T, C, H, W)
+        >>> tuple(net(x).shape)
+        (2, 5, 3, 13, 20)
+        >>> a, state = net(x[:, :3], return_state=True)   # stream: first 3 frames ...
+        >>> b, state = net(x[:, 3:], state=state, return_state=True)   # ... then the rest
+        >>> torch.allclose(torch.cat([a, b], 1), net(x), atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int] = (16, 32, 64, 128),
+        temporal: str = "bottleneck",
+        cell: str = "lstm",
+        bidirectional: bool = False,
+        rnn_kernel_size: int = 3,
+        norm: str = "instance",
+        act: str = "leakyrelu",
+        dropout: float = 0.0,
+        checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        channels = check_unet_args(owner, spatial_dims, in_channels, out_channels, channels,
+                                   norm, act, dropout)
+        _choice(owner, "temporal", temporal, TEMPORAL)
+        _choice(owner, "cell", cell, tuple(CELLS))
+        _positive_int(owner, "rnn_kernel_size", rnn_kernel_size)
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.channels = channels
+        self.temporal = temporal
+        self.bidirectional = bool(bidirectional) and temporal != "none"
+        self.checkpoint = bool(checkpoint)
+        self.config: dict[str, Any] = {
+            "name": "unet", "spatial_dims": spatial_dims, "in_channels": in_channels,
+            "out_channels": out_channels, "channels": list(channels), "temporal": temporal,
+            "cell": cell, "bidirectional": bool(bidirectional),
+            "rnn_kernel_size": rnn_kernel_size, "norm": norm, "act": act,
+            "dropout": float(dropout), "checkpoint": bool(checkpoint),
+        }
+
+        widths = (in_channels, *channels)
+        self.encoder = nn.ModuleList(
+            EncoderStage(spatial_dims, widths[i], widths[i + 1], norm, act, dropout,
+                         downsample=i > 0)
+            for i in range(len(channels))
+        )
+        # decoder[j] brings level j + 1 up to level j; it runs deepest first
+        self.decoder = nn.ModuleList(
+            DecoderStage(spatial_dims, channels[j + 1], channels[j], norm, act, dropout)
+            for j in range(len(channels) - 1)
+        )
+        self.head = layer("conv", spatial_dims, channels[0], out_channels, kernel_size=1)
+        levels = {"bottleneck": [len(channels) - 1], "skips": range(len(channels)),
+                  "none": []}[temporal]
+        self.recurrence = nn.ModuleDict({
+            str(level): _Recurrence(spatial_dims, channels[level], cell, rnn_kernel_size,
+                                    self.bidirectional, self.checkpoint)
+            for level in levels
+        })
+
+    @property
+    def streamable(self) -> bool:
+        """True when chunked inference with the state carried equals one pass."""
+        return not self.bidirectional
+
+    def _check_state(self, state: Any) -> list[Any]:
+        count = len(self.recurrence)
+        if state is None:
+            return [None] * count
+        if not isinstance(state, tuple) or len(state) != count:
+            raise ValueError(
+                f"{type(self).__name__}: state must be the tuple of {count} entries that a "
+                f"previous call with return_state=True returned, got "
+                f"{type(state).__name__}"
+                + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
+            )
+        return list(state)
+
+    def forward(self, x: Tensor, state: Any = None, return_state: bool = False):
+        """Segment every frame.
+
+        Args:
+            x: ``(N, T, C_in, *S)``.
+            state: the state returned by a previous call with ``return_state=True``, to
+                continue the same sequences (unidirectional models only).
+            return_state: also return the state after the last frame.
+
+        Shape:
+            ``(N, T, C_in, *S)`` -> logits ``(N, T, C_out, *S)``.
+        """
+        check_sequence_input(type(self).__name__, x, self.spatial_dims, self.in_channels)
+        if (state is not None or return_state) and not self.streamable:
+            raise ValueError(
+                f"{type(self).__name__}: state/return_state need a streamable model; this one "
+                "is bidirectional (its output at a frame depends on later frames)"
+            )
+        states = self._check_state(state)
+        new_states = []
+        n, t = x.shape[:2]
+        h = x.flatten(0, 1)  # (n*t, c, *s)
+        h, size = pad_to_multiple(h, 2 ** (len(self.channels) - 1), self.spatial_dims)
+        skips: list[Tensor] = []
+        for level, stage in enumerate(self.encoder):
+            h = stage(h, self.checkpoint)  # (n*t, c_level, *s_level)
+            if str(level) in self.recurrence:
+                seq, st = self.recurrence[str(level)](h.unflatten(0, (n, t)),  # (n, t, ...)
+                                                      states[len(new_states)])
+                new_states.append(st)
+                h = seq.flatten(0, 1)  # (n*t, c_level, *s_level)
+            skips.append(h)
+        h = skips.pop()
+        for stage in reversed(self.decoder):
+            h = stage(h, skips.pop(), self.checkpoint)
+        logits = crop_to(self.head(h), size).unflatten(0, (n, t))  # (n, t, k, *s)
+        if return_state:
+            return logits, tuple(new_states)
+        return logits

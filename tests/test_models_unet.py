@@ -1,0 +1,170 @@
+"""TimeResolvedUNet: shapes, gradients, causality, streaming, checkpointing, frame independence."""
+
+import pytest
+import torch
+
+from clstm4d import TimeResolvedUNet
+
+# (spatial_dims, odd spatial size) pairs; 3 levels -> padding to a multiple of 4 is exercised
+SIZES = [(2, (13, 10)), (3, (5, 7, 6))]
+
+
+def make(spatial_dims=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("channels", (4, 6, 8))
+    return TimeResolvedUNet(spatial_dims, kw.pop("in_channels", 2), kw.pop("out_channels", 3),
+                            **kw)
+
+
+def seq(spatial_dims, size, t=4, n=2, c=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, t, c, *size, generator=g)
+
+
+@pytest.mark.parametrize("spatial_dims,size", SIZES)
+@pytest.mark.parametrize("temporal,cell,bidirectional", [
+    ("bottleneck", "lstm", False), ("skips", "gru", False), ("none", "lstm", False),
+    ("bottleneck", "gru", True),
+])
+@pytest.mark.parametrize("t", [1, 3])
+def test_shapes_any_size_and_t(spatial_dims, size, temporal, cell, bidirectional, t):
+    net = make(spatial_dims, temporal=temporal, cell=cell, bidirectional=bidirectional)
+    y = net(seq(spatial_dims, size, t=t))
+    assert y.shape == (2, t, 3, *size)
+    assert torch.isfinite(y).all()
+
+
+def test_one_level_and_1d():
+    net = make(1, channels=(5,), temporal="skips")
+    assert net(seq(1, (7,), t=2)).shape == (2, 2, 3, 7)
+
+
+@pytest.mark.parametrize("temporal,cell,bidirectional", [
+    ("bottleneck", "lstm", True), ("skips", "gru", False), ("none", "lstm", False),
+])
+def test_every_parameter_gets_a_gradient(temporal, cell, bidirectional):
+    net = make(2, temporal=temporal, cell=cell, bidirectional=bidirectional)
+    net(seq(2, (9, 12), t=3)).square().mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
+
+
+@pytest.mark.parametrize("temporal,cell", [("bottleneck", "lstm"), ("skips", "gru")])
+def test_causal_output_at_t_ignores_later_frames(temporal, cell):
+    net = make(2, temporal=temporal, cell=cell)
+    x = seq(2, (9, 10), t=5)
+    x2 = x.clone()
+    x2[:, 3:] = torch.randn_like(x2[:, 3:]) * 3
+    y, y2 = net(x), net(x2)
+    torch.testing.assert_close(y[:, :3], y2[:, :3], rtol=0, atol=0)
+    assert not torch.allclose(y[:, 3:], y2[:, 3:])  # later frames do change
+    # ... and the memory is used: an earlier frame changes a later output
+    x3 = x.clone()
+    x3[:, 0] = -x3[:, 0]
+    assert not torch.allclose(net(x3)[:, 4], y[:, 4])
+
+
+def test_bidirectional_sees_the_future_and_refuses_streaming():
+    net = make(2, bidirectional=True)
+    assert not net.streamable
+    x = seq(2, (8, 8), t=4)
+    x2 = x.clone()
+    x2[:, 3] += 1
+    assert not torch.allclose(net(x)[:, 0], net(x2)[:, 0])
+    with pytest.raises(ValueError, match="streamable"):
+        net(x, return_state=True)
+
+
+@pytest.mark.parametrize("spatial_dims,size", SIZES)
+@pytest.mark.parametrize("temporal,cell", [("bottleneck", "lstm"), ("skips", "gru"),
+                                           ("skips", "lstm"), ("none", "lstm")])
+def test_streaming_in_chunks_equals_one_pass(spatial_dims, size, temporal, cell):
+    net = make(spatial_dims, temporal=temporal, cell=cell)
+    assert net.streamable
+    x = seq(spatial_dims, size, t=6)
+    whole, final = net(x, return_state=True)
+    outs, state = [], None
+    for a, b in [(0, 2), (2, 3), (3, 6)]:
+        y, state = net(x[:, a:b], state=state, return_state=True)
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=1e-5, atol=1e-5)
+    for s_chunk, s_whole in zip(torch.utils._pytree.tree_leaves(state),
+                                torch.utils._pytree.tree_leaves(final), strict=True):
+        torch.testing.assert_close(s_chunk, s_whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temporal,cell,dropout", [("bottleneck", "lstm", 0.0),
+                                                   ("skips", "gru", 0.3)])
+def test_checkpoint_gives_the_same_gradients(temporal, cell, dropout):
+    plain = make(3, temporal=temporal, cell=cell, dropout=dropout)
+    ckpt = make(3, temporal=temporal, cell=cell, dropout=dropout, checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = seq(3, (6, 5, 7), t=3)
+    grads = []
+    for net in (plain, ckpt):
+        torch.manual_seed(123)  # same dropout masks; checkpointing must replay them
+        xi = x.clone().requires_grad_()
+        net(xi).square().mean().backward()
+        grads.append([xi.grad] + [p.grad for p in net.parameters()])
+    for g_plain, g_ckpt in zip(*grads, strict=True):
+        torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_temporal_none_has_no_cross_frame_dependence():
+    net = make(3, temporal="none")
+    x = seq(3, (4, 6, 5), t=5)
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    torch.testing.assert_close(net(x[:, perm]), net(x)[:, perm], rtol=1e-5, atol=1e-6)
+    # every frame alone gives what it gives inside the sequence
+    alone = torch.cat([net(x[:, i:i + 1]) for i in range(5)], 1)
+    torch.testing.assert_close(alone, net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_with_a_fixed_seed():
+    x = seq(2, (9, 9), t=3)
+    a, b = make(2, seed=7, temporal="skips"), make(2, seed=7, temporal="skips")
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    c = make(2, seed=8, temporal="skips")
+    assert not torch.allclose(a(x), c(x))
+
+
+def test_odd_size_equals_zero_padded_input_cropped():
+    """Any size: the input is zero-padded at the end of each axis to a multiple of the total
+    stride (4 here) and the logits cropped back, identically to doing it by hand."""
+    net = make(2, temporal="bottleneck")
+    x = seq(2, (13, 10), t=3)
+    by_hand = net(torch.nn.functional.pad(x, (0, 2, 0, 3)))[..., :13, :10]
+    torch.testing.assert_close(net(x), by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_raises_clear_errors():
+    net = make(2)
+    with pytest.raises(ValueError, match=r"expected input of 5 dims \(N, T, C, H, W\).*unsqueeze"):
+        net(torch.randn(2, 2, 8, 8))
+    with pytest.raises(ValueError, match="expected 2 input channels.*got 3"):
+        net(torch.randn(1, 2, 3, 8, 8))
+    with pytest.raises(ValueError, match="state must be the tuple of 1"):
+        net(torch.randn(1, 2, 2, 8, 8), state=(None, None))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"spatial_dims": 4}, "spatial_dims must be 1, 2 or 3, got 4"),
+    ({"in_channels": 0}, "in_channels must be an int >= 1, got 0"),
+    ({"channels": ()}, "channels must be a non-empty sequence"),
+    ({"channels": (4, -1)}, r"channels\[i\] must be an int >= 1, got -1"),
+    ({"temporal": "encoder"}, "temporal must be one of"),
+    ({"cell": "rnn"}, "cell must be one of"),
+    ({"norm": "layer"}, "norm must be one of"),
+    ({"act": "tanh"}, "act must be one of"),
+    ({"dropout": 1.5}, r"dropout must be a float in \[0, 1\), got 1.5"),
+])
+def test_bad_constructor_values_name_the_argument(kw, match):
+    args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, **kw}
+    with pytest.raises(ValueError, match=match):
+        TimeResolvedUNet(**args)
+
+
+@pytest.mark.parametrize("norm,act", [("batch", "relu"), ("group", "gelu"), ("none", "silu")])
+def test_norm_and_act_choices(norm, act):
+    net = make(2, norm=norm, act=act)
+    assert net(seq(2, (8, 8), t=2)).shape == (2, 2, 3, 8, 8)
