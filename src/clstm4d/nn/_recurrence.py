@@ -493,9 +493,10 @@ class ConvRecurrence(torch.autograd.Function):
             dims = [0, *range(2, dgx.dim() - 1)]  # sum over (n*k, *s) for the biases
             if want[2]:
                 dgh_w, h_prev_w = dgh, h_prev
-                if h0 is None and lo <= first_frame < hi and n == 1 and k > 1:
+                if h0 is None and lo <= first_frame < hi and n == 1 and k > 2:
                     # the first frame's previous state is zero: no weight gradient (a view
-                    # at batch 1; a copy otherwise, so only then)
+                    # at batch 1, a copy otherwise: only then; and never down to a batch of
+                    # 1, which PyTorch sends to a slow kernel with a large im2col buffer)
                     part = slice(1, None) if first_frame == lo else slice(None, -1)
                     dgh_w, h_prev_w = dgh[:, part], h_prev[:, part]
                 acc[2] = conv_weight_grad(dgh_w.flatten(0, 1), h_prev_w.flatten(0, 1), w_hh,
