@@ -139,7 +139,7 @@ def test_gradcheck(kind):
         out, s_n = layer(x, s if kind == "lstm" else s[0], lengths=lengths)
         return (out, *_states(s_n, kind))
 
-    assert torch.autograd.gradcheck(fn, (x, *_states(state, kind)))
+    assert torch.autograd.gradcheck(fn, (x, *_states(state, kind)), fast_mode=True)
     params = tuple(layer.parameters())
 
     def fn_params(*p):
@@ -147,7 +147,69 @@ def test_gradcheck(kind):
             layer, dict(zip([n for n, _ in layer.named_parameters()], p, strict=True)), (x,))
         return out
 
-    assert torch.autograd.gradcheck(fn_params, params)
+    assert torch.autograd.gradcheck(fn_params, params, fast_mode=True)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize(
+    ("kwargs", "with_state", "lengths"),
+    [
+        ({"kernel_size": 3}, False, None),
+        ({"kernel_size": (2, 3), "dilation": (2, 1), "checkpoint": True}, True, [5, 2]),
+        ({"kernel_size": 2, "num_layers": 2, "bidirectional": True}, True, [3, 5]),
+        ({"kernel_size": 3, "bidirectional": True, "bias": False, "checkpoint": True}, False,
+         [4, 5]),
+        # large frames, small weights: the backward runs in segments of 2 + 3 frames
+        ({"kernel_size": 3, "bidirectional": True, "spatial": (12, 13)}, True, [5, 3]),
+        # large weights, small frames: weight gradients computed in blocks of channels
+        ({"kernel_size": (3, 4), "num_layers": 2, "spatial": (1, 1)}, True, None),
+    ],
+)
+def test_fast_path_equals_reference_path(kind, kwargs, with_state, lengths):
+    """The hand-written backward through time == autograd through the reference steps."""
+    torch.manual_seed(8)
+    if kind == "lstm":
+        kwargs = {**kwargs, "peephole": True}
+    spatial = kwargs.pop("spatial", (4, 5))
+    layer = KINDS[kind](2, 2, 3, dtype=DT, **kwargs)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    d = 2 if layer.bidirectional else 1
+    x = torch.randn(2, 5, 2, *spatial, dtype=DT)
+    h0 = torch.randn(layer.num_layers * d, 2, 3, *spatial, dtype=DT)
+    results = []
+    for fast in (True, False):
+        layer._fast = fast
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        states = [h0.clone().requires_grad_(), h0.cos().requires_grad_()][
+            : 2 if kind == "lstm" else 1] if with_state else []
+        state = (tuple(states) if kind == "lstm" else states[0]) if with_state else None
+        out, s_n = layer(xi, state, lengths=lengths)
+        loss = out.sin().sum() + sum((s * s.cos()).sum() for s in _states(s_n, kind))
+        loss.backward()
+        grads = [xi.grad, *(s.grad for s in states), *(p.grad for p in layer.parameters())]
+        results.append((out.detach(), [s.detach() for s in _states(s_n, kind)], grads))
+    layer._fast = True
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1] + results[0][2], results[1][1] + results[1][2], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_fast_path_inference_and_float32_onednn():
+    """No-grad forward (no saved buffers) and the float32 oneDNN convolutions agree too."""
+    torch.manual_seed(9)
+    layer = ConvLSTM(3, 2, 4, 3, bidirectional=True)
+    x = torch.randn(1, 6, 2, 5, 6, 7)
+    ref_layer = ConvLSTM(3, 2, 4, 3, bidirectional=True, dtype=DT)
+    ref_layer.load_state_dict(layer.state_dict())
+    ref_layer._fast = False
+    with torch.no_grad():
+        out, (h_n, c_n) = layer(x, lengths=[4])
+        ref, (ref_h, ref_c) = ref_layer(x.double(), lengths=[4])
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(c_n, ref_c.float(), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

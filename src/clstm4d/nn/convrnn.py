@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from clstm4d.nn._recurrence import ConvRecurrence, Spec
+
 __all__ = ["ConvGRU", "ConvGRUCell", "ConvLSTM", "ConvLSTMCell"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -112,6 +114,7 @@ class _ConvRNNBase(nn.Module):
 
     _mode = "lstm"  # set by subclasses: "lstm" | "gru"
     _is_cell = False
+    _fast = True  # sequence layers: use the hand-written backward through time when possible
 
     def __init__(
         self,
@@ -494,15 +497,58 @@ class _ConvRNNLayerBase(_ConvRNNBase):
             )
         return lengths.to(device=device, dtype=torch.long)
 
+    # Frames per segment of the fast path: the input convolution and the weight gradients
+    # run batched over a segment, and the backward holds one segment's gate gradients. At
+    # least `_segment_frames`; more while a segment's gate tensor stays below the weights'
+    # size (then memory is dominated by the weight gradients, and bigger batches are faster).
+    _segment_frames = 2
+    _checkpoint_frames = 2  # with checkpoint=True: frames recomputed together in backward
+
+    def _use_fast_path(self, x: Tensor) -> bool:
+        """The hand-written backward through time (:mod:`._recurrence`) serves plain eager
+        calls; autocast and torch.compile use the reference path built from autograd ops."""
+        return (self._fast and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(x.device.type))
+
     def _run_direction(
         self,
         x: Tensor,
         p: dict[str, Tensor],
-        state: tuple[Tensor, ...],
+        state: tuple[Tensor, ...] | None,
         mask: Tensor | None,
         reverse: bool,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """One direction of one layer: x ``(n, t, c, *s)`` -> output ``(n, t, h, *s)``, state."""
+        """One direction of one layer: x ``(n, t, c, *s)`` -> output ``(n, t, h, *s)``, state.
+
+        ``state`` None means zeros (of x's dtype and device).
+        """
+        n, t = x.shape[:2]
+        if not self._use_fast_path(x):
+            if state is None:
+                zero = x.new_zeros((n, self.hidden_channels, *x.shape[3:]))
+                state = (zero,) * self._num_state()
+            return self._run_direction_reference(x, p, state, mask, reverse)
+        lstm = self._mode == "lstm"
+        h0 = None if state is None else state[0]
+        c0 = None if state is None or not lstm else state[1]
+        inputs = (x, mask, h0, c0, p["weight_ih"], self._input_bias(p), p["weight_hh"],
+                  None if lstm else p.get("bias_hh"), p.get("weight_peephole"))
+        grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in inputs)
+        if grad and self.checkpoint:
+            segment = self._checkpoint_frames
+        elif grad:
+            frame = n * p["weight_hh"].shape[0] * math.prod(x.shape[3:])  # gates of one frame
+            weights = p["weight_ih"].numel() + p["weight_hh"].numel()
+            segment = min(t, max(self._segment_frames, weights // frame))
+        else:
+            segment = t
+        spec = Spec(self._mode, self.spatial_dims, self._pad, self.dilation, reverse, segment,
+                    self.checkpoint, grad)
+        result = ConvRecurrence.apply(spec, *inputs)
+        return result[0], tuple(result[1:])
+
+    def _run_direction_reference(self, x, p, state, mask, reverse):
+        """The same computation from autograd ops (used under autocast and torch.compile)."""
         n, t = x.shape[:2]
         bias = self._input_bias(p)
         if self.checkpoint and torch.is_grad_enabled():
@@ -543,14 +589,12 @@ class _ConvRNNLayerBase(_ConvRNNBase):
         mask = None if lengths is None else (
             torch.arange(t, device=x.device)[None, :] < lengths[:, None])  # (n, t)
         num_dirs = 2 if self.bidirectional else 1
-        zero = x.new_zeros((n, self.hidden_channels, *x.shape[3:]))
         finals: list[tuple[Tensor, ...]] = []
         layer_input = x
         for layer in range(self.num_layers):
             outputs = []
             for d in range(num_dirs):
-                s0 = (zero,) * self._num_state() if states is None else states[
-                    layer * num_dirs + d]
+                s0 = None if states is None else states[layer * num_dirs + d]
                 out, s_n = self._run_direction(layer_input, self._params(layer, d), s0, mask,
                                                reverse=d == 1)
                 outputs.append(out)
@@ -560,9 +604,6 @@ class _ConvRNNLayerBase(_ConvRNNBase):
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         final = tuple(torch.stack([f[i] for f in finals]) for i in range(self._num_state()))
         return layer_input, final
-
-
-
 
 
 class ConvLSTM(_ConvRNNLayerBase):

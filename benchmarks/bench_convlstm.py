@@ -1,0 +1,270 @@
+"""ConvLSTM layer benchmark: clstm4d.ConvLSTM vs the usual "cat(x_t, h) + one conv per step".
+
+For every config it measures forward + backward (loss = sum of the outputs, gradients for the
+input and all weights) of
+
+- ``baseline``: the common design, re-implemented here: per step ``cat(x_t, h)``, one conv to
+  4H channels, chunk into i, f, o, g, gate update; outputs stacked at the end;
+- ``clstm4d``: :class:`clstm4d.ConvLSTM` (``checkpoint=`` as the config says);
+- ``floor``: the same convolution FLOPs as one batched call per weight (all frames folded into
+  the batch: input->hidden and hidden->hidden conv of every layer), the speed limit of any
+  ConvLSTM that runs these convolutions.
+
+Time: median over interleaved repetitions (baseline, clstm4d, floor, baseline, ...) in one
+process, after warm-up; ratios are taken between numbers measured in the same run, because the
+machine may be shared. Peak memory: each (config, implementation) runs in a fresh subprocess
+with ``MALLOC_MMAP_THRESHOLD_=65536`` (large blocks are mmapped and returned to the OS on
+free, so the resident set follows live memory); after one warm-up iteration the kernel's RSS
+high-water mark is reset (``/proc/self/clear_refs``), one more iteration runs, and the peak is
+``VmHWM - RSS before the iteration``: everything the iteration added (activations saved for
+backward, gradients, temporaries and convolution workspaces), not parameters and inputs.
+On CUDA the peak is ``torch.cuda.max_memory_allocated`` above the memory allocated before.
+
+Prints a table and one JSON line per config. Example::
+
+    nice python benchmarks/bench_convlstm.py            # all configs (minutes on 2 cores)
+    python benchmarks/bench_convlstm.py --quick          # small smoke run
+    python benchmarks/bench_convlstm.py --configs small bottleneck --reps 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from clstm4d import ConvLSTM  # noqa: E402
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    spatial_dims: int
+    n: int
+    t: int
+    channels: int
+    size: int
+    num_layers: int = 1
+    kernel: int = 3
+    checkpoint: bool = False
+    time_target: float | None = None  # clstm4d time / baseline time
+    memory_target: float | None = None  # clstm4d peak / baseline peak
+
+
+CONFIGS = {
+    c.name: c
+    for c in [
+        Config("small", 3, 1, 5, 16, 16, time_target=0.4, memory_target=0.65),
+        Config("bottleneck", 3, 1, 5, 512, 8, time_target=0.7, memory_target=0.65),
+        Config("vol32", 3, 1, 8, 32, 32, num_layers=2, time_target=0.9, memory_target=0.8),
+        Config("vol32_ckpt", 3, 1, 8, 32, 32, num_layers=2, checkpoint=True,
+               time_target=1.2, memory_target=0.45),
+        Config("2d", 2, 4, 10, 64, 64, time_target=1.05, memory_target=0.8),
+    ]
+}
+QUICK = {
+    c.name: c
+    for c in [
+        Config("quick3d", 3, 1, 3, 8, 8),
+        Config("quick3d_ckpt", 3, 1, 3, 8, 8, num_layers=2, checkpoint=True),
+        Config("quick2d", 2, 2, 3, 8, 16),
+    ]
+}
+
+
+class CatConvLSTM(nn.Module):
+    """The usual design: per step one conv over cat(x_t, h) to 4H channels, gates i, f, o, g."""
+
+    def __init__(self, spatial_dims, in_channels, hidden, kernel, num_layers):
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+        self.hidden = hidden
+        self.convs = nn.ModuleList(
+            conv((in_channels if k == 0 else hidden) + hidden, 4 * hidden, kernel,
+                 padding=kernel // 2)
+            for k in range(num_layers)
+        )
+
+    def forward(self, x):  # (n, t, c, *s)
+        for conv in self.convs:
+            h = x.new_zeros((x.shape[0], self.hidden, *x.shape[3:]))
+            c = torch.zeros_like(h)
+            outputs = []
+            for t in range(x.shape[1]):
+                gates = conv(torch.cat([x[:, t], h], dim=1))
+                i, f, o, g = gates.chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                outputs.append(h)
+            x = torch.stack(outputs, dim=1)
+        return x, (h, c)
+
+
+class ConvFloor(nn.Module):
+    """The convolution FLOPs of a ConvLSTM run as one batched call per weight."""
+
+    def __init__(self, spatial_dims, in_channels, hidden, kernel, num_layers):
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.pad = kernel // 2
+        self.weights = nn.ParameterList()
+        k_shape = (kernel,) * spatial_dims
+        for k in range(num_layers):
+            c_in = in_channels if k == 0 else hidden
+            for c in (c_in, hidden):  # w_ih, w_hh
+                self.weights.append(nn.Parameter(torch.randn(4 * hidden, c, *k_shape) * 0.01))
+        self.hidden = hidden
+
+    def forward(self, x):  # (n, t, c, *s)
+        conv = _CONV[self.spatial_dims]
+        frames = x.flatten(0, 1)  # (n*t, c, *s)
+        for w_ih, w_hh in zip(self.weights[::2], self.weights[1::2], strict=True):
+            gates = conv(frames, w_ih, padding=self.pad)  # (n*t, 4h, *s)
+            h_all = gates[:, : self.hidden]  # stands in for the hidden states
+            gates = gates + conv(h_all.contiguous(), w_hh, padding=self.pad)
+            frames = gates[:, self.hidden: 2 * self.hidden]
+        return frames, None
+
+
+def build(impl: str, cfg: Config, device: str):
+    torch.manual_seed(0)
+    args = (cfg.spatial_dims, cfg.channels, cfg.channels, cfg.kernel, cfg.num_layers)
+    if impl == "baseline":
+        model = CatConvLSTM(*args)
+    elif impl == "clstm4d":
+        model = ConvLSTM(*args, checkpoint=cfg.checkpoint)
+    else:
+        model = ConvFloor(*args)
+    model = model.to(device)
+    x = torch.randn(cfg.n, cfg.t, cfg.channels, *(cfg.size,) * cfg.spatial_dims, device=device,
+                    requires_grad=True)
+    return model, x
+
+
+def step(model, x):
+    out, _ = model(x)
+    out.sum().backward()
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_config(cfg: Config, impls, reps: int, device: str) -> dict[str, float]:
+    built = {impl: build(impl, cfg, device) for impl in impls}
+    for impl in impls:  # warm-up
+        step(*built[impl])
+    times = {impl: [] for impl in impls}
+    for _ in range(reps):
+        for impl in impls:
+            model, x = built[impl]
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            sync(device)
+            start = time.perf_counter()
+            step(model, x)
+            sync(device)
+            times[impl].append(time.perf_counter() - start)
+    return {impl: statistics.median(v) for impl, v in times.items()}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_here(cfg: Config, impl: str, device: str) -> float:
+    """Peak MiB added by one forward + backward (run in a fresh process; see module doc)."""
+    model, x = build(impl, cfg, device)
+    step(model, x)  # warm-up: lazy initialisation, gradient buffers exist afterwards
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(model, x)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _rss_kib("VmRSS")
+    step(model, x)
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def peak_memory(cfg: Config, impl: str, device: str) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import bench_convlstm as b; b.torch.set_num_threads({torch.get_num_threads()}); "
+            f"print(b.peak_memory_here(b.Config(**{asdict(cfg)!r}), {impl!r}, {device!r}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help=f"subset of {list(CONFIGS)} (default: all)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+    parser.add_argument("--quick", action="store_true", help="tiny configs, 3 reps: smoke run")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table = QUICK if args.quick else CONFIGS
+    names = args.configs or list(table)
+    reps = 3 if args.quick else args.reps
+    impls = ("baseline", "clstm4d", "floor")
+    print(f"# torch {torch.__version__}, device {args.device}, threads "
+          f"{torch.get_num_threads()}, {reps} interleaved reps, fp32, forward+backward")
+    header = (f"{'config':<12} {'baseline s':>10} {'clstm4d s':>10} {'floor s':>9} "
+              f"{'time x':>7} {'target':>7} {'base/floor':>10} {'ours/floor':>10} "
+              f"{'base MiB':>9} {'ours MiB':>9} {'mem x':>6} {'target':>7}")
+    rows, results = [], []
+    for name in names:
+        cfg = table[name]
+        t = time_config(cfg, impls, reps, args.device)
+        mem = ({} if args.no_memory else
+               {impl: peak_memory(cfg, impl, args.device) for impl in ("baseline", "clstm4d")})
+        res = {
+            "config": asdict(cfg), "device": args.device, "threads": torch.get_num_threads(),
+            "reps": reps, "time_s": t,
+            "time_ratio": t["clstm4d"] / t["baseline"],
+            "baseline_over_floor": t["baseline"] / t["floor"],
+            "clstm4d_over_floor": t["clstm4d"] / t["floor"],
+            "peak_mib": mem,
+            "memory_ratio": mem["clstm4d"] / mem["baseline"] if mem else None,
+        }
+        results.append(res)
+        rows.append(
+            f"{name:<12} {t['baseline']:>10.3f} {t['clstm4d']:>10.3f} {t['floor']:>9.3f} "
+            f"{res['time_ratio']:>7.2f} {cfg.time_target or float('nan'):>7.2f} "
+            f"{res['baseline_over_floor']:>10.2f} {res['clstm4d_over_floor']:>10.2f} "
+            + (f"{mem['baseline']:>9.1f} {mem['clstm4d']:>9.1f} {res['memory_ratio']:>6.2f} "
+               f"{cfg.memory_target or float('nan'):>7.2f}" if mem else "")
+        )
+        print(json.dumps(res), flush=True)
+    print(header)
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
