@@ -186,3 +186,26 @@ def test_bf16_autocast_runs_keeps_the_recurrence_in_float32_and_streams():
     assert all(s.dtype == torch.float32 for s in torch.utils._pytree.tree_leaves(state2))
     # close to float32 (bf16 per-frame convolutions, float32 memory)
     torch.testing.assert_close(torch.cat([y, y2], 1).float(), net(x), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("spatial_dims,size", SIZES)
+def test_channels_last_layout_computes_the_same_function(spatial_dims, size, monkeypatch):
+    """Wide models run their per-frame stages channels-last; the result must not change."""
+    from clstm4d.models import unet
+
+    default = make(spatial_dims, temporal="skips", checkpoint=True)
+    monkeypatch.setattr(unet, "CHANNELS_LAST_MIN_WIDTH", 1)
+    cl = make(spatial_dims, temporal="skips", checkpoint=True)
+    assert cl._layout != default._layout
+    cl.load_state_dict(default.state_dict())
+    x = seq(spatial_dims, size, t=3)
+    outs, grads = [], []
+    for net in (default, cl):
+        y = net(x)
+        y.square().mean().backward()
+        outs.append(y)
+        grads.append([p.grad for p in net.parameters()])
+    assert outs[1].is_contiguous()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
