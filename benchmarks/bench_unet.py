@@ -15,7 +15,9 @@ A training step = forward of ``(b, t, 1, *s)``, cross-entropy over **all** frame
 
 Time: every case in one process, one warm-up step each, then ``--reps`` rounds; in each round
 every case runs once (interleaved), so drifting machine load hits all cases alike. Reported:
-median step time and the median over rounds of the per-round ratio to ``ref-fixed``.
+median wall time of a step and the median over rounds of the per-round ratio to ``ref-fixed``,
+and the same for the process CPU time (``time.process_time``, all threads), which waiting for
+a CPU shared with other jobs does not inflate.
 
 Memory: a fresh subprocess per case (nothing else alive in it): build the model and the
 batch, reset the kernel's peak-RSS counter (``/proc/self/clear_refs`` = 5) and run one step
@@ -197,25 +199,28 @@ def measure_memory(cases: list[str], size: int, frames: int) -> dict[str, dict]:
     return out
 
 
-def measure_time(cases: list[str], size: int, frames: int, reps: int) -> dict[str, list[float]]:
+def measure_time(cases: list[str], size: int, frames: int,
+                 reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     models = {}
     for case in cases:
         torch.manual_seed(0)
         models[case] = CASES[case][0]().train()
     x, y = make_batch(size, frames)
     times: dict[str, list[float]] = {c: [] for c in cases}
+    cpu: dict[str, list[float]] = {c: [] for c in cases}
     for rep in range(reps + 1):  # round 0 is the warm-up
         for case in cases:
             model = models[case]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             train_step(model, x, y, CASES[case][1])
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             model.zero_grad(set_to_none=True)
             if rep:
                 times[case].append(dt)
+                cpu[case].append(dc)
         print(f"  round {rep}: " + ", ".join(f"{c} {times[c][-1]:.2f}s" for c in cases if rep),
               file=sys.stderr, flush=True)
-    return times
+    return times, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if BASELINE not in cases:
         cases.insert(0, BASELINE)
     mem = {} if args.skip_memory else measure_memory(cases, args.size, args.frames)
-    times = {} if args.skip_time else measure_time(cases, args.size, args.frames, args.reps)
+    times, cpu = ({}, {}) if args.skip_time else measure_time(cases, args.size, args.frames,
+                                                              args.reps)
 
     rows = []
     for case in cases:
@@ -252,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             row["time_s"] = round(statistics.median(times[case]), 3)
             row["time_ratio"] = round(statistics.median(
                 a / b for a, b in zip(times[case], times[BASELINE], strict=True)), 3)
+            row["cpu_s"] = round(statistics.median(cpu[case]), 3)
+            row["cpu_ratio"] = round(statistics.median(
+                a / b for a, b in zip(cpu[case], cpu[BASELINE], strict=True)), 3)
             row["reps"] = args.reps
         if mem:
             row.update(mem[case])
@@ -259,14 +268,16 @@ def main(argv: list[str] | None = None) -> int:
                                      / mem[BASELINE]["step_peak_mb"], 3)
         rows.append(row)
 
-    head = f"{'case':<16}{'params M':>9}{'time s':>9}{'x fixed':>9}{'peak MB':>9}{'x fixed':>9}"
+    head = (f"{'case':<16}{'params M':>9}{'time s':>9}{'x fixed':>9}{'cpu s':>9}{'x fixed':>9}"
+            f"{'peak MB':>9}{'x fixed':>9}")
     print(f"one training step, b=1, t={args.frames}, {args.size}^3, CPU "
           f"({torch.get_num_threads()} threads); baseline = {BASELINE}")
     print(head)
     nan = float("nan")
     for r in rows:
         print(f"{r['case']:<16}{r['params_m']:>9.1f}{r.get('time_s', nan):>9.2f}"
-              f"{r.get('time_ratio', nan):>9.2f}"
+              f"{r.get('time_ratio', nan):>9.2f}{r.get('cpu_s', nan):>9.2f}"
+              f"{r.get('cpu_ratio', nan):>9.2f}"
               f"{r.get('step_peak_mb', nan):>9.0f}{r.get('mem_ratio', nan):>9.2f}")
     for r in rows:
         print(json.dumps(r))
