@@ -209,7 +209,7 @@ def peak_memory_here(cfg: Config, impl: str, device: str) -> float:
 def peak_memory(cfg: Config, impl: str, device: str) -> float:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import bench_convlstm as b; "
+            f"import bench_convlstm as b; b.torch.set_num_threads({torch.get_num_threads()}); "
             f"print(b.peak_memory_here(b.Config(**{asdict(cfg)!r}), {impl!r}, {device!r}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True)

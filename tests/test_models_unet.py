@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from clstm4d import TimeResolvedUNet
+from clstm4d.models import blocks
 
 # (spatial_dims, odd spatial size) pairs; 3 levels -> padding to a multiple of 4 is exercised
 SIZES = [(2, (13, 10)), (3, (5, 7, 6))]
@@ -93,9 +94,14 @@ def test_streaming_in_chunks_equals_one_pass(spatial_dims, size, temporal, cell)
         torch.testing.assert_close(s_chunk, s_whole, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("temporal,cell,dropout", [("bottleneck", "lstm", 0.0),
-                                                   ("skips", "gru", 0.3)])
-def test_checkpoint_gives_the_same_gradients(temporal, cell, dropout):
+@pytest.mark.parametrize("temporal,cell,dropout,chunk", [
+    ("bottleneck", "lstm", 0.0, False),
+    ("bottleneck", "lstm", 0.0, True),  # large stages recomputed in pieces of the n*t axis
+    ("skips", "gru", 0.3, True),  # dropout: never in pieces (masks must replay exactly)
+])
+def test_checkpoint_gives_the_same_gradients(temporal, cell, dropout, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(blocks, "CHUNK_ELEMENTS", 200)
     plain = make(3, temporal=temporal, cell=cell, dropout=dropout)
     ckpt = make(3, temporal=temporal, cell=cell, dropout=dropout, checkpoint=True)
     ckpt.load_state_dict(plain.state_dict())
@@ -168,3 +174,38 @@ def test_bad_constructor_values_name_the_argument(kw, match):
 def test_norm_and_act_choices(norm, act):
     net = make(2, norm=norm, act=act)
     assert net(seq(2, (8, 8), t=2)).shape == (2, 2, 3, 8, 8)
+
+
+def test_bf16_autocast_runs_keeps_the_recurrence_in_float32_and_streams():
+    net = make(2, temporal="skips")
+    x = seq(2, (9, 8), t=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = net(x[:, :2], return_state=True)
+        y2, state2 = net(x[:, 2:], state=state, return_state=True)
+    assert y.shape == (2, 2, 3, 9, 8) and torch.isfinite(y).all()
+    assert all(s.dtype == torch.float32 for s in torch.utils._pytree.tree_leaves(state2))
+    # close to float32 (bf16 per-frame convolutions, float32 memory)
+    torch.testing.assert_close(torch.cat([y, y2], 1).float(), net(x), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("spatial_dims,size", SIZES)
+def test_channels_last_layout_computes_the_same_function(spatial_dims, size, monkeypatch):
+    """Wide models run their per-frame stages channels-last; the result must not change."""
+    from clstm4d.models import unet
+
+    default = make(spatial_dims, temporal="skips", checkpoint=True)
+    monkeypatch.setattr(unet, "CHANNELS_LAST_MIN_WIDTH", 1)
+    cl = make(spatial_dims, temporal="skips", checkpoint=True)
+    assert cl._layout != default._layout
+    cl.load_state_dict(default.state_dict())
+    x = seq(spatial_dims, size, t=3)
+    outs, grads = [], []
+    for net in (default, cl):
+        y = net(x)
+        y.square().mean().backward()
+        outs.append(y)
+        grads.append([p.grad for p in net.parameters()])
+    assert outs[1].is_contiguous()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

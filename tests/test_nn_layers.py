@@ -159,6 +159,12 @@ def test_gradcheck(kind):
         ({"kernel_size": 2, "num_layers": 2, "bidirectional": True}, True, [3, 5]),
         ({"kernel_size": 3, "bidirectional": True, "bias": False, "checkpoint": True}, False,
          [4, 5]),
+        # large frames, small weights: the backward runs in segments of 2 + 3 frames
+        ({"kernel_size": 3, "bidirectional": True, "spatial": (12, 13)}, True, [5, 3]),
+        # batch 1, zero state: the first frame is left out of the recurrent weight gradient
+        ({"kernel_size": 3, "bidirectional": True, "batch": 1}, False, None),
+        # large weights, small frames: weight gradients computed in blocks of channels
+        ({"kernel_size": (3, 4), "num_layers": 2, "spatial": (1, 1)}, True, None),
     ],
 )
 def test_fast_path_equals_reference_path(kind, kwargs, with_state, lengths):
@@ -166,13 +172,15 @@ def test_fast_path_equals_reference_path(kind, kwargs, with_state, lengths):
     torch.manual_seed(8)
     if kind == "lstm":
         kwargs = {**kwargs, "peephole": True}
+    spatial = kwargs.pop("spatial", (4, 5))
+    batch = kwargs.pop("batch", 2)
     layer = KINDS[kind](2, 2, 3, dtype=DT, **kwargs)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)
     d = 2 if layer.bidirectional else 1
-    x = torch.randn(2, 5, 2, 4, 5, dtype=DT)
-    h0 = torch.randn(layer.num_layers * d, 2, 3, 4, 5, dtype=DT)
+    x = torch.randn(batch, 5, 2, *spatial, dtype=DT)
+    h0 = torch.randn(layer.num_layers * d, batch, 3, *spatial, dtype=DT)
     results = []
     for fast in (True, False):
         layer._fast = fast
@@ -189,6 +197,39 @@ def test_fast_path_equals_reference_path(kind, kwargs, with_state, lengths):
     layer._fast = True
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1] + results[0][2], results[1][1] + results[1][2], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_backward_twice_with_retained_graph(kind):
+    """The fast path overwrites its saved gates with their gradients unless the graph is
+    retained: a second backward through a retained graph must see the same gates."""
+    layer = KINDS[kind](2, 2, 3, 3, bidirectional=True, dtype=DT)
+    x = torch.randn(1, 4, 2, 6, 5, dtype=DT, requires_grad=True)
+    out, _ = layer(x)
+    out.sin().sum().backward(retain_graph=True)
+    first = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    out.sin().sum().backward()
+    second = [x.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(2 * a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cuda_fast_path_equals_reference_path(kind):
+    torch.manual_seed(10)
+    layer = KINDS[kind](3, 2, 4, 3, num_layers=2, bidirectional=True, device="cuda", dtype=DT)
+    x = torch.randn(2, 4, 2, 5, 6, 7, device="cuda", dtype=DT)
+    results = []
+    for fast in (True, False):
+        layer._fast = fast
+        layer.zero_grad()
+        out, state = layer(x, lengths=torch.tensor([4, 2]))
+        (out.sin().sum() + _h(state, kind).sum()).backward()
+        results.append([out.detach()] + [p.grad for p in layer.parameters()])
+    layer._fast = True
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
 
 

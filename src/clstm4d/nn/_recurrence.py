@@ -26,6 +26,7 @@ Shape legend: ``n`` batch, ``t`` time, ``k`` frames of a segment, ``c`` input ch
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -81,25 +82,60 @@ def conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, ...],
     return _CONV[sd](x, weight, bias, padding=padding, dilation=dilation)
 
 
-def conv_backward(dy: Tensor, x: Tensor, weight: Tensor, pad: tuple[int, ...],
-                  dilation: tuple[int, ...], mask: tuple[bool, bool, bool]):
-    """Gradients (input, weight, bias) of :func:`conv` for the output gradient ``dy``."""
+def _prepare(x: Tensor, pad: tuple[int, ...]) -> tuple[Tensor, list[int]]:
+    """Pad asymmetric 'same' padding explicitly; return the input and the conv padding."""
+    sd = x.dim() - 2
+    if _symmetric(pad):
+        return x.contiguous(), list(pad[::2][::-1])
+    return F.pad(x, pad).contiguous(), [0] * sd
+
+
+def conv_input_grad(dy: Tensor, x: Tensor, weight: Tensor, pad: tuple[int, ...],
+                    dilation: tuple[int, ...]) -> Tensor:
+    """Gradient of :func:`conv` with respect to its input ``x`` for the output gradient ``dy``."""
     sd = weight.dim() - 2
-    sym = _symmetric(pad)
-    if not sym:
-        x = F.pad(x, pad)
-    padding = list(pad[::2][::-1]) if sym else [0] * sd
-    dx, dw, db = torch.ops.aten.convolution_backward(
-        dy.contiguous(), x.contiguous(), weight, [weight.shape[0]] if mask[2] else None,
-        [1] * sd, padding, list(dilation), False, [0] * sd, 1, list(mask))
-    if dx is not None and not sym:
-        # drop the gradient of the padding: slice every spatial axis back
+    xp, padding = _prepare(x, pad)
+    dx, _, _ = torch.ops.aten.convolution_backward(
+        dy.contiguous(), xp, weight, None, [1] * sd, padding, list(dilation), False, [0] * sd,
+        1, [True, False, False])
+    if xp.shape != x.shape:
+        # drop the gradient of the explicit padding: slice every spatial axis back
         index = [slice(None), slice(None)]
         for axis in range(sd):
             left, right = pad[2 * (sd - 1 - axis)], pad[2 * (sd - 1 - axis) + 1]
             index.append(slice(left, dx.shape[2 + axis] - right))
         dx = dx[tuple(index)]
-    return dx, dw, db
+    return dx
+
+
+def conv_weight_grad(dy: Tensor, x: Tensor, weight: Tensor, pad: tuple[int, ...],
+                     dilation: tuple[int, ...], acc: Tensor | None) -> Tensor:
+    """Weight gradient of :func:`conv`, added to ``acc`` in place (or returned when None).
+
+    When the weights are large next to the activations (a UNet bottleneck), the gradient is
+    computed in blocks of output channels: oneDNN computes each block in its own layout and
+    then reorders it, so one call over all channels would hold the weight gradient twice.
+    """
+    sd = weight.dim() - 2
+    xp, padding = _prepare(x, pad)
+    g = weight.shape[0]
+    blocks = max(1, min(4, weight.numel() // max(1, dy.numel())))
+    bounds = [round(i * g / blocks) for i in range(blocks + 1)]
+    fresh = acc is None
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        _, dw, _ = torch.ops.aten.convolution_backward(
+            dy[:, a:b].contiguous(), xp, weight[a:b], None, [1] * sd, padding, list(dilation),
+            False, [0] * sd, 1, [False, True, False])
+        if fresh and blocks == 1:
+            return dw
+        if acc is None:
+            acc = torch.empty_like(weight)
+        if fresh:
+            acc[a:b] = dw
+        else:
+            acc[a:b] += dw
+        del dw
+    return acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,42 +186,62 @@ def _gru_forward_step(a: Tensor, h: Tensor, zero_h: bool, w_hh: Tensor, b_hh, sp
     return torch.addcmul(n, z, h - n)
 
 
+def _sigmoid_grad_(v: Tensor, s: Tensor) -> Tensor:
+    """v <- v * s * (1 - s) in place (s a sigmoid output)."""
+    return v.mul_(s).addcmul_(v, s, value=-1)
+
+
 def _lstm_backward_step(a, c_prev, c_new, dh, dc_state, peep, dg, dpeep):
-    """Gate gradients into ``dg`` ``(n, 4h, *s)``; returns the gradient for c_prev."""
+    """Gate gradients into ``dg`` ``(n, 4h, *s)``, which may be ``a`` itself (each gate's
+    slot is written once that gate's activation is no longer read); returns the gradient
+    for c_prev. Few temporaries: this runs once per frame on full-size maps."""
     i, f, g, o = a.chunk(4, dim=1)
-    di, df, dgg, do = dg.chunk(4, dim=1)
-    tc = torch.tanh(c_new)
+    slot_i, slot_f, slot_g, slot_o = dg.chunk(4, dim=1)
+    dims = [0, *range(2, a.dim())]
+    t = torch.tanh(c_new)
+    d_o = _sigmoid_grad_(dh * t, o)
     dc = dh * o
-    dc.mul_(1 - tc * tc)
+    dc.mul_(t.mul_(t).neg_().add_(1))  # * (1 - tanh(c)^2)
+    del t
     if dc_state is not None:
         dc.add_(dc_state)
-    torch.mul(dh, tc, out=do).mul_(o * (1 - o))
     if peep is not None:
-        dc.addcmul_(do, peep[2])
-    torch.mul(dc, g, out=di).mul_(i * (1 - i))
-    torch.mul(dc, i, out=dgg).mul_(1 - g * g)
-    torch.mul(dc, c_prev, out=df).mul_(f * (1 - f))
-    dc_prev = dc.mul_(f)
+        dc.addcmul_(d_o, peep[2])
+        dpeep[2] += (d_o * c_new).sum(dims)
+    slot_o.copy_(d_o)
+    del d_o
+    d_f = _sigmoid_grad_(dc * c_prev, f)
+    dc_prev = dc * f
     if peep is not None:
-        dc_prev.addcmul_(di, peep[0]).addcmul_(df, peep[1])
-        dims = [0, *range(2, a.dim())]
-        dpeep[0] += (di * c_prev).sum(dims)
-        dpeep[1] += (df * c_prev).sum(dims)
-        dpeep[2] += (do * c_new).sum(dims)
+        dc_prev.addcmul_(d_f, peep[1])
+        dpeep[1] += (d_f * c_prev).sum(dims)
+    slot_f.copy_(d_f)
+    del d_f
+    d_i = _sigmoid_grad_(dc * g, i)
+    d_g = dc.mul_(i)
+    d_g.addcmul_(d_g * g, g, value=-1)  # * (1 - g^2)
+    if peep is not None:
+        dc_prev.addcmul_(d_i, peep[0])
+        dpeep[0] += (d_i * c_prev).sum(dims)
+    slot_i.copy_(d_i)
+    slot_g.copy_(d_g)
     return dc_prev
 
 
 def _gru_backward_step(a, hn, h_prev, dh, dgx, dgh):
-    """Gate gradients into ``dgx`` (input conv) and ``dgh`` (hidden conv); returns the direct
-    gradient for h_prev (through z)."""
+    """Gate gradients into ``dgx`` (input conv; may be ``a`` itself) and ``dgh`` (hidden
+    conv); returns the direct gradient for h_prev (through z)."""
     r, z, n = a.chunk(3, dim=1)
-    dr, dz, dn = dgx.chunk(3, dim=1)
-    torch.mul(dh, 1 - z, out=dn).mul_(1 - n * n)
-    torch.mul(dh, h_prev - n, out=dz).mul_(z * (1 - z))
-    torch.mul(dn, hn, out=dr).mul_(r * (1 - r))
-    dgh[:, : 2 * dr.shape[1]].copy_(dgx[:, : 2 * dr.shape[1]])
-    torch.mul(dn, r, out=dgh[:, 2 * dr.shape[1]:])
-    return dh * z
+    h = dh.shape[1]
+    d_n = (dh * (1 - z)).mul_(1 - n * n)
+    d_z = (dh * (h_prev - n)).mul_(z * (1 - z))
+    d_r = (d_n * hn).mul_(r * (1 - r))
+    direct = dh * z
+    torch.mul(d_n, r, out=dgh[:, 2 * h:])
+    for slot, grad in zip(dgx.chunk(3, dim=1), (d_r, d_z, d_n), strict=True):
+        slot.copy_(grad)
+    dgh[:, : 2 * h].copy_(dgx[:, : 2 * h])
+    return direct
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,9 +249,14 @@ def _gru_backward_step(a, hn, h_prev, dh, dgx, dgh):
 
 
 def _segments(t: int, size: int, reverse: bool) -> list[range]:
-    """Frame ranges in processing order; each range lists its frames in processing order."""
-    starts = list(range(0, t, size))
-    segs = [range(s, min(s + size, t)) for s in starts]
+    """Frame ranges in processing order, each listing its frames in processing order.
+
+    ``t // size`` segments (at least one) of near-equal length >= ``size`` (when t allows):
+    a short last segment would run its batched convolutions at a small batch.
+    """
+    count = max(1, t // size)
+    bounds = [round(i * t / count) for i in range(count + 1)]
+    segs = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if reverse:
         segs = [range(r.stop - 1, r.start - 1, -1) for r in reversed(segs)]
     return segs
@@ -222,36 +283,35 @@ class ConvRecurrence(torch.autograd.Function):
         hid = w_hh.shape[1]
         spatial = x.shape[3:]
         grad = spec.grad
-        keep = grad and not spec.checkpoint  # keep gates and states for backward
+        keep = grad and not spec.checkpoint  # keep the gates for backward
+        save_cells = keep and not lstm  # GRU: W_hn h + b_hn of every frame
         out = x.new_empty((n, t, hid, *spatial))
         peep_b = None if peep is None else [_bcast(p, out[:, 0]) for p in peep.chunk(3)]
         zero = x.new_zeros((n, hid, *spatial))
         h = zero if h0 is None else h0
         c = (zero if c0 is None else c0) if lstm else None
-        if keep:
-            gates = conv(x.flatten(0, 1), w_ih, b_x, spec.pad, spec.dilation).unflatten(0, (n, t))
-            cells = x.new_empty((n, t, hid, *spatial))  # LSTM: c_t; GRU: W_hn h + b_hn
-        starts = []  # (h, c) at the start of each segment (checkpoint)
+        cells = x.new_empty((n, t, hid, *spatial)) if save_cells else None
+        gates = []  # per segment: the activated gates (n, k, g*h, *s) (kept for backward)
+        starts = []  # per segment: (h, c) at its start; h only where the output lacks it
         first = True
         for seg in _segments(t, spec.segment, spec.reverse):
             lo, hi = _lo_hi(seg)
+            if grad:
+                starts.append((h if spec.checkpoint and mask is not None else None, c))
+            # input convolution of the segment's frames: (n*k, c, *s) -> (n, k, g*h, *s)
+            seg_gates = conv(x[:, lo:hi].flatten(0, 1), w_ih, b_x, spec.pad,
+                             spec.dilation).unflatten(0, (n, hi - lo))
             if keep:
-                seg_gates, base = gates, 0
-            else:
-                starts.append((h, c))
-                seg_gates = conv(x[:, lo:hi].flatten(0, 1), w_ih, b_x, spec.pad,
-                                 spec.dilation).unflatten(0, (n, hi - lo))
-                base = lo
+                gates.append(seg_gates)
             for ti in seg:
-                a = seg_gates[:, ti - base]
+                a = seg_gates[:, ti - lo]
                 skip_h = first and h0 is None
                 if lstm:
                     h_new, c_new = _lstm_forward_step(
-                        a, None if skip_h else h, c, w_hh, peep_b, spec,
-                        cells[:, ti] if keep and mask is None else None)
+                        a, None if skip_h else h, c, w_hh, peep_b, spec, None)
                 else:
                     h_new = _gru_forward_step(a, h, skip_h, w_hh, b_hh, spec,
-                                              cells[:, ti] if keep else None)
+                                              cells[:, ti] if save_cells else None)
                 first = False
                 if mask is None:
                     out[:, ti].copy_(h_new)
@@ -262,26 +322,29 @@ class ConvRecurrence(torch.autograd.Function):
                     h = torch.where(m, h_new, h)
                     if lstm:
                         c = torch.where(m, c_new, c)
-                        if keep:
-                            cells[:, ti].copy_(c)
         h_n = h.clone()
         c_n = c.clone() if lstm else None
         if grad:
             ctx.spec = spec
             ctx.keep = keep
-            ctx.h0_given = h0 is not None
-            ctx.save_for_backward(x, mask, h0, c0, w_ih, b_x, w_hh, b_hh, peep, out)
-            if keep:
-                ctx.gates, ctx.cells = gates, cells
-            else:
-                ctx.starts = starts
+            # everything goes through save_for_backward, so that autograd frees it as soon as
+            # this node's backward has run (unless the graph is retained)
+            ctx.num_gates = len(gates)
+            ctx.save_for_backward(x, mask, h0, c0, w_ih, b_x, w_hh, b_hh, peep, out, cells,
+                                  *gates, *(v for hc in starts for v in hc))
         return (out, h_n, c_n) if lstm else (out, h_n)
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n=None):
         spec = ctx.spec
         lstm = spec.mode == "lstm"
-        x, mask, h0, c0, w_ih, b_x, w_hh, b_hh, peep, out = ctx.saved_tensors
+        x, mask, h0, c0, w_ih, b_x, w_hh, b_hh, peep, out, saved_cells, *extra = (
+            ctx.saved_tensors)
+        # retain_graph=True: a second backward will read the saved gates again
+        keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph",
+                             lambda: True)()
+        saved_gates = extra[: ctx.num_gates]
+        starts = list(zip(extra[ctx.num_gates::2], extra[ctx.num_gates + 1::2], strict=True))
         need = ctx.needs_input_grad
         n, t = x.shape[:2]
         hid = w_hh.shape[1]
@@ -289,16 +352,21 @@ class ConvRecurrence(torch.autograd.Function):
         nd = out.dim() - 2  # dims of (n, h, *s)
         peep_b = None if peep is None else [_bcast(p, out[:, 0]) for p in peep.chunk(3)]
         dpeep = None if peep is None else [out.new_zeros(hid) for _ in range(3)]
-        w_adj = w_hh.transpose(0, 1).flip(list(range(2, w_hh.dim())))  # adjoint conv weight
+        # gradient to the previous hidden state, per step: a forward convolution with the
+        # flipped, transposed weights (oneDNN even at batch 1) when that copy of the weights
+        # is small next to one frame's gates; else PyTorch's backward-data convolution
         pad_adj = _swap(spec.pad)
+        w_adj = None
+        if w_hh.numel() <= n * g * math.prod(out.shape[3:]):
+            w_adj = w_hh.transpose(0, 1).flip(list(range(2, w_hh.dim())))
         zero = out.new_zeros(out[:, 0].shape)
         h_init = zero if h0 is None else h0
         c_init = (zero if c0 is None else c0) if lstm else None
-        dx = x.new_zeros(x.shape) if need[1] else None
-        dw_ih = torch.zeros_like(w_ih) if need[5] else None
-        db_x = torch.zeros_like(b_x) if b_x is not None and need[6] else None
-        dw_hh = torch.zeros_like(w_hh) if need[7] else None
-        db_hh = torch.zeros_like(b_hh) if b_hh is not None and need[8] else None
+        dx = x.new_empty(x.shape) if need[1] else None
+        # weight/bias gradients: [dw_ih, db_x, dw_hh, db_hh], summed over segments in place
+        # (no zero-filled accumulators: the weights can be far larger than the activations)
+        want = [need[5], b_x is not None and need[6], need[7], b_hh is not None and need[8]]
+        acc: list[Tensor | None] = [None] * 4
         dh = dh_n
         dc = dc_n
         order = [ti for seg in _segments(t, spec.segment, spec.reverse) for ti in seg]
@@ -309,11 +377,25 @@ class ConvRecurrence(torch.autograd.Function):
             lo, hi = _lo_hi(seg)
             k = hi - lo
             # -- gates (and cell states) of this segment: kept or recomputed
-            if ctx.keep:
-                gates = ctx.gates[:, lo:hi]
-                cells = ctx.cells[:, lo:hi]
+            if ctx.keep and not lstm:
+                gates = saved_gates[si]
+                cells = saved_cells[:, lo:hi]
+            elif ctx.keep:  # LSTM: c_t from the kept gates, c_t = f * c_{t-1} + i * g
+                gates = saved_gates[si]
+                cells = out.new_empty((n, k, hid, *out.shape[3:]))
+                c = starts[si][1]
+                for ti in seg:
+                    i, f, gg, _ = gates[:, ti - lo].chunk(4, dim=1)
+                    c_new = torch.addcmul(f * c, i, gg)
+                    if mask is not None:
+                        c_new = torch.where(mask[:, ti].view(n, *([1] * nd)), c_new, c)
+                    cells[:, ti - lo] = c_new
+                    c = cells[:, ti - lo]
             else:
-                h, c = ctx.starts[si]
+                h = starts[si][0]
+                if h is None:  # the output of the segment before (no lengths), or h_0
+                    h = h_init if si == 0 else out[:, segments[si - 1][-1]]
+                c = starts[si][1]
                 gates = conv(x[:, lo:hi].flatten(0, 1), w_ih, b_x, spec.pad,
                              spec.dilation).unflatten(0, (n, k))
                 cells = out.new_empty((n, k, hid, *out.shape[3:]))
@@ -349,7 +431,12 @@ class ConvRecurrence(torch.autograd.Function):
                     else:
                         h_prev[:, ti - lo].copy_(out[:, pi])
             # -- backward through the segment's steps
-            dgx = out.new_empty((n, k, g, *out.shape[3:]))
+            # gate gradients: written over the gates themselves when nothing needs them after
+            # this backward (the graph is not retained, or they were recomputed)
+            if not ctx.keep or not keep_graph:
+                dgx = gates
+            else:
+                dgx = out.new_empty((n, k, g, *out.shape[3:]))
             dgh = dgx if lstm else out.new_empty((n, k, g, *out.shape[3:]))
             for ti in reversed(seg):
                 j = ti - lo
@@ -376,7 +463,7 @@ class ConvRecurrence(torch.autograd.Function):
                         if lo <= pi < hi:
                             c_prev = cells[:, pi - lo]
                         else:  # the state at the segment's start
-                            c_prev = ctx.cells[:, pi] if ctx.keep else ctx.starts[si][1]
+                            c_prev = starts[si][1]
                     c_new = cells[:, j]
                     dc = _lstm_backward_step(gates[:, j], c_prev, c_new, d_new, dc_state,
                                              peep_b, dgx[:, j], dpeep)
@@ -385,7 +472,9 @@ class ConvRecurrence(torch.autograd.Function):
                     direct_h = _gru_backward_step(gates[:, j], cells[:, j], h_prev[:, j], d_new,
                                                   dgx[:, j], dgh[:, j])
                 if pos > 0 or (h0 is not None and need[3]):
-                    dh = conv(dgh[:, j], w_adj, None, pad_adj, spec.dilation)
+                    dh = (conv(dgh[:, j], w_adj, None, pad_adj, spec.dilation)
+                          if w_adj is not None else
+                          conv_input_grad(dgh[:, j], h_prev[:, j], w_hh, spec.pad, spec.dilation))
                     if direct_h is not None:
                         dh.add_(direct_h)
                 else:
@@ -394,26 +483,36 @@ class ConvRecurrence(torch.autograd.Function):
                     dh = carry_h if dh is None else dh + carry_h
                 if carry_c is not None:
                     dc = dc + carry_c
-            # -- batched gradients of the two convolutions over the segment's frames
-            if dw_hh is not None or db_hh is not None:
-                _, dw, db = conv_backward(
-                    dgh.flatten(0, 1), h_prev.flatten(0, 1), w_hh, spec.pad, spec.dilation,
-                    (False, dw_hh is not None, db_hh is not None))
-                if dw_hh is not None:
-                    dw_hh += dw
-                if db_hh is not None:
-                    db_hh += db
-            if dx is not None or dw_ih is not None or db_x is not None:
-                dxs, dw, db = conv_backward(
-                    dgx.flatten(0, 1), x[:, lo:hi].flatten(0, 1), w_ih, spec.pad,
-                    spec.dilation, (dx is not None, dw_ih is not None, db_x is not None))
-                if dx is not None:
-                    dx[:, lo:hi] = dxs.unflatten(0, (n, k))
-                if dw_ih is not None:
-                    dw_ih += dw
-                if db_x is not None:
-                    db_x += db
+            # -- batched gradients of the two convolutions over the segment's frames; the input
+            # gradient first, while the weight gradients do not exist yet (oneDNN holds a
+            # reordered copy of the weights during each call)
+            x_seg = x[:, lo:hi].flatten(0, 1)
+            if dx is not None:
+                dx[:, lo:hi] = conv_input_grad(dgx.flatten(0, 1), x_seg, w_ih, spec.pad,
+                                               spec.dilation).unflatten(0, (n, k))
+            dims = [0, *range(2, dgx.dim() - 1)]  # sum over (n*k, *s) for the biases
+            if want[2]:
+                dgh_w, h_prev_w = dgh, h_prev
+                if h0 is None and lo <= first_frame < hi and n == 1 and k > 2:
+                    # the first frame's previous state is zero: no weight gradient (a view
+                    # at batch 1, a copy otherwise: only then; and never down to a batch of
+                    # 1, which PyTorch sends to a slow kernel with a large im2col buffer)
+                    part = slice(1, None) if first_frame == lo else slice(None, -1)
+                    dgh_w, h_prev_w = dgh[:, part], h_prev[:, part]
+                acc[2] = conv_weight_grad(dgh_w.flatten(0, 1), h_prev_w.flatten(0, 1), w_hh,
+                                          spec.pad, spec.dilation, acc[2])
+                del dgh_w, h_prev_w
+            if want[3]:
+                db = dgh.flatten(0, 1).sum(dims)
+                acc[3] = db if acc[3] is None else acc[3].add_(db)
+            del h_prev
+            if want[0]:
+                acc[0] = conv_weight_grad(dgx.flatten(0, 1), x_seg, w_ih, spec.pad,
+                                          spec.dilation, acc[0])
+            if want[1]:
+                db = dgx.flatten(0, 1).sum(dims)
+                acc[1] = db if acc[1] is None else acc[1].add_(db)
         dh0 = dh if (h0 is not None and need[3]) else None
         dc0 = dc if (lstm and c0 is not None and need[4]) else None
         dpeep_t = torch.cat(dpeep) if (dpeep is not None and need[9]) else None
-        return None, dx, None, dh0, dc0, dw_ih, db_x, dw_hh, db_hh, dpeep_t
+        return None, dx, None, dh0, dc0, acc[0], acc[1], acc[2], acc[3], dpeep_t

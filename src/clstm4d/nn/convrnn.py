@@ -36,6 +36,26 @@ _NUM_GATES = {"lstm": 4, "gru": 3}
 
 
 # ----------------------------------------------------------------------------------------------
+# torch version compatibility (pyproject allows torch >= 2.1)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
+# ----------------------------------------------------------------------------------------------
 # validation helpers
 
 
@@ -497,15 +517,17 @@ class _ConvRNNLayerBase(_ConvRNNBase):
             )
         return lengths.to(device=device, dtype=torch.long)
 
-    # frames per segment of the fast path's backward (and of its forward without autograd):
-    # the input convolution and the weight gradients run batched over a segment.
-    _segment_frames = 4
+    # Frames per segment of the fast path: the input convolution and the weight gradients
+    # run batched over a segment, and the backward holds one segment's gate gradients: as
+    # few frames as give a batch of 2, more while a segment's gates stay smaller than the
+    # weights (then the weight gradients dominate memory, and bigger batches are faster).
+    _min_batch = 2
+    _checkpoint_frames = 2  # with checkpoint=True: frames recomputed together in backward
 
     def _use_fast_path(self, x: Tensor) -> bool:
         """The hand-written backward through time (:mod:`._recurrence`) serves plain eager
         calls; autocast and torch.compile use the reference path built from autograd ops."""
-        return (self._fast and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled(x.device.type))
+        return self._fast and not _is_compiling() and not _autocast_enabled(x.device.type)
 
     def _run_direction(
         self,
@@ -532,9 +554,13 @@ class _ConvRNNLayerBase(_ConvRNNBase):
                   None if lstm else p.get("bias_hh"), p.get("weight_peephole"))
         grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in inputs)
         if grad and self.checkpoint:
-            segment = max(1, math.ceil(math.sqrt(t)))
+            segment = self._checkpoint_frames
         elif grad:
-            segment = self._segment_frames
+            frame = n * p["weight_hh"].shape[0] * math.prod(x.shape[3:])  # gates of one frame
+            weights = p["weight_ih"].numel() + p["weight_hh"].numel()
+            # at least 2 samples per batched call (PyTorch sends batch-1 convolutions to a
+            # slow kernel on CPU)
+            segment = min(t, max(math.ceil(self._min_batch / n), weights // frame))
         else:
             segment = t
         spec = Spec(self._mode, self.spatial_dims, self._pad, self.dilation, reverse, segment,
