@@ -128,3 +128,18 @@ def test_synth_arguments_map_onto_write_synthetic_dataset(tmp_path):
     assert len(dl.training) == 2 and not dl.validation
     case = load_case(dl.training[0])
     assert case.image.shape == (4, 1, 20, 20) and len(case.meta["corrupted"]) == 2
+
+
+def test_dataset_written_to_a_relative_folder_loads_from_anywhere(tmp_path, monkeypatch):
+    """`clstm4d synth --out data` (a relative path): the datalist stores paths relative to
+    its own folder, so it loads from another working directory (was: paths relative to the
+    working directory, doubled on loading)."""
+    pytest.importorskip("nibabel")
+    monkeypatch.chdir(tmp_path)
+    path = write_synthetic_dataset("out/data", cases=2, frames=3, size=16, spatial_dims=2,
+                                   seed=1, test=1)
+    doc = json.loads(path.read_text())
+    assert doc["training"][0]["image"].startswith("imagesTr/"), doc["training"][0]
+    monkeypatch.chdir(tmp_path / "out")
+    case = load_datalist("data/datalist.json").training[0]
+    assert load_case(case).image.shape == (3, 1, 16, 16)

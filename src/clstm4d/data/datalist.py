@@ -263,7 +263,8 @@ def save_datalist(path: str | os.PathLike, *, training: Iterable[dict] = (),
                   validation: Iterable[dict] = (), test: Iterable[dict] = (),
                   labels: dict[int, str] | None = None, spatial_dims: int | None = None,
                   **extra: Any) -> Path:
-    """Write a datalist JSON atomically. Entry paths under its folder are made relative.
+    """Write a datalist JSON atomically; entry paths (real paths, relative ones to the working
+    directory) are stored relative to the JSON's folder where they lie under it.
 
     Args:
         path: the JSON file.
@@ -278,11 +279,12 @@ def save_datalist(path: str | os.PathLike, *, training: Iterable[dict] = (),
     def rel(p):
         if isinstance(p, (list, tuple)):
             return [rel(q) for q in p]
-        p = Path(p)
-        if not p.is_absolute():
-            return p.as_posix()
-        resolved = p.resolve()
-        return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(p)
+        # paths are real paths (relative ones to the working directory, as every caller
+        # passes them); the JSON stores them relative to its own folder where possible
+        resolved = Path(p).resolve()
+        if resolved.is_relative_to(root):
+            return resolved.relative_to(root).as_posix()
+        return str(resolved)
 
     doc: dict[str, Any] = {}
     unknown = sorted(set(extra) - TOP_LEVEL_KEYS)
