@@ -370,6 +370,7 @@ class ConvRecurrence(torch.autograd.Function):
         dh = dh_n
         dc = dc_n
         order = [ti for seg in _segments(t, spec.segment, spec.reverse) for ti in seg]
+        position = {ti: pos for pos, ti in enumerate(order)}  # frame -> processing step
         first_frame = order[0]
         segments = _segments(t, spec.segment, spec.reverse)
         for si in range(len(segments) - 1, -1, -1):
@@ -420,7 +421,7 @@ class ConvRecurrence(torch.autograd.Function):
             # -- previous hidden state of every frame in the segment: (n, k, h, *s)
             h_prev = out.new_empty((n, k, hid, *out.shape[3:]))
             for ti in seg:
-                pos = order.index(ti)
+                pos = position[ti]
                 if pos == 0:
                     h_prev[:, ti - lo].copy_(h_init)
                 else:
@@ -440,7 +441,7 @@ class ConvRecurrence(torch.autograd.Function):
             dgh = dgx if lstm else out.new_empty((n, k, g, *out.shape[3:]))
             for ti in reversed(seg):
                 j = ti - lo
-                pos = order.index(ti)
+                pos = position[ti]
                 d_new = dh
                 if dout is not None:
                     d_new = dout[:, ti] if d_new is None else d_new + dout[:, ti]

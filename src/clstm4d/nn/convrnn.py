@@ -13,8 +13,10 @@ axes appended): ``weight_ih_l{k}`` ``(g*h, c_k, *kernel)``, ``weight_hh_l{k}``
 ``(g*h, h, *kernel)``, ``bias_ih_l{k}`` and ``bias_hh_l{k}`` ``(g*h,)``; suffix ``_reverse``
 for the backward direction; ``c_0 = in_channels``, ``c_k = D*h`` for ``k > 0``. Gate order
 is i, f, g, o (LSTM) and r, z, n (GRU). The input-to-hidden convolution of a layer runs
-once over all frames (batch and time folded); only the hidden-to-hidden convolution runs
-per step.
+batched over the frames (batch and time folded); only the hidden-to-hidden convolution runs
+per step. Plain calls take the fast path of :mod:`clstm4d.nn._recurrence` (hand-written
+backward through time); under autocast and torch.compile the same computation is built from
+autograd ops (:meth:`_ConvRNNLayerBase._run_direction_reference`).
 """
 
 from __future__ import annotations
@@ -652,9 +654,9 @@ class ConvLSTM(_ConvRNNLayerBase):
         dropout: dropout on the output of every layer except the last (as nn.LSTM), in
             training mode only. Default: 0.0.
         dilation: int or per-axis tuple, used by both convolutions. Default: 1.
-        checkpoint: recompute each step's activations (input convolution included) during
-            backward instead of storing them; same outputs and gradients, less memory, more
-            time. Default: False.
+        checkpoint: keep only the outputs and the states every 2 frames; backward recomputes
+            the activations (input convolution included) segment by segment. Same outputs
+            and gradients, about half the memory, ~20% more time. Default: False.
         device, dtype: factory keywords for the parameters.
         forget_bias: initial value of the forget-gate slice of ``bias_ih`` (the other biases
             start at zero). Default: 1.0 (Keras' ``unit_forget_bias``).
@@ -752,9 +754,9 @@ class ConvGRU(_ConvRNNLayerBase):
         dropout: dropout on the output of every layer except the last (as nn.LSTM), in
             training mode only. Default: 0.0.
         dilation: int or per-axis tuple, used by both convolutions. Default: 1.
-        checkpoint: recompute each step's activations (input convolution included) during
-            backward instead of storing them; same outputs and gradients, less memory, more
-            time. Default: False.
+        checkpoint: keep only the outputs and the states every 2 frames; backward recomputes
+            the activations (input convolution included) segment by segment. Same outputs
+            and gradients, about half the memory, ~20% more time. Default: False.
         device, dtype: factory keywords for the parameters.
 
     Shape:
