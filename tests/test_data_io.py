@@ -135,6 +135,9 @@ def test_nrrd_series_with_seg_nrrd_labels(tmp_path):
     image, geom = read_image(images)
     label, lgeom = read_label(labels)
     assert geom.format == "nrrd-series" and image.shape == (3, 1, 6, 5, 4)
+    # the folder itself: images are the plain frames, labels the .seg.nrrd ones
+    np.testing.assert_array_equal(read_image(tmp_path)[0], image)
+    np.testing.assert_array_equal(read_label(tmp_path)[0], label)
     np.testing.assert_array_equal(image[:, 0], vols)
     np.testing.assert_array_equal(label, labs)
     np.testing.assert_allclose(geom.affine, affine, atol=1e-12)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ._common import DataError, Geometry, atomic_path, full_suffix
-from .io import NIFTI_SUFFIXES, NRRD_SUFFIXES, read_image, read_label
+from .io import FRAME_SUFFIXES, frame_files, natural_key, read_image, read_label
 
 __all__ = ["Case", "CaseData", "Datalist", "load_datalist", "save_datalist", "load_case",
            "datalist_from_folder",
@@ -43,7 +42,6 @@ TOP_LEVEL_KEYS = frozenset(SECTIONS) | {
     "release", "tensorImageSize", "modality", "channels", "numTraining", "numValidation",
     "numTest", "time_interval", "synthetic",
 }
-_FRAME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
 
 
 @dataclass
@@ -111,29 +109,20 @@ class Datalist:
         return [c for s in (sections or SECTIONS) for c in getattr(self, s)]
 
 
-def _natural_key(path: Path):
-    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", str(path))]
-
-
 def _resolve(value, root: Path, where: str, key: str, json_path) -> Path | list[Path]:
     if isinstance(value, str):
         if any(ch in value for ch in "*?["):
-            matches = sorted((Path(p) for p in glob.glob(str(root / value))), key=_natural_key)
+            matches = sorted((Path(p) for p in glob.glob(str(root / value))), key=natural_key)
             if not matches:
                 raise DataError(f"{where}: {key!r} pattern {value!r} matches no file", json_path)
             return matches if len(matches) > 1 else matches[0]
         path = Path(value) if os.path.isabs(value) else root / value
         if path.is_dir():
-            frames = sorted((p for p in path.iterdir() if full_suffix(p) in _FRAME_SUFFIXES
-                             and not p.name.startswith(".")), key=_natural_key)
-            segs = [p for p in frames if p.name.lower().endswith(".seg.nrrd")]
-            if key == "image":
-                frames = [p for p in frames if p not in segs]
-            elif segs:  # images and .seg.nrrd labels side by side: the labels are the latter
-                frames = segs
-            if not frames:
-                raise DataError(f"{where}: {key!r} folder has no NIfTI/NRRD frame files", path)
-            return frames
+            try:
+                return frame_files(path, label=key != "image")
+            except DataError:
+                raise DataError(f"{where}: {key!r} folder has no NIfTI/NRRD frame files",
+                                path) from None
         return path
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return [Path(v) if os.path.isabs(v) else root / v for v in value]
@@ -385,13 +374,13 @@ def validate_datalist(datalist: Datalist | str | os.PathLike,
     return problems
 
 
-_CASE_SUFFIXES = _FRAME_SUFFIXES + (".tif", ".tiff")
+_CASE_SUFFIXES = FRAME_SUFFIXES + (".tif", ".tiff")
 
 
 def _case_entries(folder: Path) -> dict[str, Path]:
     """Case name -> file (4D file / TIFF) or frame folder, for one images*/labels* folder."""
     out = {}
-    for p in sorted(folder.iterdir(), key=_natural_key):
+    for p in sorted(folder.iterdir(), key=natural_key):
         if p.name.startswith("."):
             continue
         suffix = full_suffix(p)

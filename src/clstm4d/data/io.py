@@ -30,6 +30,7 @@ PathLike = str | os.PathLike
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".seg.nrrd", ".nhdr")
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
+FRAME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES  # formats stored one file per frame
 _TIME_UNITS = {"sec": "s", "msec": "ms", "usec": "us"}
 _NIFTI_TIME_UNITS = {v: k for k, v in _TIME_UNITS.items()}
 
@@ -67,12 +68,37 @@ def detect_format(path_or_paths: PathLike | Sequence[PathLike]) -> str:
     return "nifti-series" if kind == "nifti" else kind
 
 
+def natural_key(path: PathLike) -> list:
+    """Sort key that puts ``t2`` before ``t10``."""
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", str(path))]
+
+
+def frame_files(folder: PathLike, label: bool = False) -> list[Path]:
+    """The per-frame NIfTI/NRRD files of a folder, in natural order (``t2`` before ``t10``).
+
+    Hidden files are skipped. Where images and 3D Slicer ``.seg.nrrd`` labels lie side by
+    side, images (``label=False``) are the other files and labels the ``.seg.nrrd`` ones.
+    """
+    folder = Path(folder)
+    frames = sorted((p for p in folder.iterdir() if full_suffix(p) in FRAME_SUFFIXES
+                     and not p.name.startswith(".")), key=natural_key)
+    segs = [p for p in frames if p.name.lower().endswith(".seg.nrrd")]
+    if not label:
+        frames = [p for p in frames if p not in segs]
+    elif segs:
+        frames = segs
+    if not frames:
+        raise DataError("folder has no NIfTI/NRRD frame files", folder)
+    return frames
+
+
 def read_image(path_or_paths: PathLike | Sequence[PathLike],
                spatial_dims: int | None = None) -> tuple[np.ndarray, Geometry]:
     """Read an image sequence.
 
     Args:
-        path_or_paths: one 4D NIfTI / TIFF file, or a list of per-frame 3D files (NIfTI or NRRD).
+        path_or_paths: one 4D NIfTI / TIFF file, or per-frame 3D files (NIfTI or NRRD): a
+            list of them, or their folder (see :func:`frame_files`).
         spatial_dims: 2 or 3 to force the number of spatial axes: trailing size-1 axes are
             dropped (a 2D+t NIfTI is stored as ``x, y, 1, t``) or added; ``None`` keeps the file's.
 
@@ -179,6 +205,8 @@ def output_path(geometry: Geometry, folder: PathLike, name: str) -> Path:
 def _read(path_or_paths, spatial_dims, label):
     if spatial_dims is not None and spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 1, 2, 3 or None, got {spatial_dims!r}")
+    if isinstance(path_or_paths, (str, os.PathLike)) and Path(path_or_paths).is_dir():
+        path_or_paths = frame_files(path_or_paths, label)
     fmt = detect_format(path_or_paths)
     if fmt == "nifti":
         array, geometry = _read_nifti(Path(path_or_paths), label)
