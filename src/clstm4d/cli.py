@@ -115,7 +115,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder, its model.safetensors, or a training run folder")
     p.add_argument("--input", required=True, nargs="+",
-                   help="one 4D file (NIfTI/TIFF), or the per-frame files of one sequence or their folder")
+                   help="one 4D file (NIfTI/TIFF), or the per-frame files of one sequence "
+                        "or their folder")
     p.add_argument("--output", required=True,
                    help="output file (single-file formats) or folder (per-frame series)")
     p.add_argument("--roi", type=int, nargs="+", help="sliding-window size per spatial axis "
