@@ -65,6 +65,10 @@ def test_checkpoint_roundtrip_and_latest(tmp_path):
     for a, b in zip(net.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert not list((tmp_path / "checkpoints").glob(".*tmp"))  # no temporary leftovers
+    umask = os.umask(0)
+    os.umask(umask)  # written atomically, yet with the permissions of a plain open/mkdir
+    assert res.checkpoint.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "checkpoints" / "latest.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert json.loads((res.checkpoint / "config.json").read_text())["a"] == {"__tuple__": [1, 2]}
 
 

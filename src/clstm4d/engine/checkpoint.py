@@ -58,6 +58,13 @@ STATE_FILE = "state.json"
 LATEST = "latest.json"
 
 
+def _umask_mode(path: Path, mode: int) -> None:
+    """Give a mkstemp/mkdtemp result (0600/0700) the permissions a plain open/mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
     path = Path(path)
@@ -68,6 +75,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _umask_mode(Path(tmp), 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -205,6 +213,7 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        _umask_mode(tmp, 0o777)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
