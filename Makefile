@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= demo_out
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test lint bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -14,9 +14,6 @@ demo: setup
 test: setup
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
-
-test-slow: setup
-	$(PY) -m pytest -q -m slow
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
