@@ -17,7 +17,6 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
 
 bench: setup
 	$(VENV)/bin/clstm4d bench
