@@ -16,6 +16,13 @@ from .datalist import (
     validate_datalist,
 )
 from .io import detect_format, output_path, read_image, read_label, write_image, write_label
+from .resample import (
+    resample_case,
+    resample_image,
+    resample_label,
+    resampled_geometry,
+    target_shape,
+)
 from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
@@ -33,6 +40,7 @@ __all__ = [
     "save_datalist", "validate_datalist",
     "detect_format", "output_path", "read_image", "read_label", "write_image", "write_label",
     "PatchDataset", "crop_or_pad",
+    "resample_case", "resample_image", "resample_label", "resampled_geometry", "target_shape",
     "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",
     "write_synthetic_dataset",
     "Augment", "normalize_intensity",
