@@ -42,8 +42,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["LOCK", "MANIFEST", "OutputFolder", "RunFolder", "RunLock", "check_outputs",
-           "same_file"]
+__all__ = ["LOCK", "MANIFEST", "OutputFolder", "RunFolder", "RunLock", "check_label_outputs",
+           "check_outputs", "same_file"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,21 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | o
         if out.exists() or out.is_symlink():
             raise UserError(f"{option} {out} already exists; choose another {option} "
                             "or pass --overwrite to replace it")
+
+
+def check_label_outputs(geometry, output: str | os.PathLike,
+                        inputs: Iterable[str | os.PathLike] = (), *, overwrite: bool = False,
+                        option: str = "--output") -> None:
+    """:func:`check_outputs` for the label map of an image with ``geometry`` written to
+    ``output`` (a file, or the folder of a per-frame series): the files
+    :func:`~clstm4d.data.write_label` would write are checked against the image's source
+    files and ``inputs`` (what the user named: files or a folder)."""
+    from clstm4d.data import output_files
+
+    inputs = [*geometry.sources, *(p for p in inputs if Path(p).is_file())]
+    series = geometry.format.endswith("-series")
+    check_outputs(output_files(geometry, output, label=True), inputs, overwrite=overwrite,
+                  folder=output if series else None, option=option)
 
 
 class OutputFolder:
