@@ -145,5 +145,6 @@ def test_training_resamples_cases_to_data_spacing(tmp_path, monkeypatch):
     _, run = load_model(res.checkpoint)
     assert run.config.data.spacing == [1.0]
     cfg.data.spacing = [1.0, 1.0]
+    cfg.train.out = str(tmp_path / "run2")
     with pytest.raises(ValueError, match="data.spacing must be one positive number or 3"):
         train(cfg)
