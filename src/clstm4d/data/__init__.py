@@ -15,7 +15,15 @@ from .datalist import (
     save_datalist,
     validate_datalist,
 )
-from .io import detect_format, output_path, read_image, read_label, write_image, write_label
+from .io import (
+    detect_format,
+    output_files,
+    output_path,
+    read_image,
+    read_label,
+    write_image,
+    write_label,
+)
 from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
@@ -31,7 +39,8 @@ __all__ = [
     "DataError", "Geometry", "atomic_path",
     "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist",
     "save_datalist", "validate_datalist",
-    "detect_format", "output_path", "read_image", "read_label", "write_image", "write_label",
+    "detect_format", "output_files", "output_path", "read_image", "read_label", "write_image",
+    "write_label",
     "PatchDataset", "crop_or_pad",
     "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",
     "write_synthetic_dataset",

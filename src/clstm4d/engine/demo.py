@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import atomic_write_text
 from .config import Config
-from .errors import UserError
+from .errors import Preempted, UserError
 
 __all__ = ["DemoOptions", "format_table", "run_demo"]
 
@@ -55,6 +55,7 @@ class DemoOptions:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    overwrite: bool = False
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "temporal (ConvLSTM)": {"temporal": "bottleneck"},
         "per-frame": {"temporal": "none"},
@@ -86,11 +87,12 @@ def _train_child(cfg_dict: dict[str, Any], threads: int, queue) -> None:
     try:
         torch.set_num_threads(threads)
         cpu0 = time.process_time()
-        res = train(Config.from_dict(cfg_dict), progress_validation=False)
+        # the demo owns its run folders: a second demo trains them again from step 0
+        res = train(Config.from_dict(cfg_dict), progress_validation=False, overwrite=True)
         queue.put(("ok", {"checkpoint": str(res.checkpoint), "steps": res.steps,
                           "seconds": res.seconds, "peak": res.peak_memory_bytes,
                           "cpu": time.process_time() - cpu0}))
-    except (UserError, ValueError, OSError) as e:  # the parent raises it as a user error
+    except (UserError, ValueError, OSError, Preempted) as e:  # the parent raises a user error
         queue.put(("user", str(e)))
     except BaseException as e:
         queue.put(("error", f"{type(e).__name__}: {e}"))
@@ -134,12 +136,23 @@ def _say_default(msg: str) -> None:
 
 
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> dict[str, Any]:
-    """Run the whole demo and return the report (also written to ``out/report.json``)."""
+    """Run the whole demo and return the report (also written to ``out/report.json``).
+
+    ``opts.out`` must be new, empty or an earlier demo's output (see
+    :class:`~clstm4d.engine.guards.OutputFolder`) unless ``opts.overwrite``.
+    """
+    from .guards import OutputFolder
+
+    with OutputFolder(opts.out, "demo", overwrite=opts.overwrite):
+        return _run_demo(opts, say)
+
+
+def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     from clstm4d.data import load_case, load_datalist, write_synthetic_dataset
 
-    from .builders import load_model, segment
     from .evaluate import evaluate_sequence, write_frames_csv
     from .plots import overlay_montage, plot_dice_per_frame, write_gif
+    from .predictor import Predictor
 
     t0 = time.perf_counter()
     torch.set_num_threads(opts.threads or default_threads())
@@ -178,9 +191,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
         say(f"[2/4] training {name} ({i + 1}/{len(opts.variants)}): model '{opts.model}' "
             f"{overrides}, {opts.steps} steps x batch {opts.batch_size} x {opts.window} frames")
         res, cpu = _train_isolated(cfg, opts.threads or default_threads())
-        model, config = load_model(res.checkpoint)
-        results[name] = {"train": res, "model": model, "config": config, "slug": slug,
-                         "cpu_seconds": cpu}
+        results[name] = {"train": res, "predictor": Predictor.from_checkpoint(res.checkpoint),
+                         "slug": slug, "cpu_seconds": cpu}
 
     say(f"[3/4] evaluating on {len(dl.test)} held-out sequences")
     test_cases = [load_case(c) for c in dl.test]
@@ -194,7 +206,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
         t_eval = time.perf_counter()
         per_case, frames_all = [], []
         for c in test_cases:
-            pred = segment(r["model"], r["config"], c.image, name=c.name)
+            pred = r["predictor"].predict_array(c.image, c.geometry, name=c.name)
             ev = evaluate_sequence(pred, c.label, num_classes, spacing=c.geometry.spacing,
                                    corrupted=c.meta.get("corrupted", []),
                                    class_names=class_names)
@@ -208,8 +220,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
         corr = np.array([f["corrupted"] for f in frames_all], bool)
         tr = r["train"]
         report_models[name] = {
-            "model": r["config"]["model_config"],
-            "parameters": int(sum(p.numel() for p in r["model"].parameters())),
+            "model": r["predictor"].run.model_config,
+            "parameters": int(sum(p.numel() for p in r["predictor"].model.parameters())),
             "dice": float(dice.mean()),
             "dice_corrupted": float(dice[corr].mean()) if corr.any() else float("nan"),
             "dice_clean": float(dice[~corr].mean()) if (~corr).any() else float("nan"),
