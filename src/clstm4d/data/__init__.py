@@ -19,13 +19,15 @@ from .io import detect_format, output_path, read_image, read_label, write_image,
 from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
+    CUE_CLASS_NAMES,
     add_synth_arguments,
     design_check,
+    make_cue_track_case,
     make_synthetic_case,
     synth_options,
     write_synthetic_dataset,
 )
-from .transforms import Augment, normalize_intensity
+from .transforms import Augment, Degrade, normalize_intensity
 
 __all__ = [
     "DataError", "Geometry", "atomic_path",
@@ -33,7 +35,7 @@ __all__ = [
     "save_datalist", "validate_datalist",
     "detect_format", "output_path", "read_image", "read_label", "write_image", "write_label",
     "PatchDataset", "crop_or_pad",
-    "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",
-    "write_synthetic_dataset",
-    "Augment", "normalize_intensity",
+    "CLASS_NAMES", "CUE_CLASS_NAMES", "add_synth_arguments", "design_check",
+    "make_cue_track_case", "make_synthetic_case", "synth_options", "write_synthetic_dataset",
+    "Augment", "Degrade", "normalize_intensity",
 ]

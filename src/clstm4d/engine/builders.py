@@ -102,7 +102,8 @@ def build_dataset(cfg: Config, cases, resolved: dict[str, Any]):
     roi = None if d.roi is None else (d.roi * dims if len(d.roi) == 1 else d.roi)
     try:
         return PatchDataset(cases, window=d.window, roi=roi, foreground_prob=d.foreground_prob,
-                            seed=cfg.train.seed, augment=d.augment, normalize=d.normalize)
+                            seed=cfg.train.seed, augment=d.augment, normalize=d.normalize,
+                            degrade=d.degrade)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
 
@@ -150,7 +151,8 @@ def segment(model: torch.nn.Module, config: dict[str, Any], image: np.ndarray, *
     x = prepare_image(image, config.get("data", {}).get("normalize"),
                       int(config["model"]["in_channels"]), name)
     labels = predict_sequence(model, x, roi=p.get("roi"), overlap=p.get("overlap", 0.25),
-                              chunk=p.get("chunk", 16), sw_batch_size=p.get("sw_batch_size", 1),
+                              chunk=p.get("chunk", 16), time_margin=p.get("time_margin"),
+                              sw_batch_size=p.get("sw_batch_size", 1),
                               mode=p.get("mode", "gaussian"), device=device, amp_dtype=amp_dtype)
     return labels.numpy()
 
