@@ -77,6 +77,9 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: half the cores, 1 to 4)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--degrade", default="all", metavar="KIND[=S],...",
+                   help="degradation families of the data's degraded frames (partial ones at "
+                        "strength 0.5, full ones at 1; see clstm4d synth --help)")
 
     # ---- train
     t = sub.add_parser("train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -171,7 +174,8 @@ def _cmd_demo(args) -> int:
     opts = DemoOptions(out=args.out, dims=args.dims, frames=args.frames, cases=args.cases,
                        test=args.test, size=args.size, model=args.model,
                        batch_size=args.batch_size, steps=args.steps, window=args.window,
-                       seed=args.seed, threads=args.threads, progress=not args.no_progress)
+                       seed=args.seed, threads=args.threads, progress=not args.no_progress,
+                       degrade=args.degrade)
     t0 = time.perf_counter()
     report = run_demo(opts, say=lambda m: print(m, flush=True))
     out = Path(args.out)
