@@ -59,25 +59,18 @@ def base_config(args, datalist: Path, run_out: Path, **data: Any) -> dict[str, A
 
 
 def train_variant(base: dict[str, Any], overrides: list[str]):
-    """Train one variant; returns ``(model, saved config, seconds)``."""
+    """Train one variant; returns ``(Predictor of the final checkpoint, seconds)``."""
     import torch
 
-    from clstm4d.engine.builders import load_model
     from clstm4d.engine.config import Config
+    from clstm4d.engine.predictor import Predictor
     from clstm4d.engine.train import train
 
     torch.set_num_threads(int(base["train"]["threads"]))
     t0 = time.perf_counter()
     res = train(Config.from_dict(base, overrides=overrides), progress_validation=False)
-    model, config = load_model(res.checkpoint)
-    return model, config, time.perf_counter() - t0
-
-
-def predict(model, config, image):
-    """Labels ``(t, *s)`` for image ``(t, c, *s)`` with the run's saved predict settings."""
-    from clstm4d.engine.builders import segment
-
-    return segment(model, config, image)
+    predictor = Predictor.from_checkpoint(res.checkpoint, device="cpu", amp="none")
+    return predictor, time.perf_counter() - t0
 
 
 def save_result(path: Path, result: dict[str, Any]) -> None:

@@ -109,12 +109,12 @@ def c2c12_data(args):
     return path, test
 
 
-def evaluate(model, config, cases, num_classes: int) -> tuple[dict, dict]:
+def evaluate(predictor, cases, num_classes: int) -> tuple[dict, dict]:
     from clstm4d.engine.evaluate import dice_by_corruption, evaluate_sequence
 
     rows, summaries, preds = [], [], {}
     for c in cases:
-        pred = common.predict(model, config, c.image)
+        pred = predictor.predict_array(c.image, name=c.name)
         preds[c.name] = pred
         ev = evaluate_sequence(pred, c.label, num_classes, corrupted=c.meta["corrupted"],
                                corruption=c.meta["corruption"], hd95=False)
@@ -176,8 +176,8 @@ def main() -> None:
                 continue
             base = common.base_config(args, datalist, Path(args.out) / "runs" / common.slug(name),
                                       window=args.window, roi=roi, foreground_prob=0.5)
-            model, config, seconds = common.train_variant(base, overrides)
-            result, preds = evaluate(model, config, test, num_classes)
+            predictor, seconds = common.train_variant(base, overrides)
+            result, preds = evaluate(predictor, test, num_classes)
             if args.data == "c2c12":
                 result["copy_previous_prediction"] = copy_previous(test, preds)
             result.update(name=name, overrides=overrides, train_seconds=round(seconds, 1))

@@ -67,12 +67,12 @@ def test_cases(args):
                                 cue_frames=args.cue_frames) for i in range(args.test)]
 
 
-def evaluate(model, config, cases, cue: int) -> dict:
+def evaluate(predictor, cases, cue: int) -> dict:
     from clstm4d.engine.metrics import dice_per_frame
 
     ident, fg, correct = [], [], []
     for c in cases:
-        pred = common.predict(model, config, c.image)
+        pred = predictor.predict_array(c.image, name=c.name)
         d = dice_per_frame(pred, c.label, 3).mean(1).numpy()  # (t,)
         swapped = np.where(c.label > 0, 3 - c.label, 0)
         ds = dice_per_frame(pred, swapped, 3).mean(1).numpy()
@@ -101,8 +101,8 @@ def run(args, name: str, overrides: list[str]) -> dict:
     datalist = training_data(args, frames)
     base = common.base_config(args, datalist, Path(args.out) / "runs" / common.slug(name),
                               window=frames, roi=None, foreground_prob=0.0)
-    model, config, seconds = common.train_variant(base, rest)
-    result = evaluate(model, config, test_cases(args), args.cue_frames)
+    predictor, seconds = common.train_variant(base, rest)
+    result = evaluate(predictor, test_cases(args), args.cue_frames)
     result.update(name=name, overrides=overrides, train_frames=frames,
                   train_seconds=round(seconds, 1))
     return result

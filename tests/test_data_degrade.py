@@ -189,7 +189,7 @@ def test_synth_cli_options_for_degradations_and_cue_track(tmp_path):
     assert dl.labels == CUE_CLASS_NAMES and dl.training[0].meta["cue_frames"] == 2
     ref = make_cue_track_case((0, 0), 6, 24, 2, cue_frames=2)
     np.testing.assert_array_equal(load_case(dl.training[0]).label, ref.label)
-    with pytest.raises(ValueError, match="--degrade and --corrupted apply to --task chamber"):
+    with pytest.raises(ValueError, match="--degrade, --corrupted and --spacing apply to"):
         synth_options(parser.parse_args(["--out", "x", "--task", "cue-track", "--degrade",
                                          "snr"]))
     with pytest.raises(ValueError, match="--degrade: unknown degradation 'fog'"):

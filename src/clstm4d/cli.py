@@ -126,10 +126,14 @@ def _build_parser() -> argparse.ArgumentParser:
                    "(one value for all); default: the checkpoint's predict.roi (whole frames)")
     p.add_argument("--overlap", type=float, help="window overlap fraction (default 0.25)")
     p.add_argument("--chunk", type=int, help="frames per chunk (default 16)")
+    p.add_argument("--time-margin", type=int,
+                   help="bidirectional models: frames of context on both sides of each chunk "
+                        "(default: the whole sequence in one pass)")
     p.add_argument("--sw-batch-size", type=int, help="windows run together (default 1)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-                   help="mixed precision")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's "
+                   "predict.device, auto)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"),
+                   help="mixed precision (default: the checkpoint's predict.amp, auto)")
 
     # ---- evaluate
     e = sub.add_parser("evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -217,30 +221,15 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from clstm4d.data import read_image, write_label
-    from clstm4d.engine.builders import load_model, segment
-    from clstm4d.engine.runtime import amp_dtype, resolve_device
+    from clstm4d.engine.predictor import Predictor
 
-    device = resolve_device(args.device)
-    model, config = load_model(args.checkpoint, device)
-    dims = int(config["model"]["spatial_dims"])
-    paths = args.input[0] if len(args.input) == 1 else args.input
-    for f in args.input:
-        if not Path(f).exists():
-            from clstm4d.engine.errors import UserError
-
-            raise UserError(f"input not found: {f}")
-    image, geometry = read_image(paths, dims)
-    over = {k: v for k, v in {"roi": args.roi, "overlap": args.overlap, "chunk": args.chunk,
-                              "sw_batch_size": args.sw_batch_size}.items() if v is not None}
-    if "roi" in over and len(over["roi"]) == 1:
-        over["roi"] = over["roi"] * dims
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, device=args.device, amp=args.amp, roi=args.roi, overlap=args.overlap,
+        chunk=args.chunk, time_margin=args.time_margin, sw_batch_size=args.sw_batch_size)
     t0 = time.perf_counter()
-    labels = segment(model, config, image, device=device, amp_dtype=amp_dtype(device, args.amp),
-                     name=str(args.input[0]), **over)
-    written = write_label(labels, geometry, args.output)
-    print(f"segmented {labels.shape[0]} frames of {tuple(labels.shape[1:])} in "
-          f"{time.perf_counter() - t0:.1f} s -> "
+    written = predictor.predict_file(args.input, args.output)
+    print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "
+          f"in {time.perf_counter() - t0:.1f} s -> "
           f"{written[0] if len(written) == 1 else f'{len(written)} files in {args.output}'}")
     return 0
 

@@ -59,12 +59,13 @@ def smooth_field(rng: np.random.Generator, grid: np.ndarray, shape: Sequence[int
     """A smooth random field (sum of low-frequency plane waves), values in about +-amplitude.
 
     Args:
-        grid: ``(d, *s)`` voxel coordinates (``np.indices(shape)``).
+        grid: ``(d, *s)`` coordinates of the voxels (``np.indices(shape)`` at spacing 1).
+        shape: the extent the waves are relative to (in the units of ``grid``).
 
     Returns:
-        ``(*s)`` float32.
+        ``(*s)`` float32, the shape of ``grid[0]``.
     """
-    field = np.zeros(tuple(shape), np.float32)
+    field = np.zeros(grid.shape[1:], np.float32)
     for _ in range(waves):
         freq = rng.integers(-2, 3, len(shape))
         if not freq.any():
@@ -75,9 +76,11 @@ def smooth_field(rng: np.random.Generator, grid: np.ndarray, shape: Sequence[int
 
 
 def occluder_box(rng: np.random.Generator, label: np.ndarray | None, shape: Sequence[int],
-                 length: float) -> tuple[slice, ...]:
+                 length: float | Sequence[float]) -> tuple[slice, ...]:
     """Index tuple of a box that covers all foreground of ``label (*s)`` with random margins
-    of 8-25 % of ``length`` (the centre half of the field when there is no foreground)."""
+    of 8-25 % of ``length`` (voxels; one value or one per axis) (the centre half of the field
+    when there is no foreground)."""
+    length = np.broadcast_to(np.asarray(length, np.float64), (len(shape),))
     fg = np.argwhere(label > 0) if label is not None else np.zeros((0, len(shape)))
     if len(fg) == 0:
         lo = np.array(shape) // 4
@@ -86,7 +89,7 @@ def occluder_box(rng: np.random.Generator, label: np.ndarray | None, shape: Sequ
         lo, hi = fg.min(0), fg.max(0) + 1
     slices = []
     for a, (lo_a, hi_a) in enumerate(zip(lo, hi, strict=True)):
-        m0, m1 = rng.uniform(0.08, 0.25, 2) * length
+        m0, m1 = rng.uniform(0.08, 0.25, 2) * length[a]
         slices.append(slice(max(0, int(lo_a - m0)), min(shape[a], int(np.ceil(hi_a + m1)))))
     return tuple(slices)
 
@@ -106,7 +109,7 @@ def noise_sigma(frame: np.ndarray) -> np.ndarray:
 class _Frame:
     """One frame being degraded and what the families may need to know about it."""
 
-    def __init__(self, x, rng, label, background, level, noise):
+    def __init__(self, x, rng, label, background, level, noise, extent):
         self.x = x  # (c, *s) float32, a private copy
         self.rng = rng
         self.label = label
@@ -115,6 +118,7 @@ class _Frame:
         self._noise = noise
         self.spatial = x.shape[1:]
         self.d = len(self.spatial)
+        self.extent = float(min(self.spatial)) if extent is None else extent
         self.axes = tuple(range(1, x.ndim))
 
     def per_channel(self, values) -> np.ndarray:
@@ -201,7 +205,7 @@ def _dropout(f: _Frame, s: float) -> np.ndarray:
 
 
 def _occlusion(f: _Frame, s: float) -> np.ndarray:
-    box = (slice(None), *occluder_box(f.rng, f.label, f.spatial, float(min(f.spatial))))
+    box = (slice(None), *occluder_box(f.rng, f.label, f.spatial, f.extent))
     out = f.x.copy()
     level = f.level()
     out[box] = f.noisy((1 - s) * out[box] + s * level, s)
@@ -216,7 +220,8 @@ _FAMILIES: dict[str, Callable[[_Frame, float], np.ndarray]] = {
 
 def degrade(frame: np.ndarray, kind: str, strength: float, rng: np.random.Generator, *,
             label: np.ndarray | None = None, background: np.ndarray | float | None = None,
-            level: float | None = None, noise: float | None = None) -> np.ndarray:
+            level: float | None = None, noise: float | None = None,
+            extent: float | Sequence[float] | None = None) -> np.ndarray:
     """Degrade one frame with family ``kind`` (see the module docstring).
 
     Args:
@@ -231,6 +236,8 @@ def degrade(frame: np.ndarray, kind: str, strength: float, rng: np.random.Genera
         level: reference object intensity for occluders; default the 99th percentile.
         noise: noise standard deviation given to filled regions; default estimated from the
             frame (:func:`noise_sigma`); 0 adds none (and draws nothing).
+        extent: the size of the scene in voxels (one value or one per axis) that the margins
+            of ``"occlusion"`` are relative to; default the smallest spatial size.
 
     Returns:
         ``(c, *s)``, float64 for a float64 frame, else float32.
@@ -257,7 +264,8 @@ def degrade(frame: np.ndarray, kind: str, strength: float, rng: np.random.Genera
     if label is not None and np.shape(label) != x.shape[1:]:
         raise ValueError(f"degrade: label shape {np.shape(label)} does not match the frame's "
                          f"spatial shape {x.shape[1:]}")
-    out = _FAMILIES[kind](_Frame(x, rng, label, background, level, noise), float(strength))
+    out = _FAMILIES[kind](_Frame(x, rng, label, background, level, noise, extent),
+                          float(strength))
     return np.ascontiguousarray(out, dtype=dtype)
 
 

@@ -89,16 +89,18 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
                         size: int | Sequence[int] | None = None, spatial_dims: int = 2, *,
                         blobs: int = 2, corrupted: int | Sequence[int] | None = None,
                         corruption: str | Sequence[str] | Mapping[str, float] = FULL,
-                        noise: float = 0.08, drift: float = 0.1, spacing: float = 1.0,
-                        time_interval: float = 0.05,
+                        noise: float = 0.08, drift: float = 0.1,
+                        spacing: float | Sequence[float] = 1.0, time_interval: float = 0.05,
                         name: str | None = None) -> CaseData:
     """Draw one synthetic sequence (see the module docstring for what it contains).
 
     Args:
         seed: int or sequence of ints (``numpy.random.default_rng`` seed); same seed, same case.
         frames: number of frames ``t`` (>= 1).
-        size: spatial size, an int (same on every axis) or one int per axis; default 64 in 2D,
-            32 in 3D, 128 in 1D; at least 16.
+        size: spatial extent, an int (same on every axis) or one int per axis; default 64 in
+            2D, 32 in 3D, 128 in 1D; at least 16. In voxels at spacing 1; the array has
+            ``round(size / spacing)`` voxels per axis (at least 4), so the same scene is
+            sampled more coarsely along an axis with a larger spacing.
         spatial_dims: 1, 2 or 3.
         blobs: number of drifting blobs (fewer if they cannot be placed apart).
         corrupted: number of degraded frames (default ``round(t / 4)``, at most
@@ -110,7 +112,9 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
             :mod:`clstm4d.data.degrade`. Default: dropout and occlusion.
         noise: standard deviation of the Gaussian noise (object contrast is about 0.5-0.9).
         drift: relative amplitude of the slow global intensity drift.
-        spacing: voxel size (mm). time_interval: seconds between frames.
+        spacing: voxel size (mm), one value or one per axis (arrays' axis order), e.g.
+            ``(1, 1, 4)`` for thick slices along the last axis. time_interval: seconds between
+            frames.
         name: case name (default ``synth_<seed>``).
 
     Returns:
@@ -138,10 +142,19 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
     names = list(strength_of)
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
+    step = _spacing(spacing, spatial_dims)
+    voxels = tuple(max(1, int(round(n / h))) for n, h in zip(shape, step, strict=True))
+    if min(voxels) < 4:
+        raise ValueError(f"size {shape} at spacing {step} gives {voxels} voxels; every axis "
+                         "needs at least 4 (use a larger size or a finer spacing)")
     rng = np.random.default_rng(seed)
     d = spatial_dims
     length = float(min(shape))
-    grid = np.indices(shape, dtype=np.float32)  # (d, *s)
+    # where the voxel centres lie in the scene: the voxels of a coarse axis tile the same extent
+    # (at spacing 1, voxel i sits at i)
+    centres = [((np.arange(v) + 0.5) * h - 0.5).astype(np.float32)
+               for v, h in zip(voxels, step, strict=True)]
+    grid = np.stack(np.meshgrid(*centres, indexing="ij"))  # (d, *s)
     t = np.arange(frames, dtype=np.float64)
 
     # chamber: beating semi-axes, slow rotation, small sway of the centre
@@ -180,7 +193,7 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
         else:
             logger.debug("make_synthetic_case(seed=%s): no room for another blob", seed)
 
-    label = np.zeros((frames, *shape), np.int64)
+    label = np.zeros((frames, *voxels), np.int64)
     for i in range(frames):
         rot = _rotation(d, basis, angle0 + omega * i)
         offset = grid - centers[i].reshape((d,) + (1,) * d)  # (d, *s)
@@ -212,19 +225,28 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
     kinds = [str(names[rng.integers(len(names))]) for _ in bad_frames]
     strengths = [strength_of[k] for k in kinds]
 
-    image = np.empty((frames, 1, *shape), np.float32)
+    image = np.empty((frames, 1, *voxels), np.float32)
     for i in range(frames):
         frame = background + np.where(label[i] > 0, levels[label[i]] - background, 0)
         if i in bad_frames:  # degraded before gain, bias field and noise, as a camera would
             j = bad_frames.index(i)
             frame = degrade(frame[None], kinds[j], strengths[j], rng, label=label[i],
-                            background=0.7 * background, level=1.0, noise=0.0)[0]
-        frame = gain[i] * bias * frame + noise * rng.standard_normal(shape, dtype=np.float32)
+                            background=0.7 * background, level=1.0, noise=0.0,
+                            extent=length / np.asarray(step))[0]
+        frame = gain[i] * bias * frame + noise * rng.standard_normal(voxels, dtype=np.float32)
         image[i, 0] = frame
-    geometry = Geometry.default("nifti", shape, frames, spacing=(spacing,) * d,
-                                time_interval=time_interval)
+    geometry = Geometry.default("nifti", voxels, frames, spacing=step,
+                                origin=[(h - 1) / 2 for h in step], time_interval=time_interval)
     meta = {"corrupted": bad_frames, "corruption": kinds, "corruption_strength": strengths}
     return CaseData(image, label, geometry, meta, name or f"synth_{_seed_name(seed)}")
+
+
+def _spacing(spacing, spatial_dims: int) -> tuple[float, ...]:
+    values = (spacing,) * spatial_dims if np.ndim(spacing) == 0 else tuple(spacing)
+    if len(values) != spatial_dims or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing must be a positive number or {spatial_dims} of them (one "
+                         f"per spatial axis), got {spacing!r}")
+    return tuple(float(v) for v in values)
 
 
 def _seed_name(seed) -> str:
@@ -402,6 +424,7 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
         case = make_case((seed, i), frames, size, spatial_dims, name=name, **case_kwargs)
         geometry = Geometry.default(format, case.geometry.spatial_shape, frames,
                                     spacing=case.geometry.spacing,
+                                    origin=case.geometry.origin,
                                     time_interval=case.geometry.time_interval)
         split = "Ts" if i >= cases else "Tr"
         image_out = out / f"images{split}" / (name if series else name + suffix)
@@ -452,6 +475,11 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--blobs", type=int, default=2, help="drifting blobs per case (default 2)")
     parser.add_argument("--corrupted", type=int, default=None,
                         help="degraded frames per case (default: about a quarter of the frames)")
+    parser.add_argument("--spacing", type=_spacing_arg, default=None, metavar="S[,S,S]",
+                        help="voxel size per spatial axis in the arrays' axis order, e.g. "
+                             "1,1,4 for slices 4x thicker than the in-plane pixels (the scene "
+                             "keeps its extent --size, so that axis gets size/4 voxels; "
+                             "default 1)")
     parser.add_argument("--degrade", default=None, metavar="KIND[=S],...",
                         help="degradation families of those frames, each with a strength in "
                              "(0, 1]: " + ", ".join(DEGRADATIONS) + " (or partial, full, all;"
@@ -466,6 +494,15 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def _spacing_arg(text: str) -> float | tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 1,1,4; "
+                                         f"got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def synth_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of :func:`write_synthetic_dataset` from :func:`add_synth_arguments`."""
     opts = {"out": args.out, "cases": args.cases, "frames": args.frames, "size": args.size,
@@ -473,10 +510,13 @@ def synth_options(args: argparse.Namespace) -> dict[str, Any]:
             "validation": args.validation, "test": args.test, "noise": args.noise}
     task = getattr(args, "task", "chamber")
     if task == "cue-track":
-        if args.degrade is not None or args.corrupted is not None:
-            raise ValueError("--degrade and --corrupted apply to --task chamber, not cue-track")
+        if (args.degrade is not None or args.corrupted is not None
+                or getattr(args, "spacing", None) is not None):
+            raise ValueError("--degrade, --corrupted and --spacing apply to --task chamber, not "
+                             "cue-track")
         return {**opts, "task": task, "cue_frames": args.cue_frames}
-    opts.update(blobs=args.blobs, corrupted=args.corrupted)
+    opts.update(blobs=args.blobs, corrupted=args.corrupted,
+                **({} if getattr(args, "spacing", None) is None else {"spacing": args.spacing}))
     if args.degrade is not None:
         opts["corruption"] = parse_degradations(args.degrade, owner="--degrade")
     return opts

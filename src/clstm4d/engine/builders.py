@@ -6,15 +6,15 @@ decides (spatial dims, channels, classes), and rebuilds a model from a checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .checkpoint import find_checkpoint, load_weights, read_checkpoint_config
-from .config import Config
+from .config import Config, SavedRun
 from .errors import CheckpointError, ConfigError, UserError
 
 __all__ = [
@@ -23,8 +23,6 @@ __all__ = [
     "load_cases",
     "load_model",
     "make_validator",
-    "prepare_image",
-    "segment",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,25 +78,24 @@ def create(name: str, **kwargs: Any) -> torch.nn.Module:
         raise ConfigError(f"cannot build model '{name}': {e}") from None
 
 
-def build_model(cfg: Config, datalist, cases) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model ``cfg.model`` names, sized for the data, and the resolved config to save."""
+def build_model(cfg: Config, datalist, cases) -> tuple[torch.nn.Module, SavedRun]:
+    """The model ``cfg.model`` names, sized for the data, and the resolved run to save."""
     kw = _model_kwargs(cfg, datalist, cases)
     torch.manual_seed(cfg.train.seed)
     model = create(cfg.model.name, **kw)
-    resolved = cfg.to_dict()
-    for k in ("spatial_dims", "in_channels", "out_channels"):
-        resolved["model"][k] = kw[k]
-    resolved["model_config"] = dict(model.config)
-    resolved["labels"] = {str(k): v for k, v in (datalist.labels or {}).items()}
-    return model, resolved
+    resolved = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, **{k: kw[k] for k in
+                                                     ("spatial_dims", "in_channels",
+                                                      "out_channels")}))
+    return model, SavedRun(resolved, dict(model.config), dict(datalist.labels or {}))
 
 
-def build_dataset(cfg: Config, cases, resolved: dict[str, Any]):
+def build_dataset(cfg: Config, cases, run: SavedRun):
     """The training :class:`~clstm4d.data.PatchDataset` for ``cfg.data``."""
     from clstm4d.data import PatchDataset
 
     d = cfg.data
-    dims = resolved["model"]["spatial_dims"]
+    dims = run.config.model.spatial_dims
     roi = None if d.roi is None else (d.roi * dims if len(d.roi) == 1 else d.roi)
     try:
         return PatchDataset(cases, window=d.window, roi=roi, foreground_prob=d.foreground_prob,
@@ -108,66 +105,41 @@ def build_dataset(cfg: Config, cases, resolved: dict[str, Any]):
         raise ConfigError(f"data: {e}") from None
 
 
-def prepare_image(image: np.ndarray, normalize: str | None, in_channels: int,
-                  name: str = "input") -> torch.Tensor:
-    """Normalise an image ``(t, c, *s)`` as in training and check its channel count."""
-    from clstm4d.data import normalize_intensity
-
-    if image.shape[1] != in_channels:
-        raise UserError(
-            f"{name} has {image.shape[1]} channel(s) per frame but the model expects "
-            f"{in_channels} (in_channels)"
-        )
-    return torch.from_numpy(np.ascontiguousarray(normalize_intensity(image, normalize)))
-
-
 def load_model(checkpoint: str | Path, device: torch.device | None = None
-               ) -> tuple[torch.nn.Module, dict[str, Any]]:
+               ) -> tuple[torch.nn.Module, SavedRun]:
     """Rebuild the model saved in ``checkpoint`` and load its weights (nothing unpickled).
 
     Returns:
-        ``(model in eval mode, the checkpoint's resolved config)``.
+        ``(model in eval mode, the checkpoint's typed configuration)``.
     """
     ck = find_checkpoint(checkpoint)
-    config = read_checkpoint_config(ck)
-    mc = config.get("model_config")
-    if not isinstance(mc, dict) or "name" not in mc:
-        raise CheckpointError(f"checkpoint {ck} has no model_config in its config.json")
+    try:
+        run = SavedRun.from_dict(read_checkpoint_config(ck), source=f"checkpoint {ck}")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    mc = run.model_config
     model = create(mc["name"], **{k: v for k, v in mc.items() if k != "name"})
     load_weights(model, ck)
     if device is not None:
         model = model.to(device)
-    return model.eval(), config
+    return model.eval(), run
 
 
-def segment(model: torch.nn.Module, config: dict[str, Any], image: np.ndarray, *,
-            device: torch.device | None = None, amp_dtype=None, name: str = "input",
-            **predict_overrides: Any) -> np.ndarray:
-    """Normalise ``image (t, c, *s)`` as in training and segment it with the predict settings
-    saved in ``config`` (overridden by ``predict_overrides``); returns labels ``(t, *s)``."""
-    from .predict import predict_sequence
-
-    p = {**config.get("predict", {}), **predict_overrides}
-    x = prepare_image(image, config.get("data", {}).get("normalize"),
-                      int(config["model"]["in_channels"]), name)
-    labels = predict_sequence(model, x, roi=p.get("roi"), overlap=p.get("overlap", 0.25),
-                              chunk=p.get("chunk", 16), time_margin=p.get("time_margin"),
-                              sw_batch_size=p.get("sw_batch_size", 1),
-                              mode=p.get("mode", "gaussian"), device=device, amp_dtype=amp_dtype)
-    return labels.numpy()
-
-
-def make_validator(cfg: Config, cases, resolved: dict[str, Any], device: torch.device):
+def make_validator(run: SavedRun, cases, device: torch.device):
     """A function ``model -> {"val_dice": mean Dice over frames and foreground classes,
-    "val_dice_per_frame": [mean over validation cases of frame 0, 1, ...]}``."""
+    "val_dice_per_frame": [mean over validation cases of frame 0, 1, ...]}``; predicts with
+    a :class:`~clstm4d.engine.predictor.Predictor` (full precision) and leaves the model in
+    training mode."""
     from .metrics import dice_per_frame
+    from .predictor import Predictor
 
-    k = int(resolved["model"]["out_channels"])
+    k = run.config.model.out_channels
 
     def validate(model: torch.nn.Module) -> dict[str, Any]:
+        predictor = Predictor(model, run, device=device, amp="none")
         scores = []
         for c in cases:
-            pred = segment(model, resolved, c.image, device=device, name=c.name)
+            pred = predictor.predict_array(c.image, c.geometry, name=c.name)
             scores.append(dice_per_frame(pred, c.label, k).mean(1))  # (t,)
         model.train()
         longest = max(len(s) for s in scores)

@@ -33,6 +33,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "PredictConfig",
+    "SavedRun",
     "TrainConfig",
     "load_config",
 ]
@@ -54,6 +55,10 @@ class ModelConfig:
     temporal: str | None = None
     cell: str | None = None
     bidirectional: bool | None = None
+    #: per-level, per-axis pooling strides (L - 1 entries) and conv kernels (L entries), in
+    #: the arrays' axis order; each entry an int (all axes) or one int per axis
+    strides: list[int | list[int]] | None = None
+    kernel_sizes: list[int | list[int]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def kwargs(self) -> dict[str, Any]:
@@ -193,6 +198,54 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclass
+class SavedRun:
+    """What a checkpoint's ``config.json`` holds, typed: the resolved configuration (sizes the
+    data decided filled in), the keyword arguments that rebuild the model, and the class names.
+
+    On disk it is ``config.to_dict()`` plus two top-level keys, ``model_config`` and
+    ``labels`` (``{"0": "background", ...}``).
+
+    Examples:
+        >>> run = SavedRun(Config(), {"name": "tiny", "spatial_dims": 2}, {0: "bg", 1: "lv"})
+        >>> back = SavedRun.from_dict(run.to_dict())
+        >>> back.model_config["spatial_dims"], back.labels[1], back.config.data.window
+        (2, 'lv', 8)
+    """
+
+    config: Config
+    model_config: dict[str, Any]
+    labels: dict[int, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.config.to_dict()
+        out["model_config"] = dict(self.model_config)
+        out["labels"] = {str(k): v for k, v in sorted(self.labels.items())}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "checkpoint config") -> SavedRun:
+        """Parse what :meth:`to_dict` wrote; a malformed dict raises :class:`ConfigError`
+        naming ``source``."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        raw = dict(raw)
+        model_config = raw.pop("model_config", None)
+        labels = raw.pop("labels", None) or {}
+        if not isinstance(model_config, dict) or "name" not in model_config:
+            raise ConfigError(f"{source}: no 'model_config' with the model's 'name'")
+        try:
+            labels = {int(k): str(v) for k, v in dict(labels).items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: 'labels' must map class indices to names, got "
+                              f"{labels!r:.80}") from None
+        try:
+            config = Config.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        return cls(config, dict(model_config), labels)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

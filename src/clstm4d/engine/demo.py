@@ -39,9 +39,8 @@ class DemoOptions:
     ``size``, ``steps`` and ``batch_size`` left at ``None`` take the per-dimension defaults
     in :data:`DIMS_DEFAULTS`. ``degrade`` names the degradation families of the synthetic
     data's degraded frames (``corrupted`` per sequence, default 3/8 of the frames: 6 of 16;
-    see :mod:`clstm4d.data.degrade`): by
-    default all of them, partial ones at strength 0.5 and full ones at 1, so the report shows
-    what memory buys per family.
+    see :mod:`clstm4d.data.degrade`): by default all of them, partial ones at strength 0.5
+    and full ones at 1, so the report shows what memory buys per family.
     """
 
     out: str = "demo_out"
@@ -144,9 +143,9 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
     from clstm4d.data import load_case, load_datalist, write_synthetic_dataset
     from clstm4d.data.degrade import parse_degradations
 
-    from .builders import load_model, segment
     from .evaluate import dice_by_corruption, evaluate_sequence, write_frames_csv
     from .plots import overlay_montage, plot_dice_per_frame, write_gif
+    from .predictor import Predictor
 
     t0 = time.perf_counter()
     torch.set_num_threads(opts.threads or default_threads())
@@ -188,9 +187,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
         say(f"[2/4] training {name} ({i + 1}/{len(opts.variants)}): model '{opts.model}' "
             f"{overrides}, {opts.steps} steps x batch {opts.batch_size} x {opts.window} frames")
         res, cpu = _train_isolated(cfg, opts.threads or default_threads())
-        model, config = load_model(res.checkpoint)
-        results[name] = {"train": res, "model": model, "config": config, "slug": slug,
-                         "cpu_seconds": cpu}
+        results[name] = {"train": res, "predictor": Predictor.from_checkpoint(res.checkpoint),
+                         "slug": slug, "cpu_seconds": cpu}
 
     say(f"[3/4] evaluating on {len(dl.test)} held-out sequences")
     test_cases = [load_case(c) for c in dl.test]
@@ -204,7 +202,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
         t_eval = time.perf_counter()
         per_case, frames_all = [], []
         for c in test_cases:
-            pred = segment(r["model"], r["config"], c.image, name=c.name)
+            pred = r["predictor"].predict_array(c.image, c.geometry, name=c.name)
             ev = evaluate_sequence(pred, c.label, num_classes, spacing=c.geometry.spacing,
                                    corrupted=c.meta.get("corrupted", []),
                                    corruption=c.meta.get("corruption", []),
@@ -219,8 +217,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
         corr = np.array([f["corrupted"] for f in frames_all], bool)
         tr = r["train"]
         report_models[name] = {
-            "model": r["config"]["model_config"],
-            "parameters": int(sum(p.numel() for p in r["model"].parameters())),
+            "model": r["predictor"].run.model_config,
+            "parameters": int(sum(p.numel() for p in r["predictor"].model.parameters())),
             "dice": float(dice.mean()),
             "dice_corrupted": float(dice[corr].mean()) if corr.any() else float("nan"),
             "dice_clean": float(dice[~corr].mean()) if (~corr).any() else float("nan"),

@@ -352,11 +352,11 @@ def train(cfg: Config, *, resume: str | Path | None = None,
     if cfg.data.datalist is None:
         raise UserError("no training data: set data.datalist (or --datalist)")
     datalist, train_cases, val_cases = load_cases(cfg.data.datalist)
-    model, resolved = build_model(cfg, datalist, train_cases)
-    dataset = build_dataset(cfg, train_cases, resolved)
+    model, run = build_model(cfg, datalist, train_cases)
+    dataset = build_dataset(cfg, train_cases, run)
     validate = None
     if val_cases and progress_validation:
-        validate = make_validator(cfg, val_cases, resolved, device)
-    return fit(model, dataset, cfg.train, batch_size=cfg.data.batch_size, config=resolved,
+        validate = make_validator(run, val_cases, device)
+    return fit(model, dataset, cfg.train, batch_size=cfg.data.batch_size, config=run.to_dict(),
                resume=resume, validate=validate, num_workers=cfg.data.num_workers,
                dist_info=dist_info, device=device)

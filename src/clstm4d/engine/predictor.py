@@ -1,0 +1,184 @@
+"""The one place prediction lives: a trained model plus everything it needs to segment a
+sequence the way it was trained.
+
+Shape legend: ``t`` frames, ``c`` input channels, ``k`` classes, ``*s`` spatial axes.
+
+A :class:`Predictor` owns the device and precision, the intensity normalisation of training,
+the sliding windows over space and the time chunks (:func:`~clstm4d.engine.predict.
+predict_sequence`), and reading and writing files in their own format and geometry. The CLI's
+``predict``, the demo and validation during training all go through it.
+
+Examples:
+    >>> import numpy as np
+    >>> from clstm4d.engine.config import Config, SavedRun
+    >>> from clstm4d.models import create_model
+    >>> model = create_model("tiny", spatial_dims=2, in_channels=1, out_channels=3,
+    ...                      channels=(4, 8))
+    >>> run = SavedRun(Config(), dict(model.config), {0: "background", 1: "a", 2: "b"})
+    >>> p = Predictor(model, run, device="cpu", chunk=2)
+    >>> labels = p.predict_array(np.random.default_rng(0).random((5, 1, 12, 10), np.float32))
+    >>> labels.shape, labels.dtype, p.settings.chunk
+    ((5, 12, 10), dtype('uint8'), 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import PredictConfig, SavedRun
+from .errors import ConfigError, UserError
+
+__all__ = ["Predictor"]
+
+log = logging.getLogger(__name__)
+
+#: ``PredictConfig`` fields a caller may override per predictor (device and amp are arguments).
+OVERRIDABLE = ("roi", "overlap", "chunk", "time_margin", "sw_batch_size", "mode")
+
+
+class Predictor:
+    """Segment sequences with a trained model, as it was trained.
+
+    Args:
+        model: maps ``(n, t, c, *s)`` to logits ``(n, t, k, *s)`` (see
+            :func:`~clstm4d.engine.predict.predict_sequence` for streaming).
+        run: the typed configuration saved with the model (:class:`SavedRun`).
+        device: ``"auto"``, ``"cpu"``, ``"cuda:N"`` or a ``torch.device``; ``None`` = the
+            saved ``predict.device``. The model is moved there.
+        amp: ``"auto"``, ``"bf16"``, ``"fp16"`` or ``"none"``; ``None`` = the saved
+            ``predict.amp``.
+        overrides: any of ``roi`` (one int for all axes, or one per axis), ``overlap``,
+            ``chunk``, ``time_margin`` (bidirectional models), ``sw_batch_size``, ``mode``;
+            ``None`` values keep the saved setting.
+
+    Attributes:
+        model, run, device, amp_dtype; ``settings`` (the :class:`PredictConfig` in use).
+    """
+
+    def __init__(self, model: torch.nn.Module, run: SavedRun, *,
+                 device: str | torch.device | None = None, amp: str | None = None,
+                 **overrides: Any) -> None:
+        from .runtime import amp_dtype, resolve_device
+
+        unknown = sorted(set(overrides) - set(OVERRIDABLE))
+        if unknown:
+            raise ConfigError(f"Predictor: unknown prediction setting(s) {unknown}; "
+                              f"known: {list(OVERRIDABLE)}")
+        self.run = run
+        given = {k: v for k, v in overrides.items() if v is not None}
+        self.settings: PredictConfig = dataclasses.replace(run.config.predict, **given)
+        if self.settings.roi is not None:
+            roi = self.settings.roi
+            roi = [roi] if isinstance(roi, int) else list(roi)
+            self.settings.roi = roi * self.spatial_dims if len(roi) == 1 else roi
+        if isinstance(device, torch.device):
+            self.device = device
+        else:
+            self.device = resolve_device(device or self.settings.device)
+        self.amp_dtype = amp_dtype(self.device, amp or self.settings.amp)
+        self.model = model.to(self.device).eval()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, *,
+                        device: str | torch.device | None = None, amp: str | None = None,
+                        **overrides: Any) -> Predictor:
+        """Rebuild the model saved in ``checkpoint`` (a checkpoint folder, its
+        ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor."""
+        from .builders import load_model
+
+        model, run = load_model(checkpoint)
+        return cls(model, run, device=device, amp=amp, **overrides)
+
+    # ------------------------------------------------------------------ what the model takes
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.run.model_config["spatial_dims"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.run.model_config["in_channels"])
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model predicts, background included."""
+        return int(self.run.model_config["out_channels"])
+
+    def prepare(self, image: np.ndarray, name: str = "input") -> torch.Tensor:
+        """Check the channel count of ``image (t, c, *s)`` and normalise it as in training."""
+        from clstm4d.data import normalize_intensity
+
+        image = np.asarray(image)
+        if image.ndim != 2 + self.spatial_dims:
+            raise UserError(
+                f"{name} has shape {image.shape}; the model expects (t, c, *s) with "
+                f"{self.spatial_dims} spatial axes"
+            )
+        if image.shape[1] != self.in_channels:
+            raise UserError(
+                f"{name} has {image.shape[1]} channel(s) per frame but the model expects "
+                f"{self.in_channels} (in_channels)"
+            )
+        x = normalize_intensity(image, self.run.config.data.normalize)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+    # ------------------------------------------------------------------ prediction
+    def predict_array(self, image: np.ndarray, geometry: Any = None, *, name: str = "input",
+                      return_probs: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Segment every frame of ``image (t, c, *s)``.
+
+        Args:
+            image: the raw intensities (normalised here as in training).
+            geometry: the image's :class:`~clstm4d.data.Geometry` (where the voxels lie; used
+                when the model was trained on a resampled grid), or ``None``.
+            name: how errors name this image.
+            return_probs: also return the class probabilities ``(t, k, *s)`` float32.
+
+        Returns:
+            Labels ``(t, *s)`` (``uint8``, or ``int64`` beyond 255 classes) on the image's grid,
+            and the probabilities when ``return_probs``.
+        """
+        from .predict import predict_sequence
+
+        del geometry  # the model's grid is the image's grid (no resampling configured)
+        x = self.prepare(image, name)
+        s = self.settings
+        out = predict_sequence(self.model, x, roi=s.roi, overlap=s.overlap, chunk=s.chunk,
+                               time_margin=s.time_margin, sw_batch_size=s.sw_batch_size,
+                               mode=s.mode, device=self.device, amp_dtype=self.amp_dtype,
+                               return_probs=return_probs)
+        if return_probs:
+            return out[0].numpy(), out[1].numpy()
+        return out.numpy()
+
+    def predict_file(self, input: str | os.PathLike | Sequence[str | os.PathLike],
+                     output: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
+        """Read a sequence, segment it and write the labels in its format and geometry.
+
+        Args:
+            input: one 4D file (NIfTI, TIFF), a folder of per-frame files, or their list.
+            output: a file for single-file formats, a folder for per-frame series.
+            overwrite: replace an existing output.
+
+        Returns:
+            The files written.
+        """
+        from clstm4d.data import read_image, write_label
+
+        paths = [input] if isinstance(input, (str, os.PathLike)) else list(input)
+        if not paths:
+            raise UserError("no input given")
+        for f in paths:
+            if not Path(f).exists():
+                raise UserError(f"input not found: {f}")
+        del overwrite  # output guards: issue 11
+        image, geometry = read_image(paths[0] if len(paths) == 1 else paths, self.spatial_dims)
+        labels = self.predict_array(image, geometry, name=str(paths[0]))
+        return write_label(labels, geometry, output)
