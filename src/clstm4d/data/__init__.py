@@ -15,7 +15,22 @@ from .datalist import (
     save_datalist,
     validate_datalist,
 )
-from .io import detect_format, output_path, read_image, read_label, write_image, write_label
+from .io import (
+    detect_format,
+    output_files,
+    output_path,
+    read_image,
+    read_label,
+    write_image,
+    write_label,
+)
+from .resample import (
+    resample_case,
+    resample_image,
+    resample_label,
+    resampled_geometry,
+    target_shape,
+)
 from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
@@ -33,8 +48,10 @@ __all__ = [
     "DataError", "Geometry", "atomic_path",
     "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist",
     "save_datalist", "validate_datalist",
-    "detect_format", "output_path", "read_image", "read_label", "write_image", "write_label",
+    "detect_format", "output_files", "output_path", "read_image", "read_label", "write_image",
+    "write_label",
     "PatchDataset", "crop_or_pad",
+    "resample_case", "resample_image", "resample_label", "resampled_geometry", "target_shape",
     "CLASS_NAMES", "CUE_CLASS_NAMES", "add_synth_arguments", "design_check",
     "make_cue_track_case", "make_synthetic_case", "synth_options", "write_synthetic_dataset",
     "Augment", "Degrade", "normalize_intensity",

@@ -79,14 +79,18 @@ class DataConfig:
     """Training data: a datalist and how patches are cut from it.
 
     ``roi`` is the spatial patch size (one int per spatial axis, or one int for all);
-    ``window`` the number of frames per patch. ``degrade`` degrades random input frames
-    (:class:`clstm4d.data.Degrade`): ``true`` for its defaults or a mapping of its arguments
-    (``{prob: 0.25, kinds: [snr, defocus], strength: [0.25, 1.0]}``).
+    ``window`` the number of frames per patch. ``spacing`` is the voxel size the model works
+    at (one value per spatial axis in the arrays' axis order, or one for all): training cases
+    are resampled to it, and prediction resamples each input to it and the labels back to the
+    input's grid; ``None`` (the default) keeps every case on its own grid. ``degrade`` degrades
+    random input frames (:class:`clstm4d.data.Degrade`): ``true`` for its defaults or a mapping
+    of its arguments (``{prob: 0.25, kinds: [snr, defocus], strength: [0.25, 1.0]}``).
     """
 
     datalist: str | None = None
     window: int = 8
     roi: list[int] | None = None
+    spacing: list[float] | None = None
     batch_size: int = 2
     foreground_prob: float = 0.5
     normalize: str | None = "percentile"
@@ -102,6 +106,9 @@ class TrainConfig:
     ``amp``: ``"auto"`` (bf16 on a CUDA device that supports it, else fp32), ``"bf16"``,
     ``"fp16"`` (CUDA only, with gradient scaling) or ``"none"``.
     ``activation_checkpointing`` sets the model's ``checkpoint`` switch.
+    ``max_nonfinite_steps``: a step with a non-finite loss or gradient is skipped; this many in
+    a row stop the run (0: never). ``dist_timeout``: seconds a ``torchrun`` rank waits for the
+    others in a collective before it fails (a rank that died or hangs).
     """
 
     out: str = "runs/train"
@@ -121,6 +128,8 @@ class TrainConfig:
     val_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 25
+    dist_timeout: float = 1800.0
     progress: bool = True
     threads: int | None = None
 
