@@ -176,11 +176,12 @@ def main() -> None:
                 continue
             base = common.base_config(args, datalist, Path(args.out) / "runs" / common.slug(name),
                                       window=args.window, roi=roi, foreground_prob=0.5)
-            predictor, seconds = common.train_variant(base, overrides)
+            predictor, seconds, cpu = common.train_variant(base, overrides)
             result, preds = evaluate(predictor, test, num_classes)
             if args.data == "c2c12":
                 result["copy_previous_prediction"] = copy_previous(test, preds)
-            result.update(name=name, overrides=overrides, train_seconds=round(seconds, 1))
+            result.update(name=name, overrides=overrides, train_seconds=round(seconds, 1),
+                  train_cpu_seconds=round(cpu, 1))
             common.save_result(result_path, result)
     results = common.load_results(results_dir, chosen)
     if not results:

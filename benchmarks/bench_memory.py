@@ -17,7 +17,9 @@ of N frames instead (drawn the same way). Default variants:
     per-frame      model.temporal=none
     bottleneck     model.temporal=bottleneck
     bottleneck-t8  model.temporal=bottleneck task.frames=8     (short training sequences)
+    bottleneck-t32 model.temporal=bottleneck task.frames=32    (long training sequences)
     skips          model.temporal=skips
+    skips-t8       model.temporal=skips task.frames=8
 
     nice -n 10 python benchmarks/bench_memory.py --out /tmp/memory           # all variants
     python benchmarks/bench_memory.py --out /tmp/memory --only per-frame     # one, resumable
@@ -43,7 +45,9 @@ DEFAULT_VARIANTS = {
     "per-frame": ["model.temporal=none"],
     "bottleneck": ["model.temporal=bottleneck"],
     "bottleneck-t8": ["model.temporal=bottleneck", "task.frames=8"],
+    "bottleneck-t32": ["model.temporal=bottleneck", "task.frames=32"],
     "skips": ["model.temporal=skips"],
+    "skips-t8": ["model.temporal=skips", "task.frames=8"],
 }
 THRESHOLD = 0.8
 
@@ -101,10 +105,11 @@ def run(args, name: str, overrides: list[str]) -> dict:
     datalist = training_data(args, frames)
     base = common.base_config(args, datalist, Path(args.out) / "runs" / common.slug(name),
                               window=frames, roi=None, foreground_prob=0.0)
-    predictor, seconds = common.train_variant(base, rest)
+    predictor, seconds, cpu = common.train_variant(base, rest)
     result = evaluate(predictor, test_cases(args), args.cue_frames)
     result.update(name=name, overrides=overrides, train_frames=frames,
-                  train_seconds=round(seconds, 1))
+                  train_seconds=round(seconds, 1),
+                  train_cpu_seconds=round(cpu, 1))
     return result
 
 
