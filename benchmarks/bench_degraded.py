@@ -16,9 +16,9 @@ per-frame model's previous prediction, onto each degraded frame.
 A variant is a name plus configuration overrides. Default variants (the first is the
 baseline the gains are measured against):
 
-    per-frame              model.temporal=none
+    per-frame              model.temporal=none data.degrade=false
     per-frame+aug          model.temporal=none data.degrade=true
-    bottleneck             model.temporal=bottleneck
+    bottleneck             model.temporal=bottleneck data.degrade=false
     bottleneck+aug         model.temporal=bottleneck data.degrade=true
     skips+aug              model.temporal=skips data.degrade=true
     bidirectional+aug      model.temporal=bottleneck model.bidirectional=true data.degrade=true
@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _temporal as common  # noqa: E402
 
 DEFAULT_VARIANTS = {
-    "per-frame": ["model.temporal=none"],
+    "per-frame": ["model.temporal=none", "data.degrade=false"],
     "per-frame+aug": ["model.temporal=none", "data.degrade=true"],
-    "bottleneck": ["model.temporal=bottleneck"],
+    "bottleneck": ["model.temporal=bottleneck", "data.degrade=false"],
     "bottleneck+aug": ["model.temporal=bottleneck", "data.degrade=true"],
     "skips+aug": ["model.temporal=skips", "data.degrade=true"],
     "bidirectional+aug": ["model.temporal=bottleneck", "model.bidirectional=true",

@@ -12,7 +12,7 @@ beats the swapped-identity Dice). The *horizon* is the number of frames after th
 identity Dice >= 0.8 before the first drop below.
 
 A variant is a name plus configuration overrides; ``task.frames=N`` trains it on sequences
-of N frames instead (drawn the same way). Default variants:
+of N frames instead (drawn the same way). Default variants (all with data.degrade=false):
 
     per-frame      model.temporal=none
     bottleneck     model.temporal=bottleneck
@@ -41,13 +41,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _temporal as common  # noqa: E402
 
-DEFAULT_VARIANTS = {
-    "per-frame": ["model.temporal=none"],
-    "bottleneck": ["model.temporal=bottleneck"],
-    "bottleneck-t8": ["model.temporal=bottleneck", "task.frames=8"],
-    "bottleneck-t32": ["model.temporal=bottleneck", "task.frames=32"],
-    "skips": ["model.temporal=skips"],
-    "skips-t8": ["model.temporal=skips", "task.frames=8"],
+DEFAULT_VARIANTS = {  # no degradation augmentation: the task has no degraded frames
+    "per-frame": ["model.temporal=none", "data.degrade=false"],
+    "bottleneck": ["model.temporal=bottleneck", "data.degrade=false"],
+    "bottleneck-t8": ["model.temporal=bottleneck", "task.frames=8", "data.degrade=false"],
+    "bottleneck-t32": ["model.temporal=bottleneck", "task.frames=32", "data.degrade=false"],
+    "skips": ["model.temporal=skips", "data.degrade=false"],
+    "skips-t8": ["model.temporal=skips", "task.frames=8", "data.degrade=false"],
 }
 THRESHOLD = 0.8
 
