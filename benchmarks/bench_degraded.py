@@ -180,7 +180,9 @@ def main() -> None:
             result, preds = evaluate(predictor, test, num_classes)
             if args.data == "c2c12":
                 result["copy_previous_prediction"] = copy_previous(test, preds)
-            result.update(name=name, overrides=overrides, train_seconds=round(seconds, 1),
+            result.update(name=name, overrides=overrides, steps=args.steps, batch=args.batch,
+                          window=args.window, degrade=args.degrade,
+                          train_seconds=round(seconds, 1),
                   train_cpu_seconds=round(cpu, 1))
             common.save_result(result_path, result)
     results = common.load_results(results_dir, chosen)
@@ -217,9 +219,11 @@ def report(args, results: dict, names: list[str], truth: dict) -> None:
     kinds = sorted(results[names[0]]["dice_by_kind"], key=DEGRADATIONS.index)
     base = results[names[0]]
     base_groups = family_means(base["dice_by_kind"])
-    print(f"degraded frames, {args.data}, {args.steps} steps x batch {args.batch} x window "
-          f"{args.window}, seed {args.seed}; Dice (mean over foreground classes); gains over "
-          f"{names[0]}; partial/full = mean over those families")
+    steps, batch, window = (base.get(k, getattr(args, k)) for k in ("steps", "batch", "window"))
+    print(f"degraded frames, {args.data}, {steps} steps x batch {batch} x window {window}, "
+          f"seed {args.seed}, degradations {base.get('degrade') or args.degrade or 'default'}; "
+          f"Dice (mean over foreground classes); gains over {names[0]}; partial/full = mean "
+          f"over those families")
     head = (f"{'variant':<20} {'clean':>6} {'gain':>6} {'partial':>7} {'gain':>6} {'full':>6} "
             f"{'gain':>6} " + " ".join(f"{k[:8]:>8}" for k in kinds)
             + f" {'cons.D':>6} {'dV err':>6} {'rough':>6}")
@@ -245,7 +249,8 @@ def report(args, results: dict, names: list[str], truth: dict) -> None:
                       "dice_degraded_frames": round(r["dice_degraded"], 4),
                       "dice_by_kind": {k: round(v, 4) for k, v in r["dice_by_kind"].items()},
                       **{k: round(r[k], 4) for k in CONSISTENCY},
-                      "steps": args.steps, "batch": args.batch, "seed": args.seed,
+                      "steps": r.get("steps", args.steps), "batch": r.get("batch", args.batch),
+                      "seed": args.seed,
                       "train_seconds": r["train_seconds"],
                       "train_cpu_seconds": r.get("train_cpu_seconds")})
     copies = [("copy previous truth", truth)]
