@@ -186,23 +186,30 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_config(cfg: Config, cases, reps: int, device: str) -> dict[str, float]:
-    """Median step time of every ``(impl, precision)`` case, keyed ``"impl precision"``."""
+def time_config(cfg: Config, cases, reps: int, device: str
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process CPU time of a step of every ``(impl, precision)`` case, keyed
+    ``"impl precision"``. CPU time (all threads of the process) is not inflated by waiting
+    for a core that other jobs hold; with ``--threads 1`` it is the steadier figure on a
+    shared machine (on CUDA only the wall time means anything)."""
     built = {impl: build(impl, cfg, device) for impl in {impl for impl, _ in cases}}
     for impl, precision in cases:  # warm-up
         step(*built[impl], precision)
     times = {f"{impl} {precision}": [] for impl, precision in cases}
+    cpu = {key: [] for key in times}
     for _ in range(reps):
         for impl, precision in cases:
             model, x = built[impl]
             model.zero_grad(set_to_none=True)
             x.grad = None
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step(model, x, precision)
             sync(device)
             times[f"{impl} {precision}"].append(time.perf_counter() - start)
-    return {key: statistics.median(v) for key, v in times.items()}
+            cpu[f"{impl} {precision}"].append(time.process_time() - start_cpu)
+    return ({key: statistics.median(v) for key, v in times.items()},
+            {key: statistics.median(v) for key, v in cpu.items()})
 
 
 def _rss_kib(field: str) -> int:
@@ -269,12 +276,13 @@ def main(argv=None) -> int:
           f"forward+backward, load average {load:.1f}")
     header = (f"{'config':<12} {'prec':<5} {'clstm4d s':>10} {'floor s':>9} {'ours/floor':>10} "
               f"{'target':>7} {'base s':>8} {'x base':>7} {'target':>7} {'ref s':>8} "
-              f"{'ours/fp32':>9} {'target':>7} {'ours MiB':>9} {'mem x':>6} {'target':>7}")
+              f"{'ours/fp32':>9} {'target':>7} {'ours MiB':>9} {'mem x':>6} {'target':>7} "
+              f"{'cpu: ours/floor':>15} {'x base':>7} {'ours/fp32':>9}")
     rows, results = [], []
     fp32_mem = None
     for name in names:
         cfg = table[name]
-        t = time_config(cfg, cases, reps, args.device)
+        t, cpu = time_config(cfg, cases, reps, args.device)
         for p in precisions:
             low = p != "fp32"
             mem = {} if args.no_memory else {
@@ -285,15 +293,19 @@ def main(argv=None) -> int:
                 "config": asdict(cfg), "precision": p, "device": args.device,
                 "threads": torch.get_num_threads(), "reps": reps, "load": load,
                 "time_s": {k.split()[0]: v for k, v in t.items() if k.endswith(" " + p)},
+                "cpu_s": {k.split()[0]: v for k, v in cpu.items() if k.endswith(" " + p)},
                 "clstm4d_over_floor": ours / t[f"floor {p}"],
+                "cpu_clstm4d_over_floor": cpu[f"clstm4d {p}"] / cpu[f"floor {p}"],
                 "peak_mib": mem,
             }
             if low:
                 res["clstm4d_over_fp32"] = ours / t["clstm4d fp32"]
+                res["cpu_clstm4d_over_fp32"] = cpu[f"clstm4d {p}"] / cpu["clstm4d fp32"]
                 res["reference_over_floor"] = t[f"reference {p}"] / t[f"floor {p}"]
                 res["peak_over_fp32"] = mem["clstm4d"] / fp32_mem if mem else None
             else:
                 res["time_ratio"] = ours / t["baseline fp32"]
+                res["cpu_time_ratio"] = cpu["clstm4d fp32"] / cpu["baseline fp32"]
                 res["baseline_over_floor"] = t["baseline fp32"] / t["floor fp32"]
                 res["memory_ratio"] = mem["clstm4d"] / mem["baseline"] if mem else None
                 fp32_mem = mem.get("clstm4d")
@@ -311,7 +323,10 @@ def main(argv=None) -> int:
                 f"{_fmt(cfg.low_fp32_target if low else None)} "
                 f"{_fmt(mem.get('clstm4d'), '.1f', 9)} "
                 f"{_fmt(res['peak_over_fp32'] if low else res['memory_ratio'], '.2f', 6)} "
-                f"{_fmt(None if low else cfg.memory_target)}"
+                f"{_fmt(None if low else cfg.memory_target)} "
+                f"{res['cpu_clstm4d_over_floor']:>15.2f} "
+                f"{_fmt(None if low else res['cpu_time_ratio'])} "
+                f"{_fmt(res.get('cpu_clstm4d_over_fp32'), '.2f', 9)}"
             )
     print(header)
     print("\n".join(rows))

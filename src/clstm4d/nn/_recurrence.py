@@ -232,14 +232,14 @@ class _Direction:
         return None if b is None else _bcast(b, len(self.frame_shape))
 
     # -- forward and recompute ------------------------------------------------------------
-    def run_segment(self, si: int, state: tuple[Tensor, ...], out: Tensor | None,
-                    aux: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def run_segment(self, si: int, state: tuple[Tensor, ...], out: Tensor,
+                    aux: Tensor | None, write: bool = True) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Run the frames of segment ``si`` from ``state``.
 
         Returns the activated gates ``(n, k, g*h, *s)`` (state dtype) and the state after
-        the segment. Writes each frame's output into ``out`` ``(n, t, h, *s)`` unless None
-        (a recompute: the output exists) and the cell's per-frame tensor for the backward
-        into ``aux`` ``(n, k, h, *s)`` unless None.
+        the segment. Writes each frame's output into ``out`` ``(n, t, h, *s)`` if ``write``
+        (else it is a recompute, and the output exists) and the cell's per-frame tensor for
+        the backward into ``aux`` ``(n, k, h, *s)`` unless None.
         """
         seg = self.segments[si]
         lo, hi = _lo_hi(seg)
@@ -247,19 +247,23 @@ class _Direction:
         gates = self.conv(self.x[:, lo:hi].flatten(0, 1), self.weight(self.w_ih), self.b_x)
         gates = gates.to(self.state_dtype).unflatten(0, (self.n, hi - lo))
         w_hh = self.weight(self.w_hh)
+        h_conv = None  # the hidden state in the convolution dtype, when already at hand
         for ti in seg:
             j = ti - lo
             if ti == self.order[0] and self.h0 is None:
                 gh = self.zero_state_gates()  # the first frame's hidden conv of zeros
             else:
-                gh = self.conv(state[0].to(self.dtype), w_hh, self.b_hh)
+                h_conv = state[0].to(self.dtype) if h_conv is None else h_conv
+                gh = self.conv(h_conv, w_hh, self.b_hh)
             new, extra = self.cell.update(gates[:, j], gh, state, self.peep, inplace=True)
+            h_conv = None
             if self.mask is None:
-                if out is not None:
+                if write:
                     out[:, ti].copy_(new[0])
+                h_conv = out[:, ti]  # == h in the convolution dtype: no second cast
             else:
                 m = self.mask_at(ti)
-                if out is not None:
+                if write:
                     torch.mul(new[0], m, out=out[:, ti])
                 new = tuple(torch.where(m, a, b) for a, b in zip(new, state, strict=True))
             if aux is not None:
@@ -311,7 +315,8 @@ class _Direction:
         lo, hi = _lo_hi(seg)
         if not kept:  # checkpoint: run the segment again
             aux = self.new(hi - lo)
-            gates, _ = self.run_segment(si, self.segment_start(si, starts, out), None, aux)
+            gates, _ = self.run_segment(si, self.segment_start(si, starts, out), out, aux,
+                                        write=False)
             return gates, aux
         gates = kept[si]
         if not self.cell.aux_from_gates:
