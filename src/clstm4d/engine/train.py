@@ -194,12 +194,14 @@ def fit(
     num_workers: int = 0,
     dist_info: DistInfo | None = None,
     device: torch.device | None = None,
+    ignore_index: int | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps.
 
     Args:
         model: ``(n, t, c, *s) -> (n, t, k, *s)`` logits; moved to ``device``.
-        dataset: items ``{"image": (t, c, *s), "label": (t, *s), "length": int (optional)}``.
+        dataset: items ``{"image": (t, c, *s), "label": (t, *s), "length": int (optional),
+            "labelled": (t,) bool (optional: the annotated frames; the loss sees only those)}``.
         cfg: optimiser, schedule, precision, logging and checkpoint settings; ``cfg.out`` is
             the run folder (``checkpoints/``, ``metrics.jsonl``, ``metrics.csv``).
         batch_size: samples per step on each process.
@@ -211,6 +213,7 @@ def fit(
             per index, which ``PatchDataset`` is).
         dist_info, device: where this process runs; default: from the ``torchrun``
             environment and ``cfg.device``.
+        ignore_index: label value of the ``"ignore"`` class (left out of the loss), or None.
 
     Returns:
         A :class:`TrainResult` (on ranks other than 0 ``checkpoint`` is None).
@@ -235,7 +238,7 @@ def fit(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = SequenceLoss(cfg.lambda_dice, cfg.lambda_ce)
+    loss_fn = SequenceLoss(cfg.lambda_dice, cfg.lambda_ce, ignore_index)
     start = 0
     if resume is not None:
         state = load_training_state(find_checkpoint(resume), model, optimizer, scheduler, scaler)
@@ -274,10 +277,11 @@ def fit(
             net.train()
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
-            lengths = batch.get("length")
+            lengths, labelled = batch.get("length"), batch.get("labelled")
             with autocast(device, dtype):
                 logits = net(x)
-            loss = loss_fn(logits, y, None if lengths is None else lengths.to(device))
+            loss = loss_fn(logits, y, None if lengths is None else lengths.to(device),
+                           None if labelled is None else labelled.to(device))
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss is {loss.item()} at step {step}; lower train.lr")
             optimizer.zero_grad(set_to_none=True)
@@ -343,8 +347,9 @@ def train(cfg: Config, *, resume: str | Path | None = None,
     """Train the model described by ``cfg`` on ``cfg.data.datalist``.
 
     The model's missing sizes come from the data: ``spatial_dims`` and ``out_channels``
-    (number of classes) from the datalist, ``in_channels`` from the first case. Validation
-    (mean Dice over the frames of the datalist's ``validation`` cases) runs on rank 0.
+    (number of classes, the ``"ignore"`` class left out) from the datalist, ``in_channels``
+    from the first case. Validation (mean Dice over the annotated frames of the datalist's
+    ``validation`` cases) runs on rank 0.
     """
     from .builders import build_dataset, build_model, load_cases, make_validator
 
@@ -359,4 +364,4 @@ def train(cfg: Config, *, resume: str | Path | None = None,
         validate = make_validator(run, val_cases, device)
     return fit(model, dataset, cfg.train, batch_size=cfg.data.batch_size, config=run.to_dict(),
                resume=resume, validate=validate, num_workers=cfg.data.num_workers,
-               dist_info=dist_info, device=device)
+               dist_info=dist_info, device=device, ignore_index=datalist.ignore_index)
