@@ -143,3 +143,16 @@ def test_dataset_written_to_a_relative_folder_loads_from_anywhere(tmp_path, monk
     monkeypatch.chdir(tmp_path / "out")
     case = load_datalist("data/datalist.json").training[0]
     assert load_case(case).image.shape == (3, 1, 16, 16)
+
+
+def test_anisotropic_spacing_samples_the_same_scene_more_coarsely():
+    """Spacing 3 along the last axis: voxel i lies at 3 i + 1 of the isotropic grid, and the
+    labels there are the isotropic case's (same scene, same draws)."""
+    iso = make_synthetic_case(seed=4, frames=5, size=24, spatial_dims=3)
+    aniso = make_synthetic_case(seed=4, frames=5, size=24, spatial_dims=3, spacing=(1, 1, 3))
+    assert aniso.image.shape == (5, 1, 24, 24, 8)
+    assert aniso.geometry.spacing == (1.0, 1.0, 3.0) and aniso.geometry.origin == (0, 0, 1.0)
+    np.testing.assert_array_equal(aniso.label, iso.label[..., 1::3])
+    assert aniso.meta == iso.meta
+    with pytest.raises(ValueError, match="at least 4"):
+        make_synthetic_case(size=16, spatial_dims=3, spacing=(1, 1, 5))

@@ -66,8 +66,9 @@ def _rotation(d: int, basis: np.ndarray, angle: float) -> np.ndarray:
 
 
 def _smooth_field(rng, grid, shape, amplitude, waves=4):
-    """A smooth random field (sum of low-frequency plane waves), values in about +-amplitude."""
-    field = np.zeros(shape, np.float32)
+    """A smooth random field (sum of low-frequency plane waves over the extent ``shape`` of the
+    coordinates ``grid`` (d, *voxels)), values in about +-amplitude."""
+    field = np.zeros(grid.shape[1:], np.float32)
     for _ in range(waves):
         freq = rng.integers(-2, 3, len(shape))
         if not freq.any():
@@ -92,15 +93,18 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
                         size: int | Sequence[int] | None = None, spatial_dims: int = 2, *,
                         blobs: int = 2, corrupted: int | Sequence[int] | None = None,
                         corruption: Sequence[str] = CORRUPTIONS, noise: float = 0.08,
-                        drift: float = 0.1, spacing: float = 1.0, time_interval: float = 0.05,
+                        drift: float = 0.1, spacing: float | Sequence[float] = 1.0,
+                        time_interval: float = 0.05,
                         name: str | None = None) -> CaseData:
     """Draw one synthetic sequence (see the module docstring for what it contains).
 
     Args:
         seed: int or sequence of ints (``numpy.random.default_rng`` seed); same seed, same case.
         frames: number of frames ``t`` (>= 1).
-        size: spatial size, an int (same on every axis) or one int per axis; default 64 in 2D,
-            32 in 3D, 128 in 1D; at least 16.
+        size: spatial extent, an int (same on every axis) or one int per axis; default 64 in
+            2D, 32 in 3D, 128 in 1D; at least 16. In voxels at spacing 1; the array has
+            ``round(size / spacing)`` voxels per axis (at least 4), so the same scene is
+            sampled more coarsely along an axis with a larger spacing.
         spatial_dims: 1, 2 or 3.
         blobs: number of drifting blobs (fewer if they cannot be placed apart).
         corrupted: number of corrupted frames (default ``round(t / 4)``, at most
@@ -108,7 +112,9 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
         corruption: the kinds to draw from: ``"dropout"``, ``"occlusion"``.
         noise: standard deviation of the Gaussian noise (object contrast is about 0.5-0.9).
         drift: relative amplitude of the slow global intensity drift.
-        spacing: voxel size (mm). time_interval: seconds between frames.
+        spacing: voxel size (mm), one value or one per axis (arrays' axis order), e.g.
+            ``(1, 1, 4)`` for thick slices along the last axis. time_interval: seconds between
+            frames.
         name: case name (default ``synth_<seed>``).
 
     Returns:
@@ -134,10 +140,19 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
                          f"{tuple(corruption)}")
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
+    step = _spacing(spacing, spatial_dims)
+    voxels = tuple(max(1, int(round(n / h))) for n, h in zip(shape, step, strict=True))
+    if min(voxels) < 4:
+        raise ValueError(f"size {shape} at spacing {step} gives {voxels} voxels; every axis "
+                         "needs at least 4 (use a larger size or a finer spacing)")
     rng = np.random.default_rng(seed)
     d = spatial_dims
     length = float(min(shape))
-    grid = np.indices(shape, dtype=np.float32)  # (d, *s)
+    # where the voxel centres lie in the scene: the voxels of a coarse axis tile the same extent
+    # (at spacing 1, voxel i sits at i)
+    centres = [((np.arange(v) + 0.5) * h - 0.5).astype(np.float32)
+               for v, h in zip(voxels, step, strict=True)]
+    grid = np.stack(np.meshgrid(*centres, indexing="ij"))  # (d, *s)
     t = np.arange(frames, dtype=np.float64)
 
     # chamber: beating semi-axes, slow rotation, small sway of the centre
@@ -176,7 +191,7 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
         else:
             logger.debug("make_synthetic_case(seed=%s): no room for another blob", seed)
 
-    label = np.zeros((frames, *shape), np.int64)
+    label = np.zeros((frames, *voxels), np.int64)
     for i in range(frames):
         rot = _rotation(d, basis, angle0 + omega * i)
         offset = grid - centers[i].reshape((d,) + (1,) * d)  # (d, *s)
@@ -207,7 +222,7 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
             raise ValueError(f"corrupted: frame indices must be in [0, {frames}), got {corrupted}")
     kinds = [str(corruption[rng.integers(len(corruption))]) for _ in bad_frames]
 
-    image = np.empty((frames, 1, *shape), np.float32)
+    image = np.empty((frames, 1, *voxels), np.float32)
     for i in range(frames):
         frame = background + np.where(label[i] > 0, levels[label[i]] - background, 0)
         if i in bad_frames:
@@ -216,14 +231,22 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
                 frame = 0.7 * background
             else:
                 frame = frame.copy()
-                box = _occluder(rng, label[i], shape, length)
+                box = _occluder(rng, label[i], voxels, length / np.asarray(step))
                 frame[box] = rng.uniform(0.85, 1.05)
-        frame = gain[i] * bias * frame + noise * rng.standard_normal(shape, dtype=np.float32)
+        frame = gain[i] * bias * frame + noise * rng.standard_normal(voxels, dtype=np.float32)
         image[i, 0] = frame
-    geometry = Geometry.default("nifti", shape, frames, spacing=(spacing,) * d,
-                                time_interval=time_interval)
+    geometry = Geometry.default("nifti", voxels, frames, spacing=step,
+                                origin=[(h - 1) / 2 for h in step], time_interval=time_interval)
     meta = {"corrupted": bad_frames, "corruption": kinds}
     return CaseData(image, label, geometry, meta, name or f"synth_{_seed_name(seed)}")
+
+
+def _spacing(spacing, spatial_dims: int) -> tuple[float, ...]:
+    values = (spacing,) * spatial_dims if np.ndim(spacing) == 0 else tuple(spacing)
+    if len(values) != spatial_dims or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing must be a positive number or {spatial_dims} of them (one "
+                         f"per spatial axis), got {spacing!r}")
+    return tuple(float(v) for v in values)
 
 
 def _seed_name(seed) -> str:
@@ -231,7 +254,9 @@ def _seed_name(seed) -> str:
 
 
 def _occluder(rng, label, shape, length):
-    """Index tuple of a box that covers all foreground of ``label`` with random margins."""
+    """Index tuple of a box that covers all foreground of ``label`` with random margins
+    (``length``: the scene's size in voxels, one value or one per axis)."""
+    length = np.broadcast_to(np.asarray(length, np.float64), (len(shape),))
     fg = np.argwhere(label > 0)
     if len(fg) == 0:
         lo = np.array(shape) // 4
@@ -240,7 +265,7 @@ def _occluder(rng, label, shape, length):
         lo, hi = fg.min(0), fg.max(0) + 1
     slices = []
     for a, (lo_a, hi_a) in enumerate(zip(lo, hi, strict=True)):
-        m0, m1 = rng.uniform(0.08, 0.25, 2) * length
+        m0, m1 = rng.uniform(0.08, 0.25, 2) * length[a]
         slices.append(slice(max(0, int(lo_a - m0)), min(shape[a], int(np.ceil(hi_a + m1)))))
     return tuple(slices)
 
@@ -298,6 +323,7 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
                                    **case_kwargs)
         geometry = Geometry.default(format, case.geometry.spatial_shape, frames,
                                     spacing=case.geometry.spacing,
+                                    origin=case.geometry.origin,
                                     time_interval=case.geometry.time_interval)
         split = "Ts" if i >= cases else "Tr"
         image_out = out / f"images{split}" / (name if series else name + suffix)
@@ -351,7 +377,21 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--blobs", type=int, default=2, help="drifting blobs per case (default 2)")
     parser.add_argument("--corrupted", type=int, default=None,
                         help="corrupted frames per case (default: about a quarter of the frames)")
+    parser.add_argument("--spacing", type=_spacing_arg, default=None, metavar="S[,S,S]",
+                        help="voxel size per spatial axis in the arrays' axis order, e.g. "
+                             "1,1,4 for slices 4x thicker than the in-plane pixels (the scene "
+                             "keeps its extent --size, so that axis gets size/4 voxels; "
+                             "default 1)")
     return parser
+
+
+def _spacing_arg(text: str) -> float | tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 1,1,4; "
+                                         f"got {text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 def synth_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -359,7 +399,8 @@ def synth_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out, "cases": args.cases, "frames": args.frames, "size": args.size,
             "spatial_dims": args.dims, "seed": args.seed, "format": args.format,
             "validation": args.validation, "test": args.test, "noise": args.noise,
-            "blobs": args.blobs, "corrupted": args.corrupted}
+            "blobs": args.blobs, "corrupted": args.corrupted,
+            **({} if getattr(args, "spacing", None) is None else {"spacing": args.spacing})}
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -55,6 +55,10 @@ class ModelConfig:
     temporal: str | None = None
     cell: str | None = None
     bidirectional: bool | None = None
+    #: per-level, per-axis pooling strides (L - 1 entries) and conv kernels (L entries), in
+    #: the arrays' axis order; each entry an int (all axes) or one int per axis
+    strides: list[int | list[int]] | None = None
+    kernel_sizes: list[int | list[int]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def kwargs(self) -> dict[str, Any]:

@@ -43,6 +43,11 @@ ACTS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def _axes(value: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    """One int for every axis, or one per axis, as a tuple (validated by the model)."""
+    return (int(value),) * spatial_dims if isinstance(value, int) else tuple(int(v) for v in value)
+
+
 def layer(kind: str, spatial_dims: int, *args, **kwargs) -> nn.Module:
     """Build the layer ``kind`` (``"conv"``, ``"convtranspose"``, ``"maxpool"``, ``"batch"``) for
     ``spatial_dims`` 1, 2 or 3.
@@ -65,7 +70,8 @@ def _norm(norm: str, spatial_dims: int, channels: int) -> nn.Module:
 
 
 class ConvUnit(nn.Module):
-    """Convolution (kernel 3, "same") -> normalisation -> activation -> optional dropout.
+    """Convolution ("same": odd ``kernel_size``, default 3 on every axis) -> normalisation ->
+    activation -> optional dropout.
 
     The convolution has no bias when a normalisation follows it (the norm's shift replaces it).
 
@@ -74,10 +80,12 @@ class ConvUnit(nn.Module):
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str,
-                 act: str, dropout: float = 0.0) -> None:
+                 act: str, dropout: float = 0.0,
+                 kernel_size: int | Sequence[int] = 3) -> None:
         super().__init__()
-        self.conv = layer("conv", spatial_dims, in_channels, out_channels, kernel_size=3,
-                          padding=1, bias=norm == "none")
+        kernel = _axes(kernel_size, spatial_dims)
+        self.conv = layer("conv", spatial_dims, in_channels, out_channels, kernel_size=kernel,
+                          padding=tuple(k // 2 for k in kernel), bias=norm == "none")
         self.norm = _norm(norm, spatial_dims, out_channels)
         self.act = ACTS[act]()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -111,23 +119,33 @@ def run_stage(fn: Callable[..., Tensor], args: Sequence[Tensor], out_elements: i
 
 
 class EncoderStage(nn.Module):
-    """Optional max-pool by 2, then two :class:`ConvUnit`.
+    """Optional max-pool by ``stride`` (per axis), then two :class:`ConvUnit`.
 
     With ``checkpoint=True`` the whole stage is recomputed during backward (see
     :func:`run_stage`), so only its input stays alive between forward and backward.
 
+    Args:
+        stride: pooling window and stride per axis (an int for all); ``None`` or all ones: no
+            pooling.
+        kernel_size: of both convolutions (odd, per axis or one int).
+
     Shape:
-        ``(n, c_in, *s)`` -> ``(n, c_out, *s)`` (``*s`` halved when ``downsample``).
+        ``(n, c_in, *s)`` -> ``(n, c_out, *s // stride)``.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str,
-                 act: str, dropout: float, downsample: bool) -> None:
+                 act: str, dropout: float, stride: int | Sequence[int] | None = None,
+                 kernel_size: int | Sequence[int] = 3) -> None:
         super().__init__()
-        self.scale = 2**spatial_dims if downsample else 1
+        stride = _axes(1 if stride is None else stride, spatial_dims)
+        self.scale = math.prod(stride)
         self.out_channels = out_channels
-        self.pool = layer("maxpool", spatial_dims, 2) if downsample else nn.Identity()
-        self.unit1 = ConvUnit(spatial_dims, in_channels, out_channels, norm, act, dropout)
-        self.unit2 = ConvUnit(spatial_dims, out_channels, out_channels, norm, act, dropout)
+        self.pool = (layer("maxpool", spatial_dims, stride) if self.scale > 1
+                     else nn.Identity())
+        self.unit1 = ConvUnit(spatial_dims, in_channels, out_channels, norm, act, dropout,
+                              kernel_size)
+        self.unit2 = ConvUnit(spatial_dims, out_channels, out_channels, norm, act, dropout,
+                              kernel_size)
 
     def _stage(self, x: Tensor) -> Tensor:
         return self.unit2(self.unit1(self.pool(x)))
@@ -138,23 +156,28 @@ class EncoderStage(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """Transposed convolution (kernel 2, stride 2) of the deeper map, concatenation with the
-    skip, then two :class:`ConvUnit`; checkpointed as a whole like :class:`EncoderStage`.
+    """Transposed convolution (kernel = stride = ``stride``, per axis) of the deeper map,
+    concatenation with the skip, then two :class:`ConvUnit`; checkpointed as a whole like
+    :class:`EncoderStage`.
 
     The upsampled map always lines up with the skip (the network pads its input to a multiple
-    of the total stride), so no crop or pad is needed here.
+    of the total stride per axis), so no crop or pad is needed here.
 
     Shape:
-        deep ``(n, c_deep, *s/2)``, skip ``(n, c_out, *s)`` -> ``(n, c_out, *s)``.
+        deep ``(n, c_deep, *s // stride)``, skip ``(n, c_out, *s)`` -> ``(n, c_out, *s)``.
     """
 
     def __init__(self, spatial_dims: int, deep_channels: int, out_channels: int, norm: str,
-                 act: str, dropout: float) -> None:
+                 act: str, dropout: float, stride: int | Sequence[int] = 2,
+                 kernel_size: int | Sequence[int] = 3) -> None:
         super().__init__()
+        stride = _axes(stride, spatial_dims)
         self.up = layer("convtranspose", spatial_dims, deep_channels, out_channels,
-                        kernel_size=2, stride=2)
-        self.unit1 = ConvUnit(spatial_dims, 2 * out_channels, out_channels, norm, act, dropout)
-        self.unit2 = ConvUnit(spatial_dims, out_channels, out_channels, norm, act, dropout)
+                        kernel_size=stride, stride=stride)
+        self.unit1 = ConvUnit(spatial_dims, 2 * out_channels, out_channels, norm, act, dropout,
+                              kernel_size)
+        self.unit2 = ConvUnit(spatial_dims, out_channels, out_channels, norm, act, dropout,
+                              kernel_size)
 
     def _stage(self, deep: Tensor, skip: Tensor, head: nn.Module | None = None) -> Tensor:
         # (n, c_out, *s): the concatenation stays inside the checkpointed function
@@ -169,8 +192,10 @@ class DecoderStage(nn.Module):
         return run_stage(fn, (deep, skip), skip.numel(), checkpoint, chunkable)
 
 
-def pad_to_multiple(x: Tensor, multiple: int, spatial_dims: int) -> tuple[Tensor, list[int]]:
-    """Zero-pad the last ``spatial_dims`` axes of ``x`` at their end up to a multiple.
+def pad_to_multiple(x: Tensor, multiple: int | Sequence[int],
+                    spatial_dims: int) -> tuple[Tensor, list[int]]:
+    """Zero-pad the last ``spatial_dims`` axes of ``x`` at their end up to a multiple (one for
+    all axes, or one per axis).
 
     Returns the padded tensor and the original spatial sizes (for :func:`crop_to`).
 
@@ -178,11 +203,14 @@ def pad_to_multiple(x: Tensor, multiple: int, spatial_dims: int) -> tuple[Tensor
         >>> y, size = pad_to_multiple(torch.ones(1, 2, 5, 8), 4, spatial_dims=2)
         >>> tuple(y.shape), size
         ((1, 2, 8, 8), [5, 8])
+        >>> tuple(pad_to_multiple(torch.ones(1, 2, 5, 7), (1, 4), spatial_dims=2)[0].shape)
+        (1, 2, 5, 8)
     """
     size = list(x.shape[-spatial_dims:])
+    multiples = _axes(multiple, spatial_dims)
     pads: list[int] = []
-    for s in reversed(size):  # F.pad lists the last axis first
-        pads += [0, -s % multiple]
+    for s, m in zip(reversed(size), reversed(multiples), strict=True):  # F.pad: last axis first
+        pads += [0, -s % m]
     if any(pads):
         x = F.pad(x, pads)
     return x, size

@@ -15,6 +15,7 @@ from clstm4d.models.unet import (
     TimeResolvedUNet,
     _positive_int,
     check_sequence_input,
+    check_strides_kernels,
     check_unet_args,
 )
 
@@ -31,7 +32,8 @@ class TimeAsChannelsUNet(nn.Module):
         in_channels: channels per frame.
         out_channels: classes per frame.
         frames: the window length ``T`` the model is built for (inputs must have it).
-        channels, norm, act, dropout, checkpoint: as :class:`TimeResolvedUNet`.
+        channels, norm, act, dropout, checkpoint, strides, kernel_sizes: as
+            :class:`TimeResolvedUNet`.
 
     Shape:
         ``(N, T, C_in, *S)`` with ``T == frames`` -> logits ``(N, T, C_out, *S)``.
@@ -59,12 +61,16 @@ class TimeAsChannelsUNet(nn.Module):
         act: str = "leakyrelu",
         dropout: float = 0.0,
         checkpoint: bool = False,
+        strides: Sequence[int | Sequence[int]] | None = None,
+        kernel_sizes: Sequence[int | Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
         channels = check_unet_args(owner, spatial_dims, in_channels, out_channels, channels,
                                    norm, act, dropout)
         _positive_int(owner, "frames", frames)
+        strides, kernels = check_strides_kernels(owner, spatial_dims, len(channels), strides,
+                                                 kernel_sizes)
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -73,11 +79,13 @@ class TimeAsChannelsUNet(nn.Module):
             "name": "tac", "spatial_dims": spatial_dims, "in_channels": in_channels,
             "out_channels": out_channels, "frames": frames, "channels": list(channels),
             "norm": norm, "act": act, "dropout": float(dropout), "checkpoint": bool(checkpoint),
+            "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
         }
         # one "frame" of frames * c channels through the per-frame network
         self.unet = TimeResolvedUNet(spatial_dims, frames * in_channels, frames * out_channels,
                                      channels, temporal="none", norm=norm, act=act,
-                                     dropout=dropout, checkpoint=checkpoint)
+                                     dropout=dropout, checkpoint=checkpoint,
+                                     strides=strides, kernel_sizes=kernels)
 
     def forward(self, x: Tensor, state: Any = None, return_state: bool = False) -> Tensor:
         """Shape: ``(N, T, C_in, *S)`` with ``T == frames`` -> logits ``(N, T, C_out, *S)``."""

@@ -13,12 +13,16 @@ Layout: the encoder and decoder run on every frame with batch and time folded to
 - ``temporal="none"``: no recurrence: every frame is segmented on its own (the baseline).
 
 There are ``L - 1`` poolings and exactly ``L - 1`` upsampling stages, so every upsampled map
-lines up with its skip; the input is zero-padded up to a multiple of ``2**(L-1)`` and the
-logits cropped back, so any spatial size works.
+lines up with its skip; the input is zero-padded up to a multiple of the total stride of each
+axis (the product of that axis' pooling strides; ``2**(L-1)`` by default) and the logits
+cropped back, so any spatial size works. Pooling ``strides`` and convolution ``kernel_sizes``
+can differ per level and per axis (the DynUNet convention), for anisotropic voxels: an axis
+with coarse spacing keeps stride 1 and kernel 1 until the others have caught up.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -86,6 +90,53 @@ def check_unet_args(owner: str, spatial_dims: Any, in_channels: Any, out_channel
     return tuple(int(c) for c in channels)
 
 
+def _per_axis_levels(owner: str, name: str, value: Any, count: int, spatial_dims: int,
+                     default: int, odd: bool) -> tuple[tuple[int, ...], ...]:
+    """``count`` per-axis tuples of ints >= 1 from ``value``: None (``default`` everywhere), or
+    a sequence of ``count`` entries, each an int (all axes) or ``spatial_dims`` ints."""
+    if value is None:
+        return ((default,) * spatial_dims,) * count
+    example = ", ".join(["(" + ", ".join([str(default)] * spatial_dims) + ")"] * max(count, 1))
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != count:
+        raise ValueError(
+            f"{owner}: {name} must be a sequence of {count} entries (one per "
+            f"{'pooling' if name == 'strides' else 'level'}, each an int or {spatial_dims} ints "
+            f"in the arrays' axis order, e.g. [{example}]), got {value!r}")
+    out = []
+    for i, entry in enumerate(value):
+        axes = (entry,) * spatial_dims if isinstance(entry, numbers.Integral) else entry
+        ok = (not isinstance(axes, (str, bytes)) and isinstance(axes, Sequence)
+              and len(axes) == spatial_dims
+              and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                      and (not odd or v % 2 == 1) for v in axes))
+        if not ok:
+            what = "odd ints >= 1" if odd else "ints >= 1"
+            raise ValueError(f"{owner}: {name}[{i}] must be an int or {spatial_dims} {what} "
+                             f"(one per spatial axis), got {entry!r}")
+        out.append(tuple(int(v) for v in axes))
+    return tuple(out)
+
+
+def check_strides_kernels(owner: str, spatial_dims: int, levels: int, strides: Any,
+                          kernel_sizes: Any) -> tuple[tuple[tuple[int, ...], ...],
+                                                      tuple[tuple[int, ...], ...]]:
+    """Validate per-level, per-axis pooling ``strides`` (``levels - 1`` entries) and conv
+    ``kernel_sizes`` (``levels`` entries, odd); ``None`` = 2 and 3 on every axis.
+
+    Examples:
+        >>> check_strides_kernels("net", 3, 3, [(2, 2, 1), 2], [(3, 3, 1), 3, 3])
+        (((2, 2, 1), (2, 2, 2)), ((3, 3, 1), (3, 3, 3), (3, 3, 3)))
+    """
+    return (_per_axis_levels(owner, "strides", strides, levels - 1, spatial_dims, 2, False),
+            _per_axis_levels(owner, "kernel_sizes", kernel_sizes, levels, spatial_dims, 3, True))
+
+
+def total_strides(strides: Sequence[Sequence[int]], spatial_dims: int) -> tuple[int, ...]:
+    """The product of the pooling strides of each axis: what the input is padded to a multiple
+    of."""
+    return tuple(math.prod(s[a] for s in strides) for a in range(spatial_dims))
+
+
 def check_sequence_input(owner: str, x: Tensor, spatial_dims: int, in_channels: int) -> None:
     """Raise a ValueError naming the expected ``(n, t, c, *s)`` layout when ``x`` differs."""
     expected = 3 + spatial_dims
@@ -117,7 +168,8 @@ class _Recurrence(nn.Module):
         ``(n, t, c, *s)`` -> ``(n, t, c, *s)``.
     """
 
-    def __init__(self, spatial_dims: int, channels: int, cell: str, kernel_size: int,
+    def __init__(self, spatial_dims: int, channels: int, cell: str,
+                 kernel_size: int | tuple[int, ...],
                  bidirectional: bool, checkpoint: bool) -> None:
         super().__init__()
         self.cell = cell
@@ -156,11 +208,16 @@ class TimeResolvedUNet(nn.Module):
         cell: ``"lstm"`` or ``"gru"``. Default ``"lstm"``.
         bidirectional: run the recurrence both ways (offline analysis; not streamable; a 1x1
             convolution merges the two directions). Default False.
-        rnn_kernel_size: kernel of the recurrent convolutions. Default 3.
+        rnn_kernel_size: kernel of the recurrent convolutions on the axes where the level's
+            convolution kernel is larger than 1 (1 where it is 1). Default 3.
         norm: ``"instance"`` (default, per frame), ``"batch"`` (statistics pooled over batch
             and frames in training mode), ``"group"`` (``gcd(8, c)`` groups) or ``"none"``.
         act: ``"leakyrelu"`` (default, slope 0.1), ``"relu"``, ``"gelu"`` or ``"silu"``.
         dropout: dropout probability after every convolution unit. Default 0.
+        strides: pooling window/stride per axis before levels 1 .. L-1: ``L - 1`` entries,
+            each an int or one int per spatial axis (arrays' axis order). Default 2 everywhere.
+        kernel_sizes: convolution kernel per axis at levels 0 .. L-1 (odd): ``L`` entries,
+            each an int or one per axis; the decoder stage of a level uses the same. Default 3.
         checkpoint: recompute activations during backward at the high-resolution levels,
             where nearly all activation memory sits (see :data:`CHECKPOINT_MIN_SHARE`): their
             encoder and decoder stages (the head inside the last one; large stages in pieces of
@@ -205,11 +262,15 @@ class TimeResolvedUNet(nn.Module):
         act: str = "leakyrelu",
         dropout: float = 0.0,
         checkpoint: bool = False,
+        strides: Sequence[int | Sequence[int]] | None = None,
+        kernel_sizes: Sequence[int | Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
         channels = check_unet_args(owner, spatial_dims, in_channels, out_channels, channels,
                                    norm, act, dropout)
+        strides, kernels = check_strides_kernels(owner, spatial_dims, len(channels), strides,
+                                                 kernel_sizes)
         _choice(owner, "temporal", temporal, TEMPORAL)
         _choice(owner, "cell", cell, tuple(CELLS))
         _positive_int(owner, "rnn_kernel_size", rnn_kernel_size)
@@ -217,6 +278,8 @@ class TimeResolvedUNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.channels = channels
+        self.strides = strides
+        self.kernel_sizes = kernels
         self.temporal = temporal
         self.bidirectional = bool(bidirectional) and temporal != "none"
         self.checkpoint = bool(checkpoint)
@@ -226,7 +289,7 @@ class TimeResolvedUNet(nn.Module):
         # time at 64 channels); narrow ones (8-16 channels) run faster in the default layout
         self._layout = (_CHANNELS_LAST.get(spatial_dims, torch.contiguous_format)
                         if channels[0] >= CHANNELS_LAST_MIN_WIDTH else torch.contiguous_format)
-        share = [channels[lv] / channels[0] / 2 ** (spatial_dims * lv)
+        share = [channels[lv] / channels[0] / math.prod(math.prod(s) for s in strides[:lv])
                  for lv in range(len(channels))]
         self._checkpoint_levels = frozenset(
             lv for lv in range(len(channels)) if checkpoint and share[lv] >= CHECKPOINT_MIN_SHARE)
@@ -236,24 +299,29 @@ class TimeResolvedUNet(nn.Module):
             "cell": cell, "bidirectional": bool(bidirectional),
             "rnn_kernel_size": rnn_kernel_size, "norm": norm, "act": act,
             "dropout": float(dropout), "checkpoint": bool(checkpoint),
+            "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
         }
 
         widths = (in_channels, *channels)
         self.encoder = nn.ModuleList(
             EncoderStage(spatial_dims, widths[i], widths[i + 1], norm, act, dropout,
-                         downsample=i > 0)
+                         stride=strides[i - 1] if i > 0 else None, kernel_size=kernels[i])
             for i in range(len(channels))
         )
         # decoder[j] brings level j + 1 up to level j; it runs deepest first
         self.decoder = nn.ModuleList(
-            DecoderStage(spatial_dims, channels[j + 1], channels[j], norm, act, dropout)
+            DecoderStage(spatial_dims, channels[j + 1], channels[j], norm, act, dropout,
+                         stride=strides[j], kernel_size=kernels[j])
             for j in range(len(channels) - 1)
         )
         self.head = layer("conv", spatial_dims, channels[0], out_channels, kernel_size=1)
         levels = {"bottleneck": [len(channels) - 1], "skips": range(len(channels)),
                   "none": []}[temporal]
+        # the recurrent kernel follows its level's: 1 on the axes the level's convolutions skip
         self.recurrence = nn.ModuleDict({
-            str(level): _Recurrence(spatial_dims, channels[level], cell, rnn_kernel_size,
+            str(level): _Recurrence(spatial_dims, channels[level], cell,
+                                    tuple(rnn_kernel_size if k > 1 else 1
+                                          for k in kernels[level]),
                                     self.bidirectional, level in self._checkpoint_levels)
             for level in levels
         })
@@ -298,7 +366,8 @@ class TimeResolvedUNet(nn.Module):
         new_states = []
         n, t = x.shape[:2]
         h = x.flatten(0, 1)  # (n*t, c, *s)
-        h, size = pad_to_multiple(h, 2 ** (len(self.channels) - 1), self.spatial_dims)
+        h, size = pad_to_multiple(h, total_strides(self.strides, self.spatial_dims),
+                                  self.spatial_dims)
         layout = self._layout
         h = h.contiguous(memory_format=layout)
         ckpt = self._checkpoint_levels
