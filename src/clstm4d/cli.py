@@ -2,8 +2,10 @@
 
 ``main(argv) -> int`` is the console script (and ``python -m clstm4d``). Errors the user can
 fix (a missing file, an unknown configuration key, a wrong channel count, a checkpoint of
-another model, bad data) end with one line on stderr and exit code 2; ``--debug`` shows the
-traceback instead.
+another model, bad data, an output that would replace an input) end with one line on stderr
+and exit code 2; ``--debug`` shows the traceback instead. ``train`` stopped by SIGTERM or
+SIGINT finishes its step, writes a checkpoint and exits with 75 (``EXIT_PREEMPTED``; run the
+same command with ``--resume`` to continue).
 
 Examples:
     >>> main(["train", "--set", "train.stpes=3"])  # one line on stderr, exit code 2
@@ -24,6 +26,9 @@ from pathlib import Path
 __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
+# train stopped by SIGTERM/SIGINT after checkpointing: sysexits.h EX_TEMPFAIL ("temporary
+# failure; try again later"), distinct from errors (1, 2) and from death by a signal (128+N)
+EXIT_PREEMPTED = 75
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,6 +47,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    metavar="SECTION.KEY=VALUE",
                    help="override one configuration key, e.g. --set train.lr=1e-3 "
                         "(repeatable; values are parsed as YAML)")
+
+
+def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"{what} (refused by default); inputs are never replaced")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -77,6 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: half the cores, 1 to 4)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_overwrite_arg(d, "write into an --out that holds files the demo did not write")
 
     # ---- train
     t = sub.add_parser("train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -102,6 +113,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    "(train.checkpoint_every)")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue exactly from a checkpoint (default: the latest in --out)")
+    _add_overwrite_arg(t, "start again from step 0 in an --out that holds a run (without it "
+                      "a run continues only with --resume), or write into a folder of other "
+                      "files")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration and exit")
 
@@ -128,6 +142,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    "predict.device, auto)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"),
                    help="mixed precision (default: the checkpoint's predict.amp, auto)")
+    _add_overwrite_arg(p, "replace an existing --output file, or write into a non-empty "
+                      "--output folder")
 
     # ---- evaluate
     e = sub.add_parser("evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -143,6 +159,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--corrupted", default="",
                    help="comma-separated frames to report separately, e.g. 3,7")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    _add_overwrite_arg(e, "write into an --out that holds files evaluate did not write")
 
     # ---- synth
     s = sub.add_parser("synth", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -152,6 +169,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from clstm4d.data import add_synth_arguments
 
     add_synth_arguments(s)
+    _add_overwrite_arg(s, "write into an --out that holds files synth did not write")
 
     # ---- bench
     b = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -172,7 +190,8 @@ def _cmd_demo(args) -> int:
     opts = DemoOptions(out=args.out, dims=args.dims, frames=args.frames, cases=args.cases,
                        test=args.test, size=args.size, model=args.model,
                        batch_size=args.batch_size, steps=args.steps, window=args.window,
-                       seed=args.seed, threads=args.threads, progress=not args.no_progress)
+                       seed=args.seed, threads=args.threads, progress=not args.no_progress,
+                       overwrite=args.overwrite)
     t0 = time.perf_counter()
     report = run_demo(opts, say=lambda m: print(m, flush=True))
     out = Path(args.out)
@@ -203,7 +222,7 @@ def _cmd_train(args) -> int:
     resume = None
     if args.resume is not None:
         resume = args.resume or cfg.train.out
-    res = train(cfg, resume=resume)
+    res = train(cfg, resume=resume, overwrite=args.overwrite)
     if res.checkpoint is not None:
         last = res.history[-1] if res.history else {}
         print(f"trained {res.steps} steps in {res.seconds:.1f} s"
@@ -220,7 +239,7 @@ def _cmd_predict(args) -> int:
         args.checkpoint, device=args.device, amp=args.amp, roi=args.roi, overlap=args.overlap,
         chunk=args.chunk, sw_batch_size=args.sw_batch_size)
     t0 = time.perf_counter()
-    written = predictor.predict_file(args.input, args.output)
+    written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite)
     print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "
           f"in {time.perf_counter() - t0:.1f} s -> "
           f"{written[0] if len(written) == 1 else f'{len(written)} files in {args.output}'}")
@@ -229,10 +248,14 @@ def _cmd_predict(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from clstm4d.engine.errors import UserError
+    from clstm4d.engine.guards import OutputFolder
 
     for f in args.pred + args.label:
         if not Path(f).exists():
             raise UserError(f"file not found: {f}")
+    folder = OutputFolder(args.out, "evaluate", overwrite=args.overwrite) if args.out else None
+    if folder is not None:
+        folder.check()  # before the (slow) evaluation
     import numpy as np
 
     from clstm4d.data import read_label
@@ -261,16 +284,16 @@ def _cmd_evaluate(args) -> int:
         from clstm4d.engine.plots import plot_dice_per_frame, plot_volumes
 
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_frames_csv(res["frames"], out / "frames.csv")
-        clean = {key: (v if isinstance(v, (int, str)) or np.isfinite(v) else None)
-                 for key, v in s.items()}
-        atomic_write_text(out / "summary.json", json.dumps(clean, indent=2))
-        names = [f"class{i}" for i in range(1, max(k, 2))]
-        curves = {n: [r[f"dice_{n}"] for r in res["frames"]] for n in names}
-        plot_dice_per_frame(curves, out / "dice_per_frame.png", corrupted=corrupted,
-                            ylabel="Dice")
-        plot_volumes(res["frames"], names, out / "volume_per_frame.png")
+        with folder:
+            write_frames_csv(res["frames"], out / "frames.csv")
+            clean = {key: (v if isinstance(v, (int, str)) or np.isfinite(v) else None)
+                     for key, v in s.items()}
+            atomic_write_text(out / "summary.json", json.dumps(clean, indent=2))
+            names = [f"class{i}" for i in range(1, max(k, 2))]
+            curves = {n: [r[f"dice_{n}"] for r in res["frames"]] for n in names}
+            plot_dice_per_frame(curves, out / "dice_per_frame.png", corrupted=corrupted,
+                                ylabel="Dice")
+            plot_volumes(res["frames"], names, out / "volume_per_frame.png")
         print(f"wrote {out / 'frames.csv'}, summary.json, dice_per_frame.png, "
               "volume_per_frame.png")
     return 0
@@ -278,8 +301,10 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_synth(args) -> int:
     from clstm4d.data import synth_options, write_synthetic_dataset
+    from clstm4d.engine.guards import OutputFolder
 
-    path = write_synthetic_dataset(**synth_options(args))
+    with OutputFolder(args.out, "synth", overwrite=args.overwrite):
+        path = write_synthetic_dataset(**synth_options(args))
     print(f"wrote {path}")
     return 0
 
@@ -321,10 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from clstm4d.engine.errors import UserError
+    from clstm4d.engine.errors import Preempted, UserError
 
     try:
         return _COMMANDS[args.command](args)
+    except Preempted as e:
+        print(f"clstm4d {args.command}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(f"clstm4d {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -17,7 +17,15 @@ from .datalist import (
     spread_frames,
     validate_datalist,
 )
-from .io import detect_format, output_path, read_image, read_label, write_image, write_label
+from .io import (
+    detect_format,
+    output_files,
+    output_path,
+    read_image,
+    read_label,
+    write_image,
+    write_label,
+)
 from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
@@ -33,7 +41,8 @@ __all__ = [
     "DataError", "Geometry", "atomic_path",
     "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist",
     "save_datalist", "validate_datalist", "ignore_index", "spread_frames",
-    "detect_format", "output_path", "read_image", "read_label", "write_image", "write_label",
+    "detect_format", "output_files", "output_path", "read_image", "read_label", "write_image",
+    "write_label",
     "PatchDataset", "crop_or_pad",
     "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",
     "write_synthetic_dataset",

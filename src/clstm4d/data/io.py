@@ -22,7 +22,7 @@ import numpy as np
 from ._common import DataError, Geometry, atomic_path, full_suffix
 
 __all__ = ["read_image", "read_label", "write_image", "write_label", "detect_format",
-           "output_path"]
+           "output_path", "output_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,19 @@ def output_path(geometry: Geometry, folder: PathLike, name: str) -> Path:
     default = {"nifti": ".nii.gz", "tiff": ".tif"}[geometry.format]
     suffix = full_suffix(geometry.sources[0]) if geometry.sources else default
     return folder / (name + (suffix or default))
+
+
+def output_files(geometry: Geometry, out: PathLike | Sequence[PathLike],
+                 label: bool = False) -> list[Path]:
+    """The files :func:`write_label` (``label=True``) or :func:`write_image` would write for
+    ``out``, without writing anything (to check them before a long computation).
+
+    Examples:
+        >>> g = Geometry.default("nrrd-series", (4, 4), 2)
+        >>> [p.as_posix() for p in output_files(g, "pred", label=True)]
+        ['pred/frame_000.seg.nrrd', 'pred/frame_001.seg.nrrd']
+    """
+    return _outputs(geometry, out, geometry.frames, label)
 
 
 # --------------------------------------------------------------------------------- dispatch

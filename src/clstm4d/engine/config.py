@@ -99,6 +99,9 @@ class TrainConfig:
     ``amp``: ``"auto"`` (bf16 on a CUDA device that supports it, else fp32), ``"bf16"``,
     ``"fp16"`` (CUDA only, with gradient scaling) or ``"none"``.
     ``activation_checkpointing`` sets the model's ``checkpoint`` switch.
+    ``max_nonfinite_steps``: a step with a non-finite loss or gradient is skipped; this many in
+    a row stop the run (0: never). ``dist_timeout``: seconds a ``torchrun`` rank waits for the
+    others in a collective before it fails (a rank that died or hangs).
     """
 
     out: str = "runs/train"
@@ -118,6 +121,8 @@ class TrainConfig:
     val_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 25
+    dist_timeout: float = 1800.0
     progress: bool = True
     threads: int | None = None
 

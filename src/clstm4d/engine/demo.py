@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import atomic_write_text
 from .config import Config
-from .errors import UserError
+from .errors import Preempted, UserError
 
 __all__ = ["DemoOptions", "format_table", "run_demo"]
 
@@ -55,6 +55,7 @@ class DemoOptions:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    overwrite: bool = False
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "temporal (ConvLSTM)": {"temporal": "bottleneck"},
         "per-frame": {"temporal": "none"},
@@ -86,11 +87,12 @@ def _train_child(cfg_dict: dict[str, Any], threads: int, queue) -> None:
     try:
         torch.set_num_threads(threads)
         cpu0 = time.process_time()
-        res = train(Config.from_dict(cfg_dict), progress_validation=False)
+        # the demo owns its run folders: a second demo trains them again from step 0
+        res = train(Config.from_dict(cfg_dict), progress_validation=False, overwrite=True)
         queue.put(("ok", {"checkpoint": str(res.checkpoint), "steps": res.steps,
                           "seconds": res.seconds, "peak": res.peak_memory_bytes,
                           "cpu": time.process_time() - cpu0}))
-    except (UserError, ValueError, OSError) as e:  # the parent raises it as a user error
+    except (UserError, ValueError, OSError, Preempted) as e:  # the parent raises a user error
         queue.put(("user", str(e)))
     except BaseException as e:
         queue.put(("error", f"{type(e).__name__}: {e}"))
@@ -134,7 +136,18 @@ def _say_default(msg: str) -> None:
 
 
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> dict[str, Any]:
-    """Run the whole demo and return the report (also written to ``out/report.json``)."""
+    """Run the whole demo and return the report (also written to ``out/report.json``).
+
+    ``opts.out`` must be new, empty or an earlier demo's output (see
+    :class:`~clstm4d.engine.guards.OutputFolder`) unless ``opts.overwrite``.
+    """
+    from .guards import OutputFolder
+
+    with OutputFolder(opts.out, "demo", overwrite=opts.overwrite):
+        return _run_demo(opts, say)
+
+
+def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     from clstm4d.data import load_case, load_datalist, write_synthetic_dataset
 
     from .evaluate import evaluate_sequence, write_frames_csv

@@ -163,12 +163,20 @@ class Predictor:
         Args:
             input: one 4D file (NIfTI, TIFF), a folder of per-frame files, or their list.
             output: a file for single-file formats, a folder for per-frame series.
-            overwrite: replace an existing output.
+            overwrite: replace an existing output file (or write into a non-empty output
+                folder). An output that is one of the inputs is refused even so.
 
         Returns:
             The files written.
+
+        Raises:
+            UserError: before the prediction, when ``output`` resolves to an input file (or
+                a per-frame output would replace an input frame), or exists without
+                ``overwrite`` (see :func:`~clstm4d.engine.guards.check_label_outputs`).
         """
         from clstm4d.data import read_image, write_label
+
+        from .guards import check_label_outputs
 
         paths = [input] if isinstance(input, (str, os.PathLike)) else list(input)
         if not paths:
@@ -176,7 +184,7 @@ class Predictor:
         for f in paths:
             if not Path(f).exists():
                 raise UserError(f"input not found: {f}")
-        del overwrite  # output guards: issue 11
         image, geometry = read_image(paths[0] if len(paths) == 1 else paths, self.spatial_dims)
+        check_label_outputs(geometry, output, inputs=paths, overwrite=overwrite)
         labels = self.predict_array(image, geometry, name=str(paths[0]))
         return write_label(labels, geometry, output)

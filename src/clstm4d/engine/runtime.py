@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import resource
 import sys
@@ -89,11 +90,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+def init_distributed(device_name: str = "auto", timeout_s: float | None = None
+                     ) -> tuple[DistInfo, torch.device]:
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
     Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; uses nccl when the device is CUDA and
     gloo otherwise. Without those variables (a plain ``python`` run) nothing is initialised.
+    ``timeout_s`` bounds how long a collective waits for a rank that is gone or hangs before
+    it raises (default: PyTorch's).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -106,7 +110,8 @@ def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", **kw)
         here = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, here), device
 

@@ -36,9 +36,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .checkpoint import find_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import atomic_write_text, find_checkpoint, load_training_state, save_checkpoint
 from .config import Config, TrainConfig
-from .errors import UserError
+from .errors import Preempted, UserError
+from .faults import NonFiniteSteps, StopOnSignal, decide_on_rank0, ignore_stop_signals
+from .guards import RunFolder
 from .metrics import SequenceLoss
 from .runtime import DistInfo, PeakMemory, amp_dtype, autocast, init_distributed
 
@@ -137,7 +139,7 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 class _MetricsLog:
     """Metrics to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard when installed)."""
 
-    COLUMNS = ["step", "loss", "lr", "seconds", "val_dice"]
+    COLUMNS = ["step", "loss", "lr", "seconds", "val_dice", "skipped_steps"]
 
     def __init__(self, out: Path, resume_step: int):
         out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +157,7 @@ class _MetricsLog:
                                 else int(line.split(",")[0]))
                         if step <= resume_step:
                             keep.append(line)
-                    path.write_text("".join(x + "\n" for x in keep))
+                    atomic_write_text(path, "".join(x + "\n" for x in keep))
         else:
             self.jsonl.write_text("")
             self.csv.write_text(",".join(self.COLUMNS) + "\n")
@@ -182,6 +184,34 @@ class _MetricsLog:
             self.tb.close()
 
 
+def _resume_point(run: RunFolder) -> Path | None:
+    """The checkpoint to resume from (after the run folder's checks), or None."""
+    resume = run.check()
+    return None if resume is None else find_checkpoint(resume)
+
+
+def _mean_over_ranks(value: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
+    if dist_info.distributed:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
+        value = value / dist_info.world_size
+    return value
+
+
+def _unscaled_grad_norm(model: torch.nn.Module, optimizer, scaler, cfg: TrainConfig
+                        ) -> torch.Tensor:
+    """Unscale (fp16), clip to ``cfg.grad_clip`` if set, and return the total gradient norm
+    (the same on every rank: DDP has averaged the gradients)."""
+    scaler.unscale_(optimizer)
+    if cfg.grad_clip:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def fit(
     model: torch.nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -194,6 +224,7 @@ def fit(
     num_workers: int = 0,
     dist_info: DistInfo | None = None,
     device: torch.device | None = None,
+    overwrite: bool = False,
     ignore_index: int | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps.
@@ -213,13 +244,21 @@ def fit(
             per index, which ``PatchDataset`` is).
         dist_info, device: where this process runs; default: from the ``torchrun``
             environment and ``cfg.device``.
+        overwrite: start again from step 0 in a ``cfg.out`` that holds a run (without it,
+            such a folder is continued only with ``resume``; see
+            :class:`~clstm4d.engine.guards.RunFolder`).
         ignore_index: label value of the ``"ignore"`` class (left out of the loss), or None.
 
     Returns:
         A :class:`TrainResult` (on ranks other than 0 ``checkpoint`` is None).
+
+    Raises:
+        Preempted: after SIGTERM/SIGINT, once the current step is done and checkpointed.
+        NonFiniteError: after ``cfg.max_nonfinite_steps`` consecutive skipped steps.
+        UserError: ``cfg.out`` is locked by a live process or holds other files.
     """
     if dist_info is None or device is None:
-        dist_info, device = init_distributed(cfg.device)
+        dist_info, device = init_distributed(cfg.device, timeout_s=cfg.dist_timeout)
     if cfg.steps < 1:
         raise UserError(f"train.steps must be >= 1, got {cfg.steps}")
     if cfg.threads:
@@ -240,18 +279,25 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = SequenceLoss(cfg.lambda_dice, cfg.lambda_ce, ignore_index)
     start = 0
+    run = RunFolder(out, resume=resume, overwrite=overwrite)
+    resume = decide_on_rank0(lambda: _resume_point(run), dist_info.distributed,
+                             dist_info.is_main)
+    skipped = NonFiniteSteps(cfg.max_nonfinite_steps)
     if resume is not None:
-        state = load_training_state(find_checkpoint(resume), model, optimizer, scheduler, scaler)
+        state = load_training_state(resume, model, optimizer, scheduler, scaler)
         start = int(state["step"])
+        skipped = NonFiniteSteps(cfg.max_nonfinite_steps, **state["extra"].get("nonfinite", {}))
         log.info("resumed from %s at step %d", resume, start)
         if dist_info.distributed:  # every rank continues with its own RNG stream
             torch.manual_seed(cfg.seed + dist_info.rank + 1_000_003 * start)
     sampler = StepBatchSampler(len(dataset), batch_size, cfg.steps, cfg.seed, start,
                                dist_info.rank, dist_info.world_size)
     loader = DataLoader(EpochStream(dataset, cfg.seed), batch_sampler=sampler,
-                        num_workers=num_workers,
+                        num_workers=num_workers, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator(), persistent_workers=False)
     main = dist_info.is_main
+    if main:
+        run.open()
     mlog = _MetricsLog(out, start) if main else None
     bar = None
     if main and cfg.progress:
@@ -268,10 +314,11 @@ def fit(
             return None
         return save_checkpoint(ckdir, model, step=step, config=config, optimizer=optimizer,
                                scheduler=scheduler, scaler=scaler,
-                               extra={"history": history[-1:] if history else []},
+                               extra={"history": history[-1:] if history else [],
+                                      "nonfinite": skipped.state()},
                                keep=cfg.keep_checkpoints)
 
-    with PeakMemory(device) as peak:
+    with PeakMemory(device) as peak, run, StopOnSignal() as stop:
         step = start
         for batch in loader:
             net.train()
@@ -282,33 +329,28 @@ def fit(
                 logits = net(x)
             loss = loss_fn(logits, y, None if lengths is None else lengths.to(device),
                            None if labelled is None else labelled.to(device))
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"loss is {loss.item()} at step {step}; lower train.lr")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
+            value = _mean_over_ranks(loss.detach(), dist_info)
+            finite = skipped.finite(value, _unscaled_grad_norm(model, optimizer, scaler, cfg))
+            if finite:  # else skip the step, as GradScaler does on overflow
+                scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             step += 1
-            value = loss.detach()
-            if dist_info.distributed:
-                import torch.distributed as tdist
-
-                tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
-                value = value / dist_info.world_size
-            running += float(value)
-            count += 1
+            skipped.update(finite, step)
+            if finite:
+                running += float(value)
+                count += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(value):.4f}")
             row: dict[str, Any] | None = None
             if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
-                row = {"step": step, "loss": running / count,
+                row = {"step": step, "loss": running / count if count else None,
                        "lr": scheduler.get_last_lr()[0],
-                       "seconds": round(time.perf_counter() - t_start, 3)}
+                       "seconds": round(time.perf_counter() - t_start, 3),
+                       "skipped_steps": skipped.total}
                 running, count = 0.0, 0
             if validate is not None and main and (
                 (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps
@@ -322,13 +364,17 @@ def fit(
                 if bar is not None and "val_dice" in row:
                     bar.write(f"step {step}: validation Dice {row['val_dice']:.4f}")
                 log.info("step %d: %s", step, row)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save(step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps \
+                    and not skipped.consecutive:
+                ck_path = save(step)
             if dist_info.distributed and validate is not None and cfg.val_every and \
                     step % cfg.val_every == 0:
                 import torch.distributed as tdist
 
                 tdist.barrier()
+            skipped.check(step, ck_path)
+            if step < cfg.steps and stop.requested(dist_info.distributed, device):
+                raise Preempted(stop.received, step, save(step))
         seconds = time.perf_counter() - t_start
         ck_path = save(step)
     if bar is not None:
@@ -343,7 +389,7 @@ def fit(
 
 
 def train(cfg: Config, *, resume: str | Path | None = None,
-          progress_validation: bool = True) -> TrainResult:
+          progress_validation: bool = True, overwrite: bool = False) -> TrainResult:
     """Train the model described by ``cfg`` on ``cfg.data.datalist``.
 
     The model's missing sizes come from the data: ``spatial_dims`` and ``out_channels``
@@ -353,9 +399,11 @@ def train(cfg: Config, *, resume: str | Path | None = None,
     """
     from .builders import build_dataset, build_model, load_cases, make_validator
 
-    dist_info, device = init_distributed(cfg.train.device)
+    dist_info, device = init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout)
     if cfg.data.datalist is None:
         raise UserError("no training data: set data.datalist (or --datalist)")
+    decide_on_rank0(RunFolder(cfg.train.out, resume=resume, overwrite=overwrite).check,
+                    dist_info.distributed, dist_info.is_main)  # before the (slow) loading
     datalist, train_cases, val_cases = load_cases(cfg.data.datalist)
     model, run = build_model(cfg, datalist, train_cases)
     dataset = build_dataset(cfg, train_cases, run)
@@ -364,4 +412,5 @@ def train(cfg: Config, *, resume: str | Path | None = None,
         validate = make_validator(run, val_cases, device)
     return fit(model, dataset, cfg.train, batch_size=cfg.data.batch_size, config=run.to_dict(),
                resume=resume, validate=validate, num_workers=cfg.data.num_workers,
-               dist_info=dist_info, device=device, ignore_index=datalist.ignore_index)
+               dist_info=dist_info, device=device, overwrite=overwrite,
+               ignore_index=datalist.ignore_index)
