@@ -26,6 +26,13 @@ from .io import (
     write_image,
     write_label,
 )
+from .resample import (
+    resample_case,
+    resample_image,
+    resample_label,
+    resampled_geometry,
+    target_shape,
+)
 from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
@@ -44,6 +51,7 @@ __all__ = [
     "detect_format", "output_files", "output_path", "read_image", "read_label", "write_image",
     "write_label",
     "PatchDataset", "crop_or_pad",
+    "resample_case", "resample_image", "resample_label", "resampled_geometry", "target_shape",
     "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",
     "write_synthetic_dataset",
     "Augment", "normalize_intensity",

@@ -79,12 +79,16 @@ class DataConfig:
     """Training data: a datalist and how patches are cut from it.
 
     ``roi`` is the spatial patch size (one int per spatial axis, or one int for all);
-    ``window`` the number of frames per patch.
+    ``window`` the number of frames per patch. ``spacing`` is the voxel size the model works
+    at (one value per spatial axis in the arrays' axis order, or one for all): training cases
+    are resampled to it, and prediction resamples each input to it and the labels back to the
+    input's grid; ``None`` (the default) keeps every case on its own grid.
     """
 
     datalist: str | None = None
     window: int = 8
     roi: list[int] | None = None
+    spacing: list[float] | None = None
     batch_size: int = 2
     foreground_prob: float = 0.5
     normalize: str | None = "percentile"
