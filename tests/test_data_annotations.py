@@ -333,7 +333,7 @@ def test_unannotated_label_content_cannot_change_an_item():
     rng = np.random.default_rng(0)
     b.label[~b.labelled] = rng.integers(0, 3, size=b.label[~b.labelled].shape)
     kw = dict(window=4, roi=6, normalize=None, foreground_prob=0.7, samples_per_case=30,
-              augment=True)
+              augment=True, degrade={"prob": 0.5, "kinds": ("occlusion", "partial")})
     da, db = PatchDataset([a], **kw), PatchDataset([b], **kw)
     for i in range(len(da)):
         x, y = da[i], db[i]

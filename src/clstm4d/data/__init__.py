@@ -36,13 +36,15 @@ from .resample import (
 from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
+    CUE_CLASS_NAMES,
     add_synth_arguments,
     design_check,
+    make_cue_track_case,
     make_synthetic_case,
     synth_options,
     write_synthetic_dataset,
 )
-from .transforms import Augment, normalize_intensity
+from .transforms import Augment, Degrade, normalize_intensity
 
 __all__ = [
     "DataError", "Geometry", "atomic_path",
@@ -52,7 +54,7 @@ __all__ = [
     "write_label",
     "PatchDataset", "crop_or_pad",
     "resample_case", "resample_image", "resample_label", "resampled_geometry", "target_shape",
-    "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",
-    "write_synthetic_dataset",
-    "Augment", "normalize_intensity",
+    "CLASS_NAMES", "CUE_CLASS_NAMES", "add_synth_arguments", "design_check",
+    "make_cue_track_case", "make_synthetic_case", "synth_options", "write_synthetic_dataset",
+    "Augment", "Degrade", "normalize_intensity",
 ]

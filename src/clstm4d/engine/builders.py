@@ -101,7 +101,7 @@ def build_dataset(cfg: Config, cases, run: SavedRun):
     try:
         return PatchDataset(cases, window=d.window, roi=roi, foreground_prob=d.foreground_prob,
                             seed=cfg.train.seed, augment=d.augment, normalize=d.normalize,
-                            ignore_index=ignore_index(run.labels))
+                            degrade=d.degrade, ignore_index=ignore_index(run.labels))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
 
