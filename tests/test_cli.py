@@ -171,6 +171,10 @@ def test_demo_tiny(tmp_path, capsys):
     for m in report["models"].values():
         assert 0 <= m["dice"] <= 1 and m["train_steps"] == 2
         assert Path(m["checkpoint"], "model.safetensors").is_file()
+    # the per-degradation table: every family of the test frames, and the clean frames
+    kinds = set(json.loads((out / "data" / "datalist.json").read_text())["test"][0]["corruption"])
+    assert kinds and set(report["margin_by_corruption"]) == kinds | {"clean"}
+    assert "degradation" in text and all(k in text for k in kinds)
     for name in ("dice_per_frame.png", "montage.png", "sequence.gif"):
         assert (out / name).stat().st_size > 1000
     from PIL import Image

@@ -87,6 +87,9 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: half the cores, 1 to 4)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--degrade", default="all", metavar="KIND[=S],...",
+                   help="degradation families of the data's degraded frames (partial ones at "
+                        "strength 0.5, full ones at 1; see clstm4d synth --help)")
     _add_overwrite_arg(d, "write into an --out that holds files the demo did not write")
 
     # ---- train
@@ -137,6 +140,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    "(one value for all); default: the checkpoint's predict.roi (whole frames)")
     p.add_argument("--overlap", type=float, help="window overlap fraction (default 0.25)")
     p.add_argument("--chunk", type=int, help="frames per chunk (default 16)")
+    p.add_argument("--time-margin", type=int,
+                   help="bidirectional models: frames of context on both sides of each chunk "
+                        "(default: the whole sequence in one pass)")
     p.add_argument("--sw-batch-size", type=int, help="windows run together (default 1)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's "
                    "predict.device, auto)")
@@ -191,7 +197,7 @@ def _cmd_demo(args) -> int:
                        test=args.test, size=args.size, model=args.model,
                        batch_size=args.batch_size, steps=args.steps, window=args.window,
                        seed=args.seed, threads=args.threads, progress=not args.no_progress,
-                       overwrite=args.overwrite)
+                       degrade=args.degrade, overwrite=args.overwrite)
     t0 = time.perf_counter()
     report = run_demo(opts, say=lambda m: print(m, flush=True))
     out = Path(args.out)
@@ -237,7 +243,7 @@ def _cmd_predict(args) -> int:
 
     predictor = Predictor.from_checkpoint(
         args.checkpoint, device=args.device, amp=args.amp, roi=args.roi, overlap=args.overlap,
-        chunk=args.chunk, sw_batch_size=args.sw_batch_size)
+        chunk=args.chunk, time_margin=args.time_margin, sw_batch_size=args.sw_batch_size)
     t0 = time.perf_counter()
     written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite)
     print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "

@@ -24,16 +24,25 @@ from .io import (
     write_image,
     write_label,
 )
+from .resample import (
+    resample_case,
+    resample_image,
+    resample_label,
+    resampled_geometry,
+    target_shape,
+)
 from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
+    CUE_CLASS_NAMES,
     add_synth_arguments,
     design_check,
+    make_cue_track_case,
     make_synthetic_case,
     synth_options,
     write_synthetic_dataset,
 )
-from .transforms import Augment, normalize_intensity
+from .transforms import Augment, Degrade, normalize_intensity
 
 __all__ = [
     "DataError", "Geometry", "atomic_path",
@@ -42,7 +51,8 @@ __all__ = [
     "detect_format", "output_files", "output_path", "read_image", "read_label", "write_image",
     "write_label",
     "PatchDataset", "crop_or_pad",
-    "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",
-    "write_synthetic_dataset",
-    "Augment", "normalize_intensity",
+    "resample_case", "resample_image", "resample_label", "resampled_geometry", "target_shape",
+    "CLASS_NAMES", "CUE_CLASS_NAMES", "add_synth_arguments", "design_check",
+    "make_cue_track_case", "make_synthetic_case", "synth_options", "write_synthetic_dataset",
+    "Augment", "Degrade", "normalize_intensity",
 ]

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datalist import Case, CaseData, load_case
-from .transforms import NORMALIZATIONS, Augment, normalize_intensity
+from .transforms import NORMALIZATIONS, Augment, Degrade, normalize_intensity
 
 __all__ = ["PatchDataset", "crop_or_pad"]
 
@@ -41,6 +41,18 @@ def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int],
     return out
 
 
+def _transform(name: str, value: Any, cls: type) -> Any:
+    """``True`` -> ``cls()``, a dict -> ``cls(**dict)``, ``False``/``None`` -> None."""
+    if value is True:
+        return cls()
+    if isinstance(value, dict):
+        return cls(**value)
+    if value is None or value is False or isinstance(value, cls):
+        return value or None
+    raise TypeError(f"PatchDataset: {name} must be a bool, a dict of {cls.__name__} arguments "
+                    f"or a {cls.__name__} object, got {type(value).__name__}")
+
+
 class PatchDataset(Dataset):
     """Windows of frames x spatial patches from a list of cases (a torch ``Dataset``).
 
@@ -62,11 +74,15 @@ class PatchDataset(Dataset):
         normalize: ``"percentile"`` (default), ``"zscore"`` or ``None``; per case (see
             :func:`normalize_intensity`).
         samples_per_case: items per case per epoch.
+        degrade: degrade random frames of the image (after ``augment``; labels untouched):
+            ``True`` (default :class:`Degrade`), a :class:`Degrade`, a dict of its keyword
+            arguments, or ``False``/``None``. Degraded frames are marked in ``corrupted``.
 
     Shape:
         Items are dicts: ``image (t_win, c, *roi)`` float32 tensor, ``label (t_win, *roi)``
         int64 tensor (zeros when the case has no label), ``length`` int, ``start`` int (first
-        frame), ``corrupted (t_win,)`` bool tensor (from ``meta["corrupted"]``), ``case`` str.
+        frame), ``corrupted (t_win,)`` bool tensor (``meta["corrupted"]`` and the frames
+        ``degrade`` degraded), ``case`` str.
 
     Examples:
         >>> from clstm4d.data import make_synthetic_case
@@ -82,7 +98,8 @@ class PatchDataset(Dataset):
     def __init__(self, cases: Sequence[Case | CaseData], window: int | None = None,
                  roi: int | Sequence[int] | None = None, foreground_prob: float = 0.0,
                  seed: int = 0, augment: bool | Augment | None = False,
-                 normalize: str | None = "percentile", samples_per_case: int = 1):
+                 normalize: str | None = "percentile", samples_per_case: int = 1,
+                 degrade: bool | Degrade | dict | None = None):
         if not cases:
             raise ValueError("PatchDataset: cases must not be empty")
         for c in cases:
@@ -100,19 +117,13 @@ class PatchDataset(Dataset):
         if samples_per_case < 1:
             raise ValueError(f"PatchDataset: samples_per_case must be >= 1, got "
                              f"{samples_per_case}")
-        if augment is True:
-            augment = Augment()
-        elif isinstance(augment, dict):
-            augment = Augment(**augment)
-        elif augment is not None and augment is not False and not isinstance(augment, Augment):
-            raise TypeError(f"PatchDataset: augment must be a bool, a dict or an Augment, got "
-                            f"{type(augment).__name__}")
+        self.degrade = _transform("degrade", degrade, Degrade)
         self.cases = list(cases)
         self.window = window
         self.roi = roi
         self.foreground_prob = foreground_prob
         self.seed = seed
-        self.augment = augment or None
+        self.augment = _transform("augment", augment, Augment)
         self.normalize = normalize
         self.samples_per_case = samples_per_case
         self.epoch = 0
@@ -186,10 +197,13 @@ class PatchDataset(Dataset):
                else np.zeros((length, *roi), np.int64))
         if self.augment is not None:
             img, lab = self.augment(img, lab, rng)
+        degraded = np.zeros(window, bool)
+        if self.degrade is not None:
+            img, degraded[:length] = self.degrade(img, lab, rng)
         if length < window:  # pad frames at the end
             img = np.concatenate([img, np.zeros((window - length, *img.shape[1:]), img.dtype)])
             lab = np.concatenate([lab, np.zeros((window - length, *lab.shape[1:]), lab.dtype)])
-        corrupted = np.zeros(window, bool)
+        corrupted = degraded
         for f in data.meta.get("corrupted", []):
             if start <= f < start + length:
                 corrupted[f - start] = True

@@ -99,7 +99,8 @@ def build_dataset(cfg: Config, cases, run: SavedRun):
     roi = None if d.roi is None else (d.roi * dims if len(d.roi) == 1 else d.roi)
     try:
         return PatchDataset(cases, window=d.window, roi=roi, foreground_prob=d.foreground_prob,
-                            seed=cfg.train.seed, augment=d.augment, normalize=d.normalize)
+                            seed=cfg.train.seed, augment=d.augment, normalize=d.normalize,
+                            degrade=d.degrade)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
 

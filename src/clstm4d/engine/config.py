@@ -79,16 +79,23 @@ class DataConfig:
     """Training data: a datalist and how patches are cut from it.
 
     ``roi`` is the spatial patch size (one int per spatial axis, or one int for all);
-    ``window`` the number of frames per patch.
+    ``window`` the number of frames per patch. ``spacing`` is the voxel size the model works
+    at (one value per spatial axis in the arrays' axis order, or one for all): training cases
+    are resampled to it, and prediction resamples each input to it and the labels back to the
+    input's grid; ``None`` (the default) keeps every case on its own grid. ``degrade`` degrades
+    random input frames (:class:`clstm4d.data.Degrade`): ``true`` for its defaults or a mapping
+    of its arguments (``{prob: 0.25, kinds: [snr, defocus], strength: [0.25, 1.0]}``).
     """
 
     datalist: str | None = None
     window: int = 8
     roi: list[int] | None = None
+    spacing: list[float] | None = None
     batch_size: int = 2
     foreground_prob: float = 0.5
     normalize: str | None = "percentile"
     augment: bool = True
+    degrade: bool | dict[str, Any] = False
     num_workers: int = 0
 
 
@@ -132,12 +139,15 @@ class PredictConfig:
     """Inference: sliding windows over space (``roi``, ``overlap``, Gaussian blending) and
     chunks of ``chunk`` frames over time with the recurrent state carried between chunks.
 
-    ``roi=None`` runs each frame whole.
+    ``roi=None`` runs each frame whole. Bidirectional models run the whole sequence in one
+    pass unless ``time_margin`` is set (then chunks of ``chunk`` frames, each with
+    ``time_margin`` frames of context on both sides).
     """
 
     roi: list[int] | None = None
     overlap: float = 0.25
     chunk: int = 16
+    time_margin: int | None = None
     sw_batch_size: int = 1
     mode: str = "gaussian"
     device: str = "auto"

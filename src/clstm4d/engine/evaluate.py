@@ -25,7 +25,7 @@ import numpy as np
 
 from .metrics import dice_per_frame, hd95_per_frame, temporal_consistency
 
-__all__ = ["evaluate_sequence", "write_frames_csv"]
+__all__ = ["dice_by_corruption", "evaluate_sequence", "write_frames_csv"]
 
 
 def _nanmean(values) -> float:
@@ -43,6 +43,7 @@ def evaluate_sequence(
     corrupted: Sequence[int] = (),
     class_names: dict[int, str] | None = None,
     hd95: bool = True,
+    corruption: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Compare a predicted label sequence with the truth, frame by frame.
 
@@ -53,6 +54,9 @@ def evaluate_sequence(
         corrupted: frames to report separately (``dice_corrupted`` / ``dice_clean``).
         class_names: index -> name for the per-class columns (default ``class1``, ...).
         hd95: compute the 95th-percentile Hausdorff distance (the slowest part).
+        corruption: the kind of each frame in ``corrupted`` (same order, e.g. a synthetic
+            case's ``meta["corruption"]``); rows then carry it (``""`` on clean frames) and
+            :func:`dice_by_corruption` groups them.
 
     Returns:
         ``{"frames": [one row per frame: frame, corrupted, dice (mean over foreground
@@ -72,10 +76,16 @@ def evaluate_sequence(
           else np.full_like(dice, np.nan))
     voxel = float(np.prod(spacing)) if spacing is not None else 1.0
     corrupted_set = {int(f) for f in corrupted}
+    if corruption and len(corruption) != len(corrupted):
+        raise ValueError(f"corruption needs one kind per corrupted frame: {len(corrupted)} "
+                         f"frames, {len(corruption)} kinds")
+    kind_of = {int(f): str(k) for f, k in zip(corrupted, corruption, strict=False)}
     rows = []
     for f in range(pred.shape[0]):
         row: dict[str, Any] = {"frame": f, "corrupted": f in corrupted_set,
                                "dice": float(dice[f].mean())}
+        if corruption:
+            row["corruption"] = kind_of.get(f, "")
         for j, k in enumerate(names):
             row[f"dice_{names[k]}"] = float(dice[f, j])
             row[f"hd95_{names[k]}"] = float(hd[f, j])
@@ -99,6 +109,22 @@ def evaluate_sequence(
         for j, k in enumerate(names):
             summary[f"{key}_{names[k]}"] = values[j]
     return {"frames": rows, "summary": summary}
+
+
+def dice_by_corruption(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean per-frame Dice of ``rows`` (from any number of sequences) grouped by their
+    ``"corruption"`` kind; ``"clean"`` for the frames without one.
+
+    Examples:
+        >>> rows = [{"dice": 1.0, "corruption": ""}, {"dice": 0.5, "corruption": "snr"},
+        ...         {"dice": 0.7, "corruption": "snr"}]
+        >>> dice_by_corruption(rows)
+        {'clean': 1.0, 'snr': 0.6}
+    """
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r.get("corruption") or "clean", []).append(r["dice"])
+    return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
 def write_frames_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:

@@ -3,10 +3,11 @@ sequence the way it was trained.
 
 Shape legend: ``t`` frames, ``c`` input channels, ``k`` classes, ``*s`` spatial axes.
 
-A :class:`Predictor` owns the device and precision, the intensity normalisation of training,
-the sliding windows over space and the time chunks (:func:`~clstm4d.engine.predict.
-predict_sequence`), and reading and writing files in their own format and geometry. The CLI's
-``predict``, the demo and validation during training all go through it.
+A :class:`Predictor` owns the device and precision, resampling to the voxel spacing of
+training (``data.spacing``) and back, the intensity normalisation of training, the sliding
+windows over space and the time chunks (:func:`~clstm4d.engine.predict.predict_sequence`), and
+reading and writing files in their own format and geometry. The CLI's ``predict``, the demo
+and validation during training all go through it.
 
 Examples:
     >>> import numpy as np
@@ -41,7 +42,7 @@ __all__ = ["Predictor"]
 log = logging.getLogger(__name__)
 
 #: ``PredictConfig`` fields a caller may override per predictor (device and amp are arguments).
-OVERRIDABLE = ("roi", "overlap", "chunk", "sw_batch_size", "mode")
+OVERRIDABLE = ("roi", "overlap", "chunk", "time_margin", "sw_batch_size", "mode")
 
 
 class Predictor:
@@ -56,7 +57,8 @@ class Predictor:
         amp: ``"auto"``, ``"bf16"``, ``"fp16"`` or ``"none"``; ``None`` = the saved
             ``predict.amp``.
         overrides: any of ``roi`` (one int for all axes, or one per axis), ``overlap``,
-            ``chunk``, ``sw_batch_size``, ``mode``; ``None`` values keep the saved setting.
+            ``chunk``, ``time_margin`` (bidirectional models), ``sw_batch_size``, ``mode``;
+            ``None`` values keep the saved setting.
 
     Attributes:
         model, run, device, amp_dtype; ``settings`` (the :class:`PredictConfig` in use).
@@ -110,9 +112,35 @@ class Predictor:
         """Classes the model predicts, background included."""
         return int(self.run.model_config["out_channels"])
 
-    def prepare(self, image: np.ndarray, name: str = "input") -> torch.Tensor:
-        """Check the channel count of ``image (t, c, *s)`` and normalise it as in training."""
-        from clstm4d.data import normalize_intensity
+    def model_shape(self, image_shape: Sequence[int], geometry: Any = None,
+                    name: str = "input") -> tuple[int, ...]:
+        """The spatial shape the model sees for an image of spatial shape ``image_shape``:
+        resampled to the training spacing (``data.spacing``) when it is set and the geometry
+        says where the voxels lie; else the image's own."""
+        from clstm4d.data import target_shape
+
+        target = self.run.config.data.spacing
+        image_shape = tuple(int(n) for n in image_shape)
+        if target is None:
+            return image_shape
+        if geometry is None:
+            log.warning("%s: no geometry given, so it is taken to be at the model's voxel "
+                        "spacing %s already (not resampled)", name, target)
+            return image_shape
+        try:
+            return target_shape(image_shape, geometry.spacing, target)
+        except ValueError as e:
+            raise ConfigError(f"checkpoint's {e}") from None
+
+    def prepare(self, image: np.ndarray, name: str = "input",
+                geometry: Any = None) -> torch.Tensor:
+        """Check the channel count of ``image (t, c, *s)``, resample it to the training
+        spacing (see :meth:`model_shape`) and normalise it as in training.
+
+        Shape:
+            ``(t, c, *s)`` -> ``(t, c, *model_shape(s))`` float32 tensor.
+        """
+        from clstm4d.data import normalize_intensity, resample_image
 
         image = np.asarray(image)
         if image.ndim != 2 + self.spatial_dims:
@@ -125,6 +153,7 @@ class Predictor:
                 f"{name} has {image.shape[1]} channel(s) per frame but the model expects "
                 f"{self.in_channels} (in_channels)"
             )
+        image = resample_image(image, self.model_shape(image.shape[2:], geometry, name))
         x = normalize_intensity(image, self.run.config.data.normalize)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
@@ -135,8 +164,10 @@ class Predictor:
 
         Args:
             image: the raw intensities (normalised here as in training).
-            geometry: the image's :class:`~clstm4d.data.Geometry` (where the voxels lie; used
-                when the model was trained on a resampled grid), or ``None``.
+            geometry: the image's :class:`~clstm4d.data.Geometry` (where the voxels lie):
+                when the model was trained at a voxel spacing (``data.spacing``), the image is
+                resampled to it, and the probabilities back to the image's grid before the
+                labels are taken. ``None``: the image is taken to be at that spacing.
             name: how errors name this image.
             return_probs: also return the class probabilities ``(t, k, *s)`` float32.
 
@@ -146,15 +177,22 @@ class Predictor:
         """
         from .predict import predict_sequence
 
-        del geometry  # the model's grid is the image's grid (no resampling configured)
-        x = self.prepare(image, name)
+        x = self.prepare(image, name, geometry)  # (t, c, *s at the training spacing)
+        grid = tuple(np.shape(image)[2:])
+        resampled = tuple(x.shape[2:]) != grid
         s = self.settings
         out = predict_sequence(self.model, x, roi=s.roi, overlap=s.overlap, chunk=s.chunk,
-                               sw_batch_size=s.sw_batch_size, mode=s.mode, device=self.device,
-                               amp_dtype=self.amp_dtype, return_probs=return_probs)
-        if return_probs:
-            return out[0].numpy(), out[1].numpy()
-        return out.numpy()
+                               time_margin=s.time_margin, sw_batch_size=s.sw_batch_size,
+                               mode=s.mode, device=self.device, amp_dtype=self.amp_dtype,
+                               return_probs=return_probs or resampled)
+        if not resampled:
+            return (out[0].numpy(), out[1].numpy()) if return_probs else out.numpy()
+        from clstm4d.data import resample_image
+
+        # back to the image's grid: the probabilities, frame by frame, then the labels
+        probs = resample_image(out[1].numpy(), grid)  # (t, k, *grid)
+        labels = probs.argmax(1).astype(out[0].numpy().dtype)  # (t, *grid)
+        return (labels, probs) if return_probs else labels
 
     def predict_file(self, input: str | os.PathLike | Sequence[str | os.PathLike],
                      output: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:

@@ -389,7 +389,8 @@ def train(cfg: Config, *, resume: str | Path | None = None,
     """Train the model described by ``cfg`` on ``cfg.data.datalist``.
 
     The model's missing sizes come from the data: ``spatial_dims`` and ``out_channels``
-    (number of classes) from the datalist, ``in_channels`` from the first case. Validation
+    (number of classes) from the datalist, ``in_channels`` from the first case. With
+    ``data.spacing`` set, the training cases are resampled to that voxel size first. Validation
     (mean Dice over the frames of the datalist's ``validation`` cases) runs on rank 0.
     """
     from .builders import build_dataset, build_model, load_cases, make_validator
@@ -400,6 +401,10 @@ def train(cfg: Config, *, resume: str | Path | None = None,
     decide_on_rank0(RunFolder(cfg.train.out, resume=resume, overwrite=overwrite).check,
                     dist_info.distributed, dist_info.is_main)  # before the (slow) loading
     datalist, train_cases, val_cases = load_cases(cfg.data.datalist)
+    if cfg.data.spacing is not None:  # train at one voxel size (validation: the Predictor's)
+        from clstm4d.data import resample_case
+
+        train_cases = [resample_case(c, cfg.data.spacing) for c in train_cases]
     model, run = build_model(cfg, datalist, train_cases)
     dataset = build_dataset(cfg, train_cases, run)
     validate = None
