@@ -189,6 +189,9 @@ def load_datalist(json_path: str | os.PathLike) -> Datalist:
         labels = _parse_labels(raw.get("labels"), json_path)
     except DataError as e:
         problems.append(e.problem)
+    if "time_interval" in raw and not _positive_number(raw["time_interval"]):
+        problems.append(f"'time_interval' must be a number of seconds > 0, got "
+                        f"{raw['time_interval']!r:.40}")
     spatial_dims = raw.get("spatial_dims")
     if spatial_dims not in (None, 1, 2, 3):
         problems.append(f"'spatial_dims' must be 1, 2 or 3, got {spatial_dims!r}")
@@ -216,6 +219,10 @@ def load_datalist(json_path: str | os.PathLike) -> Datalist:
                 problems.append(f"{where}: missing key 'label' (keys: {sorted(entry)}); "
                                 f"{section} cases need labels")
                 continue
+            bad = _entry_problems(entry)
+            if bad:
+                problems += [f"{where}: {b}" for b in bad]
+                continue
             try:
                 image = _resolve(entry["image"], root, where, "image", json_path)
                 label = (_resolve(entry["label"], root, where, "label", json_path)
@@ -236,6 +243,27 @@ def load_datalist(json_path: str | os.PathLike) -> Datalist:
                                               labels or None))
     if problems:
         raise DataError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems), json_path)
+    return out
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+
+
+def _entry_problems(entry: dict) -> list[str]:
+    """What is wrong with the optional keys of an entry that the tools read."""
+    out = []
+    name = entry.get("name")
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        out.append(f"'name' must be a non-empty string, got {name!r:.40}")
+    corrupted = entry.get("corrupted", [])
+    if not (isinstance(corrupted, list) and all(
+            isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in corrupted)):
+        out.append(f"'corrupted' must be a list of frame indices (integers >= 0), got "
+                   f"{corrupted!r:.40}")
+    if "time_interval" in entry and not _positive_number(entry["time_interval"]):
+        out.append(f"'time_interval' must be a number of seconds > 0, got "
+                   f"{entry['time_interval']!r:.40}")
     return out
 
 
