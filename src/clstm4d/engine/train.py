@@ -225,12 +225,14 @@ def fit(
     dist_info: DistInfo | None = None,
     device: torch.device | None = None,
     overwrite: bool = False,
+    ignore_index: int | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps.
 
     Args:
         model: ``(n, t, c, *s) -> (n, t, k, *s)`` logits; moved to ``device``.
-        dataset: items ``{"image": (t, c, *s), "label": (t, *s), "length": int (optional)}``.
+        dataset: items ``{"image": (t, c, *s), "label": (t, *s), "length": int (optional),
+            "labelled": (t,) bool (optional: the annotated frames; the loss sees only those)}``.
         cfg: optimiser, schedule, precision, logging and checkpoint settings; ``cfg.out`` is
             the run folder (``checkpoints/``, ``metrics.jsonl``, ``metrics.csv``).
         batch_size: samples per step on each process.
@@ -245,6 +247,7 @@ def fit(
         overwrite: start again from step 0 in a ``cfg.out`` that holds a run (without it,
             such a folder is continued only with ``resume``; see
             :class:`~clstm4d.engine.guards.RunFolder`).
+        ignore_index: label value of the ``"ignore"`` class (left out of the loss), or None.
 
     Returns:
         A :class:`TrainResult` (on ranks other than 0 ``checkpoint`` is None).
@@ -274,7 +277,7 @@ def fit(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = SequenceLoss(cfg.lambda_dice, cfg.lambda_ce)
+    loss_fn = SequenceLoss(cfg.lambda_dice, cfg.lambda_ce, ignore_index)
     start = 0
     run = RunFolder(out, resume=resume, overwrite=overwrite)
     resume = decide_on_rank0(lambda: _resume_point(run), dist_info.distributed,
@@ -321,10 +324,11 @@ def fit(
             net.train()
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
-            lengths = batch.get("length")
+            lengths, labelled = batch.get("length"), batch.get("labelled")
             with autocast(device, dtype):
                 logits = net(x)
-            loss = loss_fn(logits, y, None if lengths is None else lengths.to(device))
+            loss = loss_fn(logits, y, None if lengths is None else lengths.to(device),
+                           None if labelled is None else labelled.to(device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             value = _mean_over_ranks(loss.detach(), dist_info)
@@ -389,9 +393,10 @@ def train(cfg: Config, *, resume: str | Path | None = None,
     """Train the model described by ``cfg`` on ``cfg.data.datalist``.
 
     The model's missing sizes come from the data: ``spatial_dims`` and ``out_channels``
-    (number of classes) from the datalist, ``in_channels`` from the first case. With
-    ``data.spacing`` set, the training cases are resampled to that voxel size first. Validation
-    (mean Dice over the frames of the datalist's ``validation`` cases) runs on rank 0.
+    (number of classes, the ``"ignore"`` class left out) from the datalist, ``in_channels``
+    from the first case. With ``data.spacing`` set, the training cases are resampled to that
+    voxel size first. Validation (mean Dice over the annotated frames of the datalist's
+    ``validation`` cases) runs on rank 0.
     """
     from .builders import build_dataset, build_model, load_cases, make_validator
 
@@ -412,4 +417,5 @@ def train(cfg: Config, *, resume: str | Path | None = None,
         validate = make_validator(run, val_cases, device)
     return fit(model, dataset, cfg.train, batch_size=cfg.data.batch_size, config=run.to_dict(),
                resume=resume, validate=validate, num_workers=cfg.data.num_workers,
-               dist_info=dist_info, device=device, overwrite=overwrite)
+               dist_info=dist_info, device=device, overwrite=overwrite,
+               ignore_index=datalist.ignore_index)
