@@ -48,6 +48,31 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert proc.returncode != 0 and "exitcode  : 75" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_sigterm_to_every_process_as_slurm_sends_it(tmp_path):
+    """The whole process group (torchrun's agent too, which forwards SIGTERM to the workers a
+    second time) is signalled: every rank still finishes the same step and rank 0 writes it."""
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+         SCRIPT, str(out), "100000", "--checkpoint-every", "1000"], env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    r0, r1 = _results(out)
+    assert r0["outcome"] == r1["outcome"] == "preempted" and r0["step"] == r1["step"] >= 3
+    assert r0["signal"] == r1["signal"] == "SIGTERM"
+    assert read_checkpoint_state(find_checkpoint(out))["step"] == r0["step"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

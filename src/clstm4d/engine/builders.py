@@ -69,11 +69,22 @@ def _model_kwargs(cfg: Config, datalist, cases) -> dict[str, Any]:
     if kw["spatial_dims"] != dims:
         raise ConfigError(f"'model.spatial_dims' is {kw['spatial_dims']} but case "
                           f"'{first.name}' has {dims} spatial axes")
-    labelled = [int(c.label.max()) for c in cases if c.label is not None and c.label.size]
-    if labelled and max(labelled) >= kw["out_channels"]:
+    top = _top_class(cases, datalist.ignore_index)
+    if top is not None and top >= kw["out_channels"]:
         raise ConfigError(f"'model.out_channels' is {kw['out_channels']} but the labels go up "
-                          f"to {max(labelled)} (classes 0..{max(labelled)})")
+                          f"to {top} (classes 0..{top})")
     return kw
+
+
+def _top_class(cases, ignore: int | None) -> int | None:
+    """The highest label value of ``cases`` other than the ``ignore`` class (None: no labels)."""
+    tops = []
+    for c in cases:
+        if c.label is not None:
+            lab = c.label if ignore is None else c.label[c.label != ignore]
+            if lab.size:
+                tops.append(int(lab.max()))
+    return max(tops, default=None)
 
 
 def create(name: str, **kwargs: Any) -> torch.nn.Module:
