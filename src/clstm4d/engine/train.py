@@ -316,8 +316,7 @@ def fit(
                         num_workers=num_workers, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator(), persistent_workers=False)
     main = dist_info.is_main
-    if main:
-        run.open()
+    decide_on_rank0(run.open, dist_info.distributed, main)  # create, lock, record the folder
     mlog = _MetricsLog(out, start) if main else None
     bar = None
     if main and cfg.progress:
