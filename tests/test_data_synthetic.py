@@ -85,8 +85,12 @@ def test_objects_move_smoothly_and_labels_are_exact_on_clean_frames():
 def test_options_are_validated():
     with pytest.raises(ValueError, match="spatial_dims must be 1, 2 or 3, got 4"):
         make_synthetic_case(0, spatial_dims=4)
-    with pytest.raises(ValueError, match="corruption must be"):
+    with pytest.raises(ValueError, match="corruption: unknown degradation 'blur'"):
         make_synthetic_case(0, corruption=["blur"])
+    with pytest.raises(ValueError, match="corruption must name at least one"):
+        make_synthetic_case(0, corruption=[])
+    with pytest.raises(ValueError, match=r"strength of 'snr' must be in \(0, 1\], got 2"):
+        make_synthetic_case(0, corruption={"snr": 2})
     with pytest.raises(ValueError, match="size must be"):
         make_synthetic_case(0, size=8)
     with pytest.raises(ValueError, match="corrupted: at most 3"):

@@ -3,6 +3,7 @@ cannot stream get whole windows."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clstm4d.engine.predict import predict_sequence
@@ -46,3 +47,42 @@ def test_sliding_windows_cover_every_voxel_and_keep_state_per_window():
     _, b = predict_sequence(model, x, roi=[16, 16], overlap=0.5, chunk=2, return_probs=True)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)  # states carried per window
     torch.testing.assert_close(a.sum(1), torch.ones(5, 40, 36), atol=1e-4, rtol=0)
+
+
+def test_bidirectional_uses_the_whole_sequence_by_default():
+    """Offline prediction with a bidirectional model equals one pass of the model over all
+    frames, whatever ``chunk`` says (was: each chunk on its own)."""
+    x = torch.randn(9, 1, 20, 18)
+    for temporal in ("bottleneck", "skips"):
+        model = _model(temporal=temporal, bidirectional=True)
+        with torch.no_grad():
+            ref = torch.softmax(model(x.unsqueeze(0))[0], 1)
+        for chunk in (None, 3, 16):
+            _, probs = predict_sequence(model, x, chunk=chunk, return_probs=True)
+            torch.testing.assert_close(probs, ref, atol=1e-5, rtol=1e-4)
+        # also under sliding windows: each window sees all frames
+        _, win = predict_sequence(model, x, roi=[16, 16], overlap=0.5, chunk=3,
+                                  return_probs=True)
+        _, win_ref = predict_sequence(model, x, roi=[16, 16], overlap=0.5, chunk=None,
+                                      time_margin=9, return_probs=True)
+        torch.testing.assert_close(win, win_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_bidirectional_chunks_with_a_time_margin():
+    """With ``time_margin=m`` frame f of a chunk [t0, t0 + chunk) is the model's output on
+    frames [t0 - m, t0 + chunk + m) (clipped to the sequence); a margin covering the whole
+    sequence gives the one-pass result."""
+    model = _model(temporal="bottleneck", bidirectional=True)
+    x = torch.randn(10, 1, 16, 16)
+    _, probs = predict_sequence(model, x, chunk=4, time_margin=2, return_probs=True)
+    with torch.no_grad():
+        for t0, lo, hi in ((0, 0, 6), (4, 2, 10), (8, 6, 10)):
+            ref = torch.softmax(model(x[None, lo:hi])[0], 1)
+            keep = ref[t0 - lo: t0 - lo + 4]
+            torch.testing.assert_close(probs[t0:t0 + len(keep)], keep, atol=1e-5, rtol=1e-4)
+        one = torch.softmax(model(x[None])[0], 1)
+    assert not torch.allclose(probs, one, atol=1e-4)  # short context differs from the whole
+    _, wide = predict_sequence(model, x, chunk=3, time_margin=10, return_probs=True)
+    torch.testing.assert_close(wide, one, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="time_margin must be None or an int >= 0"):
+        predict_sequence(model, x, time_margin=-1)

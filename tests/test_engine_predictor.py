@@ -79,3 +79,25 @@ def test_saved_run_errors_name_the_checkpoint(saved, tmp_path):
         Predictor.from_checkpoint(bad)
     with pytest.raises(ConfigError, match="unknown key 'train.stpes'"):
         SavedRun.from_dict({**saved["run"].to_dict(), "train": {"stpes": 1}})
+
+
+def test_bidirectional_time_margin_reaches_predict_sequence():
+    """The saved (or overridden) predict.time_margin is what a bidirectional model runs with."""
+    torch.manual_seed(0)
+    model = create_model("tiny", spatial_dims=2, in_channels=1, out_channels=3,
+                         channels=(4, 8), bidirectional=True).eval()
+    cfg = Config.from_dict({"data": {"normalize": None}, "predict": {"chunk": 2,
+                                                                    "time_margin": 1}})
+    run = SavedRun(cfg, dict(model.config), {0: "background", 1: "a", 2: "b"})
+    image = np.random.default_rng(1).normal(size=(7, 1, 12, 12)).astype(np.float32)
+    x = torch.from_numpy(image)
+    for margin, p in ((1, Predictor(model, run, device="cpu")),
+                      (None, Predictor(model, run, device="cpu", time_margin=None)),
+                      (3, Predictor(model, run, device="cpu", time_margin=3))):
+        _, got = p.predict_array(image, return_probs=True)
+        _, ref = predict_sequence(model, x, chunk=2, time_margin=margin or p.settings.time_margin,
+                                  return_probs=True)
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-6)
+    _, whole = predict_sequence(model, x, chunk=2, return_probs=True)
+    _, short = Predictor(model, run, device="cpu").predict_array(image, return_probs=True)
+    assert not np.allclose(short, whole.numpy(), atol=1e-4)

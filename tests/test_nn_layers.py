@@ -182,8 +182,8 @@ def test_fast_path_equals_reference_path(kind, kwargs, with_state, lengths):
     x = torch.randn(batch, 5, 2, *spatial, dtype=DT)
     h0 = torch.randn(layer.num_layers * d, batch, 3, *spatial, dtype=DT)
     results = []
-    for fast in (True, False):
-        layer._fast = fast
+    for backend in ("fused", "reference"):
+        layer.backend = backend
         layer.zero_grad()
         xi = x.clone().requires_grad_()
         states = [h0.clone().requires_grad_(), h0.cos().requires_grad_()][
@@ -194,7 +194,6 @@ def test_fast_path_equals_reference_path(kind, kwargs, with_state, lengths):
         loss.backward()
         grads = [xi.grad, *(s.grad for s in states), *(p.grad for p in layer.parameters())]
         results.append((out.detach(), [s.detach() for s in _states(s_n, kind)], grads))
-    layer._fast = True
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1] + results[0][2], results[1][1] + results[1][2], strict=True):
         torch.testing.assert_close(a, b)
@@ -222,13 +221,12 @@ def test_cuda_fast_path_equals_reference_path(kind):
     layer = KINDS[kind](3, 2, 4, 3, num_layers=2, bidirectional=True, device="cuda", dtype=DT)
     x = torch.randn(2, 4, 2, 5, 6, 7, device="cuda", dtype=DT)
     results = []
-    for fast in (True, False):
-        layer._fast = fast
+    for backend in ("fused", "reference"):
+        layer.backend = backend
         layer.zero_grad()
         out, state = layer(x, lengths=torch.tensor([4, 2]))
         (out.sin().sum() + _h(state, kind).sum()).backward()
         results.append([out.detach()] + [p.grad for p in layer.parameters()])
-    layer._fast = True
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -240,7 +238,7 @@ def test_fast_path_inference_and_float32_onednn():
     x = torch.randn(1, 6, 2, 5, 6, 7)
     ref_layer = ConvLSTM(3, 2, 4, 3, bidirectional=True, dtype=DT)
     ref_layer.load_state_dict(layer.state_dict())
-    ref_layer._fast = False
+    ref_layer.backend = "reference"
     with torch.no_grad():
         out, (h_n, c_n) = layer(x, lengths=[4])
         ref, (ref_h, ref_c) = ref_layer(x.double(), lengths=[4])
@@ -283,7 +281,8 @@ def test_checkpoint_gives_same_outputs_and_gradients(kind):
 
 def test_dropout_only_between_layers():
     torch.manual_seed(6)
-    one = ConvLSTM(1, 2, 3, 3, dropout=0.5).train()
+    with pytest.warns(UserWarning, match="num_layers=1"):
+        one = ConvLSTM(1, 2, 3, 3, dropout=0.5).train()
     x = torch.randn(2, 3, 2, 5)
     torch.testing.assert_close(one(x)[0], one.eval()(x)[0])  # last layer: no dropout
     two = ConvGRU(1, 2, 3, 3, num_layers=2, dropout=1.0).train()

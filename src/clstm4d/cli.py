@@ -87,7 +87,13 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: half the cores, 1 to 4)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--degrade", default="all", metavar="KIND[=S],...",
+                   help="degradation families of the data's degraded frames (partial ones at "
+                        "strength 0.5, full ones at 1; see clstm4d synth --help)")
     _add_overwrite_arg(d, "write into an --out that holds files the demo did not write")
+    d.add_argument("--labelled-frames", type=int, default=None, metavar="N",
+                   help="annotate only N frames of each training sequence (the first, then "
+                        "evenly spread: 0 and the middle for 2); default: every frame")
 
     # ---- train
     t = sub.add_parser("train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -140,6 +146,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    "(one value for all); default: the checkpoint's predict.roi (whole frames)")
     p.add_argument("--overlap", type=float, help="window overlap fraction (default 0.25)")
     p.add_argument("--chunk", type=int, help="frames per chunk (default 16)")
+    p.add_argument("--time-margin", type=int,
+                   help="bidirectional models: frames of context on both sides of each chunk "
+                        "(default: the whole sequence in one pass)")
     p.add_argument("--sw-batch-size", type=int, help="windows run together (default 1)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's "
                    "predict.device, auto)")
@@ -155,12 +164,19 @@ def _build_parser() -> argparse.ArgumentParser:
                        "Dice and HD95 per frame and class, how smoothly the segmented volume "
                        "changes frame to frame; writes frames.csv, summary.json and plots.")
     e.add_argument("--pred", required=True, nargs="+", help="predicted label file(s)")
-    e.add_argument("--label", required=True, nargs="+", help="reference label file(s)")
+    e.add_argument("--label", nargs="+", help="reference label file(s) (or --datalist)")
+    e.add_argument("--datalist", help="take the reference from this datalist's entry --case: "
+                   "its label, annotated frames, corrupted frames, classes and ignore class")
+    e.add_argument("--case", help="the datalist entry (needed when it has several)")
+    e.add_argument("--frames", default=None,
+                   help="score only these frames, e.g. 0,10 (default: every frame, or the "
+                        "entry's annotated frames with --datalist)")
     e.add_argument("--out", default=None, help="folder for frames.csv, summary.json and plots")
     e.add_argument("--num-classes", type=int, default=None,
                    help="classes including background (default: max label + 1)")
-    e.add_argument("--corrupted", default="",
-                   help="comma-separated frames to report separately, e.g. 3,7")
+    e.add_argument("--corrupted", default=None,
+                   help="comma-separated frames to report separately, e.g. 3,7 (default: "
+                        "none, or the entry's \"corrupted\" with --datalist)")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     _add_overwrite_arg(e, "write into an --out that holds files evaluate did not write")
 
@@ -223,7 +239,8 @@ def _cmd_demo(args) -> int:
                        test=args.test, size=args.size, model=args.model,
                        batch_size=args.batch_size, steps=args.steps, window=args.window,
                        seed=args.seed, threads=args.threads, progress=not args.no_progress,
-                       overwrite=args.overwrite)
+                       degrade=args.degrade, overwrite=args.overwrite,
+                       labelled_frames=args.labelled_frames)
     t0 = time.perf_counter()
     report = run_demo(opts, say=lambda m: print(m, flush=True))
     out = Path(args.out)
@@ -258,7 +275,7 @@ def _cmd_train(args) -> int:
     if res.checkpoint is not None:
         last = res.history[-1] if res.history else {}
         print(f"trained {res.steps} steps in {res.seconds:.1f} s"
-              + (f", loss {last['loss']:.4f}" if "loss" in last else "")
+              + (f", loss {last['loss']:.4f}" if last.get("loss") is not None else "")
               + (f", val Dice {last['val_dice']:.3f}" if "val_dice" in last else "")
               + f"; checkpoint {res.checkpoint}")
     return 0
@@ -269,7 +286,7 @@ def _cmd_predict(args) -> int:
 
     predictor = Predictor.from_checkpoint(
         args.checkpoint, device=args.device, amp=args.amp, roi=args.roi, overlap=args.overlap,
-        chunk=args.chunk, sw_batch_size=args.sw_batch_size)
+        chunk=args.chunk, time_margin=args.time_margin, sw_batch_size=args.sw_batch_size)
     t0 = time.perf_counter()
     written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite)
     print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "
@@ -279,55 +296,26 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from clstm4d.engine.errors import UserError
+    from clstm4d.engine.evaluate import evaluate_files, write_evaluation
     from clstm4d.engine.guards import OutputFolder
 
-    for f in args.pred + args.label:
-        if not Path(f).exists():
-            raise UserError(f"file not found: {f}")
     folder = OutputFolder(args.out, "evaluate", overwrite=args.overwrite) if args.out else None
     if folder is not None:
         folder.check()  # before the (slow) evaluation
-    import numpy as np
-
-    from clstm4d.data import read_label
-    from clstm4d.engine.evaluate import evaluate_sequence, write_frames_csv
-    pred, _ = read_label(args.pred[0] if len(args.pred) == 1 else args.pred)
-    label, geometry = read_label(args.label[0] if len(args.label) == 1 else args.label)
-    if pred.shape != label.shape:
-        raise UserError(f"prediction {pred.shape} and label {label.shape} differ in shape "
-                        "(t, *s)")
-    k = args.num_classes or int(max(pred.max(), label.max())) + 1
-    try:
-        corrupted = [int(x) for x in args.corrupted.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--corrupted must be comma-separated frame numbers, got "
-                        f"{args.corrupted!r}") from None
-    res = evaluate_sequence(pred, label, max(k, 2), spacing=geometry.spacing,
-                            corrupted=corrupted, hd95=not args.no_hd95)
+    res = evaluate_files(args.pred, args.label, datalist=args.datalist, case=args.case,
+                         frames=args.frames, corrupted=args.corrupted,
+                         num_classes=args.num_classes, hd95=not args.no_hd95)
     s = res["summary"]
-    print(f"frames {s['frames']}  Dice {s['dice']:.4f}  HD95 {s['hd95']:.3f}  "
+    print((f"case {res['case']}  " if res["case"] else "")
+          + f"frames {s['frames']}  Dice {s['dice']:.4f}  HD95 {s['hd95']:.3f}  "
           f"volume change error {s['volume_change_error']:.4f}  "
           f"consecutive-frame Dice {s['consecutive_dice']:.4f}"
-          + (f"  Dice corrupted {s['dice_corrupted']:.4f}" if corrupted else ""))
-    print("per frame Dice:", " ".join(f"{r['dice']:.3f}" for r in res["frames"]))
+          + (f"  Dice corrupted {s['dice_corrupted']:.4f}" if res["corrupted"] else ""))
+    print("per frame Dice:", " ".join(f"{r['frame']}:{r['dice']:.3f}" for r in res["frames"]))
     if args.out:
-        from clstm4d.engine.checkpoint import atomic_write_text
-        from clstm4d.engine.plots import plot_dice_per_frame, plot_volumes
-
-        out = Path(args.out)
         with folder:
-            write_frames_csv(res["frames"], out / "frames.csv")
-            clean = {key: (v if isinstance(v, (int, str)) or np.isfinite(v) else None)
-                     for key, v in s.items()}
-            atomic_write_text(out / "summary.json", json.dumps(clean, indent=2))
-            names = [f"class{i}" for i in range(1, max(k, 2))]
-            curves = {n: [r[f"dice_{n}"] for r in res["frames"]] for n in names}
-            plot_dice_per_frame(curves, out / "dice_per_frame.png", corrupted=corrupted,
-                                ylabel="Dice")
-            plot_volumes(res["frames"], names, out / "volume_per_frame.png")
-        print(f"wrote {out / 'frames.csv'}, summary.json, dice_per_frame.png, "
-              "volume_per_frame.png")
+            written = write_evaluation(res, args.out)
+        print(f"wrote {written[0]}, " + ", ".join(p.name for p in written[1:]))
     return 0
 
 

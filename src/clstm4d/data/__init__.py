@@ -10,9 +10,11 @@ from .datalist import (
     CaseData,
     Datalist,
     datalist_from_folder,
+    ignore_index,
     load_case,
     load_datalist,
     save_datalist,
+    spread_frames,
     validate_datalist,
 )
 from .io import (
@@ -34,23 +36,25 @@ from .resample import (
 from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
+    CUE_CLASS_NAMES,
     add_synth_arguments,
     design_check,
+    make_cue_track_case,
     make_synthetic_case,
     synth_options,
     write_synthetic_dataset,
 )
-from .transforms import Augment, normalize_intensity
+from .transforms import Augment, Degrade, normalize_intensity
 
 __all__ = [
     "DataError", "Geometry", "atomic_path",
     "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist",
-    "save_datalist", "validate_datalist",
+    "save_datalist", "validate_datalist", "ignore_index", "spread_frames",
     "detect_format", "output_files", "output_path", "read_image", "read_label", "write_image",
     "write_label",
     "PatchDataset", "crop_or_pad",
     "resample_case", "resample_image", "resample_label", "resampled_geometry", "target_shape",
-    "CLASS_NAMES", "add_synth_arguments", "design_check", "make_synthetic_case", "synth_options",
-    "write_synthetic_dataset",
-    "Augment", "normalize_intensity",
+    "CLASS_NAMES", "CUE_CLASS_NAMES", "add_synth_arguments", "design_check",
+    "make_cue_track_case", "make_synthetic_case", "synth_options", "write_synthetic_dataset",
+    "Augment", "Degrade", "normalize_intensity",
 ]

@@ -1,4 +1,4 @@
-"""Synthetic 4D data: a beating ellipsoidal chamber and drifting blobs, with corrupted frames.
+"""Synthetic 4D data: a beating ellipsoidal chamber and drifting blobs, with degraded frames.
 
 Every case is a 2D+t or 3D+t sequence (1D+t works too) drawn deterministically from a seed:
 
@@ -8,11 +8,18 @@ Every case is a 2D+t or 3D+t sequence (1D+t works too) drawn deterministically f
   pulse slightly, never touching the chamber or each other;
 - the image: bright objects on a dim textured background, multiplied by a smooth bias field
   and a slowly drifting global gain, plus Gaussian noise;
-- *corrupted frames* (never frame 0, never two in a row): ``"dropout"`` (the signal of the frame
-  is gone: background and noise only) or ``"occlusion"`` (a box of object-like intensity hides
-  every object and a random margin around it). Labels stay exact on every frame, so on a
-  corrupted frame only the earlier frames tell where the objects are: a model with temporal
-  memory can segment them, a per-frame model cannot. ``meta["corrupted"]`` lists those frames.
+- *degraded ("corrupted") frames* (never frame 0, never two in a row), with the families of
+  :mod:`clstm4d.data.degrade`: by default the full ones, ``"dropout"`` (the signal of the frame
+  is gone: background and noise only) and ``"occlusion"`` (a box of object-like intensity
+  hides every object and a random margin around it); on request the partial ones (reduced
+  SNR, defocus, motion blur, ghosting, bias field and drift, partial occlusion), each with a
+  strength. Labels stay exact on every frame, so on a degraded frame the earlier frames tell
+  what the frame itself hides: a model with temporal memory can use them, a per-frame model
+  cannot. ``meta["corrupted"]`` lists those frames, ``meta["corruption"]`` their families and
+  ``meta["corruption_strength"]`` the strengths.
+
+A second task, *cue-then-track* (:func:`make_cue_track_case`), measures how long a model
+remembers: two discs that look alike except during the first frames, labelled by identity.
 
 Shape legend: ``t`` frames, ``c`` channels, ``s`` / ``*s`` spatial axes, ``d`` spatial dims.
 """
@@ -22,7 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +37,18 @@ import numpy as np
 
 from ._common import Geometry
 from .datalist import CaseData, save_datalist
+from .degrade import DEGRADATIONS, FULL, degrade, parse_degradations, smooth_field
 from .io import write_image, write_label
 
-__all__ = ["CLASS_NAMES", "make_synthetic_case", "write_synthetic_dataset",
-           "add_synth_arguments", "synth_options", "DEFAULT_SIZE", "design_check"]
+__all__ = ["CLASS_NAMES", "CUE_CLASS_NAMES", "TASKS", "make_synthetic_case",
+           "make_cue_track_case", "write_synthetic_dataset", "add_synth_arguments",
+           "synth_options", "DEFAULT_SIZE", "design_check"]
 
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES = {0: "background", 1: "chamber", 2: "blob"}
+CUE_CLASS_NAMES = {0: "background", 1: "cued", 2: "other"}
 DEFAULT_SIZE = {1: 128, 2: 64, 3: 32}
-CORRUPTIONS = ("dropout", "occlusion")
 FORMATS = {"nifti": (".nii.gz", False), "nifti-series": (".nii.gz", True),
            "nrrd-series": (".nrrd", True), "tiff": (".tif", False)}
 
@@ -65,19 +74,6 @@ def _rotation(d: int, basis: np.ndarray, angle: float) -> np.ndarray:
     return basis @ g
 
 
-def _smooth_field(rng, grid, shape, amplitude, waves=4):
-    """A smooth random field (sum of low-frequency plane waves over the extent ``shape`` of the
-    coordinates ``grid`` (d, *voxels)), values in about +-amplitude."""
-    field = np.zeros(grid.shape[1:], np.float32)
-    for _ in range(waves):
-        freq = rng.integers(-2, 3, len(shape))
-        if not freq.any():
-            freq[0] = 1
-        k = 2 * np.pi * freq / np.asarray(shape)
-        field += np.cos(np.tensordot(k, grid, axes=1) + rng.uniform(0, 2 * np.pi))
-    return (amplitude / np.sqrt(waves / 2)) * field
-
-
 def _pick_corrupted(rng, frames: int, count: int) -> list[int]:
     """``count`` frames in 1..t-1, no two adjacent (so the frame before each one is clean)."""
     chosen: set[int] = set()
@@ -92,9 +88,9 @@ def _pick_corrupted(rng, frames: int, count: int) -> list[int]:
 def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
                         size: int | Sequence[int] | None = None, spatial_dims: int = 2, *,
                         blobs: int = 2, corrupted: int | Sequence[int] | None = None,
-                        corruption: Sequence[str] = CORRUPTIONS, noise: float = 0.08,
-                        drift: float = 0.1, spacing: float | Sequence[float] = 1.0,
-                        time_interval: float = 0.05,
+                        corruption: str | Sequence[str] | Mapping[str, float] = FULL,
+                        noise: float = 0.08, drift: float = 0.1,
+                        spacing: float | Sequence[float] = 1.0, time_interval: float = 0.05,
                         name: str | None = None) -> CaseData:
     """Draw one synthetic sequence (see the module docstring for what it contains).
 
@@ -107,9 +103,13 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
             sampled more coarsely along an axis with a larger spacing.
         spatial_dims: 1, 2 or 3.
         blobs: number of drifting blobs (fewer if they cannot be placed apart).
-        corrupted: number of corrupted frames (default ``round(t / 4)``, at most
+        corrupted: number of degraded frames (default ``round(t / 4)``, at most
             ``(t - 1 + 1) // 2``) or the explicit frame indices.
-        corruption: the kinds to draw from: ``"dropout"``, ``"occlusion"``.
+        corruption: the degradation families to draw from (one per degraded frame, uniformly)
+            with their strengths: names (``"dropout"``, ``"snr"``, ..., or the groups
+            ``"partial"``, ``"full"``, ``"all"``; partial families at strength 0.5, full ones
+            at 1), ``"snr=0.3,defocus=0.5"``, or a mapping ``{name: strength}``; see
+            :mod:`clstm4d.data.degrade`. Default: dropout and occlusion.
         noise: standard deviation of the Gaussian noise (object contrast is about 0.5-0.9).
         drift: relative amplitude of the slow global intensity drift.
         spacing: voxel size (mm), one value or one per axis (arrays' axis order), e.g.
@@ -120,7 +120,8 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
     Returns:
         :class:`CaseData` with image ``(t, 1, *s)`` float32, label ``(t, *s)`` int64 (classes
         :data:`CLASS_NAMES`), a NIfTI :class:`Geometry` and ``meta`` with ``"corrupted"``
-        (sorted frame indices) and ``"corruption"`` (their kinds, same order).
+        (sorted frame indices), ``"corruption"`` (their families, same order) and
+        ``"corruption_strength"`` (their strengths).
 
     Examples:
         >>> case = make_synthetic_case(seed=1, frames=8, size=32, spatial_dims=2)
@@ -134,10 +135,11 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
         raise ValueError(f"frames must be >= 1, got {frames}")
     if blobs < 0:
         raise ValueError(f"blobs must be >= 0, got {blobs}")
-    bad = [k for k in corruption if k not in CORRUPTIONS]
-    if bad or not corruption:
-        raise ValueError(f"corruption must be a non-empty subset of {CORRUPTIONS}, got "
-                         f"{tuple(corruption)}")
+    strength_of = parse_degradations(corruption, owner="corruption")
+    if not strength_of:
+        raise ValueError(f"corruption must name at least one of {list(DEGRADATIONS)}, got "
+                         f"{corruption!r}")
+    names = list(strength_of)
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     step = _spacing(spacing, spatial_dims)
@@ -203,8 +205,8 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
             label[i][np.square(offset).sum(0) <= radii[i] ** 2] = 2
 
     # image formation
-    background = 0.2 + _smooth_field(rng, grid, shape, 0.05)
-    bias = 1 + _smooth_field(rng, grid, shape, 0.1)
+    background = 0.2 + smooth_field(rng, grid, shape, 0.05)
+    bias = 1 + smooth_field(rng, grid, shape, 0.1)
     levels = np.array([0.0, rng.uniform(0.9, 1.1), rng.uniform(0.65, 0.8)], np.float32)
     gain = 1 + drift * np.sin(2 * np.pi * t / (rng.uniform(2, 4) * max(frames, 8))
                               + rng.uniform(0, 2 * np.pi))
@@ -220,24 +222,22 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
         bad_frames = sorted({int(f) for f in corrupted})
         if any(not 0 <= f < frames for f in bad_frames):
             raise ValueError(f"corrupted: frame indices must be in [0, {frames}), got {corrupted}")
-    kinds = [str(corruption[rng.integers(len(corruption))]) for _ in bad_frames]
+    kinds = [str(names[rng.integers(len(names))]) for _ in bad_frames]
+    strengths = [strength_of[k] for k in kinds]
 
     image = np.empty((frames, 1, *voxels), np.float32)
     for i in range(frames):
         frame = background + np.where(label[i] > 0, levels[label[i]] - background, 0)
-        if i in bad_frames:
-            kind = kinds[bad_frames.index(i)]
-            if kind == "dropout":
-                frame = 0.7 * background
-            else:
-                frame = frame.copy()
-                box = _occluder(rng, label[i], voxels, length / np.asarray(step))
-                frame[box] = rng.uniform(0.85, 1.05)
+        if i in bad_frames:  # degraded before gain, bias field and noise, as a camera would
+            j = bad_frames.index(i)
+            frame = degrade(frame[None], kinds[j], strengths[j], rng, label=label[i],
+                            background=0.7 * background, level=1.0, noise=0.0,
+                            extent=length / np.asarray(step))[0]
         frame = gain[i] * bias * frame + noise * rng.standard_normal(voxels, dtype=np.float32)
         image[i, 0] = frame
     geometry = Geometry.default("nifti", voxels, frames, spacing=step,
                                 origin=[(h - 1) / 2 for h in step], time_interval=time_interval)
-    meta = {"corrupted": bad_frames, "corruption": kinds}
+    meta = {"corrupted": bad_frames, "corruption": kinds, "corruption_strength": strengths}
     return CaseData(image, label, geometry, meta, name or f"synth_{_seed_name(seed)}")
 
 
@@ -253,32 +253,129 @@ def _seed_name(seed) -> str:
     return "_".join(str(s) for s in seed) if np.ndim(seed) else str(seed)
 
 
-def _occluder(rng, label, shape, length):
-    """Index tuple of a box that covers all foreground of ``label`` with random margins
-    (``length``: the scene's size in voxels, one value or one per axis)."""
-    length = np.broadcast_to(np.asarray(length, np.float64), (len(shape),))
-    fg = np.argwhere(label > 0)
-    if len(fg) == 0:
-        lo = np.array(shape) // 4
-        hi = np.array(shape) - lo
+def _bounce(start: np.ndarray, velocity: np.ndarray, t: np.ndarray, lo: np.ndarray,
+            hi: np.ndarray) -> np.ndarray:
+    """Positions ``(t, d)`` of a point moving at constant velocity inside ``[lo, hi]``,
+    reflected at the walls."""
+    span = hi - lo
+    x = np.mod(start - lo + t[:, None] * velocity, 2 * span)  # (t, d)
+    return lo + span - np.abs(x - span)
+
+
+def make_cue_track_case(seed: int | Sequence[int] = 0, frames: int = 24,
+                        size: int | Sequence[int] | None = None, spatial_dims: int = 2, *,
+                        cue_frames: int = 3, radius: float | None = None,
+                        speed: tuple[float, float] = (0.03, 0.05), noise: float = 0.08,
+                        spacing: float = 1.0, time_interval: float = 0.05,
+                        name: str | None = None) -> CaseData:
+    """Draw one cue-then-track sequence: how long does a model remember who is who?
+
+    Two discs/spheres of the same size move at constant speed, bouncing off the walls, and
+    pass close to each other at least once after the cue. During the first ``cue_frames``
+    frames the *cued* one (class 1) is bright and the *other* (class 2) dim; afterwards both
+    have the same intensity, so only memory of where each one went tells them apart. Labels
+    mark the identity on every frame. A per-frame model is at chance after the cue (identity
+    Dice about 0.5 for a perfect but identity-blind segmentation); a model that tracks keeps
+    it. The discs never overlap (their distance stays above two radii + 1 voxel).
+
+    Args:
+        seed: ``numpy.random.default_rng`` seed; same seed, same case.
+        frames: ``t`` (> ``cue_frames``).
+        size: spatial size (int or one per axis, >= 16); default as :func:`make_synthetic_case`.
+        spatial_dims: 1, 2 or 3.
+        cue_frames: frames at the start in which the two differ (>= 1).
+        radius: disc radius in voxels; default ``0.1 * min(size)``.
+        speed: range of speeds, as fractions of ``min(size)`` per frame.
+        noise: standard deviation of the Gaussian noise.
+        spacing, time_interval, name: as :func:`make_synthetic_case`.
+
+    Returns:
+        :class:`CaseData`: image ``(t, 1, *s)`` float32, label ``(t, *s)`` int64 with classes
+        :data:`CUE_CLASS_NAMES`, ``meta`` with ``"cue_frames"``, ``"closest_frame"`` (the
+        frame of the closest approach after the cue) and empty ``"corrupted"``.
+
+    Examples:
+        >>> case = make_cue_track_case(seed=0, frames=12, size=32)
+        >>> case.image.shape, sorted(np.unique(case.label).tolist()), case.meta["cue_frames"]
+        ((12, 1, 32, 32), [0, 1, 2], 3)
+        >>> a, b = (case.image[5, 0][case.label[5] == k].mean() for k in (1, 2))
+        >>> bool(abs(a - b) < 0.1), bool(case.image[0, 0][case.label[0] == 1].mean() > 0.8)
+        (True, True)
+    """
+    shape = _shape(size, spatial_dims)
+    if not 1 <= cue_frames < frames:
+        raise ValueError(f"cue_frames must be in [1, frames), got cue_frames={cue_frames}, "
+                         f"frames={frames}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    rng = np.random.default_rng(seed)
+    d = spatial_dims
+    length = float(min(shape))
+    r = 0.1 * length if radius is None else float(radius)
+    if not 1 <= r <= length / 5:
+        raise ValueError(f"radius must be in [1, {length / 5:g}] voxels for size {shape}, "
+                         f"got {r:g}")
+    t = np.arange(frames, dtype=np.float64)
+    lo = np.full(d, r + 1.0)
+    hi = np.asarray(shape, np.float64) - r - 2.0
+    for _attempt in range(5000):
+        tracks = []
+        for _ in range(2):
+            direction = rng.normal(size=d)
+            direction /= np.linalg.norm(direction)
+            velocity = direction * rng.uniform(*speed) * length
+            tracks.append(_bounce(rng.uniform(lo, hi), velocity, t, lo, hi))
+        dist = np.linalg.norm(tracks[0] - tracks[1], axis=1)  # (t,)
+        if dist.min() >= 2 * r + 1 and dist[cue_frames:].min() <= 3.5 * r:
+            break
     else:
-        lo, hi = fg.min(0), fg.max(0) + 1
-    slices = []
-    for a, (lo_a, hi_a) in enumerate(zip(lo, hi, strict=True)):
-        m0, m1 = rng.uniform(0.08, 0.25, 2) * length[a]
-        slices.append(slice(max(0, int(lo_a - m0)), min(shape[a], int(np.ceil(hi_a + m1)))))
-    return tuple(slices)
+        raise ValueError(f"make_cue_track_case(seed={seed}): no pair of tracks that meet and "
+                         f"never overlap in {shape} x {frames} frames; use a larger size or "
+                         f"smaller radius")
+    grid = np.indices(shape, dtype=np.float32)  # (d, *s)
+    label = np.zeros((frames, *shape), np.int64)
+    for k, pos in enumerate(tracks, start=1):
+        for i in range(frames):
+            offset = grid - pos[i].reshape((d,) + (1,) * d).astype(np.float32)
+            label[i][np.square(offset).sum(0) <= r * r] = k
+    background = 0.2 + smooth_field(rng, grid, shape, 0.05)
+    bias = 1 + smooth_field(rng, grid, shape, 0.1)
+    image = np.empty((frames, 1, *shape), np.float32)
+    for i in range(frames):
+        levels = np.array([0.0, 1.0, 0.5] if i < cue_frames else [0.0, 0.75, 0.75], np.float32)
+        frame = np.where(label[i] > 0, levels[label[i]], background)
+        image[i, 0] = bias * frame + noise * rng.standard_normal(shape, dtype=np.float32)
+    geometry = Geometry.default("nifti", shape, frames, spacing=(spacing,) * d,
+                                time_interval=time_interval)
+    meta = {"corrupted": [], "corruption": [], "cue_frames": int(cue_frames),
+            "closest_frame": int(cue_frames + np.argmin(dist[cue_frames:]))}
+    return CaseData(image, label, geometry, meta, name or f"cue_{_seed_name(seed)}")
+
+
+
+#: task -> (case function, class names, datalist description)
+TASKS = {
+    "chamber": (make_synthetic_case, CLASS_NAMES,
+                "Synthetic time-resolved data: a beating chamber (1) and drifting blobs (2); "
+                "'corrupted' lists the degraded frames, 'corruption' their families."),
+    "cue-track": (make_cue_track_case, CUE_CLASS_NAMES,
+                  "Synthetic cue-then-track sequences: two look-alike discs told apart only "
+                  "during the first 'cue_frames' frames, labelled by identity (1 cued, "
+                  "2 other) on every frame."),
+}
 
 
 def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int = 10,
                             size: int | Sequence[int] | None = None, spatial_dims: int = 2,
                             seed: int = 0, *, format: str = "nifti", validation: float = 0.25,
-                            test: int = 0, **case_kwargs: Any) -> Path:
+                            test: int = 0, task: str = "chamber", **case_kwargs: Any) -> Path:
     """Write a synthetic dataset as files plus a datalist JSON; returns the datalist path.
 
     Layout (``format="nifti"``): ``out/imagesTr/case_000.nii.gz``,
     ``out/labelsTr/case_000.nii.gz`` (test cases under ``imagesTs``/``labelsTs``) and
-    ``out/datalist.json`` with ``"labels"``, ``"spatial_dims"`` and per-entry ``"corrupted"``.
+    ``out/datalist.json`` with ``"labels"``, ``"spatial_dims"`` and, per entry, the case's
+    ``meta`` (``"corrupted"``, ``"corruption"``, ``"corruption_strength"``; ``"cue_frames"``
+    for the cue-then-track task).
     Series formats write one folder per case with ``frame_000...`` files (NRRD labels as
     ``.seg.nrrd``). Every file is written atomically and the datalist last, so an interrupted
     run never leaves a datalist pointing at missing files.
@@ -293,7 +390,9 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
         validation: fraction of ``cases`` put in the ``validation`` section (at least one when
             ``cases >= 2`` and the fraction is > 0).
         test: number of extra cases in the ``test`` section (written with labels).
-        case_kwargs: passed to :func:`make_synthetic_case` (``blobs``, ``noise``, ...).
+        task: ``"chamber"`` (:func:`make_synthetic_case`) or ``"cue-track"``
+            (:func:`make_cue_track_case`).
+        case_kwargs: passed to the task's function (``blobs``, ``noise``, ``corruption``, ...).
 
     Examples:
         >>> import tempfile
@@ -307,6 +406,9 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    make_case, class_names, description = TASKS[task]
     if cases < 1 or test < 0:
         raise ValueError(f"cases must be >= 1 and test >= 0, got cases={cases}, test={test}")
     if not 0 <= validation < 1:
@@ -319,8 +421,7 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
     sections: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     for i in range(cases + test):
         name = f"case_{i:03d}"
-        case = make_synthetic_case((seed, i), frames, size, spatial_dims, name=name,
-                                   **case_kwargs)
+        case = make_case((seed, i), frames, size, spatial_dims, name=name, **case_kwargs)
         geometry = Geometry.default(format, case.geometry.spatial_shape, frames,
                                     spacing=case.geometry.spacing,
                                     origin=case.geometry.origin,
@@ -332,18 +433,15 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
         label_paths = write_label(case.label, geometry, label_out)
         entry = {"name": name,
                  "image": image_paths if series else image_paths[0],
-                 "label": label_paths if series else label_paths[0],
-                 "corrupted": case.meta["corrupted"], "corruption": case.meta["corruption"]}
+                 "label": label_paths if series else label_paths[0], **case.meta}
         section = "test" if i >= cases else ("validation" if i >= cases - n_val else "training")
         sections[section].append(entry)
     settings = {"cases": cases, "frames": frames, "size": list(case.geometry.spatial_shape),
                 "spatial_dims": spatial_dims, "seed": seed, "format": format,
-                "validation": validation, "test": test, **case_kwargs}
+                "validation": validation, "test": test, "task": task, **case_kwargs}
     return save_datalist(
-        out / "datalist.json", **sections, labels=CLASS_NAMES, spatial_dims=spatial_dims,
-        name="clstm4d-synthetic",
-        description="Synthetic time-resolved data: a beating chamber (1) and drifting blobs "
-                    "(2); 'corrupted' lists frames with signal dropout or occlusion.",
+        out / "datalist.json", **sections, labels=class_names, spatial_dims=spatial_dims,
+        name="clstm4d-synthetic", description=description,
         tensorImageSize=f"{spatial_dims + 1}D", modality={"0": "synthetic"},
         time_interval=case.geometry.time_interval, synthetic=settings,
         numTraining=len(sections["training"]) + len(sections["validation"]),
@@ -376,12 +474,23 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--noise", type=float, default=0.08, help="noise std (default 0.08)")
     parser.add_argument("--blobs", type=int, default=2, help="drifting blobs per case (default 2)")
     parser.add_argument("--corrupted", type=int, default=None,
-                        help="corrupted frames per case (default: about a quarter of the frames)")
+                        help="degraded frames per case (default: about a quarter of the frames)")
     parser.add_argument("--spacing", type=_spacing_arg, default=None, metavar="S[,S,S]",
                         help="voxel size per spatial axis in the arrays' axis order, e.g. "
                              "1,1,4 for slices 4x thicker than the in-plane pixels (the scene "
                              "keeps its extent --size, so that axis gets size/4 voxels; "
                              "default 1)")
+    parser.add_argument("--degrade", default=None, metavar="KIND[=S],...",
+                        help="degradation families of those frames, each with a strength in "
+                             "(0, 1]: " + ", ".join(DEGRADATIONS) + " (or partial, full, all;"
+                             " default strength 0.5 partial, 1 full), e.g. snr=0.5,defocus=0.3"
+                             " (default: dropout,occlusion)")
+    parser.add_argument("--task", default="chamber", choices=sorted(TASKS),
+                        help="chamber: beating chamber + blobs; cue-track: two look-alike discs "
+                             "labelled by identity, told apart only in the first frames "
+                             "(default chamber)")
+    parser.add_argument("--cue-frames", type=int, default=3,
+                        help="cue-track: frames at the start where the discs differ (default 3)")
     return parser
 
 
@@ -396,11 +505,21 @@ def _spacing_arg(text: str) -> float | tuple[float, ...]:
 
 def synth_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of :func:`write_synthetic_dataset` from :func:`add_synth_arguments`."""
-    return {"out": args.out, "cases": args.cases, "frames": args.frames, "size": args.size,
+    opts = {"out": args.out, "cases": args.cases, "frames": args.frames, "size": args.size,
             "spatial_dims": args.dims, "seed": args.seed, "format": args.format,
-            "validation": args.validation, "test": args.test, "noise": args.noise,
-            "blobs": args.blobs, "corrupted": args.corrupted,
-            **({} if getattr(args, "spacing", None) is None else {"spacing": args.spacing})}
+            "validation": args.validation, "test": args.test, "noise": args.noise}
+    task = getattr(args, "task", "chamber")
+    if task == "cue-track":
+        if (args.degrade is not None or args.corrupted is not None
+                or getattr(args, "spacing", None) is not None):
+            raise ValueError("--degrade, --corrupted and --spacing apply to --task chamber, not "
+                             "cue-track")
+        return {**opts, "task": task, "cue_frames": args.cue_frames}
+    opts.update(blobs=args.blobs, corrupted=args.corrupted,
+                **({} if getattr(args, "spacing", None) is None else {"spacing": args.spacing}))
+    if args.degrade is not None:
+        opts["corruption"] = parse_degradations(args.degrade, owner="--degrade")
+    return opts
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""Intensity normalisation and frame-consistent augmentation (numpy).
+"""Intensity normalisation, frame-consistent augmentation and per-frame degradation (numpy).
 
 Shape legend: ``t`` frames, ``c`` channels, ``s`` / ``*s`` spatial axes.
 """
@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["normalize_intensity", "Augment", "NORMALIZATIONS"]
+from .degrade import DEGRADATIONS, degrade, parse_degradations
+
+__all__ = ["normalize_intensity", "Augment", "Degrade", "NORMALIZATIONS"]
 
 NORMALIZATIONS = (None, "percentile", "zscore")
 
@@ -119,3 +121,66 @@ class Augment:
             image = image + self.noise * rng.standard_normal(image.shape, dtype=np.float32)
         label = None if label is None else np.ascontiguousarray(label)
         return image, label
+
+
+@dataclass
+class Degrade:
+    """Degrade random frames of a training window with the families of
+    :mod:`clstm4d.data.degrade`, so that a model learns to lean on the frames around them.
+
+    Every frame of the window is degraded independently with probability ``prob`` (frame 0
+    only when ``first``), by a family drawn uniformly from ``kinds`` at a strength drawn
+    uniformly from ``strength``; the random parameters of a family (blur direction, ghost
+    shift, box, field) are drawn per frame, as the degradations in real sequences come and
+    go frame by frame. Runs after :class:`Augment`, whose geometric transforms stay the same
+    for every frame. Only the image changes: labels are left as they are (occluders are
+    placed over the label's foreground, the label is not modified).
+
+    Args:
+        prob: probability that a frame is degraded.
+        kinds: families (names or the groups ``"partial"``, ``"full"``, ``"all"``).
+        strength: ``(low, high)`` range of strengths, within (0, 1].
+        first: whether frame 0 of a window may be degraded (off by default: a unidirectional
+            model has nothing to remember there).
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> image = np.random.default_rng(1).random((6, 1, 16, 16), dtype=np.float32)
+        >>> out, degraded = Degrade(prob=0.5)(image, None, rng)
+        >>> out.shape, degraded.tolist()
+        ((6, 1, 16, 16), [False, False, True, False, False, False])
+    """
+
+    prob: float = 0.25
+    kinds: tuple[str, ...] = DEGRADATIONS
+    strength: tuple[float, float] = (0.25, 1.0)
+    first: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.prob <= 1:
+            raise ValueError(f"Degrade: prob must be in [0, 1], got {self.prob}")
+        kinds = [self.kinds] if isinstance(self.kinds, str) else list(self.kinds)
+        self.kinds = tuple(parse_degradations(kinds, owner="Degrade"))
+        if not self.kinds:
+            raise ValueError("Degrade: kinds must name at least one degradation")
+        lo, hi = (float(v) for v in self.strength)
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"Degrade: strength must be (low, high) with 0 < low <= high <= 1,"
+                             f" got {tuple(self.strength)}")
+        self.strength = (lo, hi)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray | None,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Degrade frames of ``image (t, c, *s)`` (``label (t, *s)`` or None places
+        occluders); returns ``(new image (t, c, *s) float32, degraded (t,) bool)``."""
+        out = np.array(image, dtype=np.float32)
+        degraded = np.zeros(len(out), bool)
+        for f in range(0 if self.first else 1, len(out)):
+            if rng.random() >= self.prob:
+                continue
+            kind = self.kinds[rng.integers(len(self.kinds))]
+            strength = rng.uniform(*self.strength)
+            out[f] = degrade(out[f], kind, strength, rng,
+                             label=None if label is None else label[f])
+            degraded[f] = True
+        return out, degraded

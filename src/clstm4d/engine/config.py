@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,7 +83,9 @@ class DataConfig:
     ``window`` the number of frames per patch. ``spacing`` is the voxel size the model works
     at (one value per spatial axis in the arrays' axis order, or one for all): training cases
     are resampled to it, and prediction resamples each input to it and the labels back to the
-    input's grid; ``None`` (the default) keeps every case on its own grid.
+    input's grid; ``None`` (the default) keeps every case on its own grid. ``degrade`` degrades
+    random input frames (:class:`clstm4d.data.Degrade`): ``true`` for its defaults or a mapping
+    of its arguments (``{prob: 0.25, kinds: [snr, defocus], strength: [0.25, 1.0]}``).
     """
 
     datalist: str | None = None
@@ -93,6 +96,7 @@ class DataConfig:
     foreground_prob: float = 0.5
     normalize: str | None = "percentile"
     augment: bool = True
+    degrade: bool | dict[str, Any] = False
     num_workers: int = 0
 
 
@@ -136,12 +140,15 @@ class PredictConfig:
     """Inference: sliding windows over space (``roi``, ``overlap``, Gaussian blending) and
     chunks of ``chunk`` frames over time with the recurrent state carried between chunks.
 
-    ``roi=None`` runs each frame whole.
+    ``roi=None`` runs each frame whole. Bidirectional models run the whole sequence in one
+    pass unless ``time_margin`` is set (then chunks of ``chunk`` frames, each with
+    ``time_margin`` frames of context on both sides).
     """
 
     roi: list[int] | None = None
     overlap: float = 0.25
     chunk: int = 16
+    time_margin: int | None = None
     sw_batch_size: int = 1
     mode: str = "gaussian"
     device: str = "auto"
@@ -150,6 +157,30 @@ class PredictConfig:
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "predict": PredictConfig}
+
+# Allowed ranges, checked after the type: key -> (low, high, low inclusive, high inclusive);
+# None = unbounded. Lists are checked element by element; floats must also be finite.
+_RANGES: dict[str, tuple] = {
+    "model.spatial_dims": (1, 3, True, True), "model.in_channels": (1, None, True, True),
+    "model.out_channels": (2, None, True, True), "model.channels": (1, None, True, True),
+    "data.window": (1, None, True, True), "data.roi": (1, None, True, True),
+    "data.spacing": (0, None, False, True), "data.batch_size": (1, None, True, True),
+    "data.foreground_prob": (0, 1, True, True), "data.num_workers": (0, None, True, True),
+    "train.steps": (1, None, True, True), "train.lr": (0, None, False, True),
+    "train.weight_decay": (0, None, True, True), "train.warmup_steps": (0, None, True, True),
+    "train.grad_clip": (0, None, False, True), "train.lambda_dice": (0, None, True, True),
+    "train.lambda_ce": (0, None, True, True), "train.seed": (0, 2**32 - 1, True, True),
+    "train.log_every": (1, None, True, True), "train.val_every": (0, None, True, True),
+    "train.checkpoint_every": (0, None, True, True),
+    "train.keep_checkpoints": (0, None, True, True),
+    "train.max_nonfinite_steps": (0, None, True, True),
+    "train.dist_timeout": (0, None, False, True), "train.threads": (1, None, True, True),
+    "predict.roi": (1, None, True, True), "predict.overlap": (0, 1, True, False),
+    "predict.chunk": (1, None, True, True), "predict.time_margin": (0, None, True, True),
+    "predict.sw_batch_size": (1, None, True, True),
+}
+_CHOICES: dict[str, tuple] = {"train.scheduler": ("cosine", "constant"),
+                              "predict.mode": ("gaussian", "constant")}
 
 
 @dataclass
@@ -296,7 +327,32 @@ def _build(cls: type, section: str, values: dict[str, Any]):
                 f"{', '.join(fields)})"
             )
         kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+        _check_range(f"{section}.{name}", kwargs[name])
     return cls(**kwargs)
+
+
+def _check_range(key: str, value: Any) -> None:
+    """Raise a :class:`ConfigError` naming ``key`` when ``value`` is out of its range."""
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"'{key}' must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
+    if key not in _RANGES:
+        return
+    low, high, low_in, high_in = _RANGES[key]
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if (low is not None and (v < low or (v == low and not low_in))) or (
+                high is not None and (v > high or (v == high and not high_in))):
+            lo = "" if low is None else f"{'[' if low_in else '('}{low}"
+            hi = "" if high is None else f"{high}{']' if high_in else ')'}"
+            allowed = (f"in {lo}, {hi}" if low is not None and high is not None
+                       else f"{'>=' if low_in else '>'} {low}" if low is not None
+                       else f"{'<=' if high_in else '<'} {high}")
+            raise ConfigError(f"'{key}' must be {allowed}, got {value!r}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

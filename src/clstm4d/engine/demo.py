@@ -37,7 +37,10 @@ class DemoOptions:
     ``dims=2`` is the default because it is what trains well on a 2-core CPU in minutes (see
     docs/training.md for the measurement); ``dims=3`` runs the same comparison on volumes.
     ``size``, ``steps`` and ``batch_size`` left at ``None`` take the per-dimension defaults
-    in :data:`DIMS_DEFAULTS`.
+    in :data:`DIMS_DEFAULTS`. ``degrade`` names the degradation families of the synthetic
+    data's degraded frames (``corrupted`` per sequence, default 3/8 of the frames: 6 of 16;
+    see :mod:`clstm4d.data.degrade`): by default all of them, partial ones at strength 0.5
+    and full ones at 1, so the report shows what memory buys per family.
     """
 
     out: str = "demo_out"
@@ -55,7 +58,12 @@ class DemoOptions:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    degrade: str = "all"
+    corrupted: int | None = None
     overwrite: bool = False
+    #: annotated frames per training sequence (spread as ED/ES would be: the first, one near
+    #: the middle for 2); ``None`` = every frame. Evaluation always scores every frame.
+    labelled_frames: int | None = None
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "temporal (ConvLSTM)": {"temporal": "bottleneck"},
         "per-frame": {"temporal": "none"},
@@ -149,8 +157,9 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
 
 def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     from clstm4d.data import load_case, load_datalist, write_synthetic_dataset
+    from clstm4d.data.degrade import parse_degradations
 
-    from .evaluate import evaluate_sequence, write_frames_csv
+    from .evaluate import dice_by_corruption, evaluate_sequence, write_frames_csv
     from .plots import overlay_montage, plot_dice_per_frame, write_gif
     from .predictor import Predictor
 
@@ -167,12 +176,22 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     size = opts.size
     if min(opts.steps, opts.cases, opts.test, opts.batch_size) < 1 or opts.frames < 2:
         raise UserError("demo: steps, cases, test and batch size must be >= 1, frames >= 2")
+    if opts.labelled_frames is not None and not 1 <= opts.labelled_frames <= opts.frames:
+        raise UserError(f"demo: --labelled-frames must be 1-{opts.frames} (the frames per "
+                        f"sequence), got {opts.labelled_frames}")
     say(f"[1/4] synthetic {opts.dims}D+t data: {opts.cases} training + {opts.test} held-out "
         f"sequences of {opts.frames} frames, {size}^{opts.dims} voxels -> {out / 'data'}")
     datalist_path = write_synthetic_dataset(
         out / "data", cases=opts.cases, frames=opts.frames, size=size, spatial_dims=opts.dims,
         seed=opts.seed, validation=0.0, test=opts.test,
+        corrupted=(opts.corrupted if opts.corrupted is not None
+                   else min(opts.frames // 2, round(3 * opts.frames / 8))),
+        corruption=parse_degradations(opts.degrade, owner="demo degrade"),
     )
+    labelled = _annotate_sparsely(datalist_path, opts.frames, opts.labelled_frames)
+    if opts.labelled_frames is not None:
+        say(f"      training sequences annotated on {len(labelled)} of {opts.frames} frames "
+            f"only: {labelled}")
     dl = load_datalist(datalist_path)
     t_data = time.perf_counter() - t0
 
@@ -209,6 +228,7 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
             pred = r["predictor"].predict_array(c.image, c.geometry, name=c.name)
             ev = evaluate_sequence(pred, c.label, num_classes, spacing=c.geometry.spacing,
                                    corrupted=c.meta.get("corrupted", []),
+                                   corruption=c.meta.get("corruption", []),
                                    class_names=class_names)
             per_case.append({"case": c.name, **ev["summary"]})
             frames_all += [{"case": c.name, **row} for row in ev["frames"]]
@@ -225,6 +245,7 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
             "dice": float(dice.mean()),
             "dice_corrupted": float(dice[corr].mean()) if corr.any() else float("nan"),
             "dice_clean": float(dice[~corr].mean()) if (~corr).any() else float("nan"),
+            "dice_by_corruption": dice_by_corruption(frames_all),
             "hd95": _mean([c["hd95"] for c in per_case]),
             "volume_change_error": _mean([c["volume_change_error"] for c in per_case]),
             "consecutive_dice": _mean([c["consecutive_dice"] for c in per_case]),
@@ -251,13 +272,19 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     names = list(report_models)
     margin = (report_models[names[0]]["dice_corrupted"] - report_models[names[1]]["dice_corrupted"]
               if len(names) >= 2 else float("nan"))
+    margin_by = {}
+    if len(names) >= 2:
+        first, second = (report_models[n]["dice_by_corruption"] for n in names[:2])
+        margin_by = {k: first[k] - second[k] for k in first if k in second}
     report = {
         "settings": {k: v for k, v in asdict(opts).items() if k != "progress"},
         "data": {"datalist": str(datalist_path), "training_cases": len(dl.training),
-                 "test_cases": len(dl.test), "classes": dl.labels,
+                 "test_cases": len(dl.test), "classes": dl.labels, "frames": opts.frames,
+                 "labelled_frames": labelled,
                  "seconds": round(t_data, 2)},
         "models": report_models,
         "corrupted_margin": margin,
+        "margin_by_corruption": margin_by,
         "plots": plots,
         "total_seconds": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
@@ -280,7 +307,50 @@ def format_table(report: dict[str, Any]) -> str:
         )
     margin = report["corrupted_margin"]
     lines.append(f"temporal - per-frame Dice on corrupted frames: {margin:+.3f}")
+    data = report.get("data", {})
+    if "labelled_frames" in data:
+        n, t = len(data["labelled_frames"]), data["frames"]
+        lines.append(f"trained with {n} of {t} frames labelled per training sequence"
+                     + (f" (frames {data['labelled_frames']})" if n < t else "")
+                     + "; Dice over every frame of the held-out sequences")
+    lines += ["", *format_by_corruption(report)]
     return "\n".join(lines)
+
+
+def _annotate_sparsely(datalist_path: Path, frames: int, n: int | None) -> list[int]:
+    """Declare only ``n`` frames of every training sequence annotated (``labelled_frames``;
+    the label files keep every frame, the others are then unannotated); returns them."""
+    from clstm4d.data import spread_frames
+
+    if n is None:
+        return list(range(frames))
+    chosen = spread_frames(frames, n)
+    raw = json.loads(Path(datalist_path).read_text())
+    for entry in raw["training"]:
+        entry["labelled_frames"] = chosen
+    atomic_write_text(Path(datalist_path), json.dumps(raw, indent=2) + "\n")
+    return chosen
+
+
+def format_by_corruption(report: dict[str, Any]) -> list[str]:
+    """Lines of the per-degradation table: Dice of every model per family, and the gain of
+    the first model over the second."""
+    models = report["models"]
+    names = list(models)
+    margin = report.get("margin_by_corruption") or {}
+    kinds = [k for k in models[names[0]].get("dice_by_corruption", {}) if k != "clean"]
+    if not kinds:
+        return []
+    from clstm4d.data.degrade import DEGRADATIONS
+
+    kinds = sorted(kinds, key=lambda k: DEGRADATIONS.index(k) if k in DEGRADATIONS else 99)
+    head = f"{'degradation':<18} " + " ".join(f"{n[:20]:>20}" for n in names) + f" {'gain':>7}"
+    lines = [head, "-" * len(head)]
+    for k in [*kinds, "clean"]:
+        cells = " ".join(f"{models[n]['dice_by_corruption'].get(k, float('nan')):>20.3f}"
+                         for n in names)
+        lines.append(f"{k:<18} {cells} {margin.get(k, float('nan')):>+7.3f}")
+    return lines
 
 
 def _fmt(v: float) -> str:

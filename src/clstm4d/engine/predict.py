@@ -6,11 +6,15 @@ Space is covered by sliding windows (MONAI's ``sliding_window_inference``, overl
 windows blended with Gaussian weights); time is processed in chunks of frames. For a
 streamable (unidirectional) model the recurrent state of every window is carried from one
 chunk to the next, so the result equals one pass over the whole sequence while memory is set
-by the window and chunk sizes, not by the number of frames. Models that are not streamable
-(bidirectional recurrences, time-as-channels) see each chunk on its own: a bidirectional model
-uses the frames of its chunk in both directions, so give it ``chunk >= t`` for the exact
-whole-sequence result; a time-as-channels model always gets chunks of its fixed window
-(``frames``), the last one padded by repeating its final frame.
+by the window and chunk sizes, not by the number of frames. A bidirectional model (offline
+analysis: every frame depends on past and future frames) runs over the whole sequence in one
+pass by default, the exact result, with memory growing with the number of frames; with
+``time_margin=m`` it runs chunks of ``chunk`` frames, each seen with up to ``m`` frames of
+context before and after it (chunks that overlap by ``2 m`` frames; only the middle ``chunk``
+frames of each are kept), so every frame sees at least ``m`` frames both ways (fewer only at
+the ends of the sequence) while memory is bounded by ``chunk + 2 m`` frames. A
+time-as-channels model always gets chunks of its fixed window (``frames``), the last one
+padded by repeating its final frame.
 
 Examples:
     >>> import torch
@@ -29,6 +33,18 @@ Examples:
     >>> full = predict_sequence(Running(), x, chunk=7, roi=None, return_probs=True)[1]
     >>> chunked = predict_sequence(Running(), x, chunk=3, roi=[8, 8], return_probs=True)[1]
     >>> bool(torch.allclose(full, chunked, atol=1e-5))
+    True
+    >>> class Total(torch.nn.Module):  # a toy bidirectional model: every frame sees them all
+    ...     streamable = False
+    ...     def forward(self, x):
+    ...         s = x.sum(1, keepdim=True).expand_as(x)
+    ...         return torch.cat([-s, s], 2)
+    >>> x = torch.randn(9, 1, 6, 6)
+    >>> whole = predict_sequence(Total(), x, chunk=4)                    # default: one pass
+    >>> bool((whole == (x.sum(0)[0] > 0).to(torch.uint8)).all())
+    True
+    >>> wide = predict_sequence(Total(), x, chunk=4, time_margin=9)      # margins span all
+    >>> bool((wide == whole).all())
     True
 """
 
@@ -57,6 +73,7 @@ def predict_sequence(
     roi: Sequence[int] | int | None = None,
     overlap: float = 0.25,
     chunk: int | None = 16,
+    time_margin: int | None = None,
     sw_batch_size: int = 1,
     mode: str = "gaussian",
     device: torch.device | str | None = None,
@@ -72,7 +89,11 @@ def predict_sequence(
         roi: spatial window size (one int for all axes); ``None`` runs every frame whole.
             Axes where the window is larger than the image are padded by MONAI.
         overlap: fraction of overlap between neighbouring windows.
-        chunk: frames per chunk (``None``: all frames at once).
+        chunk: frames per chunk (``None``: all frames at once). A bidirectional model ignores
+            it unless ``time_margin`` is set.
+        time_margin: bidirectional models only: ``None`` (default) runs the whole sequence in
+            one pass; an int ``m >= 0`` runs chunks of ``chunk`` frames, each with up to ``m``
+            frames of context on both sides (``chunk + 2 m`` frames in memory at once).
         sw_batch_size: windows run together (they share a chunk; states stay per window).
         mode: blending of overlapping windows, ``"gaussian"`` or ``"constant"``.
         device: where the model runs (default: where its parameters are); the result is
@@ -98,8 +119,16 @@ def predict_sequence(
     device = torch.device(device)
     streamable = bool(getattr(model, "streamable", False))
     frames = (getattr(model, "config", None) or {}).get("frames")
+    if time_margin is not None and (isinstance(time_margin, bool) or int(time_margin) < 0):
+        raise ValueError(f"time_margin must be None or an int >= 0, got {time_margin!r}")
+    margin = 0
     if frames is not None and not streamable:
         chunk = int(frames)
+    elif not streamable:  # bidirectional: the whole sequence, or chunks with context
+        if time_margin is None:
+            chunk = None
+        else:
+            margin = int(time_margin)
     if chunk is None or chunk <= 0:
         chunk = t
     if roi is not None:
@@ -125,12 +154,12 @@ def predict_sequence(
         return torch.softmax(logits.float(), dim=2)
 
     for t0 in range(0, t, chunk):
-        x = image[t0:t0 + chunk]  # (tc, c, *s)
-        tc = x.shape[0]
-        pad = 0
-        if frames is not None and not streamable and tc < chunk:
-            pad = chunk - tc  # time-as-channels needs its full window
-            x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])], 0)
+        lo = max(0, t0 - margin)  # context before the chunk (bidirectional models)
+        x = image[lo:t0 + chunk + margin]  # (context + tc + context, c, *s)
+        tc = min(chunk, t - t0)
+        if frames is not None and not streamable and x.shape[0] < chunk:
+            # time-as-channels needs its full window: repeat the last frame
+            x = torch.cat([x, x[-1:].expand(chunk - x.shape[0], *x.shape[1:])], 0)
         if roi is None:
             p = run(x.unsqueeze(0).to(device), "whole")[0]  # (tc, k, *s)
         else:
@@ -146,7 +175,7 @@ def predict_sequence(
                 with_coord=True, sw_device=device, device=image.device,
             )
             p = torch.as_tensor(p)[0].unflatten(0, (n_t, -1))  # (tc, k, *s)
-        p = p[: tc].to(image.device)
+        p = p[t0 - lo: t0 - lo + tc].to(image.device)  # the chunk's own frames
         if labels is None:
             k = p.shape[1]
             labels = torch.empty((t, *spatial), dtype=torch.uint8 if k <= 256 else torch.int64)

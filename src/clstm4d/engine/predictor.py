@@ -42,7 +42,7 @@ __all__ = ["Predictor"]
 log = logging.getLogger(__name__)
 
 #: ``PredictConfig`` fields a caller may override per predictor (device and amp are arguments).
-OVERRIDABLE = ("roi", "overlap", "chunk", "sw_batch_size", "mode")
+OVERRIDABLE = ("roi", "overlap", "chunk", "time_margin", "sw_batch_size", "mode")
 
 
 class Predictor:
@@ -57,7 +57,8 @@ class Predictor:
         amp: ``"auto"``, ``"bf16"``, ``"fp16"`` or ``"none"``; ``None`` = the saved
             ``predict.amp``.
         overrides: any of ``roi`` (one int for all axes, or one per axis), ``overlap``,
-            ``chunk``, ``sw_batch_size``, ``mode``; ``None`` values keep the saved setting.
+            ``chunk``, ``time_margin`` (bidirectional models), ``sw_batch_size``, ``mode``;
+            ``None`` values keep the saved setting.
 
     Attributes:
         model, run, device, amp_dtype; ``settings`` (the :class:`PredictConfig` in use).
@@ -181,8 +182,9 @@ class Predictor:
         resampled = tuple(x.shape[2:]) != grid
         s = self.settings
         out = predict_sequence(self.model, x, roi=s.roi, overlap=s.overlap, chunk=s.chunk,
-                               sw_batch_size=s.sw_batch_size, mode=s.mode, device=self.device,
-                               amp_dtype=self.amp_dtype, return_probs=return_probs or resampled)
+                               time_margin=s.time_margin, sw_batch_size=s.sw_batch_size,
+                               mode=s.mode, device=self.device, amp_dtype=self.amp_dtype,
+                               return_probs=return_probs or resampled)
         if not resampled:
             return (out[0].numpy(), out[1].numpy()) if return_probs else out.numpy()
         from clstm4d.data import resample_image

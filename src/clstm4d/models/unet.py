@@ -162,7 +162,8 @@ def check_sequence_input(owner: str, x: Tensor, spatial_dims: int, in_channels: 
 
 class _Recurrence(nn.Module):
     """A one-layer ConvLSTM/ConvGRU keeping the width; a 1x1 convolution folds the two
-    directions back to ``channels`` when bidirectional. Runs in float32 under autocast.
+    directions back to ``channels`` when bidirectional. Under autocast its convolutions run
+    in the autocast dtype and its state in float32 (see :class:`clstm4d.ConvLSTM`).
 
     Shape:
         ``(n, t, c, *s)`` -> ``(n, t, c, *s)``.
@@ -170,22 +171,16 @@ class _Recurrence(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, cell: str,
                  kernel_size: int | tuple[int, ...],
-                 bidirectional: bool, checkpoint: bool) -> None:
+                 bidirectional: bool, checkpoint: bool, backend: str = "auto") -> None:
         super().__init__()
         self.cell = cell
         self.rnn = CELLS[cell](spatial_dims, channels, channels, kernel_size,
-                               bidirectional=bidirectional, checkpoint=checkpoint)
+                               bidirectional=bidirectional, checkpoint=checkpoint,
+                               backend=backend)
         self.proj = (layer("conv", spatial_dims, 2 * channels, channels, kernel_size=1)
                      if bidirectional else None)
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # the recurrence stays in float32 under autocast: the state accumulates over
-            # frames, streamed states keep one dtype, and no low-precision copy of the
-            # (large) recurrent weights is kept alive until backward
-            with torch.autocast(device, enabled=False):
-                return self.forward(x.float(), state)
         y, state = self.rnn(x, state)  # (n, t, D*c, *s)
         if self.proj is not None:
             y = self.proj(y.flatten(0, 1)).unflatten(0, y.shape[:2])  # (n, t, c, *s)
@@ -224,6 +219,8 @@ class TimeResolvedUNet(nn.Module):
             the folded batch and time axis when ``norm`` is not ``"batch"`` and ``dropout`` is
             0) and their recurrence (``checkpoint=True`` of the core layers). Same gradients,
             less memory, more time. Default False.
+        backend: the recurrence's ``backend`` (:class:`clstm4d.ConvLSTM`): ``"auto"``
+            (default), ``"fused"`` or ``"reference"``.
 
     Shape:
         - x: ``(N, T, C_in, *S)``, any ``*S``, any ``T >= 1``.
@@ -264,6 +261,7 @@ class TimeResolvedUNet(nn.Module):
         checkpoint: bool = False,
         strides: Sequence[int | Sequence[int]] | None = None,
         kernel_sizes: Sequence[int | Sequence[int]] | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -300,6 +298,7 @@ class TimeResolvedUNet(nn.Module):
             "rnn_kernel_size": rnn_kernel_size, "norm": norm, "act": act,
             "dropout": float(dropout), "checkpoint": bool(checkpoint),
             "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
+            "backend": backend,
         }
 
         widths = (in_channels, *channels)
@@ -322,7 +321,8 @@ class TimeResolvedUNet(nn.Module):
             str(level): _Recurrence(spatial_dims, channels[level], cell,
                                     tuple(rnn_kernel_size if k > 1 else 1
                                           for k in kernels[level]),
-                                    self.bidirectional, level in self._checkpoint_levels)
+                                    self.bidirectional, level in self._checkpoint_levels,
+                                    backend)
             for level in levels
         })
 

@@ -2,7 +2,7 @@
 
 One implementation serves 1D, 2D and 3D maps (``spatial_dims``); the LSTM and the GRU share
 the sequence machinery (time loop, directions, state, lengths, dropout, checkpointing) and
-differ only in the cell update (:func:`_lstm_update`, :func:`_gru_update`).
+differ only in their cell spec (:mod:`clstm4d.nn._cells`: gates, state, update, backward).
 
 Shape legend: ``n`` batch, ``t`` time (frames), ``c`` input channels, ``h`` hidden channels,
 ``g`` gates (4 for the LSTM, 3 for the GRU), ``*s`` spatial axes (``(w,)``, ``(h, w)`` or
@@ -14,47 +14,41 @@ axes appended): ``weight_ih_l{k}`` ``(g*h, c_k, *kernel)``, ``weight_hh_l{k}``
 for the backward direction; ``c_0 = in_channels``, ``c_k = D*h`` for ``k > 0``. Gate order
 is i, f, g, o (LSTM) and r, z, n (GRU). The input-to-hidden convolution of a layer runs
 batched over the frames (batch and time folded); only the hidden-to-hidden convolution runs
-per step. Plain calls take the fast path of :mod:`clstm4d.nn._recurrence` (hand-written
-backward through time); under autocast and torch.compile the same computation is built from
-autograd ops (:meth:`_ConvRNNLayerBase._run_direction_reference`).
+per step. ``backend="fused"`` runs a direction of a layer as one autograd node with a
+hand-written backward through time, ``backend="reference"`` builds the same computation from
+autograd ops frame by frame (:mod:`clstm4d.nn._recurrence`); ``"auto"`` (default) picks the
+fused one wherever it is supported. Under autocast the convolutions run in the autocast dtype,
+the gate update and the state in float32; the output comes back in the autocast dtype.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from clstm4d.nn._recurrence import ConvRecurrence, Spec
+from clstm4d.nn import _kernels as kernels
+from clstm4d.nn._cells import GRU, LSTM, CellSpec
+from clstm4d.nn._recurrence import (
+    ConvRecurrence,
+    Spec,
+    conv_dtype,
+    gate_conv,
+    reference_direction,
+    reference_step,
+    split_peephole,
+)
 
-__all__ = ["ConvGRU", "ConvGRUCell", "ConvLSTM", "ConvLSTMCell"]
+__all__ = ["BACKENDS", "ConvGRU", "ConvGRUCell", "ConvLSTM", "ConvLSTMCell"]
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_NUM_GATES = {"lstm": 4, "gru": 3}
-
-
-# ----------------------------------------------------------------------------------------------
-# torch version compatibility (pyproject allows torch >= 2.1)
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return torch._dynamo.is_compiling()
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return torch.is_autocast_enabled()
+#: values of the sequence layers' ``backend`` argument
+BACKENDS = ("auto", "fused", "reference")
+_FUSED_DEVICES = ("cpu", "cuda")
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,47 +90,14 @@ def _same_padding(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[i
 
 
 # ----------------------------------------------------------------------------------------------
-# cell updates: the only place where LSTM and GRU differ
-
-
-def _lstm_update(
-    gates: Tensor, state: tuple[Tensor, ...], peephole: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """One LSTM update from the summed gate pre-activations ``gates`` ``(n, 4h, *s)``."""
-    _, c = state
-    i, f, g, o = gates.chunk(4, dim=1)
-    if peephole is not None:
-        # (3h,) -> three (1, h, 1, ..., 1) per-channel weights on the cell state
-        w_ci, w_cf, w_co = peephole.view(3, 1, -1, *([1] * (gates.dim() - 2))).unbind(0)
-        i = i + w_ci * c
-        f = f + w_cf * c
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    if peephole is not None:
-        o = o + w_co * c
-    h = torch.sigmoid(o) * torch.tanh(c)
-    return h, c
-
-
-def _gru_update(gates_x: Tensor, gates_h: Tensor, h: Tensor) -> Tensor:
-    """One GRU update from the input gates ``(n, 3h, *s)`` and the hidden gates (with b_hh)."""
-    xr, xz, xn = gates_x.chunk(3, dim=1)
-    hr, hz, hn = gates_h.chunk(3, dim=1)
-    r = torch.sigmoid(xr + hr)
-    z = torch.sigmoid(xz + hz)
-    n = torch.tanh(xn + r * hn)
-    return n + z * (h - n)
-
-
-# ----------------------------------------------------------------------------------------------
 # shared base
 
 
 class _ConvRNNBase(nn.Module):
     """Owns validation, parameters, initialisation, convolutions and the cell step."""
 
-    _mode = "lstm"  # set by subclasses: "lstm" | "gru"
+    _CELL: CellSpec = LSTM  # set by subclasses: LSTM | GRU
     _is_cell = False
-    _fast = True  # sequence layers: use the hand-written backward through time when possible
 
     def __init__(
         self,
@@ -154,8 +115,11 @@ class _ConvRNNBase(nn.Module):
         checkpoint: bool = False,
         device=None,
         dtype=None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        # an instance attribute: torch.compile (dynamo 2.4) cannot read it from the class
+        self._cell = self._CELL
         owner = type(self).__name__
         if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
             raise ValueError(f"{owner}: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
@@ -176,6 +140,14 @@ class _ConvRNNBase(nn.Module):
             not math.isfinite(forget_bias)
         ):
             raise ValueError(f"{owner}: forget_bias must be a finite number, got {forget_bias!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
+        if dropout > 0 and num_layers == 1 and not self._is_cell:
+            warnings.warn(
+                f"{owner}: dropout={dropout} acts between stacked layers (not after the last "
+                f"one, as in nn.LSTM), so it has no effect with num_layers=1",
+                stacklevel=3,
+            )
 
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -189,13 +161,11 @@ class _ConvRNNBase(nn.Module):
         self.forget_bias = float(forget_bias)
         self.peephole = peephole
         self.checkpoint = checkpoint
+        self.backend = backend
         self._pad = _same_padding(kernel, dil)
-        # symmetric padding (odd kernels) goes into the conv call, no extra copy
-        self._sym = all(a == b for a, b in zip(self._pad[::2], self._pad[1::2], strict=True))
-        self._conv_padding = tuple(self._pad[::2][::-1]) if self._sym else 0
 
         factory = {"device": device, "dtype": dtype}
-        g, h = _NUM_GATES[self._mode] * hidden_channels, hidden_channels
+        g, h = self._cell.num_gates * hidden_channels, hidden_channels
         num_dirs = 2 if bidirectional else 1
         self._param_names: list[list[dict[str, str]]] = []
         for layer in range(num_layers):
@@ -237,7 +207,7 @@ class _ConvRNNBase(nn.Module):
                             p.uniform_(-bound, bound)
                         else:
                             p.zero_()
-                            if key == "bias_ih" and self._mode == "lstm":
+                            if key == "bias_ih" and self._cell is LSTM:
                                 p[h:2 * h].fill_(self.forget_bias)
 
     def _params(self, layer: int, direction: int) -> dict[str, Tensor]:
@@ -248,42 +218,43 @@ class _ConvRNNBase(nn.Module):
              f"kernel_size={self.kernel_size}")
         defaults = {"num_layers": 1, "bias": True, "bidirectional": False, "dropout": 0.0,
                     "dilation": (1,) * self.spatial_dims, "forget_bias": 1.0,
-                    "peephole": False, "checkpoint": False}
+                    "peephole": False, "checkpoint": False, "backend": "auto"}
         for key, default in defaults.items():
             if hasattr(self, key) and getattr(self, key) != default:
-                if key in ("forget_bias", "peephole") and self._mode != "lstm":
+                if key in ("forget_bias", "peephole") and self._cell is not LSTM:
                     continue
                 if self._is_cell and key in ("num_layers", "bidirectional", "dropout",
-                                             "checkpoint"):
+                                             "checkpoint", "backend"):
                     continue
-                s += f", {key}={getattr(self, key)}"
+                s += f", {key}={getattr(self, key)!r}" if key == "backend" else (
+                    f", {key}={getattr(self, key)}")
         return s
 
-    # -- convolution and one step ----------------------------------------------------------
-    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """'same' convolution of ``x`` ``(b, c, *s)`` -> ``(b, weight.shape[0], *s)``."""
-        if not self._sym:
-            x = F.pad(x, self._pad)
-        return _CONV[self.spatial_dims](
-            x, weight, bias, padding=self._conv_padding, dilation=self.dilation
-        )
+    def _direction_inputs(self, p: dict[str, Tensor]) -> tuple[Tensor | None, ...]:
+        """``(w_ih, b_x, w_hh, b_hh, peep)``: the weights, the biases of the input and the
+        hidden convolution (:meth:`CellSpec.input_bias`) and the peepholes."""
+        b_ih, b_hh = p.get("bias_ih"), p.get("bias_hh")
+        return (p["weight_ih"], self._cell.input_bias(b_ih, b_hh), p["weight_hh"],
+                self._cell.hidden_bias(b_hh), p.get("weight_peephole"))
 
-    def _input_bias(self, p: dict[str, Tensor]) -> Tensor | None:
-        """Bias added to the input convolution (LSTM: both biases folded together)."""
-        if "bias_ih" not in p:
-            return None
-        return p["bias_ih"] + p["bias_hh"] if self._mode == "lstm" else p["bias_ih"]
+    def _spec(self, x: Tensor, reverse: bool = False, segment: int = 1,
+              grad: bool = False) -> Spec:
+        dtype = conv_dtype(x.device.type, self._param_dtype())
+        return Spec(self._cell, self._pad, self.dilation, reverse, segment, self.checkpoint,
+                    grad, dtype)
 
-    def _step(self, gates_x: Tensor, state: tuple[Tensor, ...], p: dict[str, Tensor]):
-        """One recurrent step from the input gates ``(n, g*h, *s)``; returns the new state."""
-        if self._mode == "lstm":
-            gates = gates_x + self._conv(state[0], p["weight_hh"], None)
-            return _lstm_update(gates, state, p.get("weight_peephole"))
-        gates_h = self._conv(state[0], p["weight_hh"], p.get("bias_hh"))
-        return (_gru_update(gates_x, gates_h, state[0]),)
+    def _param_dtype(self) -> torch.dtype:
+        return getattr(self, self._param_names[0][0]["weight_hh"]).dtype
 
     def _num_state(self) -> int:
-        return 2 if self._mode == "lstm" else 1
+        return self._cell.num_state
+
+    def _check_dtype(self, x: Tensor) -> None:
+        """Without autocast, x must have the parameters' dtype (as in nn.LSTM)."""
+        want = self._param_dtype()
+        if x.dtype != want and kernels.autocast_dtype(x.device.type) is None:
+            raise ValueError(f"{type(self).__name__}: expected x of dtype {want} (the "
+                             f"parameters' dtype; or run under torch.autocast), got {x.dtype}")
 
     def _check_x(self, x, batch_dims: int, layout: str) -> None:
         owner = type(self).__name__
@@ -320,9 +291,12 @@ class _ConvCellBase(_ConvRNNBase):
             if not isinstance(s, Tensor) or tuple(s.shape) != expected:
                 got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
                 raise ValueError(f"{owner}: expected state {name} of shape {expected}, got {got}")
-        p = self._params(0, 0)
-        gates_x = self._conv(x, p["weight_ih"], self._input_bias(p))
-        return self._step(gates_x, tuple(state), p)
+        self._check_dtype(x)
+        spec = self._spec(x)
+        w_ih, b_x, w_hh, b_hh, peep = self._direction_inputs(self._params(0, 0))
+        state = tuple(s.to(w_hh.dtype) for s in state)
+        gx = gate_conv(x, w_ih, b_x, spec.pad, spec.dilation, spec.dtype)
+        return reference_step(spec, gx, state, w_hh, b_hh, split_peephole(peep, x.dim()))
 
 
 
@@ -375,7 +349,7 @@ class ConvLSTMCell(_ConvCellBase):
         ((2, 8, 16, 16), (2, 8, 16, 16))
     """
 
-    _mode = "lstm"
+    _CELL = LSTM
 
     def __init__(
         self,
@@ -443,7 +417,7 @@ class ConvGRUCell(_ConvCellBase):
         (2, 4, 5, 8, 8)
     """
 
-    _mode = "gru"
+    _CELL = GRU
 
     def __init__(
         self,
@@ -479,7 +453,7 @@ class _ConvRNNLayerBase(_ConvRNNBase):
             return None
         owner = type(self).__name__
         names = ("h_0", "c_0")[: self._num_state()]
-        if self._mode == "lstm":
+        if self._cell is LSTM:
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise ValueError(f"{owner}: state must be a tuple (h_0, c_0), got "
                                  f"{type(state).__name__} of length "
@@ -499,7 +473,8 @@ class _ConvRNNLayerBase(_ConvRNNBase):
                     f"{owner}: expected state {name} of shape (num_layers*D, N, H, *S) = "
                     f"{expected}, got {got}"
                 )
-        return [tuple(s[i] for s in tensors) for i in range(expected[0])]
+        dtype = self._param_dtype()  # the state is kept in the parameters' dtype
+        return [tuple(s[i].to(dtype) for s in tensors) for i in range(expected[0])]
 
     def _check_lengths(self, lengths, n: int, t: int, device) -> Tensor | None:
         if lengths is None:
@@ -526,10 +501,41 @@ class _ConvRNNLayerBase(_ConvRNNBase):
     _min_batch = 2
     _checkpoint_frames = 2  # with checkpoint=True: frames recomputed together in backward
 
-    def _use_fast_path(self, x: Tensor) -> bool:
-        """The hand-written backward through time (:mod:`._recurrence`) serves plain eager
-        calls; autocast and torch.compile use the reference path built from autograd ops."""
-        return self._fast and not _is_compiling() and not _autocast_enabled(x.device.type)
+    def _fused_unsupported(self, x: Tensor) -> str | None:
+        """Why the fused backend cannot run this call (None: it can)."""
+        if kernels.is_compiling():
+            return "torch.compile (it cannot trace the hand-written backward)"
+        if x.device.type not in _FUSED_DEVICES:
+            return f"device type {x.device.type!r} (supported: {_FUSED_DEVICES})"
+        if self._param_dtype() not in _FUSED_DTYPES:
+            return (f"parameters of dtype {self._param_dtype()} (supported: float32, float64; "
+                    "for bfloat16/float16 keep float32 parameters and use torch.autocast)")
+        return None
+
+    def _resolve_backend(self, x: Tensor) -> str:
+        """"fused" or "reference" for this call (``backend="auto"`` prefers "fused")."""
+        if self.backend == "reference":
+            return "reference"
+        reason = self._fused_unsupported(x)
+        if reason is None:
+            return "fused"
+        if self.backend == "fused":
+            raise RuntimeError(f"{type(self).__name__}: backend='fused' does not support "
+                               f"{reason}; use backend='auto' or backend='reference'")
+        return "reference"
+
+    def _segment(self, x: Tensor, inputs, grad: bool) -> int:
+        """Frames per segment of the fused backend."""
+        n, t = x.shape[:2]
+        if not grad:
+            return t
+        if self.checkpoint:
+            return self._checkpoint_frames
+        w_ih, _, w_hh = inputs[:3]
+        frame = n * w_hh.shape[0] * math.prod(x.shape[3:])  # gates of one frame
+        # at least 2 samples per batched call (PyTorch sends batch-1 convolutions to a slow
+        # kernel on CPU)
+        return min(t, max(math.ceil(self._min_batch / n), (w_ih.numel() + w_hh.numel()) // frame))
 
     def _run_direction(
         self,
@@ -538,74 +544,31 @@ class _ConvRNNLayerBase(_ConvRNNBase):
         state: tuple[Tensor, ...] | None,
         mask: Tensor | None,
         reverse: bool,
+        backend: str,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """One direction of one layer: x ``(n, t, c, *s)`` -> output ``(n, t, h, *s)``, state.
 
-        ``state`` None means zeros (of x's dtype and device).
+        ``state`` None means zeros (of the parameters' dtype, on x's device).
         """
-        n, t = x.shape[:2]
-        if not self._use_fast_path(x):
-            if state is None:
-                zero = x.new_zeros((n, self.hidden_channels, *x.shape[3:]))
-                state = (zero,) * self._num_state()
-            return self._run_direction_reference(x, p, state, mask, reverse)
-        lstm = self._mode == "lstm"
+        weights = self._direction_inputs(p)
         h0 = None if state is None else state[0]
-        c0 = None if state is None or not lstm else state[1]
-        inputs = (x, mask, h0, c0, p["weight_ih"], self._input_bias(p), p["weight_hh"],
-                  None if lstm else p.get("bias_hh"), p.get("weight_peephole"))
+        c0 = None if state is None or self._cell.num_state < 2 else state[1]
+        inputs = (x, mask, h0, c0, *weights)
         grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in inputs)
-        if grad and self.checkpoint:
-            segment = self._checkpoint_frames
-        elif grad:
-            frame = n * p["weight_hh"].shape[0] * math.prod(x.shape[3:])  # gates of one frame
-            weights = p["weight_ih"].numel() + p["weight_hh"].numel()
-            # at least 2 samples per batched call (PyTorch sends batch-1 convolutions to a
-            # slow kernel on CPU)
-            segment = min(t, max(math.ceil(self._min_batch / n), weights // frame))
+        spec = self._spec(x, reverse, self._segment(x, weights, grad), grad)
+        # the layer input in the convolution dtype (autograd casts its gradient back)
+        inputs = (x.to(spec.dtype or self._param_dtype()), *inputs[1:])
+        if backend == "fused":
+            result = ConvRecurrence.apply(spec, *inputs)
         else:
-            segment = t
-        spec = Spec(self._mode, self.spatial_dims, self._pad, self.dilation, reverse, segment,
-                    self.checkpoint, grad)
-        result = ConvRecurrence.apply(spec, *inputs)
+            with kernels.autocast_disabled(x.device.type):  # explicit casts only
+                result = reference_direction(spec, *inputs)
         return result[0], tuple(result[1:])
-
-    def _run_direction_reference(self, x, p, state, mask, reverse):
-        """The same computation from autograd ops (used under autocast and torch.compile)."""
-        n, t = x.shape[:2]
-        bias = self._input_bias(p)
-        if self.checkpoint and torch.is_grad_enabled():
-            gates_x = None
-        else:
-            # hoisted input convolution over all frames: (n*t, c, *s) -> (n, t, g*h, *s)
-            gates_x = self._conv(x.flatten(0, 1), p["weight_ih"], bias).unflatten(0, (n, t))
-        outputs: list[Tensor | None] = [None] * t
-        for ti in (range(t - 1, -1, -1) if reverse else range(t)):
-            m = None if mask is None else mask[:, ti]
-            if gates_x is None:
-                out, state = _checkpoint(
-                    self._checkpointed_step, x[:, ti], m, p, *state, use_reentrant=False
-                )
-            else:
-                out, state = self._masked_step(gates_x[:, ti], m, p, state)
-            outputs[ti] = out
-        return torch.stack(outputs, dim=1), state
-
-    def _masked_step(self, gates_x, m, p, state):
-        new = self._step(gates_x, state, p)
-        if m is None:
-            return new[0], new
-        # frames past a sequence's length keep the state and output zeros
-        m = m.view(-1, *([1] * (new[0].dim() - 1)))
-        new = tuple(torch.where(m, a, b) for a, b in zip(new, state, strict=True))
-        return new[0] * m, new
-
-    def _checkpointed_step(self, x_t, m, p, *state):
-        gates_x = self._conv(x_t, p["weight_ih"], self._input_bias(p))
-        return self._masked_step(gates_x, m, p, state)
 
     def _sequence_forward(self, x: Tensor, state, lengths):
         self._check_x(x, 2, "(N, T, C_in, *S)")
+        self._check_dtype(x)
+        backend = self._resolve_backend(x)
         n, t = x.shape[:2]
         states = self._check_state(state, x)
         lengths = self._check_lengths(lengths, n, t, x.device)
@@ -619,7 +582,7 @@ class _ConvRNNLayerBase(_ConvRNNBase):
             for d in range(num_dirs):
                 s0 = None if states is None else states[layer * num_dirs + d]
                 out, s_n = self._run_direction(layer_input, self._params(layer, d), s0, mask,
-                                               reverse=d == 1)
+                                               d == 1, backend)
                 outputs.append(out)
                 finals.append(s_n)
             layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=2)
@@ -658,6 +621,13 @@ class ConvLSTM(_ConvRNNLayerBase):
             the activations (input convolution included) segment by segment. Same outputs
             and gradients, about half the memory, ~20% more time. Default: False.
         device, dtype: factory keywords for the parameters.
+        backend: ``"fused"``: one autograd node per direction and layer with a hand-written
+            backward through time (fast, little memory; CPU and CUDA, float32/float64
+            parameters, autocast to bfloat16/float16; second-order gradients are computed
+            by differentiating the reference steps); ``"reference"``: the same computation
+            from autograd ops, frame by frame (any device and dtype, torch.compile);
+            ``"auto"``: fused where supported, else reference. The attribute may be changed
+            after construction. Default: ``"auto"``.
         forget_bias: initial value of the forget-gate slice of ``bias_ih`` (the other biases
             start at zero). Default: 1.0 (Keras' ``unit_forget_bias``).
         peephole: per-channel peephole weights ``weight_peephole_l{k}`` ``(3*H,)`` ordered
@@ -669,6 +639,9 @@ class ConvLSTM(_ConvRNNLayerBase):
           lengths ``(N,)`` integers in ``[1, T]``.
         - output: ``(N, T, D*H, *S)``, the last layer's h at every frame;
           ``(h_n, c_n)``, each ``(num_layers*D, N, H, *S)``.
+        - dtypes: under autocast the output has the autocast dtype and ``(h_n, c_n)`` the
+          parameters' dtype (the state is carried at full precision); otherwise all have
+          the parameters' dtype, which x must have.
 
     Attributes:
         weight_ih_l{k}: ``(4*H, C_in_k, *kernel)``, gates i, f, g, o; ``C_in_0 = in_channels``,
@@ -694,7 +667,7 @@ class ConvLSTM(_ConvRNNLayerBase):
         >>> more, state = lstm(torch.randn(1, 3, 2, 6, 10, 10), (h_n, c_n))   # continue
     """
 
-    _mode = "lstm"
+    _CELL = LSTM
 
     def __init__(
         self,
@@ -712,10 +685,11 @@ class ConvLSTM(_ConvRNNLayerBase):
         checkpoint: bool = False,
         device=None,
         dtype=None,
+        backend: str = "auto",
     ) -> None:
         super().__init__(spatial_dims, in_channels, hidden_channels, kernel_size, num_layers,
                          bias, bidirectional, dropout, dilation, forget_bias, peephole,
-                         checkpoint, device, dtype)
+                         checkpoint, device, dtype, backend)
 
     def forward(
         self,
@@ -758,11 +732,20 @@ class ConvGRU(_ConvRNNLayerBase):
             the activations (input convolution included) segment by segment. Same outputs
             and gradients, about half the memory, ~20% more time. Default: False.
         device, dtype: factory keywords for the parameters.
+        backend: ``"fused"``: one autograd node per direction and layer with a hand-written
+            backward through time (fast, little memory; CPU and CUDA, float32/float64
+            parameters, autocast to bfloat16/float16; second-order gradients are computed
+            by differentiating the reference steps); ``"reference"``: the same computation
+            from autograd ops, frame by frame (any device and dtype, torch.compile);
+            ``"auto"``: fused where supported, else reference. The attribute may be changed
+            after construction. Default: ``"auto"``.
 
     Shape:
         - x: ``(N, T, C_in, *S)``; state ``h_0`` ``(num_layers*D, N, H, *S)``;
           lengths ``(N,)`` integers in ``[1, T]``.
         - output: ``(N, T, D*H, *S)``; ``h_n``: ``(num_layers*D, N, H, *S)``.
+        - dtypes: as :class:`ConvLSTM` (under autocast the output in the autocast dtype,
+          ``h_n`` in the parameters' dtype).
 
     Attributes:
         weight_ih_l{k}: ``(3*H, C_in_k, *kernel)``, gates r, z, n; ``C_in_0 = in_channels``,
@@ -777,7 +760,7 @@ class ConvGRU(_ConvRNNLayerBase):
         ((2, 7, 10, 33), (2, 2, 5, 33))
     """
 
-    _mode = "gru"
+    _CELL = GRU
 
     def __init__(
         self,
@@ -793,10 +776,11 @@ class ConvGRU(_ConvRNNLayerBase):
         checkpoint: bool = False,
         device=None,
         dtype=None,
+        backend: str = "auto",
     ) -> None:
         super().__init__(spatial_dims, in_channels, hidden_channels, kernel_size, num_layers,
                          bias, bidirectional, dropout, dilation, checkpoint=checkpoint,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, backend=backend)
 
     def forward(
         self,
