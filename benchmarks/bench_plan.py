@@ -16,7 +16,8 @@ caches), hand freed memory back to the OS, then measure the next step, batch cre
 
 ``predicted / measured`` per configuration is the result; the target is 0.85-1.15 for every
 one. ``--calibrate`` refits the workspace constants of ``clstm4d.engine.plan`` that these
-configurations bind (transient, recompute, recurrence_weights) by least squares of the log
+configurations bind (forward, transient, recompute, recurrence_weights) by least squares of
+the log
 ratio over the measurements and prints them (copy them into ``CONSTANTS``; then run again
 without it to check).
 
@@ -95,6 +96,7 @@ def child(name: str, device_name: str) -> dict:
     from clstm4d.engine.builders import create
     from clstm4d.engine.metrics import SequenceLoss
     from clstm4d.engine.plan import memory_breakdown, training_step
+    from clstm4d.engine.train import param_groups
 
     c = CONFIGS[name]
     device = torch.device(device_name)
@@ -102,7 +104,7 @@ def child(name: str, device_name: str) -> dict:
     torch.manual_seed(0)
     model = create(**mc).to(device)
     k = model.config["out_channels"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-4)  # as fit builds it
     loss_fn = SequenceLoss()
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[c["precision"]]
 
@@ -171,7 +173,7 @@ def calibrate(results: dict[str, dict], device: str) -> dict[str, float]:
     names = list(results)
     base = plan.CONSTANTS[device]
 
-    keys = ("transient", "recompute", "recurrence_weights")  # what these configs bind
+    keys = ("forward", "transient", "recompute", "recurrence_weights")  # what these bind
 
     def residuals(v):
         consts = dataclasses.replace(base, **dict(zip(keys, v, strict=True)))
@@ -189,7 +191,7 @@ def calibrate(results: dict[str, dict], device: str) -> dict[str, float]:
             plan.CONSTANTS[device] = base
 
     fit = least_squares(residuals, x0=[getattr(base, k) for k in keys],
-                        bounds=([0] * len(keys), [20] * len(keys)))
+                        bounds=([0] * len(keys), [20] * len(keys)), diff_step=1e-2)
     out = {k: round(float(v), 3) for k, v in zip(keys, fit.x, strict=True)}
     out["ratios"] = [round(float(math.exp(r)), 3) for r in fit.fun]
     return out

@@ -184,6 +184,7 @@ def _saved_bytes(model_config, roi, t, n, bf16=False):
     ({"name": "small", "spatial_dims": 2, "temporal": "skips", "cell": "gru",
       "out_channels": 3}, (40, 36), 3, 2, False),  # odd sizes: padded to 8
     ({"name": "small", "spatial_dims": 2, "channels": [32, 64]}, (24, 24), 2, 1, False),
+    ({"name": "small", "spatial_dims": 2, "temporal": "skips"}, (32, 32), 3, 2, True),
     ({"name": "tiny", "bidirectional": True, "strides": [[2, 2, 1], 2],
       "kernel_sizes": [[3, 3, 1], 3, 3]}, (16, 16, 8), 3, 1, False),
     ({"name": "tac-tiny", "spatial_dims": 2, "frames": 4}, (32, 32), 4, 2, False),
@@ -213,16 +214,16 @@ def test_plan_for_thick_slices_keeps_z_unpooled_and_trains_as_is(thick_slices, t
     import json
 
     from clstm4d.engine.config import load_config
-    from clstm4d.engine.plan import run_plan
+    from clstm4d.engine.plan import MARGIN, run_plan
 
     plan, written = run_plan(memory="400MB", datalist=str(thick_slices), model="tiny",
-                             out=tmp_path / "plan.yaml", device="cpu")
+                             out=tmp_path / "plan.yaml", device="cpu", max_batch=2)
     assert plan.step_seconds > 0 and "measured calibration" in plan.table()
     assert [p.name for p in written] == ["plan.yaml", "fingerprint.json"]
     assert plan.spacing == [1.0, 1.0, 5.0] and "percentile" in plan.spacing_rule
     assert plan.strides[0] == [2, 2, 1]  # z is 5x coarser: not pooled at level 0
     assert plan.kernel_sizes[0] == [3, 3, 1]  # ... and not convolved while coarse
-    assert plan.predicted <= 0.9 * 400 * 2**20
+    assert plan.predicted <= (1 - MARGIN) * 400 * 2**20
     fp = json.loads((tmp_path / "fingerprint.json").read_text())
     assert [c["shape"] for c in fp["cases"]] == [[40, 40, 8]] * 3
     assert fp["cases"][0]["frames"] == 4 and fp["cases"][0]["spacing"] == [1.0, 1.0, 5.0]
@@ -239,7 +240,7 @@ def test_plan_for_thick_slices_keeps_z_unpooled_and_trains_as_is(thick_slices, t
 
 
 def test_plan_order_roi_then_window_then_batch():
-    from clstm4d.engine.plan import estimate_memory, make_plan
+    from clstm4d.engine.plan import MARGIN, estimate_memory, make_plan
 
     big = make_plan(8 * 2**30, model="tiny", median_shape=[48, 48, 48], median_frames=12,
                     device="cpu")
@@ -247,10 +248,10 @@ def test_plan_order_roi_then_window_then_batch():
     small = make_plan(300 * 2**20, model="tiny", median_shape=[96, 96, 96], median_frames=12,
                       device="cpu")
     assert small.window == 4 and small.batch == 1 and max(small.roi) < 96  # roi first
-    assert small.predicted <= 0.9 * 300 * 2**20
+    assert small.predicted <= (1 - MARGIN) * 300 * 2**20
     larger = [r + 8 for r in small.roi]
     assert estimate_memory(small.model_config(), larger, 4, 1, "fp32", small.checkpointing,
-                           device="cpu") > 0.9 * 300 * 2**20
+                           device="cpu") > (1 - MARGIN) * 300 * 2**20
 
 
 def test_plan_errors_name_what_is_wrong(tmp_path, capsys):

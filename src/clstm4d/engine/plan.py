@@ -12,20 +12,22 @@ The memory model (:func:`estimate_memory`) counts, for one training step of the 
 - **activations** saved for backward, level by level: every per-frame stage (``n * t`` frames
   folded into the batch) keeps, per element of its output, the normalisation's input and the
   activation's output (8 bytes in float32), plus the pooled input and its int64 pooling indices
-  (encoder) or the concatenated input (decoder); the recurrence keeps its activated gates, its
-  output and its input; the loss keeps a few logit-sized float32 tensors. A checkpointed level
-  (``activation_checkpointing``) keeps only its stages' outputs and recomputes the rest, one
-  piece of the folded batch at a time, during backward. Under bf16/fp16 autocast the stages are
-  stored in 2 bytes (on CUDA, ``group_norm`` runs in float32 under autocast, so the normalised
-  maps stay in 4 bytes there) and the convolution weights get low-precision copies;
-- **workspace**: the buffers alive next to the saved activations at the peak, whichever is
-  largest: the first activation gradients and the largest operation's workspace (in units of
-  the largest level's map), the recomputed piece of a checkpointed stage while it is
-  differentiated (with the gradient of its level's map), or the recurrence's backward through
-  time; or, when larger, the optimizer step's temporaries.
+  (encoder) or the concatenated input (decoder); the recurrence keeps its activated gates
+  (float32), its output and its cell state; the loss keeps a few logit-sized float32 tensors.
+  A checkpointed level (``activation_checkpointing``) keeps only its stages' outputs and
+  recomputes the rest, one piece of the folded batch at a time, during backward. Under
+  bf16/fp16 autocast the stages are stored in 2 bytes (autocast's op lists differ: CPU runs
+  ``max_pool3d`` in float32, CUDA ``group_norm``, and both are modelled) and the per-frame
+  convolution weights get low-precision copies;
+- **the peak** above those, the largest of: the end of the forward (the loss's temporaries,
+  the last step's gradients still alive); the start of the backward (those gradients freed;
+  the first activation gradients and the largest operation's workspace, or the recomputed
+  piece of a checkpointed stage with the gradient of its level's map); the recurrence's
+  backward through time (what the encoder side still holds, the gradients computed so far and
+  its batched weight-gradient temporaries); the optimizer step's temporaries.
 
-The structural counts are exact for the saved tensors (the tests compare them with what
-autograd saves); the workspace constants are calibrated from measured peaks
+The structural counts match what autograd saves (the tests compare them with saved-tensor
+hooks); the workspace constants (:data:`CONSTANTS`) are calibrated from measured peaks
 (``benchmarks/bench_plan.py --calibrate``, documented in docs/benchmarks.md).
 """
 
@@ -61,9 +63,11 @@ class MemoryConstants:
     """The calibrated part of the memory model (see the module docstring).
 
     Attributes:
-        transient: buffers alive with the saved activations at the peak, in units of the
+        forward: temporaries at the end of the forward (the loss's), in units of the
             largest level's per-stage map (``n * t * c_l * prod(s_l)`` elements in the
             activation dtype).
+        transient: the first activation gradients and the largest operation's workspace at
+            the start of the backward, in the same units.
         recompute: a checkpointed stage's recomputed piece while it is differentiated, as a
             multiple of the piece's activations plus the gradient of the level's whole map.
         recurrence: the recurrence's backward through time, in units of its level's map
@@ -74,6 +78,7 @@ class MemoryConstants:
         fixed: bytes the first steps allocate for good regardless of size (library caches).
     """
 
+    forward: float
     transient: float
     recompute: float
     recurrence: float
@@ -82,19 +87,20 @@ class MemoryConstants:
     fixed: int
 
 
-#: ``transient``, ``recompute`` and ``recurrence_weights``: least squares of the log ratio over
-#: the configurations of ``benchmarks/bench_plan.py --calibrate`` (CPU, torch 2.13; the table
-#: in docs/benchmarks.md). ``recurrence`` (two whole-sequence gradient maps) and ``optimizer``
-#: (AdamW's per-tensor path on CPU: up to two temporaries of the largest tensor; its
+#: ``forward``, ``transient``, ``recompute`` and ``recurrence_weights``: least squares of the
+#: log ratio over the configurations of ``benchmarks/bench_plan.py --calibrate`` (CPU, torch
+#: 2.13; the table in docs/benchmarks.md). ``recurrence`` (two whole-sequence gradient maps)
+#: and ``optimizer`` (AdamW's per-tensor path on CPU: up to two temporaries of the largest
+#: tensor; its
 #: multi-tensor path on CUDA: one float32 copy of all parameters) come from what the code
 #: allocates: no measured configuration is bound by them. The CUDA entry reuses the CPU
 #: activation constants (the same tensors are saved; the autocast rules differ and are
 #: modelled); it has not been measured on a GPU.
 CONSTANTS = {
-    "cpu": MemoryConstants(transient=1.16, recompute=0.97, recurrence=2.0,
-                           recurrence_weights=1.18, optimizer=2.0, fixed=0),
-    "cuda": MemoryConstants(transient=1.16, recompute=0.97, recurrence=2.0,
-                            recurrence_weights=1.18, optimizer=1.0, fixed=0),
+    "cpu": MemoryConstants(forward=0.14, transient=2.28, recompute=1.13, recurrence=2.0,
+                           recurrence_weights=2.43, optimizer=2.0, fixed=0),
+    "cuda": MemoryConstants(forward=0.14, transient=2.28, recompute=1.13, recurrence=2.0,
+                            recurrence_weights=2.43, optimizer=1.0, fixed=0),
 }
 
 #: Bytes the loss (Dice + cross-entropy on float32 logits) keeps per logit element: the
@@ -103,9 +109,6 @@ LOSS_BYTES_PER_LOGIT = 16
 #: Frames the recurrence recomputes together with ``checkpoint=True``
 #: (``clstm4d.nn.convrnn`` keeps the state every this many frames).
 RECURRENCE_CHECKPOINT_FRAMES = 2
-#: Whether :class:`~clstm4d.models.unet.TimeResolvedUNet` runs its recurrence in float32 under
-#: autocast (it does today: its state accumulates over frames).
-RECURRENCE_FLOAT32_UNDER_AUTOCAST = True
 _GATES = {"lstm": 4, "gru": 3}
 
 
@@ -124,7 +127,8 @@ class MemoryEstimate:
         workspace: what is alive next to them at the activation peak.
         optimizer_workspace: the optimizer phase's temporaries.
         batch: the input and label tensors of the step.
-        phase: ``"activations"`` or ``"optimizer"``, whichever is larger.
+        phase: where the peak falls: ``"forward"`` (its end), ``"backward"`` (its start),
+            ``"recurrence"`` (its backward) or ``"optimizer"``.
     """
 
     total: int
@@ -289,8 +293,12 @@ def memory_breakdown(model_config: Any, roi: int | Sequence[int], window: int, b
     ckpt = unet.checkpoint_levels
     chunkable = norm != "batch" and cfg["dropout"] == 0
 
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
+    gradients = 4 * n_params
     per_level = []
-    recompute = recurrent = encoder_side = 0
+    recompute = encoder_side = encoder_params = 0
+    recurrent = -gradients
     for lv, e in enumerate(elems):
         inputs = folded * sizes[lv] * (unet.in_channels if lv == 0 else channels[lv - 1])
         if lv == 0:
@@ -312,57 +320,63 @@ def memory_breakdown(model_config: Any, roi: int | Sequence[int], window: int, b
             enc, dec = kept, 0
         rnn = 0
         if str(lv) in unet.recurrence:
-            ar = 4 if (RECURRENCE_FLOAT32_UNDER_AUTOCAST or not low) else a
             directions = 2 if unet.bidirectional else 1
-            if lv in ckpt:  # the output and the state every few frames
-                per_dir = 1 + 1 / RECURRENCE_CHECKPOINT_FRAMES
-            else:  # the activated gates, the cell state (or GRU candidate part), the output
-                per_dir = _GATES[cfg["cell"]] + 2
-            rnn = directions * per_dir * ar * e
+            if lv in ckpt:  # the output, and the float32 state every few frames
+                per_dir = a + 4 / RECURRENCE_CHECKPOINT_FRAMES
+            else:  # the activated gates (float32: the gate update runs in float32), the
+                #     output and the cell state / GRU candidate part (activation dtype)
+                per_dir = 4 * _GATES[cfg["cell"]] + 2 * a
+            rnn = directions * per_dir * e
             if unet.bidirectional:
-                rnn += 2 * ar * e  # the two directions concatenated for the 1x1 merge
-            if channels[0] >= CHANNELS_LAST_MIN_WIDTH or ar != a:
-                rnn += a * e  # its output copied back to the stages' layout/dtype
+                rnn += 2 * a * e  # the two directions concatenated for the 1x1 merge
+            if channels[0] >= CHANNELS_LAST_MIN_WIDTH:
+                rnn += a * e  # its output copied back to the stages' channels-last layout
             weights = sum(q.numel() for q in unet.recurrence[str(lv)].parameters())
-            # backward through time: gradients of the whole sequence's maps and batched
-            # weight-gradient temporaries
-            recurrent_ws = (const.recurrence * ar * e
+            # backward through time: float32 gradients of the whole sequence's maps and
+            # batched weight-gradient temporaries
+            recurrent_ws = (const.recurrence * 4 * e
                             + const.recurrence_weights * 4 * weights)
         encoder_side += enc + rnn
+        encoder_params += sum(q.numel() for q in unet.encoder[lv].parameters())
         if rnn:
             # its backward runs once every decoder stage's has: what is still saved then is
-            # the encoder side up to its level
-            recurrent = max(recurrent, int(encoder_side + recurrent_ws))
+            # the encoder side up to its level, and the gradients of everything else (the
+            # last step's gradients were freed before the backward)
+            encoder_params += weights
+            recurrent = max(recurrent, int(encoder_side + recurrent_ws - 4 * encoder_params))
         per_level.append(int(enc + dec + rnn))
     logits = folded * sizes[0] * unet.out_channels
     activations = sum(per_level) + LOSS_BYTES_PER_LOGIT * logits
 
-    params = list(model.parameters())
-    n_params = sum(p.numel() for p in params)
-    if low:  # autocast's low-precision weight copies, kept for backward
+    if low:  # autocast's low-precision copies of the per-frame convolution weights, kept for
+        #      backward (the recurrence casts its weights itself and keeps no copy)
         conv_weights = sum(p.numel() for name, p in model.named_parameters()
-                           if p.dim() > 2 and (".recurrence." not in f".{name}"
-                                               or not RECURRENCE_FLOAT32_UNDER_AUTOCAST))
+                           if p.dim() > 2 and ".recurrence." not in f".{name}")
         activations += 2 * conv_weights
-    # next to the saved activations at the peak: the first gradients and the largest
-    # operation's workspace at the end of the forward / start of the backward, or the
-    # recomputed piece of a checkpointed stage (the first, level 0's decoder, is the largest)
+    # the peaks above the persistent state: the end of the forward (the loss's temporaries,
+    # the last step's gradients still alive), the start of the backward (those gradients
+    # freed; the first activation gradients and the largest operation's workspace, or the
+    # recomputed piece of a checkpointed stage: level 0's decoder comes first and is the
+    # largest), the recurrence's backward, the optimizer step
     workspace = int(max(const.transient * a * max(elems), const.recompute * recompute))
+    phases = {"forward": activations + const.forward * a * max(elems),
+              "backward": activations - gradients + workspace, "recurrence": recurrent}
     largest = max((p.numel() for p in params), default=0)
     opt_ws = int(const.optimizer * 4 * (largest if device == "cpu" else n_params))
     in_frames = folded if not tac else batch * window
     batch_bytes = in_frames * math.prod(roi) * (4 * (unet.in_channels // (window if tac else 1))
                                                + 8)
-    act_phase = max(activations + workspace, recurrent)
+    phases["optimizer"] = opt_ws
+    phase = max(phases, key=phases.get)
     # parameters, AdamW's moments and the gradients (kept from one step to the next until
     # the forward is done: fit sets them to None just before backward)
     persistent = 4 * 4 * n_params
-    total = persistent + max(act_phase, opt_ws) + batch_bytes + const.fixed
+    total = persistent + max(0, phases[phase]) + batch_bytes + const.fixed
     return MemoryEstimate(
         total=int(total), parameters=4 * n_params, optimizer_state=8 * n_params,
-        gradients=4 * n_params, activations=int(activations), workspace=workspace,
+        gradients=gradients, activations=int(activations), workspace=workspace,
         optimizer_workspace=opt_ws, batch=int(batch_bytes), fixed=const.fixed,
-        per_level=per_level, phase="activations" if act_phase >= opt_ws else "optimizer")
+        per_level=per_level, phase=phase)
 
 
 def estimate_memory(model_config: Any, roi: int | Sequence[int], window: int, batch: int,
@@ -493,6 +507,7 @@ def fingerprint(datalist: str | os.PathLike, *, progress: Any = None) -> dict[st
             progress(i + 1, len(dl.training), entry_out["name"])
     return {"datalist": str(path.resolve()), "spatial_dims": first[2], "channels": first[1],
             "labels": {str(k): v for k, v in sorted((dl.labels or {}).items())},
+            "num_classes": int(dl.num_classes),
             "cases": cases, "notes": notes}
 
 
@@ -539,7 +554,7 @@ def target_spacing(spacings: Sequence[Sequence[float]]) -> TargetSpacing:
         >>> t.spacing
         (1.0, 1.0, 3.25)
         >>> t.rule
-        ('median', 'median', '10th percentile (median 5 > 3x the finest 1)')
+        ('median', 'median', '10th percentile: median 5 > 3 x finest 1')
     """
     arr = np.asarray(spacings, np.float64)
     median = np.median(arr, axis=0)
@@ -549,8 +564,8 @@ def target_spacing(spacings: Sequence[Sequence[float]]) -> TargetSpacing:
         if m > ANISOTROPY_RATIO * finest:
             value = max(finest, float(np.percentile(arr[:, a], ANISOTROPIC_PERCENTILE)))
             spacing.append(round(value, 6))
-            rule.append(f"{ANISOTROPIC_PERCENTILE}th percentile (median {m:g} > "
-                        f"{ANISOTROPY_RATIO:g}x the finest {finest:g})")
+            rule.append(f"{ANISOTROPIC_PERCENTILE}th percentile: median {m:g} > "
+                        f"{ANISOTROPY_RATIO:g} x finest {finest:g}")
         else:
             spacing.append(round(float(m), 6))
             rule.append("median")
@@ -618,9 +633,10 @@ def check_strides_for_roi(strides: Sequence[Sequence[int]] | None, roi: Sequence
 
 # ---------------------------------------------------------------------------------- the plan
 
-#: The fraction of the budget the planner leaves free (allocator fragmentation, CUDA
-#: context and library workspaces the model does not count).
-MARGIN = 0.10
+#: The fraction of the budget the planner leaves free: the memory model's largest measured
+#: under-prediction (9% on CPU, a narrow 2D model; docs/benchmarks.md), allocator
+#: fragmentation, and what a GPU (not measured yet) adds.
+MARGIN = 0.15
 #: Frames per training window the planner starts from (before growing the window).
 MIN_WINDOW = 4
 #: Largest batch the planner proposes.
@@ -761,7 +777,7 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
     axis), with ``min(min_window, median_frames)`` frames and batch 1; then the window up to
     ``median_frames``; then the batch up to ``max_batch``. Strides and kernels follow the roi
     and ``spacing`` (:func:`derive_strides_kernels`). Checkpointing is used only when it buys a
-    larger roi or window (``checkpointing`` forces it on or off).
+    larger roi or window, not for a larger batch (``checkpointing`` forces it on or off).
 
     Raises:
         UserError: when even the smallest sensible plan does not fit (saying what it needs).
@@ -836,9 +852,9 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
             f"checkpointing, {precision}) needs about {need / (1 - MARGIN) / 2**30:.2f} GiB "
             f"with the {100 * MARGIN:.0f}% margin")
 
-    def key(ckpt):
+    def key(ckpt):  # checkpointing (slower) only for a larger roi or window
         roi, window, batch = found[ckpt]
-        return (math.prod(roi), window, batch, not ckpt)
+        return (math.prod(roi), window, not ckpt, batch)
 
     ckpt = max(found, key=key)
     roi, window, batch = found[ckpt]
@@ -869,7 +885,7 @@ def plan_from_fingerprint(fp: dict[str, Any], budget: int, *, model: str = "tiny
     shapes = [target_shape(c["shape"], c["spacing"], target.spacing) for c in fp["cases"]]
     median = [int(np.median([s[a] for s in shapes])) for a in range(len(shapes[0]))]
     frames = int(np.median([c["frames"] for c in fp["cases"]]))
-    classes = len(fp["labels"]) or 1 + max(
+    classes = fp.get("num_classes") or 1 + max(
         (int(k) for c in fp["cases"] for k in c.get("class_voxels", {})), default=1)
     plan = make_plan(budget, model=model, median_shape=median, median_frames=frames,
                      spacing=target.spacing, spacing_rule=target.describe(),
@@ -884,8 +900,10 @@ def calibrate_step_seconds(model_config: dict[str, Any], roi: Sequence[int], win
                            batch: int, precision: str, checkpointing: bool, device: Any, *,
                            max_macs: float | None = None, repeats: int = 2) -> float:
     """Predicted seconds of one training step: time a few steps of the same model on
-    ``device`` at a patch small enough to run in seconds (at most ``max_macs``
-    multiply-accumulates: 2e9 on CPU, 2e12 on CUDA), then scale by the MACs ratio."""
+    ``device`` with batch 1 and a short window (2 frames) at the plan's patch (or, when that
+    exceeds ``max_macs`` multiply-accumulates, 2e10 on CPU and 2e12 on CUDA, at a patch shrunk
+    to no less than half of every axis), then scale by the ratio of convolution MACs
+    (:func:`step_macs`: linear in batch and frames)."""
     import time
 
     import torch
@@ -893,33 +911,34 @@ def calibrate_step_seconds(model_config: dict[str, Any], roi: Sequence[int], win
     from .builders import create
     from .metrics import SequenceLoss
     from .runtime import amp_dtype, resolve_device
+    from .train import param_groups
 
     device = device if isinstance(device, torch.device) else resolve_device(str(device))
     if max_macs is None:
-        max_macs = 2e12 if device.type == "cuda" else 2e9
+        max_macs = 2e12 if device.type == "cuda" else 2e10
     full = step_macs(model_config, roi, window, batch, checkpointing)
     model = _meta_model(model_config, checkpointing)
     unet = getattr(model, "unet", model)
     d = unet.spatial_dims
     mult = [math.prod(s[a] for s in unet.strides) for a in range(d)]
-    small, small_batch = list(roi), batch
-    if full > max_macs:
-        small_batch = 1
-        scale = (max_macs / step_macs(model_config, roi, window, 1, checkpointing)) ** (1 / d)
-        small = [max(m, int(r * min(1.0, scale)) // m * m) for r, m in zip(roi, mult,
-                                                                              strict=True)]
-    macs = step_macs(model_config, small, window, small_batch, checkpointing)
+    frames = window if hasattr(model, "frames") else min(window, 2)  # tac: its fixed window
+    small = list(roi)
+    macs = step_macs(model_config, small, frames, 1, checkpointing)
+    if macs > max_macs:
+        scale = max(0.5, (max_macs / macs) ** (1 / d))
+        small = [max(m, int(r * scale) // m * m) for r, m in zip(roi, mult, strict=True)]
+        macs = step_macs(model_config, small, frames, 1, checkpointing)
     cfg = dict(model_config)
     torch.manual_seed(0)
     net = create(cfg.pop("name"), **{**cfg, "checkpoint": checkpointing}).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(param_groups(net, 1e-4), lr=1e-4)
     loss_fn = SequenceLoss()
     dtype = amp_dtype(device, {"fp32": "none"}.get(precision, precision))
     k = net.config["out_channels"]
     times = []
     for i in range(repeats + 1):  # the first is a warm-up
-        x = torch.randn(small_batch, window, net.config["in_channels"], *small, device=device)
-        y = torch.randint(0, k, (small_batch, window, *small), device=device)
+        x = torch.randn(1, frames, net.config["in_channels"], *small, device=device)
+        y = torch.randint(0, k, (1, frames, *small), device=device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
