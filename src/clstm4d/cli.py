@@ -243,7 +243,7 @@ def _cmd_train(args) -> int:
     if res.checkpoint is not None:
         last = res.history[-1] if res.history else {}
         print(f"trained {res.steps} steps in {res.seconds:.1f} s"
-              + (f", loss {last['loss']:.4f}" if "loss" in last else "")
+              + (f", loss {last['loss']:.4f}" if last.get("loss") is not None else "")
               + (f", val Dice {last['val_dice']:.3f}" if "val_dice" in last else "")
               + f"; checkpoint {res.checkpoint}")
     return 0

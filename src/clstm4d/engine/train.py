@@ -44,7 +44,7 @@ from .guards import RunFolder
 from .metrics import SequenceLoss
 from .runtime import DistInfo, PeakMemory, amp_dtype, autocast, init_distributed
 
-__all__ = ["EpochStream", "StepBatchSampler", "TrainResult", "fit", "train"]
+__all__ = ["EpochStream", "StepBatchSampler", "TrainResult", "fit", "param_groups", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,26 @@ def _mean_over_ranks(value: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
     return value
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: ``weight_decay`` on convolution and linear weights (tensors of
+    2 or more dimensions) only; none on norm weights, biases (the LSTM's forget-gate bias
+    included) and peephole weights, which are all 1-D: decaying them pulls norms towards
+    zero gain and the forget bias away from its initial value.
+
+    Examples:
+        >>> from clstm4d import ConvLSTM
+        >>> groups = param_groups(ConvLSTM(2, 1, 4, 3, peephole=True), 1e-4)
+        >>> [(g["weight_decay"], len(g["params"])) for g in groups]
+        [(0.0001, 2), (0.0, 3)]
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 def _unscaled_grad_norm(model: torch.nn.Module, optimizer, scaler, cfg: TrainConfig
                         ) -> torch.Tensor:
     """Unscale (fp16), clip to ``cfg.grad_clip`` if set, and return the total gradient norm
@@ -274,7 +294,7 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = SequenceLoss(cfg.lambda_dice, cfg.lambda_ce, ignore_index)
@@ -296,8 +316,7 @@ def fit(
                         num_workers=num_workers, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator(), persistent_workers=False)
     main = dist_info.is_main
-    if main:
-        run.open()
+    decide_on_rank0(run.open, dist_info.distributed, main)  # create, lock, record the folder
     mlog = _MetricsLog(out, start) if main else None
     bar = None
     if main and cfg.progress:
