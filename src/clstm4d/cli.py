@@ -225,7 +225,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="Run benchmarks/bench_<NAME>.py (all of them without NAME); "
                        "further arguments go to the script.")
     b.add_argument("name", nargs="?", default=None,
-                   help="convlstm, unet or predict (default: all)")
+                   help="NAME of benchmarks/bench_NAME.py, e.g. convlstm, unet, predict, "
+                        "plan (default: all)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return parser
 
