@@ -10,7 +10,7 @@ import pytest
 
 from clstm4d.cli import main
 
-SUBCOMMANDS = ["demo", "train", "predict", "evaluate", "synth", "bench"]
+SUBCOMMANDS = ["demo", "train", "predict", "evaluate", "synth", "plan", "bench"]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, bench.
+"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, bench.
 
 ``main(argv) -> int`` is the console script (and ``python -m clstm4d``). Errors the user can
 fix (a missing file, an unknown configuration key, a wrong channel count, a checkpoint of
@@ -124,6 +124,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       "files")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration and exit")
+    t.add_argument("--force", action="store_true",
+                   help="start even when the memory model predicts that a training step "
+                        "will not fit in the device's free memory")
 
     # ---- predict
     p = sub.add_parser("predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -187,13 +190,43 @@ def _build_parser() -> argparse.ArgumentParser:
     add_synth_arguments(s)
     _add_overwrite_arg(s, "write into an --out that holds files synth did not write")
 
+    # ---- plan
+    pl = sub.add_parser("plan", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="plan training for a memory budget (patch, window, batch, "
+                             "spacing, strides, checkpointing)",
+                        description="Fingerprint a datalist (every training case read once: "
+                        "spacing, shape, frames, intensities, class voxels), choose the "
+                        "target spacing, then the largest patch, window and batch, the "
+                        "per-axis strides and kernels, checkpointing and precision whose "
+                        "predicted peak memory fits --memory with a margin. Writes a config "
+                        "that `clstm4d train --config` uses as is (and fingerprint.json "
+                        "beside it) and prints the choices, the predicted peak, the share of "
+                        "the budget and a predicted step time. With --shape T,D,H,W instead "
+                        "of --datalist it answers for a sequence size without data.")
+    pl.add_argument("--datalist", help="datalist JSON of the training data")
+    pl.add_argument("--shape", metavar="T,D,H,W",
+                    help="frames and spatial size (arrays' axis order) instead of a datalist")
+    pl.add_argument("--memory", default=None, metavar="SIZE",
+                    help="budget, e.g. 24GB, 1.5GB, 800MB (GB = GiB; default: the free "
+                         "memory of the training device)")
+    pl.add_argument("--model", default="tiny", help="model preset (widths, recurrence)")
+    pl.add_argument("--out", default="plan.yaml", help="the plan (config YAML) to write")
+    pl.add_argument("--device", default="auto", help="training device: auto, cpu, cuda[:N]")
+    pl.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="auto: bf16 on CUDA, fp32 on CPU")
+    pl.add_argument("--min-window", type=int, default=4,
+                    help="frames per window the roi search starts from")
+    pl.add_argument("--max-batch", type=int, default=8, help="largest batch to propose")
+    pl.add_argument("--no-time", action="store_true", help="skip the step-time calibration")
+
     # ---- bench
     b = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="run the benchmark scripts in benchmarks/",
                        description="Run benchmarks/bench_<NAME>.py (all of them without NAME); "
                        "further arguments go to the script.")
     b.add_argument("name", nargs="?", default=None,
-                   help="convlstm, unet or predict (default: all)")
+                   help="NAME of benchmarks/bench_NAME.py, e.g. convlstm, unet, predict, "
+                        "plan (default: all)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return parser
 
@@ -239,11 +272,11 @@ def _cmd_train(args) -> int:
     resume = None
     if args.resume is not None:
         resume = args.resume or cfg.train.out
-    res = train(cfg, resume=resume, overwrite=args.overwrite)
+    res = train(cfg, resume=resume, overwrite=args.overwrite, force=args.force)
     if res.checkpoint is not None:
         last = res.history[-1] if res.history else {}
         print(f"trained {res.steps} steps in {res.seconds:.1f} s"
-              + (f", loss {last['loss']:.4f}" if "loss" in last else "")
+              + (f", loss {last['loss']:.4f}" if last.get("loss") is not None else "")
               + (f", val Dice {last['val_dice']:.3f}" if "val_dice" in last else "")
               + f"; checkpoint {res.checkpoint}")
     return 0
@@ -297,6 +330,31 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from clstm4d.engine.plan import capacity, run_plan
+
+    plan, written = run_plan(memory=args.memory, datalist=args.datalist, shape=args.shape,
+                             model=args.model, out=args.out, device=args.device,
+                             precision=args.precision, min_window=args.min_window,
+                             max_batch=args.max_batch, measure_time=not args.no_time,
+                             say=lambda m: print(m, file=sys.stderr, flush=True))
+    print(plan.table())
+    if args.shape:
+        frames = int(args.shape.replace("x", ",").split(",")[0])
+        print(f"\nlargest patch per window (batch 1, {plan.precision}, "
+              f"{plan.budget / 2**30:.1f} GiB with the margin left free):")
+        for row in capacity(plan.budget, args.model, frames, plan.median_shape,
+                            device=plan.device, precision=plan.precision):
+            roi = " x ".join(map(str, row["roi"])) if row["roi"] else "does not fit"
+            extra = f" ({row['predicted_gib']} GiB)" if row["roi"] else ""
+            print(f"  window {row['window']:>3}, checkpointing "
+                  f"{'on ' if row['checkpointing'] else 'off'}: {roi}{extra}")
+    if written:
+        print("wrote " + ", ".join(str(p) for p in written)
+              + (f"; train with: clstm4d train --config {written[0]}" if args.datalist else ""))
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from clstm4d.engine.errors import UserError
 
@@ -318,7 +376,8 @@ def _cmd_bench(args) -> int:
 
 
 _COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "predict": _cmd_predict,
-             "evaluate": _cmd_evaluate, "synth": _cmd_synth, "bench": _cmd_bench}
+             "evaluate": _cmd_evaluate, "synth": _cmd_synth, "plan": _cmd_plan,
+             "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

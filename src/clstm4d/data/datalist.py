@@ -268,6 +268,9 @@ def _parse_datalist(json_path: str | os.PathLike) -> tuple[Datalist, list[str]]:
         labels = _parse_labels(raw.get("labels"), json_path)
     except DataError as e:
         problems.append(e.problem)
+    if "time_interval" in raw and not _positive_number(raw["time_interval"]):
+        problems.append(f"'time_interval' must be a number of seconds > 0, got "
+                        f"{raw['time_interval']!r:.40}")
     problems += _ignore_class_problems(labels)
     spatial_dims = raw.get("spatial_dims")
     if spatial_dims not in (None, 1, 2, 3):
@@ -295,6 +298,10 @@ def _parse_datalist(json_path: str | os.PathLike) -> tuple[Datalist, list[str]]:
             if section != "test" and "label" not in entry:
                 problems.append(f"{where}: missing key 'label' (keys: {sorted(entry)}); "
                                 f"{section} cases need labels")
+                continue
+            bad = _entry_problems(entry)
+            if bad:
+                problems += [f"{where}: {b}" for b in bad]
                 continue
             try:
                 image = _resolve(entry["image"], root, where, "image", json_path)
@@ -400,6 +407,27 @@ def _parse_annotation(entry: dict, root: Path, where: str, json_path):
                         f"the 'label' dict {keys}: expected the same frames (or leave "
                         "'labelled_frames' out)", json_path)
     return label, keys
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+
+
+def _entry_problems(entry: dict) -> list[str]:
+    """What is wrong with the optional keys of an entry that the tools read."""
+    out = []
+    name = entry.get("name")
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        out.append(f"'name' must be a non-empty string, got {name!r:.40}")
+    corrupted = entry.get("corrupted", [])
+    if not (isinstance(corrupted, list) and all(
+            isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in corrupted)):
+        out.append(f"'corrupted' must be a list of frame indices (integers >= 0), got "
+                   f"{corrupted!r:.40}")
+    if "time_interval" in entry and not _positive_number(entry["time_interval"]):
+        out.append(f"'time_interval' must be a number of seconds > 0, got "
+                   f"{entry['time_interval']!r:.40}")
+    return out
 
 
 def _default_name(image) -> str:

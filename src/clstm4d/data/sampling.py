@@ -125,6 +125,12 @@ class PatchDataset(Dataset):
                                 f"{type(c).__name__}")
         if window is not None and window < 1:
             raise ValueError(f"PatchDataset: window must be >= 1 or None, got {window}")
+        sizes = [] if roi is None else [roi] if np.ndim(roi) == 0 else list(roi)
+        if roi is not None and (not sizes or any(
+                isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1
+                for r in sizes)):
+            raise ValueError(f"PatchDataset: roi must be a positive int or one per spatial "
+                             f"axis, got {roi!r}")
         if not 0 <= foreground_prob <= 1:
             raise ValueError(f"PatchDataset: foreground_prob must be in [0, 1], got "
                              f"{foreground_prob}")

@@ -66,7 +66,25 @@ def _model_kwargs(cfg: Config, datalist, cases) -> dict[str, Any]:
             f"case '{first.name}' has {first.image.shape[1]} channels per frame but "
             f"model.in_channels is {kw['in_channels']}"
         )
+    if kw["spatial_dims"] != dims:
+        raise ConfigError(f"'model.spatial_dims' is {kw['spatial_dims']} but case "
+                          f"'{first.name}' has {dims} spatial axes")
+    top = _top_class(cases, datalist.ignore_index)
+    if top is not None and top >= kw["out_channels"]:
+        raise ConfigError(f"'model.out_channels' is {kw['out_channels']} but the labels go up "
+                          f"to {top} (classes 0..{top})")
     return kw
+
+
+def _top_class(cases, ignore: int | None) -> int | None:
+    """The highest label value of ``cases`` other than the ``ignore`` class (None: no labels)."""
+    tops = []
+    for c in cases:
+        if c.label is not None:
+            lab = c.label if ignore is None else c.label[c.label != ignore]
+            if lab.size:
+                tops.append(int(lab.max()))
+    return max(tops, default=None)
 
 
 def create(name: str, **kwargs: Any) -> torch.nn.Module:
@@ -84,6 +102,10 @@ def build_model(cfg: Config, datalist, cases) -> tuple[torch.nn.Module, SavedRun
     kw = _model_kwargs(cfg, datalist, cases)
     torch.manual_seed(cfg.train.seed)
     model = create(cfg.model.name, **kw)
+    frames = getattr(model, "frames", None)  # a model built for windows of fixed length
+    if frames is not None and cfg.data.window != frames:
+        raise ConfigError(f"'data.window' is {cfg.data.window} but model '{cfg.model.name}' "
+                          f"takes windows of exactly {frames} frames (model.extra.frames)")
     resolved = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, **{k: kw[k] for k in
                                                      ("spatial_dims", "in_channels",
@@ -98,6 +120,8 @@ def build_dataset(cfg: Config, cases, run: SavedRun):
     d = cfg.data
     dims = run.config.model.spatial_dims
     roi = None if d.roi is None else (d.roi * dims if len(d.roi) == 1 else d.roi)
+    if roi is not None and len(roi) != dims:
+        raise ConfigError(f"'data.roi' must have 1 or {dims} values (spatial axes), got {d.roi}")
     try:
         return PatchDataset(cases, window=d.window, roi=roi, foreground_prob=d.foreground_prob,
                             seed=cfg.train.seed, augment=d.augment, normalize=d.normalize,

@@ -246,6 +246,7 @@ def fit(
     device: torch.device | None = None,
     overwrite: bool = False,
     ignore_index: int | None = None,
+    predicted_peak: int | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps.
 
@@ -268,6 +269,9 @@ def fit(
             such a folder is continued only with ``resume``; see
             :class:`~clstm4d.engine.guards.RunFolder`).
         ignore_index: label value of the ``"ignore"`` class (left out of the loss), or None.
+        predicted_peak: the memory model's estimate of a step (bytes); after the first step
+            the measured peak (above the start, plus the parameters) is logged next to it
+            (``peak_mb`` and ``predicted_peak_mb`` in the metrics and ``state.json``).
 
     Returns:
         A :class:`TrainResult` (on ranks other than 0 ``checkpoint`` is None).
@@ -316,8 +320,7 @@ def fit(
                         num_workers=num_workers, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator(), persistent_workers=False)
     main = dist_info.is_main
-    if main:
-        run.open()
+    decide_on_rank0(run.open, dist_info.distributed, main)  # create, lock, record the folder
     mlog = _MetricsLog(out, start) if main else None
     bar = None
     if main and cfg.progress:
@@ -328,6 +331,7 @@ def fit(
     ck_path = None
     t_start = time.perf_counter()
     running, count = 0.0, 0
+    memory: dict[str, float] = {}
 
     def save(step: int) -> Path | None:
         if not main:
@@ -335,7 +339,7 @@ def fit(
         return save_checkpoint(ckdir, model, step=step, config=config, optimizer=optimizer,
                                scheduler=scheduler, scaler=scaler,
                                extra={"history": history[-1:] if history else [],
-                                      "nonfinite": skipped.state()},
+                                      "nonfinite": skipped.state(), **memory},
                                keep=cfg.keep_checkpoints)
 
     with PeakMemory(device) as peak, run, StopOnSignal() as stop:
@@ -359,6 +363,8 @@ def fit(
             scheduler.step()
             step += 1
             skipped.update(finite, step)
+            if step == start + 1 and predicted_peak is not None:
+                memory = _first_step_memory(peak, model, predicted_peak)
             if finite:
                 running += float(value)
                 count += 1
@@ -377,6 +383,8 @@ def fit(
             ):
                 row = row or {"step": step, "seconds": round(time.perf_counter() - t_start, 3)}
                 row.update(validate(model))
+            if memory and step == start + 1:
+                row = {**(row or {"step": step}), **memory}
             if row is not None:
                 history.append(row)
                 if mlog is not None:
@@ -408,8 +416,20 @@ def fit(
     return TrainResult(ck_path, step, seconds, int(peak.peak_bytes), history)
 
 
+def _first_step_memory(peak: PeakMemory, model: torch.nn.Module, predicted: int
+                       ) -> dict[str, float]:
+    from .plan import first_step_memory
+
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    memory = first_step_memory(peak.so_far() + params, predicted)
+    log.info("first step: peak memory %.0f MiB, predicted %.0f MiB", memory["peak_mb"],
+             memory["predicted_peak_mb"])
+    return memory
+
+
 def train(cfg: Config, *, resume: str | Path | None = None,
-          progress_validation: bool = True, overwrite: bool = False) -> TrainResult:
+          progress_validation: bool = True, overwrite: bool = False,
+          force: bool = False) -> TrainResult:
     """Train the model described by ``cfg`` on ``cfg.data.datalist``.
 
     The model's missing sizes come from the data: ``spatial_dims`` and ``out_channels``
@@ -417,6 +437,10 @@ def train(cfg: Config, *, resume: str | Path | None = None,
     from the first case. With ``data.spacing`` set, the training cases are resampled to that
     voxel size first. Validation (mean Dice over the annotated frames of the datalist's
     ``validation`` cases) runs on rank 0.
+
+    Before the first step the memory model's estimate of a step is compared with what the
+    device has free (:func:`~clstm4d.engine.plan.check_training_memory`): a run predicted not
+    to fit stops with a :class:`UserError` unless ``force``.
     """
     from .builders import build_dataset, build_model, load_cases, make_validator
 
@@ -432,10 +456,13 @@ def train(cfg: Config, *, resume: str | Path | None = None,
         train_cases = [resample_case(c, cfg.data.spacing) for c in train_cases]
     model, run = build_model(cfg, datalist, train_cases)
     dataset = build_dataset(cfg, train_cases, run)
+    from .plan import check_training_memory
+
+    estimate = check_training_memory(cfg, run, train_cases, device, force=force)
     validate = None
     if val_cases and progress_validation:
         validate = make_validator(run, val_cases, device)
     return fit(model, dataset, cfg.train, batch_size=cfg.data.batch_size, config=run.to_dict(),
                resume=resume, validate=validate, num_workers=cfg.data.num_workers,
                dist_info=dist_info, device=device, overwrite=overwrite,
-               ignore_index=datalist.ignore_index)
+               ignore_index=datalist.ignore_index, predicted_peak=estimate.total)
