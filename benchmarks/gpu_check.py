@@ -13,7 +13,10 @@ One prepared run (about 5 minutes on one GPU) that writes everything it measures
    against the reference layout (``ref-fixed`` of ``bench_unet.py``): median time of
    ``--steps`` steps after a warm-up and ``torch.cuda.max_memory_allocated`` above the memory
    held before the step;
-4. ``summary.md``: the tables for docs/benchmarks.md, with the GPU's name.
+4. ``plan.jsonl`` / ``plan.txt``: ``bench_plan.py --device cuda``, the memory model of
+   ``engine.plan`` (the whole estimate) against ``torch.cuda.max_memory_allocated`` of one
+   training step, for six of its configurations (ratios to record beside the CPU ones);
+5. ``summary.md``: the tables for docs/benchmarks.md, with the GPU's name.
 
 ``--dry-run`` runs the same code on the CPU at tiny sizes (one CPU test, the quick layer
 configs, the UNet step at 16^3 with the "tiny" widths) so that CI checks the script; its
@@ -81,6 +84,22 @@ def run_layer_bench(out: Path, device: str, dry_run: bool) -> dict:
     rows = [line for line in text.splitlines() if line.startswith("{")]
     (out / "layer.jsonl").write_text("\n".join(rows) + "\n")
     return {"step": "layer", "rows": len(rows), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_plan_bench(out: Path, device: str, dry_run: bool) -> dict:
+    """bench_plan (memory model vs measured peak of one training step) in a subprocess."""
+    cmd = [sys.executable, str(HERE / "bench_plan.py"), "--device", device]
+    # six configurations (a fresh CUDA process each, ~10 s apiece) keep the check near 5 min
+    cmd += (["--configs", "2d-tiny", "--threads", "1"] if dry_run else
+            ["--configs", "2d-small-bf16,3d-small,3d-small-ckpt-bf16,3d-ref,3d-ref-ckpt,"
+             "3d-ref-ckpt-bf16"])
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    (out / "plan.txt").write_text(res.stdout + res.stderr)
+    rows = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    (out / "plan.jsonl").write_text("".join(r + "\n" for r in rows))
+    return {"step": "plan", "returncode": res.returncode, "rows": len(rows),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def unet_step(case: str, model, x, y, amp, steps: int, device: str) -> dict:
@@ -172,6 +191,13 @@ def summary(out: Path, device: str, steps: list[dict]) -> str:
         lines.append(f"| {r['size']}^3 | {r['case']} | {r.get('time_s', r.get('error'))} | "
                      f"{r.get('time_x_ref', '-')} | {r.get('peak_mib', '-')} | "
                      f"{r.get('mem_x_ref', '-')} |")
+    lines += ["", "## Memory model (engine.plan) vs measured peak of one training step", "",
+              "| config | precision | ckpt | measured MiB | predicted MiB | pred/meas |",
+              "|---|---|---|---:|---:|---:|"]
+    for line in (out / "plan.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        lines.append(f"| {r['config']} | {r['precision']} | {r['checkpointing']} | "
+                     f"{r['measured_mib']} | {r['predicted_mib']} | {r['ratio']} |")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
@@ -182,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     parser.add_argument("--dry-run", action="store_true",
                         help="the same code on the CPU at tiny sizes (numbers mean nothing)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "layer", "unet"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "layer", "unet", "plan"])
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -194,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = []
     for name, fn in (("tests", lambda: run_tests(args.out, args.dry_run)),
                      ("layer", lambda: run_layer_bench(args.out, device, args.dry_run)),
-                     ("unet", lambda: run_unet(args.out, device, args.dry_run))):
+                     ("unet", lambda: run_unet(args.out, device, args.dry_run)),
+                     ("plan", lambda: run_plan_bench(args.out, device, args.dry_run))):
         if name in args.skip:
             (args.out / f"{name}.jsonl").write_text("")
             continue

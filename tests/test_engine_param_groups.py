@@ -32,3 +32,21 @@ def test_peepholes_and_biases_keep_their_values_under_adamw():
     for name, p in layer.named_parameters():
         moved = not torch.equal(p, before[name])
         assert moved == name.startswith(("weight_ih", "weight_hh")), name
+
+
+def test_a_checkpoint_with_one_group_resumes_into_the_grouped_optimizer(tmp_path):
+    """Runs saved before param_groups had one AdamW group; resuming regroups their moments."""
+    from clstm4d.engine.checkpoint import load_training_state, save_checkpoint
+
+    torch.manual_seed(0)
+    net = create_model("tiny", spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8))
+    old = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+    net(torch.randn(1, 2, 1, 8, 8)).sum().backward()
+    old.step()
+    ck = save_checkpoint(tmp_path, net, step=1, config={}, optimizer=old)
+    new = torch.optim.AdamW(param_groups(net, 0.1), lr=1e-2)
+    load_training_state(ck, net, new)
+    assert [g["weight_decay"] for g in new.param_groups] == [0.1, 0.0]
+    for p in net.parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(new.state[p][key], old.state[p][key])

@@ -24,6 +24,8 @@ def _check_results(out: Path) -> None:
     unet = [json.loads(line) for line in (out / "unet.jsonl").read_text().splitlines()]
     assert {r["case"] for r in unet} >= {"ours fp32", "ours bf16", "ours-ckpt bf16"}
     assert all(r["time_s"] > 0 for r in unet)
+    plan = [json.loads(line) for line in (out / "plan.jsonl").read_text().splitlines()]
+    assert [r["config"] for r in plan] == ["2d-tiny"] and plan[0]["measured_mib"] > 0
     summary = (out / "summary.md").read_text()
     assert "gpu_check on CPU (dry run)" in summary and "| quick3d | bf16 |" in summary
 

@@ -404,6 +404,30 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(weights, strict=True)
 
 
+def _regroup_single_group(saved: dict, model: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict saved with one parameter group over all trainable parameters
+    (in ``model.parameters()`` order), rearranged into ``optimizer``'s groups: each parameter
+    keeps its moments; the hyperparameters come from the saved group except the new groups'
+    own ``weight_decay``. Returned unchanged when the parameter counts differ (loading then
+    fails with the optimizer's own message)."""
+    (group,) = saved["param_groups"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if len(group["params"]) != len(trainable):
+        return saved
+    old_index = {id(p): group["params"][i] for i, p in enumerate(trainable)}
+    state, groups, k = {}, [], 0
+    for g in optimizer.param_groups:
+        new = {**group, "weight_decay": g["weight_decay"], "params": []}
+        for p in g["params"]:
+            if old_index.get(id(p)) in saved["state"]:
+                state[k] = saved["state"][old_index[id(p)]]
+            new["params"].append(k)
+            k += 1
+        groups.append(new)
+    return {"state": state, "param_groups": groups}
+
+
 def load_training_state(
     path: str | Path,
     model: torch.nn.Module,
@@ -422,8 +446,13 @@ def load_training_state(
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     tensors = {k: v.to(dev) if not k.endswith(".step") else v
                for k, v in load_file(str(ck / OPTIM_FILE)).items()}
+    saved = _join_optimizer(tensors, state["optimizer"])
+    if len(saved["param_groups"]) == 1 and len(optimizer.param_groups) > 1:
+        saved = _regroup_single_group(saved, model, optimizer)
+        log.warning("checkpoint %s has one optimizer parameter group (written before the "
+                    "per-group weight decay of train.param_groups); its state was regrouped", ck)
     try:
-        optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+        optimizer.load_state_dict(saved)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"optimizer state in {ck} does not fit: {e}") from None
     if scheduler is not None and "scheduler" in state:
