@@ -10,6 +10,13 @@ input and all weights) of
   the batch: input->hidden and hidden->hidden conv of every layer), the speed limit of any
   ConvLSTM that runs these convolutions.
 
+Mixed precision (``--precisions``, default ``fp32 bf16``): for ``bf16`` / ``fp16`` the same
+step runs under ``torch.autocast`` with float32 parameters: ``clstm4d`` (the fused backend),
+``reference`` (``backend="reference"``: autograd through the same steps, what the layer did
+under autocast before the fused path supported it) and ``floor`` (the floor's convolutions
+under autocast). Their rows give ``clstm4d / floor`` of the same precision and ``clstm4d /
+clstm4d fp32``, all from one interleaved run.
+
 Time: median over interleaved repetitions (baseline, clstm4d, floor, baseline, ...) in one
 process, after warm-up; ratios are taken between numbers measured in the same run, because the
 machine may be shared. Peak memory: each (config, implementation) runs in a fresh subprocess
@@ -25,6 +32,8 @@ Prints a table and one JSON line per config. Example::
     nice python benchmarks/bench_convlstm.py            # all configs (minutes on 2 cores)
     python benchmarks/bench_convlstm.py --quick          # small smoke run
     python benchmarks/bench_convlstm.py --configs small bottleneck --reps 7
+    nice python benchmarks/bench_convlstm.py --configs small mid128 vol32 --threads 1 \
+        --precisions fp32 bf16 --no-memory
 """
 
 from __future__ import annotations
@@ -62,14 +71,19 @@ class Config:
     checkpoint: bool = False
     time_target: float | None = None  # clstm4d time / baseline time
     memory_target: float | None = None  # clstm4d peak / baseline peak
+    low_floor_target: float | None = None  # clstm4d bf16 time / bf16 floor time
+    low_fp32_target: float | None = None  # clstm4d bf16 time / clstm4d fp32 time
 
 
 CONFIGS = {
     c.name: c
     for c in [
-        Config("small", 3, 1, 5, 16, 16, time_target=0.4, memory_target=0.65),
+        Config("small", 3, 1, 5, 16, 16, time_target=0.4, memory_target=0.65,
+               low_floor_target=1.35, low_fp32_target=0.65),
+        Config("mid128", 3, 1, 5, 128, 8, low_floor_target=1.2, low_fp32_target=0.45),
         Config("bottleneck", 3, 1, 5, 512, 8, time_target=0.7, memory_target=0.65),
-        Config("vol32", 3, 1, 8, 32, 32, num_layers=2, time_target=0.9, memory_target=0.8),
+        Config("vol32", 3, 1, 8, 32, 32, num_layers=2, time_target=0.9, memory_target=0.8,
+               low_floor_target=1.2, low_fp32_target=0.55),
         Config("vol32_ckpt", 3, 1, 8, 32, 32, num_layers=2, checkpoint=True,
                time_target=1.2, memory_target=0.45),
         Config("2d", 2, 4, 10, 64, 64, time_target=1.05, memory_target=0.8),
@@ -139,13 +153,19 @@ class ConvFloor(nn.Module):
         return frames, None
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLS = {"fp32": ("baseline", "clstm4d", "floor"), "bf16": ("clstm4d", "reference", "floor"),
+         "fp16": ("clstm4d", "reference", "floor")}
+
+
 def build(impl: str, cfg: Config, device: str):
     torch.manual_seed(0)
     args = (cfg.spatial_dims, cfg.channels, cfg.channels, cfg.kernel, cfg.num_layers)
     if impl == "baseline":
         model = CatConvLSTM(*args)
-    elif impl == "clstm4d":
-        model = ConvLSTM(*args, checkpoint=cfg.checkpoint)
+    elif impl in ("clstm4d", "reference"):
+        model = ConvLSTM(*args, checkpoint=cfg.checkpoint,
+                         backend="auto" if impl == "clstm4d" else "reference")
     else:
         model = ConvFloor(*args)
     model = model.to(device)
@@ -154,9 +174,11 @@ def build(impl: str, cfg: Config, device: str):
     return model, x
 
 
-def step(model, x):
-    out, _ = model(x)
-    out.sum().backward()
+def step(model, x, precision: str = "fp32"):
+    dtype = PRECISIONS[precision]
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out, _ = model(x)
+    out.float().sum().backward()
 
 
 def sync(device):
@@ -164,22 +186,30 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_config(cfg: Config, impls, reps: int, device: str) -> dict[str, float]:
-    built = {impl: build(impl, cfg, device) for impl in impls}
-    for impl in impls:  # warm-up
-        step(*built[impl])
-    times = {impl: [] for impl in impls}
+def time_config(cfg: Config, cases, reps: int, device: str
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process CPU time of a step of every ``(impl, precision)`` case, keyed
+    ``"impl precision"``. CPU time (all threads of the process) is not inflated by waiting
+    for a core that other jobs hold; with ``--threads 1`` it is the steadier figure on a
+    shared machine (on CUDA only the wall time means anything)."""
+    built = {impl: build(impl, cfg, device) for impl in {impl for impl, _ in cases}}
+    for impl, precision in cases:  # warm-up
+        step(*built[impl], precision)
+    times = {f"{impl} {precision}": [] for impl, precision in cases}
+    cpu = {key: [] for key in times}
     for _ in range(reps):
-        for impl in impls:
+        for impl, precision in cases:
             model, x = built[impl]
             model.zero_grad(set_to_none=True)
             x.grad = None
             sync(device)
-            start = time.perf_counter()
-            step(model, x)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step(model, x, precision)
             sync(device)
-            times[impl].append(time.perf_counter() - start)
-    return {impl: statistics.median(v) for impl, v in times.items()}
+            times[f"{impl} {precision}"].append(time.perf_counter() - start)
+            cpu[f"{impl} {precision}"].append(time.process_time() - start_cpu)
+    return ({key: statistics.median(v) for key, v in times.items()},
+            {key: statistics.median(v) for key, v in cpu.items()})
 
 
 def _rss_kib(field: str) -> int:
@@ -189,31 +219,36 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_here(cfg: Config, impl: str, device: str) -> float:
+def peak_memory_here(cfg: Config, impl: str, device: str, precision: str = "fp32") -> float:
     """Peak MiB added by one forward + backward (run in a fresh process; see module doc)."""
     model, x = build(impl, cfg, device)
-    step(model, x)  # warm-up: lazy initialisation, gradient buffers exist afterwards
+    step(model, x, precision)  # warm-up: lazy initialisation, gradient buffers exist afterwards
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step(model, x)
+        step(model, x, precision)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _rss_kib("VmRSS")
-    step(model, x)
+    step(model, x, precision)
     return (_rss_kib("VmHWM") - base) / 1024
 
 
-def peak_memory(cfg: Config, impl: str, device: str) -> float:
+def peak_memory(cfg: Config, impl: str, device: str, precision: str = "fp32") -> float:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"import bench_convlstm as b; b.torch.set_num_threads({torch.get_num_threads()}); "
-            f"print(b.peak_memory_here(b.Config(**{asdict(cfg)!r}), {impl!r}, {device!r}))")
+            f"print(b.peak_memory_here(b.Config(**{asdict(cfg)!r}), {impl!r}, {device!r}, "
+            f"{precision!r}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _fmt(value, spec=".2f", width=7) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
 def main(argv=None) -> int:
@@ -225,42 +260,74 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+                        choices=list(PRECISIONS), help="fp32 is always measured (the reference)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     table = QUICK if args.quick else CONFIGS
     names = args.configs or list(table)
     reps = 3 if args.quick else args.reps
-    impls = ("baseline", "clstm4d", "floor")
+    precisions = ["fp32"] + [p for p in args.precisions if p != "fp32"]
+    cases = [(impl, p) for p in precisions for impl in IMPLS[p]]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# torch {torch.__version__}, device {args.device}, threads "
-          f"{torch.get_num_threads()}, {reps} interleaved reps, fp32, forward+backward")
-    header = (f"{'config':<12} {'baseline s':>10} {'clstm4d s':>10} {'floor s':>9} "
-              f"{'time x':>7} {'target':>7} {'base/floor':>10} {'ours/floor':>10} "
-              f"{'base MiB':>9} {'ours MiB':>9} {'mem x':>6} {'target':>7}")
+          f"{torch.get_num_threads()}, {reps} interleaved reps, {'/'.join(precisions)}, "
+          f"forward+backward, load average {load:.1f}")
+    header = (f"{'config':<12} {'prec':<5} {'clstm4d s':>10} {'floor s':>9} {'ours/floor':>10} "
+              f"{'target':>7} {'base s':>8} {'x base':>7} {'target':>7} {'ref s':>8} "
+              f"{'ours/fp32':>9} {'target':>7} {'ours MiB':>9} {'mem x':>6} {'target':>7} "
+              f"{'cpu: ours/floor':>15} {'x base':>7} {'ours/fp32':>9}")
     rows, results = [], []
+    fp32_mem = None
     for name in names:
         cfg = table[name]
-        t = time_config(cfg, impls, reps, args.device)
-        mem = ({} if args.no_memory else
-               {impl: peak_memory(cfg, impl, args.device) for impl in ("baseline", "clstm4d")})
-        res = {
-            "config": asdict(cfg), "device": args.device, "threads": torch.get_num_threads(),
-            "reps": reps, "time_s": t,
-            "time_ratio": t["clstm4d"] / t["baseline"],
-            "baseline_over_floor": t["baseline"] / t["floor"],
-            "clstm4d_over_floor": t["clstm4d"] / t["floor"],
-            "peak_mib": mem,
-            "memory_ratio": mem["clstm4d"] / mem["baseline"] if mem else None,
-        }
-        results.append(res)
-        rows.append(
-            f"{name:<12} {t['baseline']:>10.3f} {t['clstm4d']:>10.3f} {t['floor']:>9.3f} "
-            f"{res['time_ratio']:>7.2f} {cfg.time_target or float('nan'):>7.2f} "
-            f"{res['baseline_over_floor']:>10.2f} {res['clstm4d_over_floor']:>10.2f} "
-            + (f"{mem['baseline']:>9.1f} {mem['clstm4d']:>9.1f} {res['memory_ratio']:>6.2f} "
-               f"{cfg.memory_target or float('nan'):>7.2f}" if mem else "")
-        )
-        print(json.dumps(res), flush=True)
+        t, cpu = time_config(cfg, cases, reps, args.device)
+        for p in precisions:
+            low = p != "fp32"
+            mem = {} if args.no_memory else {
+                impl: peak_memory(cfg, impl, args.device, p)
+                for impl in (("clstm4d",) if low else ("baseline", "clstm4d"))}
+            ours = t[f"clstm4d {p}"]
+            res = {
+                "config": asdict(cfg), "precision": p, "device": args.device,
+                "threads": torch.get_num_threads(), "reps": reps, "load": load,
+                "time_s": {k.split()[0]: v for k, v in t.items() if k.endswith(" " + p)},
+                "cpu_s": {k.split()[0]: v for k, v in cpu.items() if k.endswith(" " + p)},
+                "clstm4d_over_floor": ours / t[f"floor {p}"],
+                "cpu_clstm4d_over_floor": cpu[f"clstm4d {p}"] / cpu[f"floor {p}"],
+                "peak_mib": mem,
+            }
+            if low:
+                res["clstm4d_over_fp32"] = ours / t["clstm4d fp32"]
+                res["cpu_clstm4d_over_fp32"] = cpu[f"clstm4d {p}"] / cpu["clstm4d fp32"]
+                res["reference_over_floor"] = t[f"reference {p}"] / t[f"floor {p}"]
+                res["peak_over_fp32"] = mem["clstm4d"] / fp32_mem if mem else None
+            else:
+                res["time_ratio"] = ours / t["baseline fp32"]
+                res["cpu_time_ratio"] = cpu["clstm4d fp32"] / cpu["baseline fp32"]
+                res["baseline_over_floor"] = t["baseline fp32"] / t["floor fp32"]
+                res["memory_ratio"] = mem["clstm4d"] / mem["baseline"] if mem else None
+                fp32_mem = mem.get("clstm4d")
+            results.append(res)
+            print(json.dumps(res), flush=True)
+            rows.append(
+                f"{name:<12} {p:<5} {ours:>10.3f} {t[f'floor {p}']:>9.3f} "
+                f"{res['clstm4d_over_floor']:>10.2f} "
+                f"{_fmt(cfg.low_floor_target if low else None)} "
+                f"{_fmt(None if low else t['baseline fp32'], '.3f', 8)} "
+                f"{_fmt(None if low else res['time_ratio'])} "
+                f"{_fmt(None if low else cfg.time_target)} "
+                f"{_fmt(t[f'reference {p}'] if low else None, '.3f', 8)} "
+                f"{_fmt(res.get('clstm4d_over_fp32'), '.2f', 9)} "
+                f"{_fmt(cfg.low_fp32_target if low else None)} "
+                f"{_fmt(mem.get('clstm4d'), '.1f', 9)} "
+                f"{_fmt(res['peak_over_fp32'] if low else res['memory_ratio'], '.2f', 6)} "
+                f"{_fmt(None if low else cfg.memory_target)} "
+                f"{res['cpu_clstm4d_over_floor']:>15.2f} "
+                f"{_fmt(None if low else res['cpu_time_ratio'])} "
+                f"{_fmt(res.get('cpu_clstm4d_over_fp32'), '.2f', 9)}"
+            )
     print(header)
     print("\n".join(rows))
     return 0

@@ -9,7 +9,10 @@ A training step = forward of ``(b, t, 1, *s)``, cross-entropy over **all** frame
   stages for three poolings: the last one zooms the full-resolution map 2x and crops its centre.
 - ``ref-fixed``: the same with the extra stage removed (three up-stages): **the baseline**.
 - ``ours``, ``ours-ckpt``, ``ours-ckpt-bf16``: ``create_model("reference")`` (same widths,
-  ConvLSTM k=3 at the bottleneck), plain / ``checkpoint=True`` / plus bf16 autocast.
+  ConvLSTM k=3 at the bottleneck), plain / ``checkpoint=True`` / plus bf16 autocast;
+  ``ours-bf16``: plain under bf16 autocast; ``ours-bf16-rnn32``, ``ours-ckpt-bf16-rnn32``: bf16
+  with the recurrence held in float32 (the rule the UNet had before the fused recurrence ran
+  in bf16; benchmark-only wrapper), to compare the two.
 - ``none-ckpt``, ``skips-ckpt``: the other ``temporal`` modes at the same widths, checkpointed.
 - ``small``: ``create_model("small")`` (16-32-64-128), plain.
 
@@ -137,12 +140,29 @@ class ReferenceUNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # cases
 
+def _float32_recurrence(model: nn.Module) -> nn.Module:
+    """Run the model's recurrences in float32 under autocast (the former rule)."""
+    for rec in model.recurrence.values():
+        plain = rec.forward
+
+        def forward(x, state=None, _plain=plain):
+            with torch.autocast(x.device.type, enabled=False):
+                return _plain(x.float(), state)
+
+        rec.forward = forward
+    return model
+
+
 CASES = {
     "ref-published": (lambda: ReferenceUNet(published=True), False),
     "ref-fixed": (lambda: ReferenceUNet(published=False), False),
     "ours": (lambda: create_model("reference"), False),
+    "ours-bf16": (lambda: create_model("reference"), True),
+    "ours-bf16-rnn32": (lambda: _float32_recurrence(create_model("reference")), True),
     "ours-ckpt": (lambda: create_model("reference", checkpoint=True), False),
     "ours-ckpt-bf16": (lambda: create_model("reference", checkpoint=True), True),
+    "ours-ckpt-bf16-rnn32": (
+        lambda: _float32_recurrence(create_model("reference", checkpoint=True)), True),
     "none-ckpt": (lambda: create_model("reference", temporal="none", checkpoint=True), False),
     "skips-ckpt": (lambda: create_model("reference", temporal="skips", checkpoint=True), False),
     "small": (lambda: create_model("small"), False),
@@ -157,9 +177,12 @@ def make_batch(size: int, frames: int, batch: int = 1, seed: int = 0):
     return x, y
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> None:
-    """Forward, cross-entropy over every frame, backward (gradients left in ``.grad``)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               amp: bool | torch.dtype) -> None:
+    """Forward, cross-entropy over every frame, backward (gradients left in ``.grad``);
+    ``amp``: an autocast dtype, True for bfloat16 or False for none."""
+    dtype = torch.bfloat16 if amp is True else amp
+    with torch.autocast(x.device.type, dtype=dtype) if dtype else nullcontext():
         logits = model(x)  # (b, t, k, *s)
     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(0, 1))
     loss.backward()
@@ -192,7 +215,7 @@ def measure_memory(cases: list[str], size: int, frames: int) -> dict[str, dict]:
     out = {}
     for case in cases:
         cmd = [sys.executable, __file__, "--child", case, "--size", str(size),
-               "--frames", str(frames)]
+               "--frames", str(frames), "--threads", str(torch.get_num_threads())]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         out[case] = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"  memory {case}: {out[case]}", file=sys.stderr, flush=True)
@@ -231,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     p.add_argument("--skip-time", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child_memory(args.child, args.size, args.frames)))
         return 0

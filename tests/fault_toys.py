@@ -1,9 +1,9 @@
 """Fault injection for the training tests: a dataset that misbehaves on given calls.
 
 Not a test module; also run as a script (alone or under ``torchrun``) by the fault tests:
-``python tests/fault_toys.py OUT STEPS [--signal-at CALL] [--die-at CALL] [--rank R]
-[--timeout S]`` trains the toy model of ``engine_toys`` and writes ``OUT/result{rank}.json``
-(how the run ended, and at which step).
+``python tests/fault_toys.py OUT STEPS [--signal-at CALL] [--die-at CALL] [--hang-at CALL]
+[--rank R] [--timeout S] [--checkpoint-every N]`` trains the toy model of ``engine_toys``
+and writes ``OUT/result{rank}.json`` (how the run ended, and at which step).
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ class Faulty(torch.utils.data.Dataset):
         signal_at: ``{call: signal number}`` sent to this process at that call.
         die_at: the call at which this process ends at once (``os._exit``), like a crashed
             or killed rank.
+        hang_at: the call at which this process stops (SIGSTOP), like a hung rank.
     """
 
-    def __init__(self, dataset, nan_from=None, nan_calls=(), signal_at=None, die_at=None):
+    def __init__(self, dataset, nan_from=None, nan_calls=(), signal_at=None, die_at=None,
+                 hang_at=None):
         self.dataset, self.nan_from, self.nan_calls = dataset, nan_from, set(nan_calls)
-        self.signal_at, self.die_at = dict(signal_at or {}), die_at
+        self.signal_at, self.die_at, self.hang_at = dict(signal_at or {}), die_at, hang_at
         self.calls = 0
 
     def __len__(self):
@@ -50,6 +52,8 @@ class Faulty(torch.utils.data.Dataset):
             os.kill(os.getpid(), self.signal_at[self.calls])
         if self.die_at is not None and self.calls >= self.die_at:
             os._exit(17)
+        if self.hang_at is not None and self.calls == self.hang_at:
+            os.kill(os.getpid(), signal.SIGSTOP)
         return item
 
 
@@ -71,18 +75,20 @@ def main(argv=None) -> int:
     p.add_argument("steps", type=int)
     p.add_argument("--signal-at", type=int, default=None, help="call that gets SIGTERM")
     p.add_argument("--die-at", type=int, default=None, help="call at which this rank dies")
+    p.add_argument("--hang-at", type=int, default=None, help="call at which this rank hangs")
     p.add_argument("--rank", type=int, default=None, help="only this rank misbehaves")
     p.add_argument("--timeout", type=float, default=None, help="train.dist_timeout")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="train.checkpoint_every")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     mine = args.rank is None or args.rank == rank
     data = Faulty(ToySequences(),
                   signal_at={args.signal_at: signal.SIGTERM} if mine and args.signal_at else None,
-                  die_at=args.die_at if mine else None)
+                  die_at=args.die_at if mine else None, hang_at=args.hang_at if mine else None)
     torch.manual_seed(0)
-    cfg = toy_config(args.out, args.steps, **({"dist_timeout": args.timeout}
-                                              if args.timeout else {}))
+    cfg = toy_config(args.out, args.steps, checkpoint_every=args.checkpoint_every,
+                     **({"dist_timeout": args.timeout} if args.timeout else {}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"rank": rank, "pid": os.getpid()}
@@ -97,6 +103,7 @@ def main(argv=None) -> int:
     except Exception as e:  # a lost rank: the error this rank saw
         result.update(outcome="error", error=f"{type(e).__name__}: {e}"[:500])
         code = 1
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's clean-up: let the result out
     (out / f"result{rank}.json").write_text(json.dumps(result))
     return code
 

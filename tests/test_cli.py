@@ -10,7 +10,7 @@ import pytest
 
 from clstm4d.cli import main
 
-SUBCOMMANDS = ["demo", "train", "predict", "evaluate", "synth", "bench"]
+SUBCOMMANDS = ["demo", "train", "predict", "evaluate", "synth", "plan", "bench"]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,20 @@ def test_evaluate_writes_csv_and_plots(run, tmp_path, capsys):
     # the label against itself is perfect
     assert main(["evaluate", "--pred", str(run["label"]), "--label", str(run["label"])]) == 0
     assert "Dice 1.0000" in capsys.readouterr().out
+
+
+def test_predict_writes_every_frame_and_evaluate_frames_scores_some(run, tmp_path, capsys):
+    import nibabel as nib
+
+    pred = tmp_path / "pred.nii.gz"
+    assert main(["predict", "--checkpoint", str(run["ckpt"]), "--input", str(run["image"]),
+                 "--output", str(pred)]) == 0
+    assert np.asarray(nib.load(str(pred)).dataobj).shape[-1] == 6
+    assert main(["evaluate", "--pred", str(pred), "--label", str(run["label"]),
+                 "--frames", "0,4", "--out", str(tmp_path / "ev"), "--no-hd95"]) == 0
+    assert "frames 2  " in capsys.readouterr().out
+    rows = (tmp_path / "ev" / "frames.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["0", "4"]
 
 
 def test_resume_equals_uninterrupted_run(run, tmp_path):
@@ -162,11 +176,18 @@ def test_help_explains_every_option(command, capsys):
 def test_demo_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--steps", "2", "--cases", "2", "--test", "1",
-               "--frames", "6", "--size", "24", "--no-progress"])
+               "--frames", "6", "--size", "24", "--no-progress", "--labelled-frames", "2"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "corrupted" in text and "per-frame" in text
+    assert "trained with 2 of 6 frames labelled per training sequence (frames [0, 3])" in text
     report = json.loads((out / "report.json").read_text())
+    assert report["data"]["labelled_frames"] == [0, 3]
+    entries = json.loads((out / "data" / "datalist.json").read_text())
+    assert all(e["labelled_frames"] == [0, 3] for e in entries["training"])
+    assert all("labelled_frames" not in e for e in entries["test"])
+    # evaluation scores every frame of the held-out sequence against the exact truth
+    assert len((out / "frames_temporal.csv").read_text().splitlines()) == 1 + 6
     assert set(report["models"]) == {"temporal (ConvLSTM)", "per-frame"}
     for m in report["models"].values():
         assert 0 <= m["dice"] <= 1 and m["train_steps"] == 2
@@ -180,6 +201,9 @@ def test_demo_tiny(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(out / "sequence.gif").n_frames == 6
+    assert main(["demo", "--out", str(tmp_path / "bad"), "--frames", "6", "--size", "24",
+                 "--cases", "1", "--test", "1", "--labelled-frames", "7"]) == 2
+    assert "--labelled-frames must be 1-6" in capsys.readouterr().err
 
 
 def test_python_dash_m_runs_the_same_command():

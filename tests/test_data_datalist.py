@@ -139,7 +139,7 @@ def test_validate_reports_every_bad_case_at_once(tmp_path):
     ]
     for problem, (case, file, text) in zip(problems, expected, strict=True):
         assert problem.startswith(f"case {case!r}: ") and file in problem and text in problem
-    with pytest.raises(DataError, match=r"7 bad case\(s\)"):
+    with pytest.raises(DataError, match=r"7 problem\(s\)"):
         validate_datalist(tmp_path / "list.json")
     assert validate_datalist(load_datalist(_datalist(tmp_path, training[:1]))) == []
 

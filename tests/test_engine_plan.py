@@ -148,3 +148,178 @@ def test_training_resamples_cases_to_data_spacing(tmp_path, monkeypatch):
     cfg.train.out = str(tmp_path / "run2")
     with pytest.raises(ValueError, match="data.spacing must be one positive number or 3"):
         train(cfg)
+
+
+# ---------------------------------------------------------------------------------- memory
+
+def _saved_bytes(model_config, roi, t, n, bf16=False):
+    """What autograd keeps for backward in a forward + loss (new storages only, parameters
+    excluded): an independent count of the memory model's activation term."""
+    from clstm4d.engine.metrics import SequenceLoss
+
+    torch.manual_seed(0)
+    model = create_model(**model_config).train()
+    k = model.config["out_channels"]
+    x = torch.randn(n, t, model.config["in_channels"], *roi)
+    y = torch.randint(0, k, (n, t, *roi))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in params:
+            seen.setdefault(key, tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        SequenceLoss()(logits, y)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("model_config,roi,t,n,bf16", [
+    ({"name": "tiny"}, (16, 16, 16), 3, 1, False),
+    ({"name": "tiny"}, (16, 16, 16), 2, 2, True),  # CPU autocast: max_pool3d in float32
+    ({"name": "small", "spatial_dims": 2, "temporal": "skips", "cell": "gru",
+      "out_channels": 3}, (40, 36), 3, 2, False),  # odd sizes: padded to 8
+    ({"name": "small", "spatial_dims": 2, "channels": [32, 64]}, (24, 24), 2, 1, False),
+    ({"name": "small", "spatial_dims": 2, "temporal": "skips"}, (32, 32), 3, 2, True),
+    ({"name": "tiny", "bidirectional": True, "strides": [[2, 2, 1], 2],
+      "kernel_sizes": [[3, 3, 1], 3, 3]}, (16, 16, 8), 3, 1, False),
+    ({"name": "tac-tiny", "spatial_dims": 2, "frames": 4}, (32, 32), 4, 2, False),
+    ({"name": "tiny", "spatial_dims": 2, "norm": "batch"}, (32, 32), 3, 2, False),
+    ({"name": "tiny", "spatial_dims": 2, "norm": "none", "dropout": 0.2}, (32, 32), 3, 2,
+     False),
+])
+def test_memory_model_counts_what_autograd_saves(model_config, roi, t, n, bf16):
+    from clstm4d.engine.plan import memory_breakdown
+
+    est = memory_breakdown(model_config, roi, t, n, "bf16" if bf16 else "fp32", device="cpu")
+    saved = _saved_bytes(model_config, roi, t, n, bf16)
+    assert est.activations == pytest.approx(saved, rel=0.05)
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+@pytest.fixture(scope="module")
+def thick_slices(tmp_path_factory):
+    """Synthetic 3D+t cases with 1 x 1 x 5 mm voxels (5 mm along the last array axis)."""
+    root = tmp_path_factory.mktemp("thick")
+    return write_synthetic_dataset(root, cases=3, frames=4, size=40, spatial_dims=3,
+                                   spacing=(1, 1, 5), validation=0.0)
+
+
+def test_plan_for_thick_slices_keeps_z_unpooled_and_trains_as_is(thick_slices, tmp_path):
+    import json
+
+    from clstm4d.engine.config import load_config
+    from clstm4d.engine.plan import MARGIN, run_plan
+
+    plan, written = run_plan(memory="400MB", datalist=str(thick_slices), model="tiny",
+                             out=tmp_path / "plan.yaml", device="cpu", max_batch=2)
+    assert plan.step_seconds > 0 and "measured calibration" in plan.table()
+    assert [p.name for p in written] == ["plan.yaml", "fingerprint.json"]
+    assert plan.spacing == [1.0, 1.0, 5.0] and "percentile" in plan.spacing_rule
+    assert plan.strides[0] == [2, 2, 1]  # z is 5x coarser: not pooled at level 0
+    assert plan.kernel_sizes[0] == [3, 3, 1]  # ... and not convolved while coarse
+    assert plan.predicted <= (1 - MARGIN) * 400 * 2**20
+    fp = json.loads((tmp_path / "fingerprint.json").read_text())
+    assert [c["shape"] for c in fp["cases"]] == [[40, 40, 8]] * 3
+    assert fp["cases"][0]["frames"] == 4 and fp["cases"][0]["spacing"] == [1.0, 1.0, 5.0]
+    assert set(fp["cases"][0]["class_voxels"]) == {"0", "1", "2"}
+    assert fp["cases"][0]["intensity"]["channels"][0]["foreground"]["mean"] > \
+        fp["cases"][0]["intensity"]["channels"][0]["all"]["mean"]
+    # the written config is what train reads, as is
+    cfg = load_config(tmp_path / "plan.yaml", ["train.steps=1", f"train.out={tmp_path / 'r'}",
+                                               "train.progress=false"])
+    assert cfg.model.strides == plan.strides and cfg.data.roi == plan.roi
+    res = train(cfg)
+    model, run = load_model(res.checkpoint)
+    assert model.config["strides"] == plan.strides
+
+
+def test_plan_order_roi_then_window_then_batch():
+    from clstm4d.engine.plan import MARGIN, estimate_memory, make_plan
+
+    big = make_plan(8 * 2**30, model="tiny", median_shape=[48, 48, 48], median_frames=12,
+                    device="cpu")
+    assert big.roi == [48, 48, 48] and big.window == 12 and big.batch > 1  # everything fits
+    small = make_plan(300 * 2**20, model="tiny", median_shape=[96, 96, 96], median_frames=12,
+                      device="cpu")
+    assert small.window == 4 and small.batch == 1 and max(small.roi) < 96  # roi first
+    assert small.predicted <= (1 - MARGIN) * 300 * 2**20
+    larger = [r + 8 for r in small.roi]
+    assert estimate_memory(small.model_config(), larger, 4, 1, "fp32", small.checkpointing,
+                           device="cpu") > (1 - MARGIN) * 300 * 2**20
+
+
+def test_plan_errors_name_what_is_wrong(tmp_path, capsys):
+    from clstm4d.cli import main
+
+    out = ["--out", str(tmp_path / "p.yaml"), "--no-time", "--device", "cpu"]
+    assert main(["plan", "--shape", "8,64,64,64", "--memory", "lots", *out]) == 2
+    assert "memory must look like 24GB" in capsys.readouterr().err
+    assert main(["plan", "--shape", "8,64,64,64", "--memory", "2MB", *out]) == 2
+    err = capsys.readouterr().err
+    assert "is too small: the smallest plan" in err and "needs about" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["plan", "--shape", "8", "--memory", "1GB", *out]) == 2
+    assert "--shape must be T,D,H,W" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
+    # planning for a GPU this machine does not have: a model estimate, no device needed
+    assert main(["plan", "--shape", "8,96,96,96", "--memory", "12GB", "--model", "small",
+                 "--out", str(tmp_path / "p.yaml"), "--no-time", "--device", "cuda"]) == 0
+    text = capsys.readouterr().out
+    assert "roi (patch)               96 x 96 x 96" in text and "window   8" in text
+    assert (tmp_path / "p.yaml").exists()
+
+
+def test_fingerprint_refuses_cases_that_disagree_in_channels(tmp_path):
+    from clstm4d.data import Geometry, save_datalist, write_image, write_label
+    from clstm4d.engine.errors import UserError
+    from clstm4d.engine.plan import fingerprint
+
+    entries = []
+    for name, c in (("a", 1), ("b", 2)):
+        g = Geometry.default("nifti", (8, 8, 4), frames=2, channels=c)
+        image = write_image(np.zeros((2, c, 8, 8, 4), np.float32), g,
+                            tmp_path / f"{name}.nii.gz")[0]
+        label = write_label(np.zeros((2, 8, 8, 4), np.int64), g, tmp_path / f"{name}_l.nii.gz")
+        entries.append({"image": str(image), "label": str(label[0]), "name": name})
+    dl = save_datalist(tmp_path / "dl.json", training=entries)
+    with pytest.raises(UserError, match="case 'b' has 2 channels per frame, case 'a' has 1"):
+        fingerprint(dl)
+
+
+def test_edited_plans_that_cannot_train_name_the_key(aniso_data, tmp_path):
+    from clstm4d.engine.errors import ConfigError
+
+    cfg = _train_cfg(aniso_data, tmp_path / "a", strides=[[2, 2, 1]])  # tiny: 2 poolings
+    with pytest.raises(ConfigError, match="strides must be a sequence of 2 entries"):
+        train(cfg)
+    # roi z = 8: pooled to 4, then pooled again from 4
+    cfg = _train_cfg(aniso_data, tmp_path / "b", strides=[[2, 2, 2], [2, 2, 2]])
+    with pytest.raises(ConfigError, match=r"model.strides\[1\] pools axis 2 by 2, but the "
+                                          r"patch \[16, 16, 8\] is down to 4 voxels"):
+        train(cfg)
+
+
+def test_guard_stops_an_over_budget_run_and_force_overrides(aniso_data, tmp_path, monkeypatch):
+    import json
+
+    from clstm4d.engine import plan
+    from clstm4d.engine.errors import UserError
+
+    monkeypatch.setattr(plan, "available_memory", lambda device: 5 * 2**20)
+    cfg = _train_cfg(aniso_data, tmp_path / "run")
+    with pytest.raises(UserError, match=r"this run would not fit: .*roi 16 x 16 x 8, window 3, "
+                                        r"batch 1.*cpu has 0.00 GiB free; run `clstm4d plan"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing started
+    res = train(cfg, force=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = rows[0]
+    assert first["step"] == 1 and first["peak_mb"] > 0 and first["predicted_peak_mb"] > 0
+    state = json.loads((res.checkpoint / "state.json").read_text())
+    assert state["extra"]["predicted_peak_mb"] == first["predicted_peak_mb"]

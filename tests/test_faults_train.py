@@ -18,7 +18,7 @@ import torch
 
 from clstm4d.engine.checkpoint import find_checkpoint, load_weights, read_checkpoint_state
 from clstm4d.engine.errors import NonFiniteError, Preempted, UserError
-from clstm4d.engine.guards import LOCK
+from clstm4d.engine.guards import LOCK, RunFolder
 from clstm4d.engine.train import fit
 
 TESTS = Path(__file__).parent
@@ -69,6 +69,21 @@ def test_signal_finishes_the_step_checkpoints_and_resume_is_bitwise(tmp_path, si
     assert res.steps == 8
     assert _losses(tmp_path / "run") == _losses(tmp_path / "full")  # to the bit
     assert _same_weights(full, resumed)
+
+
+def test_a_repeated_sigterm_still_checkpoints_a_second_sigint_stops_at_once(tmp_path):
+    # torchrun forwards the cluster's SIGTERM to workers that got it already
+    twice = Faulty(ToySequences(), signal_at={7: signal.SIGTERM, 8: signal.SIGTERM})
+    with pytest.raises(Preempted) as info:
+        fit(ToyTemporalNet(), twice, toy_config(tmp_path / "term", 8), batch_size=2)
+    assert info.value.step == 4 and find_checkpoint(tmp_path / "term").name == "step_000004"
+    # Ctrl-C twice: out at once, without a new checkpoint, the folder unlocked
+    impatient = Faulty(ToySequences(), signal_at={7: signal.SIGINT, 8: signal.SIGINT})
+    with pytest.raises(KeyboardInterrupt):
+        fit(ToyTemporalNet(), impatient, toy_config(tmp_path / "int", 8, checkpoint_every=2),
+            batch_size=2)
+    assert find_checkpoint(tmp_path / "int").name == "step_000002"
+    assert not (tmp_path / "int" / LOCK).exists()
 
 
 def test_sigterm_from_outside_to_the_cli_exits_75_and_resume_continues(tmp_path):
@@ -171,6 +186,8 @@ def test_second_run_in_a_locked_folder_names_the_other_process(tmp_path, capsys)
         with pytest.raises(UserError, match=f"in use by process {holder.pid} on "):
             fit(ToyTemporalNet(), ToySequences(), toy_config(tmp_path, 2), batch_size=2,
                 resume=tmp_path)
+        with pytest.raises(UserError, match="in use"):  # what `train` checks before loading
+            RunFolder(tmp_path, resume=tmp_path).check()
         assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
         assert json.loads((tmp_path / LOCK).read_text())["pid"] == holder.pid
     finally:

@@ -176,7 +176,7 @@ def test_norm_and_act_choices(norm, act):
     assert net(seq(2, (8, 8), t=2)).shape == (2, 2, 3, 8, 8)
 
 
-def test_bf16_autocast_runs_keeps_the_recurrence_in_float32_and_streams():
+def test_bf16_autocast_runs_keeps_the_recurrent_state_in_float32_and_streams():
     net = make(2, temporal="skips")
     x = seq(2, (9, 8), t=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -184,7 +184,7 @@ def test_bf16_autocast_runs_keeps_the_recurrence_in_float32_and_streams():
         y2, state2 = net(x[:, 2:], state=state, return_state=True)
     assert y.shape == (2, 2, 3, 9, 8) and torch.isfinite(y).all()
     assert all(s.dtype == torch.float32 for s in torch.utils._pytree.tree_leaves(state2))
-    # close to float32 (bf16 per-frame convolutions, float32 memory)
+    # close to float32 (bf16 convolutions, recurrent ones included; float32 state)
     torch.testing.assert_close(torch.cat([y, y2], 1).float(), net(x), rtol=0.1, atol=0.1)
 
 

@@ -1,4 +1,4 @@
-"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, bench.
+"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, bench.
 
 ``main(argv) -> int`` is the console script (and ``python -m clstm4d``). Errors the user can
 fix (a missing file, an unknown configuration key, a wrong channel count, a checkpoint of
@@ -91,6 +91,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="degradation families of the data's degraded frames (partial ones at "
                         "strength 0.5, full ones at 1; see clstm4d synth --help)")
     _add_overwrite_arg(d, "write into an --out that holds files the demo did not write")
+    d.add_argument("--labelled-frames", type=int, default=None, metavar="N",
+                   help="annotate only N frames of each training sequence (the first, then "
+                        "evenly spread: 0 and the middle for 2); default: every frame")
 
     # ---- train
     t = sub.add_parser("train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -121,6 +124,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       "files")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration and exit")
+    t.add_argument("--force", action="store_true",
+                   help="start even when the memory model predicts that a training step "
+                        "will not fit in the device's free memory")
 
     # ---- predict
     p = sub.add_parser("predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -158,12 +164,19 @@ def _build_parser() -> argparse.ArgumentParser:
                        "Dice and HD95 per frame and class, how smoothly the segmented volume "
                        "changes frame to frame; writes frames.csv, summary.json and plots.")
     e.add_argument("--pred", required=True, nargs="+", help="predicted label file(s)")
-    e.add_argument("--label", required=True, nargs="+", help="reference label file(s)")
+    e.add_argument("--label", nargs="+", help="reference label file(s) (or --datalist)")
+    e.add_argument("--datalist", help="take the reference from this datalist's entry --case: "
+                   "its label, annotated frames, corrupted frames, classes and ignore class")
+    e.add_argument("--case", help="the datalist entry (needed when it has several)")
+    e.add_argument("--frames", default=None,
+                   help="score only these frames, e.g. 0,10 (default: every frame, or the "
+                        "entry's annotated frames with --datalist)")
     e.add_argument("--out", default=None, help="folder for frames.csv, summary.json and plots")
     e.add_argument("--num-classes", type=int, default=None,
                    help="classes including background (default: max label + 1)")
-    e.add_argument("--corrupted", default="",
-                   help="comma-separated frames to report separately, e.g. 3,7")
+    e.add_argument("--corrupted", default=None,
+                   help="comma-separated frames to report separately, e.g. 3,7 (default: "
+                        "none, or the entry's \"corrupted\" with --datalist)")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     _add_overwrite_arg(e, "write into an --out that holds files evaluate did not write")
 
@@ -177,13 +190,43 @@ def _build_parser() -> argparse.ArgumentParser:
     add_synth_arguments(s)
     _add_overwrite_arg(s, "write into an --out that holds files synth did not write")
 
+    # ---- plan
+    pl = sub.add_parser("plan", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="plan training for a memory budget (patch, window, batch, "
+                             "spacing, strides, checkpointing)",
+                        description="Fingerprint a datalist (every training case read once: "
+                        "spacing, shape, frames, intensities, class voxels), choose the "
+                        "target spacing, then the largest patch, window and batch, the "
+                        "per-axis strides and kernels, checkpointing and precision whose "
+                        "predicted peak memory fits --memory with a margin. Writes a config "
+                        "that `clstm4d train --config` uses as is (and fingerprint.json "
+                        "beside it) and prints the choices, the predicted peak, the share of "
+                        "the budget and a predicted step time. With --shape T,D,H,W instead "
+                        "of --datalist it answers for a sequence size without data.")
+    pl.add_argument("--datalist", help="datalist JSON of the training data")
+    pl.add_argument("--shape", metavar="T,D,H,W",
+                    help="frames and spatial size (arrays' axis order) instead of a datalist")
+    pl.add_argument("--memory", default=None, metavar="SIZE",
+                    help="budget, e.g. 24GB, 1.5GB, 800MB (GB = GiB; default: the free "
+                         "memory of the training device)")
+    pl.add_argument("--model", default="tiny", help="model preset (widths, recurrence)")
+    pl.add_argument("--out", default="plan.yaml", help="the plan (config YAML) to write")
+    pl.add_argument("--device", default="auto", help="training device: auto, cpu, cuda[:N]")
+    pl.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="auto: bf16 on CUDA, fp32 on CPU")
+    pl.add_argument("--min-window", type=int, default=4,
+                    help="frames per window the roi search starts from")
+    pl.add_argument("--max-batch", type=int, default=8, help="largest batch to propose")
+    pl.add_argument("--no-time", action="store_true", help="skip the step-time calibration")
+
     # ---- bench
     b = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="run the benchmark scripts in benchmarks/",
                        description="Run benchmarks/bench_<NAME>.py (all of them without NAME); "
                        "further arguments go to the script.")
     b.add_argument("name", nargs="?", default=None,
-                   help="convlstm, unet or predict (default: all)")
+                   help="NAME of benchmarks/bench_NAME.py, e.g. convlstm, unet, predict, "
+                        "plan (default: all)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return parser
 
@@ -197,7 +240,8 @@ def _cmd_demo(args) -> int:
                        test=args.test, size=args.size, model=args.model,
                        batch_size=args.batch_size, steps=args.steps, window=args.window,
                        seed=args.seed, threads=args.threads, progress=not args.no_progress,
-                       degrade=args.degrade, overwrite=args.overwrite)
+                       degrade=args.degrade, overwrite=args.overwrite,
+                       labelled_frames=args.labelled_frames)
     t0 = time.perf_counter()
     report = run_demo(opts, say=lambda m: print(m, flush=True))
     out = Path(args.out)
@@ -228,11 +272,11 @@ def _cmd_train(args) -> int:
     resume = None
     if args.resume is not None:
         resume = args.resume or cfg.train.out
-    res = train(cfg, resume=resume, overwrite=args.overwrite)
+    res = train(cfg, resume=resume, overwrite=args.overwrite, force=args.force)
     if res.checkpoint is not None:
         last = res.history[-1] if res.history else {}
         print(f"trained {res.steps} steps in {res.seconds:.1f} s"
-              + (f", loss {last['loss']:.4f}" if "loss" in last else "")
+              + (f", loss {last['loss']:.4f}" if last.get("loss") is not None else "")
               + (f", val Dice {last['val_dice']:.3f}" if "val_dice" in last else "")
               + f"; checkpoint {res.checkpoint}")
     return 0
@@ -253,55 +297,26 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from clstm4d.engine.errors import UserError
+    from clstm4d.engine.evaluate import evaluate_files, write_evaluation
     from clstm4d.engine.guards import OutputFolder
 
-    for f in args.pred + args.label:
-        if not Path(f).exists():
-            raise UserError(f"file not found: {f}")
     folder = OutputFolder(args.out, "evaluate", overwrite=args.overwrite) if args.out else None
     if folder is not None:
         folder.check()  # before the (slow) evaluation
-    import numpy as np
-
-    from clstm4d.data import read_label
-    from clstm4d.engine.evaluate import evaluate_sequence, write_frames_csv
-    pred, _ = read_label(args.pred[0] if len(args.pred) == 1 else args.pred)
-    label, geometry = read_label(args.label[0] if len(args.label) == 1 else args.label)
-    if pred.shape != label.shape:
-        raise UserError(f"prediction {pred.shape} and label {label.shape} differ in shape "
-                        "(t, *s)")
-    k = args.num_classes or int(max(pred.max(), label.max())) + 1
-    try:
-        corrupted = [int(x) for x in args.corrupted.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--corrupted must be comma-separated frame numbers, got "
-                        f"{args.corrupted!r}") from None
-    res = evaluate_sequence(pred, label, max(k, 2), spacing=geometry.spacing,
-                            corrupted=corrupted, hd95=not args.no_hd95)
+    res = evaluate_files(args.pred, args.label, datalist=args.datalist, case=args.case,
+                         frames=args.frames, corrupted=args.corrupted,
+                         num_classes=args.num_classes, hd95=not args.no_hd95)
     s = res["summary"]
-    print(f"frames {s['frames']}  Dice {s['dice']:.4f}  HD95 {s['hd95']:.3f}  "
+    print((f"case {res['case']}  " if res["case"] else "")
+          + f"frames {s['frames']}  Dice {s['dice']:.4f}  HD95 {s['hd95']:.3f}  "
           f"volume change error {s['volume_change_error']:.4f}  "
           f"consecutive-frame Dice {s['consecutive_dice']:.4f}"
-          + (f"  Dice corrupted {s['dice_corrupted']:.4f}" if corrupted else ""))
-    print("per frame Dice:", " ".join(f"{r['dice']:.3f}" for r in res["frames"]))
+          + (f"  Dice corrupted {s['dice_corrupted']:.4f}" if res["corrupted"] else ""))
+    print("per frame Dice:", " ".join(f"{r['frame']}:{r['dice']:.3f}" for r in res["frames"]))
     if args.out:
-        from clstm4d.engine.checkpoint import atomic_write_text
-        from clstm4d.engine.plots import plot_dice_per_frame, plot_volumes
-
-        out = Path(args.out)
         with folder:
-            write_frames_csv(res["frames"], out / "frames.csv")
-            clean = {key: (v if isinstance(v, (int, str)) or np.isfinite(v) else None)
-                     for key, v in s.items()}
-            atomic_write_text(out / "summary.json", json.dumps(clean, indent=2))
-            names = [f"class{i}" for i in range(1, max(k, 2))]
-            curves = {n: [r[f"dice_{n}"] for r in res["frames"]] for n in names}
-            plot_dice_per_frame(curves, out / "dice_per_frame.png", corrupted=corrupted,
-                                ylabel="Dice")
-            plot_volumes(res["frames"], names, out / "volume_per_frame.png")
-        print(f"wrote {out / 'frames.csv'}, summary.json, dice_per_frame.png, "
-              "volume_per_frame.png")
+            written = write_evaluation(res, args.out)
+        print(f"wrote {written[0]}, " + ", ".join(p.name for p in written[1:]))
     return 0
 
 
@@ -312,6 +327,31 @@ def _cmd_synth(args) -> int:
     with OutputFolder(args.out, "synth", overwrite=args.overwrite):
         path = write_synthetic_dataset(**synth_options(args))
     print(f"wrote {path}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from clstm4d.engine.plan import capacity, run_plan
+
+    plan, written = run_plan(memory=args.memory, datalist=args.datalist, shape=args.shape,
+                             model=args.model, out=args.out, device=args.device,
+                             precision=args.precision, min_window=args.min_window,
+                             max_batch=args.max_batch, measure_time=not args.no_time,
+                             say=lambda m: print(m, file=sys.stderr, flush=True))
+    print(plan.table())
+    if args.shape:
+        frames = int(args.shape.replace("x", ",").split(",")[0])
+        print(f"\nlargest patch per window (batch 1, {plan.precision}, "
+              f"{plan.budget / 2**30:.1f} GiB with the margin left free):")
+        for row in capacity(plan.budget, args.model, frames, plan.median_shape,
+                            device=plan.device, precision=plan.precision):
+            roi = " x ".join(map(str, row["roi"])) if row["roi"] else "does not fit"
+            extra = f" ({row['predicted_gib']} GiB)" if row["roi"] else ""
+            print(f"  window {row['window']:>3}, checkpointing "
+                  f"{'on ' if row['checkpointing'] else 'off'}: {roi}{extra}")
+    if written:
+        print("wrote " + ", ".join(str(p) for p in written)
+              + (f"; train with: clstm4d train --config {written[0]}" if args.datalist else ""))
     return 0
 
 
@@ -336,7 +376,8 @@ def _cmd_bench(args) -> int:
 
 
 _COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "predict": _cmd_predict,
-             "evaluate": _cmd_evaluate, "synth": _cmd_synth, "bench": _cmd_bench}
+             "evaluate": _cmd_evaluate, "synth": _cmd_synth, "plan": _cmd_plan,
+             "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

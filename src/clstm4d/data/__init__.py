@@ -10,9 +10,11 @@ from .datalist import (
     CaseData,
     Datalist,
     datalist_from_folder,
+    ignore_index,
     load_case,
     load_datalist,
     save_datalist,
+    spread_frames,
     validate_datalist,
 )
 from .io import (
@@ -47,7 +49,7 @@ from .transforms import Augment, Degrade, normalize_intensity
 __all__ = [
     "DataError", "Geometry", "atomic_path",
     "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist",
-    "save_datalist", "validate_datalist",
+    "save_datalist", "validate_datalist", "ignore_index", "spread_frames",
     "detect_format", "output_files", "output_path", "read_image", "read_label", "write_image",
     "write_label",
     "PatchDataset", "crop_or_pad",

@@ -13,6 +13,13 @@ glob pattern (both sorted in natural order); relative paths resolve against the 
 An optional ``"time_interval"`` (seconds; top level or per entry) gives the frame interval of
 formats that do not store one (per-frame series).
 
+Sparse annotations: an entry may say ``"labelled_frames": [0, 11]`` (0-based): only those
+frames of its label are annotations, the others carry no information whatever they hold.
+``"label"`` may also be ``{"0": "p01_ed_gt.nii.gz", "11": "p01_es_gt.nii.gz"}``, one 2D/3D
+file per annotated frame (ACDC's layout), which implies ``labelled_frames``. A class named
+``"ignore"`` in ``labels`` (it must be the highest value) marks voxels that neither the loss
+nor the metrics look at, and that the model does not predict.
+
 Shape legend: ``t`` frames, ``c`` channels, ``s`` / ``*s`` spatial axes.
 """
 
@@ -32,7 +39,7 @@ from ._common import DataError, Geometry, atomic_path, full_suffix
 from .io import FRAME_SUFFIXES, frame_files, natural_key, read_image, read_label
 
 __all__ = ["Case", "CaseData", "Datalist", "load_datalist", "save_datalist", "load_case",
-           "datalist_from_folder",
+           "datalist_from_folder", "ignore_index", "spread_frames",
            "validate_datalist"]
 
 SECTIONS = ("training", "validation", "test")
@@ -42,6 +49,35 @@ TOP_LEVEL_KEYS = frozenset(SECTIONS) | {
     "release", "tensorImageSize", "modality", "channels", "numTraining", "numValidation",
     "numTest", "time_interval", "synthetic",
 }
+#: the name of the class whose voxels carry no annotation (nnU-Net's convention)
+IGNORE = "ignore"
+
+
+def ignore_index(labels: dict[int, str] | None) -> int | None:
+    """The value of the class named ``"ignore"`` (any case) in ``labels``, or ``None``.
+
+    Examples:
+        >>> ignore_index({0: "background", 1: "cell", 2: "ignore"}), ignore_index({0: "bg"})
+        (2, None)
+    """
+    for k, v in (labels or {}).items():
+        if str(v).strip().lower() == IGNORE:
+            return int(k)
+    return None
+
+
+def spread_frames(frames: int, n: int) -> list[int]:
+    """``n`` frame indices spread over ``frames`` as cardiac ED/ES annotations would be: the
+    first frame, then evenly spaced (``n=2``: the first and the middle one).
+
+    Examples:
+        >>> spread_frames(16, 2), spread_frames(30, 3), spread_frames(4, 9)
+        ([0, 8], [0, 10, 20], [0, 1, 2, 3])
+    """
+    if n < 1:
+        raise ValueError(f"spread_frames: n must be >= 1, got {n}")
+    n = min(n, frames)
+    return [int(i * frames // n) for i in range(n)]
 
 
 @dataclass
@@ -51,18 +87,22 @@ class Case:
     Args:
         name: unique case name (from the entry's ``"name"`` or the image file name).
         image: one file or a list of per-frame files (absolute paths).
-        label: the same for labels, or ``None``.
+        label: the same for labels, or a dict ``{frame index: one 2D/3D label file}``
+            (annotated frames only), or ``None``.
         meta: the entry's other keys (e.g. ``"corrupted": [3, 7]``).
         spatial_dims: 2 or 3 (from the datalist), ``None`` = as stored.
         labels: class index -> name from the datalist, used to check label values.
+        labelled_frames: the annotated frames (sorted, 0-based); ``None`` = every frame of
+            the label (a label dict sets its keys).
     """
 
     name: str
     image: Path | list[Path]
-    label: Path | list[Path] | None = None
+    label: Path | list[Path] | dict[int, Path] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     spatial_dims: int | None = None
     labels: dict[int, str] | None = None
+    labelled_frames: list[int] | None = None
 
 
 @dataclass
@@ -75,6 +115,10 @@ class CaseData:
         geometry: of the image (the label's is checked to match).
         meta: the datalist entry's extra keys; synthetic cases carry ``"corrupted"``.
         name: the case name.
+        labelled: ``(t,)`` bool, the annotated frames: all True for a fully labelled case
+            (the default when a label is given), all False without a label. Frames that are
+            not annotated hold 0 in ``label`` when loaded by :func:`load_case`; nothing may
+            read meaning into them.
     """
 
     image: np.ndarray
@@ -82,6 +126,19 @@ class CaseData:
     geometry: Geometry
     meta: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    labelled: np.ndarray | None = None
+
+    def __post_init__(self):
+        t = self.image.shape[0]
+        if self.labelled is None:
+            self.labelled = np.full(t, self.label is not None)
+        self.labelled = np.asarray(self.labelled, dtype=bool)
+        if self.labelled.shape != (t,):
+            raise ValueError(f"CaseData {self.name!r}: labelled must be ({t},) bool (one per "
+                             f"frame), got shape {self.labelled.shape}")
+        if self.label is None and self.labelled.any():
+            raise ValueError(f"CaseData {self.name!r}: labelled frames "
+                             f"{np.flatnonzero(self.labelled).tolist()} but no label")
 
 
 @dataclass
@@ -98,8 +155,16 @@ class Datalist:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes including background (``max label index + 1``), 0 if unknown."""
-        return max(self.labels) + 1 if self.labels else 0
+        """Number of classes the model predicts, background included (``max class index + 1``,
+        the ``"ignore"`` class left out); 0 if unknown."""
+        ignore = self.ignore_index
+        classes = [k for k in self.labels if k != ignore]
+        return max(classes) + 1 if classes else 0
+
+    @property
+    def ignore_index(self) -> int | None:
+        """The value of the ``"ignore"`` class, or ``None``."""
+        return ignore_index(self.labels)
 
     def cases(self, *sections: str) -> list[Case]:
         """The cases of the given sections (all sections when none is given)."""
@@ -154,20 +219,34 @@ def load_datalist(json_path: str | os.PathLike) -> Datalist:
 
     Raises:
         DataError: unknown top-level keys, entries without ``"image"`` (or without ``"label"``
-            in ``training``/``validation``), duplicate case names, malformed values. Every
-            problem of the file is listed in one error.
+            in ``training``/``validation``), duplicate case names, malformed values (also
+            ``labelled_frames``, label dicts and the ``"ignore"`` class). Every problem of the
+            file is listed in one error.
 
     Examples:
         >>> import json, tempfile, pathlib
         >>> d = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
         >>> _ = (d / "list.json").write_text(json.dumps({"labels": {"0": "bg", "1": "lv"},
-        ...     "training": [{"image": "a.nii.gz", "label": "a_seg.nii.gz", "corrupted": [2]}],
+        ...     "training": [{"image": "a.nii.gz", "label": "a_seg.nii.gz", "corrupted": [2]},
+        ...                  {"image": "c.nii.gz", "label": {"0": "c_ed.nii.gz",
+        ...                                                  "9": "c_es.nii.gz"}}],
         ...     "test": ["b.nii.gz"]}))
         >>> dl = load_datalist(d / "list.json")
         >>> [c.name for c in dl.cases()], dl.num_classes, dl.training[0].meta
-        (['a', 'b'], 2, {'corrupted': [2]})
+        (['a', 'c', 'b'], 2, {'corrupted': [2]})
+        >>> dl.training[1].labelled_frames, dl.training[0].labelled_frames
+        ([0, 9], None)
         >>> tmpdir.cleanup()
     """
+    datalist, problems = _parse_datalist(json_path)
+    if problems:
+        raise DataError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems),
+                        datalist.path)
+    return datalist
+
+
+def _parse_datalist(json_path: str | os.PathLike) -> tuple[Datalist, list[str]]:
+    """The datalist without its bad entries, and one message per problem found."""
     json_path = Path(json_path)
     if not json_path.is_file():
         raise DataError("datalist file not found", json_path)
@@ -189,6 +268,10 @@ def load_datalist(json_path: str | os.PathLike) -> Datalist:
         labels = _parse_labels(raw.get("labels"), json_path)
     except DataError as e:
         problems.append(e.problem)
+    if "time_interval" in raw and not _positive_number(raw["time_interval"]):
+        problems.append(f"'time_interval' must be a number of seconds > 0, got "
+                        f"{raw['time_interval']!r:.40}")
+    problems += _ignore_class_problems(labels)
     spatial_dims = raw.get("spatial_dims")
     if spatial_dims not in (None, 1, 2, 3):
         problems.append(f"'spatial_dims' must be 1, 2 or 3, got {spatial_dims!r}")
@@ -216,10 +299,12 @@ def load_datalist(json_path: str | os.PathLike) -> Datalist:
                 problems.append(f"{where}: missing key 'label' (keys: {sorted(entry)}); "
                                 f"{section} cases need labels")
                 continue
+            bad = _entry_problems(entry)
+            if bad:
+                problems += [f"{where}: {b}" for b in bad]
+                continue
             try:
                 image = _resolve(entry["image"], root, where, "image", json_path)
-                label = (_resolve(entry["label"], root, where, "label", json_path)
-                         if entry.get("label") is not None else None)
             except DataError as e:
                 problems.append(e.problem if e.path == str(json_path) else str(e))
                 continue
@@ -229,13 +314,119 @@ def load_datalist(json_path: str | os.PathLike) -> Datalist:
                                 "add a 'name' key")
                 continue
             seen[name] = where
-            meta = {k: v for k, v in entry.items() if k not in ("image", "label", "name")}
+            try:
+                label, labelled = _parse_annotation(entry, root, f"{where} (case {name!r})",
+                                                    json_path)
+            except DataError as e:
+                problems.append(e.problem if e.path == str(json_path) else str(e))
+                continue
+            meta = {k: v for k, v in entry.items()
+                    if k not in ("image", "label", "name", "labelled_frames")}
             if "time_interval" in raw and "time_interval" not in meta:
                 meta["time_interval"] = raw["time_interval"]
             getattr(out, section).append(Case(name, image, label, meta, spatial_dims,
-                                              labels or None))
-    if problems:
-        raise DataError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems), json_path)
+                                              labels or None, labelled))
+    return out, problems
+
+
+def _ignore_class_problems(labels: dict[int, str]) -> list[str]:
+    ignored = [k for k, v in labels.items() if ignore_index({k: v}) is not None]
+    if len(ignored) > 1:
+        return [f"'labels': one class may be named 'ignore', got {len(ignored)} (values "
+                f"{ignored})"]
+    if ignored and ignored[0] != max(labels):
+        return [f"'labels': the 'ignore' class must have the highest value (nnU-Net's "
+                f"convention): expected a value above {max(labels)}, got {ignored[0]}"]
+    return []
+
+
+def _frame_index(value) -> int | None:
+    """``value`` as a frame index (an int >= 0, or a string of one), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _frames_problem(given) -> str | None:
+    """What is wrong with a ``labelled_frames`` value, or ``None``."""
+    if not isinstance(given, list):
+        return f"a {type(given).__name__}, not a list"
+    if not given:
+        return "empty"
+    idx = [_frame_index(f) if not isinstance(f, str) else None for f in given]
+    if None in idx:
+        return f"{given[idx.index(None)]!r} is not a frame index"
+    twice = sorted({f for f in idx if idx.count(f) > 1})
+    return f"duplicates {twice}" if twice else None
+
+
+def _parse_annotation(entry: dict, root: Path, where: str, json_path):
+    """``(label, labelled_frames)`` of an entry: the label path(s) or ``{frame: path}``, and
+    the sorted annotated frames (``None`` = all)."""
+    raw_label = entry.get("label")
+    given = entry.get("labelled_frames")
+    frames = None
+    if given is not None:
+        why = _frames_problem(given)
+        if why:
+            raise DataError(f"{where}: key 'labelled_frames': expected a non-empty list of "
+                            f"distinct frame indices (integers >= 0), got {given!r:.80} "
+                            f"({why})", json_path)
+        frames = sorted(_frame_index(f) for f in given)
+        if raw_label is None:
+            raise DataError(f"{where}: key 'labelled_frames' {frames} given without a "
+                            "'label'", json_path)
+    if raw_label is None:
+        return None, None
+    if not isinstance(raw_label, dict):
+        return _resolve(raw_label, root, where, "label", json_path), frames
+    if not raw_label:
+        raise DataError(f"{where}: key 'label': expected a path, a list of paths or "
+                        "{\"<frame index>\": path, ...}, got an empty dict", json_path)
+    bad = [k for k in raw_label if _frame_index(k) is None]
+    if bad:
+        raise DataError(f"{where}: key 'label': the keys of a label dict must be frame "
+                        f"indices ('0', '11', ...), got {bad[:10]}", json_path)
+    label = {}
+    for key, value in sorted(raw_label.items(), key=lambda kv: int(kv[0])):
+        if not isinstance(value, str):
+            raise DataError(f"{where}: key 'label' frame {key}: expected the path of one 2D/3D "
+                            f"label file, got {type(value).__name__} {value!r:.60}", json_path)
+        path = _resolve(value, root, where, f"label[{key}]", json_path)
+        if isinstance(path, list):
+            raise DataError(f"{where}: key 'label' frame {key}: expected one label file, "
+                            f"{value!r} names {len(path)}", json_path)
+        label[int(key)] = path
+    keys = sorted(label)
+    if frames is not None and frames != keys:
+        raise DataError(f"{where}: key 'labelled_frames' {frames} disagrees with the frames of "
+                        f"the 'label' dict {keys}: expected the same frames (or leave "
+                        "'labelled_frames' out)", json_path)
+    return label, keys
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+
+
+def _entry_problems(entry: dict) -> list[str]:
+    """What is wrong with the optional keys of an entry that the tools read."""
+    out = []
+    name = entry.get("name")
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        out.append(f"'name' must be a non-empty string, got {name!r:.40}")
+    corrupted = entry.get("corrupted", [])
+    if not (isinstance(corrupted, list) and all(
+            isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in corrupted)):
+        out.append(f"'corrupted' must be a list of frame indices (integers >= 0), got "
+                   f"{corrupted!r:.40}")
+    if "time_interval" in entry and not _positive_number(entry["time_interval"]):
+        out.append(f"'time_interval' must be a number of seconds > 0, got "
+                   f"{entry['time_interval']!r:.40}")
     return out
 
 
@@ -258,7 +449,7 @@ def save_datalist(path: str | os.PathLike, *, training: Iterable[dict] = (),
     Args:
         path: the JSON file.
         training, validation, test: entries ``{"image": ..., "label": ..., **meta}`` with
-            paths (str/Path or lists of them).
+            paths (str/Path, lists of them, or for ``label`` a dict ``{frame: path}``).
         labels: class index -> name. spatial_dims: 2 or 3.
         extra: other top-level keys (must be among the known MSD keys).
     """
@@ -268,6 +459,8 @@ def save_datalist(path: str | os.PathLike, *, training: Iterable[dict] = (),
     def rel(p):
         if isinstance(p, (list, tuple)):
             return [rel(q) for q in p]
+        if isinstance(p, dict):  # a label dict {frame: file}
+            return {str(k): rel(v) for k, v in p.items()}
         # paths are real paths (relative ones to the working directory, as every caller
         # passes them); the JSON stores them relative to its own folder where possible
         resolved = Path(p).resolve()
@@ -304,53 +497,106 @@ def load_case(case: Case, spatial_dims: int | None = None,
         labels: overrides ``case.labels`` (class indices allowed in the label).
 
     Returns:
-        :class:`CaseData` with image ``(t, c, *s)`` float32 and label ``(t, *s)`` int64.
+        :class:`CaseData` with image ``(t, c, *s)`` float32, label ``(t, *s)`` int64 and
+        ``labelled (t,)`` bool. Frames that are not annotated (not in ``labelled_frames``, or
+        missing from a label dict) are set to 0 in the label, whatever the file holds, so
+        that nothing downstream can depend on them.
 
     Raises:
         DataError: naming the case, the file and the problem (missing or unreadable file,
             NaN/inf, frames of different shape or geometry, image/label mismatch in frames,
-            shape or grid, label values outside the declared classes).
+            shape or grid, label values outside the declared classes, annotated frames past
+            the last frame).
     """
     dims = spatial_dims if spatial_dims is not None else case.spatial_dims
     classes = labels if labels is not None else case.labels
     try:
         image, geometry = read_image(case.image, dims)
-        label = None
-        if case.label is not None:
+        label, labelled = None, None
+        if isinstance(case.label, dict):
+            label, labelled, sources = _read_frame_labels(case, image, geometry, dims)
+        elif case.label is not None:
             label, lgeom = read_label(case.label, dims)
-            _check_pair(image, geometry, label, lgeom, classes)
+            _check_grid(image, geometry, label, lgeom)
+            labelled = _labelled_mask(case.labelled_frames, image.shape[0], "labelled_frames")
+            label[~labelled] = 0
+            sources = {f: lgeom.sources[min(f, len(lgeom.sources) - 1)]
+                       for f in np.flatnonzero(labelled)}
+        if label is not None and classes:
+            _check_values(label, labelled, sources, classes)
     except DataError as e:
         raise e.with_case(case.name) from None
     if geometry.time_interval is None and case.meta.get("time_interval"):
         # per-frame series store no frame interval: take it from the datalist
         geometry.time_interval = float(case.meta["time_interval"])
         geometry.time_unit = geometry.time_unit or "s"
-    return CaseData(image, label, geometry, dict(case.meta), case.name)
+    return CaseData(image, label, geometry, dict(case.meta), case.name, labelled)
 
 
-def _check_pair(image, geometry, label, lgeom, classes):
+def _labelled_mask(frames: Sequence[int] | None, t: int, key: str) -> np.ndarray:
+    """``(t,)`` bool of the annotated frames (all when ``frames`` is None); frames past the
+    last one are an error naming ``key``."""
+    if frames is None:
+        return np.ones(t, bool)
+    past = [f for f in frames if f >= t]
+    if past:
+        raise DataError(f"key {key!r} {list(frames)}: expected frame indices 0-{t - 1} (the "
+                        f"image has {t} frames), got {past[:10]}")
+    mask = np.zeros(t, bool)
+    mask[list(frames)] = True
+    return mask
+
+
+def _read_frame_labels(case: Case, image, geometry, dims):
+    """A label dict ``{frame: 2D/3D file}`` -> ``(label (t, *s), labelled (t,), sources)``."""
+    t = image.shape[0]
+    labelled = _labelled_mask(sorted(case.label), t, "label")
+    label = np.zeros((t, *image.shape[2:]), np.int64)
+    sources = {}
+    for frame, path in sorted(case.label.items()):
+        what = f"label of frame {frame}"
+        one, lgeom = read_label(path, dims)
+        if one.shape[0] != 1:
+            raise DataError(f"{what}: expected one 2D/3D label frame, the file holds "
+                            f"{one.shape[0]} frames", path)
+        _check_grid(image, geometry, one, lgeom, what)
+        label[frame] = one[0]
+        sources[frame] = str(path)
+    return label, labelled, sources
+
+
+def _check_grid(image, geometry, label, lgeom, what="label"):
     lpath = lgeom.sources[0]
-    if label.shape[0] != image.shape[0]:
+    if what == "label" and label.shape[0] != image.shape[0]:
         raise DataError(f"label has {label.shape[0]} frames, the image "
                         f"({geometry.sources[0]}) has {image.shape[0]}", lpath)
     if label.shape[1:] != image.shape[2:]:
-        raise DataError(f"label spatial shape {label.shape[1:]} differs from the image's "
+        raise DataError(f"{what} spatial shape {label.shape[1:]} differs from the image's "
                         f"{image.shape[2:]} ({geometry.sources[0]})", lpath)
     if not np.allclose(lgeom.affine, geometry.affine, atol=1e-3, rtol=1e-4):
-        raise DataError("label grid (affine) differs from the image's: "
+        raise DataError(f"{what} grid (affine) differs from the image's: "
                         f"{np.round(lgeom.affine[:3], 4).tolist()} vs "
                         f"{np.round(geometry.affine[:3], 4).tolist()}", lpath)
-    if classes:
-        values = np.unique(label)
-        bad = [int(v) for v in values if int(v) not in classes]
+
+
+def _check_values(label, labelled, sources, classes):
+    """Values of the annotated frames must be declared classes; names the first bad file."""
+    for f in np.flatnonzero(labelled):
+        bad = [int(v) for v in np.unique(label[f]) if int(v) not in classes]
         if bad:
+            others = np.unique(label[labelled])
+            bad = [int(v) for v in others if int(v) not in classes]
             raise DataError(f"label values {bad[:10]} are not among the declared classes "
-                            f"{sorted(classes)}", lpath)
+                            f"{sorted(classes)} (first in frame {int(f)})", sources[int(f)])
 
 
 def validate_datalist(datalist: Datalist | str | os.PathLike,
                       sections: Sequence[str] = SECTIONS, strict: bool = True) -> list[str]:
     """Load every case and report every problem at once.
+
+    Given a path, the problems of the JSON itself (malformed entries, bad
+    ``labelled_frames``, label dict keys that are not frame indices, a misplaced
+    ``"ignore"`` class) are listed together with those of the cases that could be read.
 
     Args:
         datalist: a :class:`Datalist` or the JSON path.
@@ -358,18 +604,18 @@ def validate_datalist(datalist: Datalist | str | os.PathLike,
         strict: raise one :class:`DataError` that lists all problems (else return them).
 
     Returns:
-        One message per bad case (empty when all cases load).
+        One message per problem (empty when all cases load), each naming its case.
     """
-    if not isinstance(datalist, Datalist):
-        datalist = load_datalist(datalist)
     problems = []
+    if not isinstance(datalist, Datalist):
+        datalist, problems = _parse_datalist(datalist)
     for case in datalist.cases(*sections):
         try:
             load_case(case)
         except DataError as e:
             problems.append(str(e))
     if problems and strict:
-        raise DataError(f"{len(problems)} bad case(s):\n  " + "\n  ".join(problems),
+        raise DataError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems),
                         datalist.path)
     return problems
 
@@ -395,13 +641,16 @@ def _case_entries(folder: Path) -> dict[str, Path]:
     return out
 
 
-def datalist_from_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                         labels: dict[int, str] | None = None, spatial_dims: int | None = None,
-                         validation: float = 0.2, seed: int = 0,
-                         time_interval: float | None = None) -> Path:
-    """Write a datalist for a folder laid out like the Medical Segmentation Decathlon.
+LAYOUTS = ("msd", "acdc")
 
-    Layout::
+
+def datalist_from_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                         layout: str = "msd", labels: dict[int, str] | None = None,
+                         spatial_dims: int | None = None, validation: float = 0.2,
+                         seed: int = 0, time_interval: float | None = None) -> Path:
+    """Write a datalist for a dataset folder as it is distributed.
+
+    ``layout="msd"`` (the default), the Medical Segmentation Decathlon's::
 
         folder/imagesTr/p01.nii.gz      one 4D file per case (NIfTI or TIFF), or
         folder/imagesTr/p02/            a folder of per-frame files (NIfTI or NRRD)
@@ -409,9 +658,16 @@ def datalist_from_folder(folder: str | os.PathLike, out: str | os.PathLike | Non
         folder/labelsTr/p02/            frames as .nii.gz or .seg.nrrd
         folder/imagesTs/...             optional unlabelled cases -> "test"
 
+    ``layout="acdc"``: ACDC's ``training/`` and ``testing/`` folders of ``patientNNN/``
+    (or a folder of ``patientNNN/`` folders); each case's image is its ``_4d.nii.gz``, its
+    label the dict of the ED and ES ground-truth files (frames from ``Info.cfg``), its
+    ``"phases"`` entry ``{"ED": i, "ES": j}`` (0-based); patients without ground truth go
+    to ``test`` (see :mod:`clstm4d.data.layouts`). Class names default to ACDC's.
+
     Args:
         folder: the dataset folder.
         out: the JSON to write (default ``folder/datalist.json``).
+        layout: ``"msd"`` or ``"acdc"``.
         labels: class index -> name (recommended: label values are then checked).
         spatial_dims: 2 for 2D+t data stored as ``x, y, 1, t`` NIfTI, else as stored.
         validation: fraction of labelled cases put in ``validation`` (seeded shuffle).
@@ -419,7 +675,8 @@ def datalist_from_folder(folder: str | os.PathLike, out: str | os.PathLike | Non
         time_interval: seconds between frames, for series that do not store it.
 
     Returns:
-        The datalist path. Raises :class:`DataError` listing every image without a label.
+        The datalist path. Raises :class:`DataError` listing every image without a label
+        (MSD) or every bad patient folder (ACDC).
 
     Examples:
         >>> import tempfile, pathlib
@@ -432,25 +689,23 @@ def datalist_from_folder(folder: str | os.PathLike, out: str | os.PathLike | Non
         >>> tmpdir.cleanup()
     """
     folder = Path(folder)
-    if not (folder / "imagesTr").is_dir() and not (folder / "imagesTs").is_dir():
-        raise DataError("expected an 'imagesTr' (and 'labelsTr') or 'imagesTs' folder", folder)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not 0 <= validation < 1:
         raise ValueError(f"validation must be a fraction in [0, 1), got {validation}")
-    images = _case_entries(folder / "imagesTr") if (folder / "imagesTr").is_dir() else {}
-    segs = _case_entries(folder / "labelsTr") if (folder / "labelsTr").is_dir() else {}
-    missing = [name for name in images if name not in segs]
-    if missing:
-        raise DataError(f"{len(missing)} image(s) without a label in labelsTr: {missing[:20]}",
-                        folder / "imagesTr")
-    labelled = [{"name": n, "image": images[n], "label": segs[n]} for n in images]
+    if layout == "acdc":
+        from .layouts import acdc_entries
+
+        labelled, test, default_labels = acdc_entries(folder)
+        labels = default_labels if labels is None else labels
+        spatial_dims = 3 if spatial_dims is None else spatial_dims
+    else:
+        labelled, test = _msd_entries(folder)
     order = np.random.default_rng(seed).permutation(len(labelled))
     n_val = int(round(len(labelled) * validation))
     if validation > 0 and len(labelled) >= 2:
         n_val = min(max(n_val, 1), len(labelled) - 1)
     val_idx = set(order[:n_val].tolist())
-    test = []
-    if (folder / "imagesTs").is_dir():
-        test = [{"name": n, "image": p} for n, p in _case_entries(folder / "imagesTs").items()]
     extra: dict[str, Any] = {}
     if time_interval is not None:
         extra["time_interval"] = time_interval
@@ -459,3 +714,20 @@ def datalist_from_folder(folder: str | os.PathLike, out: str | os.PathLike | Non
         training=[e for i, e in enumerate(labelled) if i not in val_idx],
         validation=[e for i, e in enumerate(labelled) if i in val_idx], test=test,
         labels=labels, spatial_dims=spatial_dims, **extra)
+
+
+def _msd_entries(folder: Path) -> tuple[list[dict], list[dict]]:
+    """MSD layout -> (labelled entries, test entries)."""
+    if not (folder / "imagesTr").is_dir() and not (folder / "imagesTs").is_dir():
+        raise DataError("expected an 'imagesTr' (and 'labelsTr') or 'imagesTs' folder", folder)
+    images = _case_entries(folder / "imagesTr") if (folder / "imagesTr").is_dir() else {}
+    segs = _case_entries(folder / "labelsTr") if (folder / "labelsTr").is_dir() else {}
+    missing = [name for name in images if name not in segs]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) without a label in labelsTr: {missing[:20]}",
+                        folder / "imagesTr")
+    labelled = [{"name": n, "image": images[n], "label": segs[n]} for n in images]
+    test = []
+    if (folder / "imagesTs").is_dir():
+        test = [{"name": n, "image": p} for n, p in _case_entries(folder / "imagesTs").items()]
+    return labelled, test

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ._common import DataError
 from .datalist import Case, CaseData, load_case
 from .transforms import NORMALIZATIONS, Augment, Degrade, normalize_intensity
 
@@ -60,6 +61,12 @@ class PatchDataset(Dataset):
     generator seeded with ``(seed, epoch, i)``: the same index gives the same patch until
     :meth:`set_epoch` changes the epoch. The crop is the same for every frame of the window.
 
+    Sparse annotations (``CaseData.labelled``): the window start is drawn uniformly among the
+    starts whose window holds at least one annotated frame, and foreground-centred crops look
+    only at the annotated frames of the window; padding frames are never annotated. Nothing
+    here reads the label of a frame that is not annotated, so its content cannot change an
+    item's ``image``, ``start``, crop or ``labelled``.
+
     Args:
         cases: :class:`Case` (loaded on first use and cached) or :class:`CaseData`.
         window: frames per item; ``None`` = the whole sequence. Shorter sequences are padded
@@ -67,7 +74,8 @@ class PatchDataset(Dataset):
         roi: spatial patch size (int or one per axis); ``None`` = the whole extent. Cases
             smaller than the roi are zero-padded.
         foreground_prob: probability that the patch is centred on a random foreground voxel
-            (label > 0) of a random frame of the window instead of a uniform position.
+            (label > 0, not ``ignore_index``) of an annotated frame of the window instead of
+            a uniform position.
         seed: base seed.
         augment: ``True`` (default :class:`Augment`), an :class:`Augment`, a dict of its
             keyword arguments, or ``False``/``None``.
@@ -77,12 +85,18 @@ class PatchDataset(Dataset):
         degrade: degrade random frames of the image (after ``augment``; labels untouched):
             ``True`` (default :class:`Degrade`), a :class:`Degrade`, a dict of its keyword
             arguments, or ``False``/``None``. Degraded frames are marked in ``corrupted``.
+            Occluders are placed over the foreground of annotated frames only.
+        ignore_index: the value of the ``"ignore"`` class (never a crop centre), or ``None``.
+
+    Raises:
+        DataError: (on first use of the case) a case without any annotated frame: no window
+            of it could hold one.
 
     Shape:
         Items are dicts: ``image (t_win, c, *roi)`` float32 tensor, ``label (t_win, *roi)``
-        int64 tensor (zeros when the case has no label), ``length`` int, ``start`` int (first
-        frame), ``corrupted (t_win,)`` bool tensor (``meta["corrupted"]`` and the frames
-        ``degrade`` degraded), ``case`` str.
+        int64 tensor, ``labelled (t_win,)`` bool tensor (annotated frames; False for
+        padding), ``length`` int, ``start`` int (first frame), ``corrupted (t_win,)`` bool
+        tensor (``meta["corrupted"]`` and the frames ``degrade`` degraded), ``case`` str.
 
     Examples:
         >>> from clstm4d.data import make_synthetic_case
@@ -93,13 +107,16 @@ class PatchDataset(Dataset):
         ((8, 1, 16, 16), (8, 16, 16), 6)
         >>> bool((item["label"] > 0).any()), bool((ds[0]["image"] == item["image"]).all())
         (True, True)
+        >>> item["labelled"].tolist()  # 6 real frames, all annotated, then 2 of padding
+        [True, True, True, True, True, True, False, False]
     """
 
     def __init__(self, cases: Sequence[Case | CaseData], window: int | None = None,
                  roi: int | Sequence[int] | None = None, foreground_prob: float = 0.0,
                  seed: int = 0, augment: bool | Augment | None = False,
                  normalize: str | None = "percentile", samples_per_case: int = 1,
-                 degrade: bool | Degrade | dict | None = None):
+                 degrade: bool | Degrade | dict | None = None,
+                 ignore_index: int | None = None):
         if not cases:
             raise ValueError("PatchDataset: cases must not be empty")
         for c in cases:
@@ -108,6 +125,12 @@ class PatchDataset(Dataset):
                                 f"{type(c).__name__}")
         if window is not None and window < 1:
             raise ValueError(f"PatchDataset: window must be >= 1 or None, got {window}")
+        sizes = [] if roi is None else [roi] if np.ndim(roi) == 0 else list(roi)
+        if roi is not None and (not sizes or any(
+                isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1
+                for r in sizes)):
+            raise ValueError(f"PatchDataset: roi must be a positive int or one per spatial "
+                             f"axis, got {roi!r}")
         if not 0 <= foreground_prob <= 1:
             raise ValueError(f"PatchDataset: foreground_prob must be in [0, 1], got "
                              f"{foreground_prob}")
@@ -126,6 +149,7 @@ class PatchDataset(Dataset):
         self.augment = _transform("augment", augment, Augment)
         self.normalize = normalize
         self.samples_per_case = samples_per_case
+        self.ignore_index = ignore_index
         self.epoch = 0
         self._cache: dict[int, CaseData] = {}
         self._fg_cache: dict[int, list[np.ndarray]] = {}
@@ -142,16 +166,27 @@ class PatchDataset(Dataset):
         if index not in self._cache:
             c = self.cases[index]
             data = load_case(c) if isinstance(c, Case) else c
+            name = data.name or getattr(c, "name", f"case{index}")
+            if not data.labelled.any():
+                raise DataError(f"no annotated frame (labelled is all False, {len(data.labelled)}"
+                                f" frames): expected at least one, so that a training window "
+                                f"of {self.window or 'all'} frames can hold one", case=name)
             image = normalize_intensity(data.image, self.normalize)
-            self._cache[index] = CaseData(image, data.label, data.geometry, data.meta,
-                                          data.name or getattr(c, "name", f"case{index}"))
+            self._cache[index] = CaseData(image, data.label, data.geometry, data.meta, name,
+                                          data.labelled)
         return self._cache[index]
 
     def _foreground(self, index: int) -> list[np.ndarray]:
-        """Flat indices of the foreground voxels of each frame of case ``index`` (cached)."""
+        """Flat indices of the foreground voxels of each annotated frame of case ``index``
+        (empty for frames that are not annotated; cached)."""
         if index not in self._fg_cache:
-            label = self.case_data(index).label
-            self._fg_cache[index] = [np.flatnonzero(frame > 0) for frame in label]
+            data = self.case_data(index)
+            out = []
+            for frame, annotated in zip(data.label, data.labelled, strict=True):
+                fg = (frame > 0) & (frame != self.ignore_index if self.ignore_index is not None
+                                    else True)
+                out.append(np.flatnonzero(fg) if annotated else np.zeros(0, np.int64))
+            self._fg_cache[index] = out
         return self._fg_cache[index]
 
     def _roi(self, spatial_shape):
@@ -172,12 +207,15 @@ class PatchDataset(Dataset):
         image, label = data.image, data.label
         t, spatial = image.shape[0], image.shape[2:]
         window = t if self.window is None else self.window
-        start = int(rng.integers(0, t - window + 1)) if t > window else 0
+        start = 0
+        if t > window:  # the starts whose window holds an annotated frame
+            starts = np.flatnonzero(np.convolve(data.labelled, np.ones(window), "valid") > 0)
+            start = int(starts[rng.integers(0, len(starts))])
         length = min(window, t - start)
         frames = slice(start, start + length)
         roi = self._roi(spatial)
         corner = None
-        if label is not None and self.foreground_prob > 0 and rng.random() < self.foreground_prob:
+        if self.foreground_prob > 0 and rng.random() < self.foreground_prob:
             fg = self._foreground(index % len(self.cases))[frames]  # flat indices per frame
             counts = np.array([len(f) for f in fg])
             if counts.sum():
@@ -193,13 +231,15 @@ class PatchDataset(Dataset):
             corner = [int(rng.integers(0, n - r + 1)) if n > r else -((r - n) // 2)
                       for n, r in zip(spatial, roi, strict=True)]
         img = crop_or_pad(image[frames], corner, roi, lead=2)  # (length, c, *roi)
-        lab = (crop_or_pad(label[frames], corner, roi, lead=1) if label is not None
-               else np.zeros((length, *roi), np.int64))
+        lab = crop_or_pad(label[frames], corner, roi, lead=1)  # (length, *roi)
+        labelled = np.zeros(window, bool)
+        labelled[:length] = data.labelled[frames]
         if self.augment is not None:
             img, lab = self.augment(img, lab, rng)
         degraded = np.zeros(window, bool)
-        if self.degrade is not None:
-            img, degraded[:length] = self.degrade(img, lab, rng)
+        if self.degrade is not None:  # unannotated frames' labels must not steer it
+            seen = lab * labelled[:length].reshape(-1, *(1,) * (lab.ndim - 1))
+            img, degraded[:length] = self.degrade(img, seen, rng)
         if length < window:  # pad frames at the end
             img = np.concatenate([img, np.zeros((window - length, *img.shape[1:]), img.dtype)])
             lab = np.concatenate([lab, np.zeros((window - length, *lab.shape[1:]), lab.dtype)])
@@ -209,5 +249,6 @@ class PatchDataset(Dataset):
                 corrupted[f - start] = True
         return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
                 "label": torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)),
+                "labelled": torch.from_numpy(labelled),
                 "length": length, "start": start, "corrupted": torch.from_numpy(corrupted),
                 "case": data.name}

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import find_checkpoint, load_weights, read_checkpoint_config
@@ -66,7 +67,25 @@ def _model_kwargs(cfg: Config, datalist, cases) -> dict[str, Any]:
             f"case '{first.name}' has {first.image.shape[1]} channels per frame but "
             f"model.in_channels is {kw['in_channels']}"
         )
+    if kw["spatial_dims"] != dims:
+        raise ConfigError(f"'model.spatial_dims' is {kw['spatial_dims']} but case "
+                          f"'{first.name}' has {dims} spatial axes")
+    top = _top_class(cases, datalist.ignore_index)
+    if top is not None and top >= kw["out_channels"]:
+        raise ConfigError(f"'model.out_channels' is {kw['out_channels']} but the labels go up "
+                          f"to {top} (classes 0..{top})")
     return kw
+
+
+def _top_class(cases, ignore: int | None) -> int | None:
+    """The highest label value of ``cases`` other than the ``ignore`` class (None: no labels)."""
+    tops = []
+    for c in cases:
+        if c.label is not None:
+            lab = c.label if ignore is None else c.label[c.label != ignore]
+            if lab.size:
+                tops.append(int(lab.max()))
+    return max(tops, default=None)
 
 
 def create(name: str, **kwargs: Any) -> torch.nn.Module:
@@ -84,6 +103,10 @@ def build_model(cfg: Config, datalist, cases) -> tuple[torch.nn.Module, SavedRun
     kw = _model_kwargs(cfg, datalist, cases)
     torch.manual_seed(cfg.train.seed)
     model = create(cfg.model.name, **kw)
+    frames = getattr(model, "frames", None)  # a model built for windows of fixed length
+    if frames is not None and cfg.data.window != frames:
+        raise ConfigError(f"'data.window' is {cfg.data.window} but model '{cfg.model.name}' "
+                          f"takes windows of exactly {frames} frames (model.extra.frames)")
     resolved = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, **{k: kw[k] for k in
                                                      ("spatial_dims", "in_channels",
@@ -93,15 +116,18 @@ def build_model(cfg: Config, datalist, cases) -> tuple[torch.nn.Module, SavedRun
 
 def build_dataset(cfg: Config, cases, run: SavedRun):
     """The training :class:`~clstm4d.data.PatchDataset` for ``cfg.data``."""
-    from clstm4d.data import PatchDataset
+    from clstm4d.data import PatchDataset, ignore_index
 
     d = cfg.data
     dims = run.config.model.spatial_dims
     roi = None if d.roi is None else (d.roi * dims if len(d.roi) == 1 else d.roi)
+    if roi is not None and len(roi) != dims:
+        raise ConfigError(f"'data.roi' must have 1 or {dims} values (spatial axes), got {d.roi}")
     try:
         return PatchDataset(cases, window=d.window, roi=roi, foreground_prob=d.foreground_prob,
                             seed=cfg.train.seed, augment=d.augment, normalize=d.normalize,
-                            degrade=resolve_degrade(d.degrade, run.model_config))
+                            degrade=resolve_degrade(d.degrade, run.model_config),
+                            ignore_index=ignore_index(run.labels))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
 
@@ -138,25 +164,31 @@ def load_model(checkpoint: str | Path, device: torch.device | None = None
 
 
 def make_validator(run: SavedRun, cases, device: torch.device):
-    """A function ``model -> {"val_dice": mean Dice over frames and foreground classes,
-    "val_dice_per_frame": [mean over validation cases of frame 0, 1, ...]}``; predicts with
-    a :class:`~clstm4d.engine.predictor.Predictor` (full precision) and leaves the model in
-    training mode."""
+    """A function ``model -> {"val_dice": mean Dice over the annotated frames and foreground
+    classes, "val_dice_per_frame": [mean over the validation cases annotated there, of frame
+    0, 1, ...; None where none is]}``; voxels of the ``"ignore"`` class are left out. Predicts
+    every frame with a :class:`~clstm4d.engine.predictor.Predictor` (full precision) and
+    leaves the model in training mode."""
+    from clstm4d.data import ignore_index
+
     from .metrics import dice_per_frame
     from .predictor import Predictor
 
     k = run.config.model.out_channels
+    ignore = ignore_index(run.labels)
 
     def validate(model: torch.nn.Module) -> dict[str, Any]:
         predictor = Predictor(model, run, device=device, amp="none")
-        scores = []
+        scores: list[dict[int, float]] = []  # per case: annotated frame -> Dice
         for c in cases:
             pred = predictor.predict_array(c.image, c.geometry, name=c.name)
-            scores.append(dice_per_frame(pred, c.label, k).mean(1))  # (t,)
+            annotated = np.flatnonzero(c.labelled)
+            dice = dice_per_frame(pred[annotated], c.label[annotated], k, ignore).mean(1)
+            scores.append(dict(zip(annotated.tolist(), dice.tolist(), strict=True)))
         model.train()
-        longest = max(len(s) for s in scores)
-        per_frame = [float(torch.stack([s[f] for s in scores if len(s) > f]).mean())
-                     for f in range(longest)]
-        return {"val_dice": float(torch.cat(scores).mean()), "val_dice_per_frame": per_frame}
+        longest = max(len(c.labelled) for c in cases)
+        per_frame = [[s[f] for s in scores if f in s] for f in range(longest)]
+        return {"val_dice": float(np.mean([v for s in scores for v in s.values()])),
+                "val_dice_per_frame": [float(np.mean(v)) if v else None for v in per_frame]}
 
     return validate

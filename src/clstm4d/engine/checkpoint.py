@@ -11,8 +11,14 @@ A checkpoint is a directory::
 
 Loading never unpickles anything: only ``safetensors`` and ``json`` are read. Every
 checkpoint is written into a temporary sibling directory and renamed into place, and the
-``latest.json`` pointer is replaced atomically afterwards, so a crash leaves either the old or
-the new checkpoint, never a half-written one.
+``latest.json`` pointer is replaced atomically afterwards, so a crash (or a full disk) leaves
+either the old or the new checkpoint, never a half-written one.
+
+``state.json`` carries the format version (:data:`FORMAT_VERSION`); a checkpoint of a newer
+format is refused with a message. A checkpoint is checked before use (:func:`verify_checkpoint`:
+JSON complete, safetensors headers intact and covering their files); given a run folder,
+:func:`find_checkpoint` falls back from a damaged newest checkpoint to the newest valid one and
+says so in a warning.
 
 Examples:
     >>> import tempfile, torch
@@ -28,6 +34,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -38,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointFormatError
 
 __all__ = [
     "atomic_write_text",
@@ -48,7 +55,10 @@ __all__ = [
     "read_checkpoint_config",
     "read_checkpoint_state",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
@@ -56,6 +66,8 @@ RNG_FILE = "rng.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 LATEST = "latest.json"
+#: version of the checkpoint layout written here (``state.json["format"]``); absent = 1
+FORMAT_VERSION = 1
 
 
 def _umask_mode(path: Path, mode: int) -> None:
@@ -193,7 +205,8 @@ def save_checkpoint(
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / MODEL_FILE))
-        state: dict[str, Any] = {"step": int(step), "extra": _jsonable(extra or {})}
+        state: dict[str, Any] = {"format": FORMAT_VERSION, "step": int(step),
+                                 "extra": _jsonable(extra or {})}
         if optimizer is not None:
             tensors, meta = _split_optimizer(optimizer.state_dict())
             save_file(tensors, str(tmp / OPTIM_FILE))
@@ -214,9 +227,13 @@ def save_checkpoint(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _umask_mode(tmp, 0o777)
-        if final.exists():
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # move it aside first: at no moment is there no checkpoint `name`
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=directory))
+            os.replace(final, old / name)
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -229,10 +246,16 @@ def save_checkpoint(
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """Resolve ``path`` to a checkpoint folder.
+    """Resolve ``path`` to a checkpoint folder, checked with :func:`verify_checkpoint`.
 
     Accepts a checkpoint folder, its ``model.safetensors``, a folder of checkpoints with a
-    ``latest.json`` pointer, or a training run folder whose ``checkpoints/`` has one.
+    ``latest.json`` pointer, or a training run folder whose ``checkpoints/`` has one. For the
+    last two, a damaged (truncated, unreadable, incomplete) newest checkpoint is skipped with
+    a warning for the newest valid ``step_*`` one.
+
+    Raises:
+        CheckpointError: no (valid) checkpoint there; CheckpointFormatError: the checkpoint
+            is of a newer format.
     """
     p = Path(path)
     if not p.exists():
@@ -244,20 +267,89 @@ def find_checkpoint(path: str | Path) -> Path:
             raise CheckpointError(
                 f"{p} is not a checkpoint: expected a folder with {MODEL_FILE} and {CONFIG_FILE}"
             )
+    if (p / MODEL_FILE).is_file() or (p / STATE_FILE).is_file():
+        return verify_checkpoint(p)
     for cand in (p, p / "checkpoints"):
-        if (cand / MODEL_FILE).is_file():
-            return cand
-        if (cand / LATEST).is_file():
-            try:
-                name = json.loads((cand / LATEST).read_text())["checkpoint"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"unreadable checkpoint pointer {cand / LATEST}") from None
-            if (cand / name / MODEL_FILE).is_file():
-                return cand / name
-            raise CheckpointError(f"{cand / LATEST} points at a missing checkpoint {name}")
+        if (cand / LATEST).is_file() or any(cand.glob("step_*")):
+            return _newest_valid(cand)
     raise CheckpointError(
         f"{p} is not a checkpoint: expected {MODEL_FILE} and {CONFIG_FILE}, or {LATEST}"
     )
+
+
+def _step_of(folder: Path) -> int:
+    try:
+        return int(folder.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _newest_valid(directory: Path) -> Path:
+    """The checkpoint ``latest.json`` names if it is valid, else the newest valid ``step_*``."""
+    problems = []
+    named = None
+    try:
+        named = directory / json.loads((directory / LATEST).read_text())["checkpoint"]
+    except FileNotFoundError:
+        problems.append(f"{LATEST} is missing")
+    except (OSError, ValueError, KeyError, TypeError):
+        problems.append(f"{LATEST} is unreadable")
+    steps = sorted((d for d in directory.glob("step_*") if d.is_dir()), key=_step_of,
+                   reverse=True)
+    for ck in ([named] if named is not None else []) + [d for d in steps if d != named]:
+        try:
+            verify_checkpoint(ck)
+        except CheckpointFormatError:
+            raise
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("%s; using %s, the newest valid checkpoint", "; ".join(problems), ck)
+        return ck
+    raise CheckpointError(f"no valid checkpoint in {directory}: "
+                          + ("; ".join(problems) if problems else "it is empty"))
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"damaged checkpoint file {path}: {e}") from None
+
+
+def verify_checkpoint(path: str | Path) -> Path:
+    """Check that the checkpoint folder ``path`` is complete and readable; returns it.
+
+    Reads ``state.json`` and ``config.json`` and the headers of the safetensors files (a
+    header names every tensor's byte range, so a truncated file is detected); tensor data is
+    not read.
+
+    Raises:
+        CheckpointError: a file is missing, cut short or unreadable.
+        CheckpointFormatError: ``state.json`` names a format newer than :data:`FORMAT_VERSION`.
+    """
+    ck = Path(path)
+    state = _read_json(ck / STATE_FILE)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"damaged checkpoint file {ck / STATE_FILE}: no step")
+    version = state.get("format", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        from clstm4d import __version__
+
+        raise CheckpointFormatError(
+            f"checkpoint {ck} has format version {version}; this clstm4d ({__version__}) "
+            f"reads versions up to {FORMAT_VERSION}: upgrade clstm4d to use it"
+        )
+    _read_json(ck / CONFIG_FILE)
+    for name in (MODEL_FILE, OPTIM_FILE, RNG_FILE) if "optimizer" in state else (MODEL_FILE,):
+        _check_safetensors(ck / name)
+    return ck
 
 
 def _read_json(path: Path) -> dict:
@@ -265,8 +357,8 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"checkpoint file missing: {path}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"unreadable checkpoint file {path}: {e}") from None
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError included
+        raise CheckpointError(f"damaged checkpoint file {path}: {e}") from None
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
@@ -312,6 +404,30 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(weights, strict=True)
 
 
+def _regroup_single_group(saved: dict, model: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict saved with one parameter group over all trainable parameters
+    (in ``model.parameters()`` order), rearranged into ``optimizer``'s groups: each parameter
+    keeps its moments; the hyperparameters come from the saved group except the new groups'
+    own ``weight_decay``. Returned unchanged when the parameter counts differ (loading then
+    fails with the optimizer's own message)."""
+    (group,) = saved["param_groups"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if len(group["params"]) != len(trainable):
+        return saved
+    old_index = {id(p): group["params"][i] for i, p in enumerate(trainable)}
+    state, groups, k = {}, [], 0
+    for g in optimizer.param_groups:
+        new = {**group, "weight_decay": g["weight_decay"], "params": []}
+        for p in g["params"]:
+            if old_index.get(id(p)) in saved["state"]:
+                state[k] = saved["state"][old_index[id(p)]]
+            new["params"].append(k)
+            k += 1
+        groups.append(new)
+    return {"state": state, "param_groups": groups}
+
+
 def load_training_state(
     path: str | Path,
     model: torch.nn.Module,
@@ -330,8 +446,13 @@ def load_training_state(
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     tensors = {k: v.to(dev) if not k.endswith(".step") else v
                for k, v in load_file(str(ck / OPTIM_FILE)).items()}
+    saved = _join_optimizer(tensors, state["optimizer"])
+    if len(saved["param_groups"]) == 1 and len(optimizer.param_groups) > 1:
+        saved = _regroup_single_group(saved, model, optimizer)
+        log.warning("checkpoint %s has one optimizer parameter group (written before the "
+                    "per-group weight decay of train.param_groups); its state was regrouped", ck)
     try:
-        optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+        optimizer.load_state_dict(saved)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"optimizer state in {ck} does not fit: {e}") from None
     if scheduler is not None and "scheduler" in state:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -158,6 +159,30 @@ class PredictConfig:
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "predict": PredictConfig}
+
+# Allowed ranges, checked after the type: key -> (low, high, low inclusive, high inclusive);
+# None = unbounded. Lists are checked element by element; floats must also be finite.
+_RANGES: dict[str, tuple] = {
+    "model.spatial_dims": (1, 3, True, True), "model.in_channels": (1, None, True, True),
+    "model.out_channels": (2, None, True, True), "model.channels": (1, None, True, True),
+    "data.window": (1, None, True, True), "data.roi": (1, None, True, True),
+    "data.spacing": (0, None, False, True), "data.batch_size": (1, None, True, True),
+    "data.foreground_prob": (0, 1, True, True), "data.num_workers": (0, None, True, True),
+    "train.steps": (1, None, True, True), "train.lr": (0, None, False, True),
+    "train.weight_decay": (0, None, True, True), "train.warmup_steps": (0, None, True, True),
+    "train.grad_clip": (0, None, False, True), "train.lambda_dice": (0, None, True, True),
+    "train.lambda_ce": (0, None, True, True), "train.seed": (0, 2**32 - 1, True, True),
+    "train.log_every": (1, None, True, True), "train.val_every": (0, None, True, True),
+    "train.checkpoint_every": (0, None, True, True),
+    "train.keep_checkpoints": (0, None, True, True),
+    "train.max_nonfinite_steps": (0, None, True, True),
+    "train.dist_timeout": (0, None, False, True), "train.threads": (1, None, True, True),
+    "predict.roi": (1, None, True, True), "predict.overlap": (0, 1, True, False),
+    "predict.chunk": (1, None, True, True), "predict.time_margin": (0, None, True, True),
+    "predict.sw_batch_size": (1, None, True, True),
+}
+_CHOICES: dict[str, tuple] = {"train.scheduler": ("cosine", "constant"),
+                              "predict.mode": ("gaussian", "constant")}
 
 
 @dataclass
@@ -304,7 +329,32 @@ def _build(cls: type, section: str, values: dict[str, Any]):
                 f"{', '.join(fields)})"
             )
         kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+        _check_range(f"{section}.{name}", kwargs[name])
     return cls(**kwargs)
+
+
+def _check_range(key: str, value: Any) -> None:
+    """Raise a :class:`ConfigError` naming ``key`` when ``value`` is out of its range."""
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"'{key}' must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
+    if key not in _RANGES:
+        return
+    low, high, low_in, high_in = _RANGES[key]
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if (low is not None and (v < low or (v == low and not low_in))) or (
+                high is not None and (v > high or (v == high and not high_in))):
+            lo = "" if low is None else f"{'[' if low_in else '('}{low}"
+            hi = "" if high is None else f"{high}{']' if high_in else ')'}"
+            allowed = (f"in {lo}, {hi}" if low is not None and high is not None
+                       else f"{'>=' if low_in else '>'} {low}" if low is not None
+                       else f"{'<=' if high_in else '<'} {high}")
+            raise ConfigError(f"'{key}' must be {allowed}, got {value!r}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

@@ -61,6 +61,9 @@ class DemoOptions:
     degrade: str = "all"
     corrupted: int | None = None
     overwrite: bool = False
+    #: annotated frames per training sequence (spread as ED/ES would be: the first, one near
+    #: the middle for 2); ``None`` = every frame. Evaluation always scores every frame.
+    labelled_frames: int | None = None
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "temporal (ConvLSTM)": {"temporal": "bottleneck"},
         "per-frame": {"temporal": "none"},
@@ -173,6 +176,9 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     size = opts.size
     if min(opts.steps, opts.cases, opts.test, opts.batch_size) < 1 or opts.frames < 2:
         raise UserError("demo: steps, cases, test and batch size must be >= 1, frames >= 2")
+    if opts.labelled_frames is not None and not 1 <= opts.labelled_frames <= opts.frames:
+        raise UserError(f"demo: --labelled-frames must be 1-{opts.frames} (the frames per "
+                        f"sequence), got {opts.labelled_frames}")
     say(f"[1/4] synthetic {opts.dims}D+t data: {opts.cases} training + {opts.test} held-out "
         f"sequences of {opts.frames} frames, {size}^{opts.dims} voxels -> {out / 'data'}")
     datalist_path = write_synthetic_dataset(
@@ -182,6 +188,10 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
                    else min(opts.frames // 2, round(3 * opts.frames / 8))),
         corruption=parse_degradations(opts.degrade, owner="demo degrade"),
     )
+    labelled = _annotate_sparsely(datalist_path, opts.frames, opts.labelled_frames)
+    if opts.labelled_frames is not None:
+        say(f"      training sequences annotated on {len(labelled)} of {opts.frames} frames "
+            f"only: {labelled}")
     dl = load_datalist(datalist_path)
     t_data = time.perf_counter() - t0
 
@@ -269,7 +279,8 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     report = {
         "settings": {k: v for k, v in asdict(opts).items() if k != "progress"},
         "data": {"datalist": str(datalist_path), "training_cases": len(dl.training),
-                 "test_cases": len(dl.test), "classes": dl.labels,
+                 "test_cases": len(dl.test), "classes": dl.labels, "frames": opts.frames,
+                 "labelled_frames": labelled,
                  "seconds": round(t_data, 2)},
         "models": report_models,
         "corrupted_margin": margin,
@@ -296,8 +307,29 @@ def format_table(report: dict[str, Any]) -> str:
         )
     margin = report["corrupted_margin"]
     lines.append(f"temporal - per-frame Dice on corrupted frames: {margin:+.3f}")
+    data = report.get("data", {})
+    if "labelled_frames" in data:
+        n, t = len(data["labelled_frames"]), data["frames"]
+        lines.append(f"trained with {n} of {t} frames labelled per training sequence"
+                     + (f" (frames {data['labelled_frames']})" if n < t else "")
+                     + "; Dice over every frame of the held-out sequences")
     lines += ["", *format_by_corruption(report)]
     return "\n".join(lines)
+
+
+def _annotate_sparsely(datalist_path: Path, frames: int, n: int | None) -> list[int]:
+    """Declare only ``n`` frames of every training sequence annotated (``labelled_frames``;
+    the label files keep every frame, the others are then unannotated); returns them."""
+    from clstm4d.data import spread_frames
+
+    if n is None:
+        return list(range(frames))
+    chosen = spread_frames(frames, n)
+    raw = json.loads(Path(datalist_path).read_text())
+    for entry in raw["training"]:
+        entry["labelled_frames"] = chosen
+    atomic_write_text(Path(datalist_path), json.dumps(raw, indent=2) + "\n")
+    return chosen
 
 
 def format_by_corruption(report: dict[str, Any]) -> list[str]:

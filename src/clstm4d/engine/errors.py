@@ -19,6 +19,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, incomplete or written for another model."""
 
 
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint written in a newer format than this version of clstm4d reads."""
+
+
 class NonFiniteError(UserError):
     """Training stopped after too many consecutive steps with a non-finite loss or gradient."""
 

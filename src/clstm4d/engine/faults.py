@@ -4,7 +4,8 @@
   the loop finishes its step, writes a checkpoint and raises
   :class:`~clstm4d.engine.errors.Preempted`. Under ``torchrun`` the ranks agree through a
   collective (max of the flags), so every rank stops after the same step even when only one
-  of them got the signal. A second signal interrupts at once.
+  of them got the signal. A second SIGINT interrupts at once; a repeated SIGTERM (torchrun
+  forwards the one the cluster sent to every process) does not.
 - :class:`NonFiniteSteps`: a step whose loss or gradient norm is not finite is skipped (the
   optimizer does not step, as AMP's ``GradScaler`` does on overflow); skips are counted, and
   ``limit`` consecutive ones stop the run with
@@ -59,11 +60,15 @@ class StopOnSignal:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
         if self.received is not None:
-            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name})")
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: finishing this step, then writing a checkpoint "
-                    "(send it again to stop at once)", self.received)
+            if signum == signal.SIGINT:  # Ctrl-C twice: the user wants out now
+                raise KeyboardInterrupt(f"second signal ({name})")
+            log.warning("%s received again: still finishing the step", name)
+            return  # a repeated SIGTERM (torchrun forwards the cluster's): keep checkpointing
+        self.received = name
+        log.warning("%s received: finishing this step, then writing a checkpoint%s", name,
+                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
 
     def requested(self, distributed: bool = False, device: torch.device | None = None) -> bool:
         """Whether to stop now; under DDP a collective, so call it on every rank each step."""

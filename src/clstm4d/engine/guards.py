@@ -308,12 +308,7 @@ class RunLock:
                 elif holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
                     pass  # an earlier run of this same process that ended with an error
                 elif _alive(holder):
-                    raise UserError(
-                        f"run folder {self.path.parent} is in use by process "
-                        f"{holder.get('pid')} on {holder.get('host')} (since "
-                        f"{holder.get('since')}); wait for it or stop it, or choose another "
-                        f"--out (if that process is gone, delete {self.path})"
-                    ) from None
+                    raise self._in_use(holder) from None
                 else:
                     log.warning("taking over the lock of %s from process %s, which is gone",
                                 self.path.parent, holder.get("pid"))
@@ -325,6 +320,23 @@ class RunLock:
             return self
         raise UserError(f"could not lock run folder {self.path.parent} ({self.path} keeps "
                         "changing); is another process starting there?")
+
+    def _in_use(self, holder: dict) -> UserError:
+        return UserError(
+            f"run folder {self.path.parent} is in use by process {holder.get('pid')} on "
+            f"{holder.get('host')} (since {holder.get('since')}); wait for it or stop it, or "
+            f"choose another --out (if that process is gone, delete {self.path})"
+        )
+
+    def check(self) -> None:
+        """Raise the error :meth:`acquire` would for a lock held by another live process
+        (nothing is written)."""
+        import socket
+
+        holder = self._holder()
+        if holder and not (holder.get("pid") == os.getpid()
+                           and holder.get("host") == socket.gethostname()) and _alive(holder):
+            raise self._in_use(holder)
 
     def _mtime(self) -> float:
         try:
@@ -384,6 +396,7 @@ class RunFolder:
         """Check the folder (nothing is written); returns what to resume from (None: start
         at step 0)."""
         self.folder.check()
+        self.lock.check()
         if self._resumes_itself() and not self._checkpoints():
             log.info("no checkpoint in %s yet: starting at step 0", self.path)
             self.resume = None
@@ -396,7 +409,7 @@ class RunFolder:
             )
         return self.resume
 
-    def open(self) -> RunFolder:
+    def open(self) -> None:
         """Create and lock the folder, record it as a training run's, and (starting again
         with ``overwrite``) delete its old checkpoints."""
         import shutil
@@ -410,7 +423,6 @@ class RunFolder:
         except BaseException:
             self.lock.release()
             raise
-        return self
 
     def close(self) -> None:
         self.lock.release()

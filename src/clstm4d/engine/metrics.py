@@ -3,7 +3,9 @@
 Shape legend: ``n`` batch, ``t`` frames, ``k`` classes (0 = background), ``*s`` spatial axes.
 
 MONAI's losses and metrics take ``(B, K, *s)``; every function here folds ``(n, t)`` into
-``B`` so that every frame counts, and drops padded frames (``lengths``) before doing so.
+``B`` so that every frame counts, and drops padded frames (``lengths``) and frames without an
+annotation (``labelled``) before doing so. Voxels of the ``"ignore"`` class (``ignore_index``)
+count neither in the loss nor in the metrics.
 
 Examples:
     >>> import torch
@@ -24,6 +26,7 @@ import torch
 __all__ = [
     "SequenceLoss",
     "dice_per_frame",
+    "drop_ignored",
     "hd95_per_frame",
     "temporal_consistency",
     "valid_frames_mask",
@@ -39,43 +42,90 @@ def valid_frames_mask(lengths: torch.Tensor | None, n: int, t: int, device=None)
 
 
 class SequenceLoss(torch.nn.Module):
-    """Dice + cross-entropy over every real frame of a batch of sequences.
+    """Dice + cross-entropy over the annotated frames of a batch of sequences.
 
-    MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` applied to frames folded into the
-    batch; each frame's Dice is computed on its own (``batch=False``), so a frame with a small
-    structure counts as much as one with a large structure.
+    The frames that count (real, not padding beyond ``lengths``, and annotated where
+    ``labelled`` says so) are folded into one batch; the others are dropped before anything
+    is computed, so their logits and labels cannot change the loss or its gradient (the
+    model still ran over them, so the recurrence saw them). The Dice term is MONAI's
+    ``DiceLoss(to_onehot_y=True, softmax=True, include_background=False)`` with each frame's
+    Dice on its own (``batch=False``) and ``ignore_index`` masking; the cross-entropy term is
+    torch's, with ``ignore_index``, averaged over the non-ignored voxels. With every frame
+    annotated and no ignore class this equals MONAI's ``DiceCELoss``.
+
+    Reduction: every kept frame weighs the same (Dice: mean over frames and classes; CE: mean
+    over voxels), whichever window it came from. A batch of one window with 2 annotated frames
+    and one with 1 annotated frame is the mean over those 3 frames, not the mean of the two
+    windows' means; so training weighs each annotation equally, as if each annotated frame
+    were its own sample (``tests/test_engine_sparse.py`` checks both properties).
 
     Args:
         lambda_dice: weight of the Dice term.
         lambda_ce: weight of the cross-entropy term.
+        ignore_index: the label value of the ``"ignore"`` class (not predicted, so at least
+            the number of classes ``k``), or ``None``.
 
     Shape:
         - logits: ``(n, t, k, *s)``
-        - label: ``(n, t, *s)`` integer class indices
+        - label: ``(n, t, *s)`` integer class indices (``ignore_index`` allowed)
         - lengths: ``(n,)`` or ``None`` (all frames real)
-        - output: scalar
+        - labelled: ``(n, t)`` bool or ``None`` (all frames annotated)
+        - output: scalar (0, still attached to the graph, when no frame is annotated)
     """
 
-    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0):
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
+                 ignore_index: int | None = None):
         super().__init__()
-        from monai.losses import DiceCELoss
+        from monai.losses import DiceLoss
 
-        self.loss = DiceCELoss(
-            to_onehot_y=True, softmax=True, include_background=False,
-            lambda_dice=lambda_dice, lambda_ce=lambda_ce,
-        )
+        self.lambda_dice, self.lambda_ce = float(lambda_dice), float(lambda_ce)
+        self.ignore_index = ignore_index
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False,
+                             ignore_index=ignore_index)
 
-    def forward(self, logits: torch.Tensor, label: torch.Tensor, lengths=None) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, lengths=None,
+                labelled=None) -> torch.Tensor:
         if logits.dim() != label.dim() + 1 or logits.shape[:2] != label.shape[:2]:
             raise ValueError(
                 f"logits (n, t, k, *s) and label (n, t, *s) do not match: got logits "
                 f"{tuple(logits.shape)} and label {tuple(label.shape)}"
             )
         n, t = label.shape[:2]
-        mask = valid_frames_mask(lengths, n, t, logits.device).flatten()  # (n*t,)
-        x = logits.flatten(0, 1)[mask].float()  # (frames, k, *s)
-        y = label.flatten(0, 1)[mask].unsqueeze(1)  # (frames, 1, *s)
-        return self.loss(x, y)
+        k = logits.shape[2]
+        if self.ignore_index is not None and self.ignore_index < k:
+            raise ValueError(f"SequenceLoss: ignore_index {self.ignore_index} is a predicted "
+                             f"class (the model has {k} outputs); the ignore class must come "
+                             "after every predicted class")
+        mask = valid_frames_mask(lengths, n, t, logits.device)  # (n, t)
+        if labelled is not None:
+            labelled = torch.as_tensor(labelled, device=logits.device)
+            if labelled.shape != (n, t):
+                raise ValueError(f"labelled must be (n, t) = {(n, t)} bool, got shape "
+                                 f"{tuple(labelled.shape)}")
+            mask = mask & labelled.bool()
+        mask = mask.flatten()  # (n*t,)
+        x = logits.flatten(0, 1)[mask]  # (frames, k, *s)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision -> fp32
+        y = label.flatten(0, 1)[mask]  # (frames, *s)
+        if x.shape[0] == 0:
+            return logits.sum() * 0.0
+        loss = self.lambda_dice * self.dice(x, y.unsqueeze(1))
+        ignore = -100 if self.ignore_index is None else self.ignore_index
+        ce = torch.nn.functional.cross_entropy(x, y.long(), ignore_index=ignore,
+                                               reduction="sum")
+        counted = y.numel() if self.ignore_index is None else int((y != ignore).sum())
+        return loss + self.lambda_ce * ce / max(counted, 1)
+
+
+def drop_ignored(pred, label, ignore_index: int | None):
+    """``pred`` and ``label`` with the ``ignore_index`` voxels of ``label`` set to background
+    in both, so that foreground metrics leave them out (numpy or torch, ``(t, *s)``)."""
+    if ignore_index is None:
+        return pred, label
+    drop = label == ignore_index
+    if isinstance(label, torch.Tensor):
+        return pred.masked_fill(drop, 0), label.masked_fill(drop, 0)
+    return np.where(drop, 0, pred), np.where(drop, 0, label)
 
 
 def _onehot(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,10 +133,12 @@ def _onehot(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(x.long(), k).movedim(-1, 1).float()
 
 
-def dice_per_frame(pred, label, num_classes: int) -> torch.Tensor:
+def dice_per_frame(pred, label, num_classes: int,
+                   ignore_index: int | None = None) -> torch.Tensor:
     """Dice of every foreground class in every frame, via MONAI's ``compute_dice``.
 
-    A frame where a class is absent from both prediction and label scores 1.
+    A frame where a class is absent from both prediction and label scores 1. Voxels whose
+    label is ``ignore_index`` are left out (see :func:`drop_ignored`).
 
     Shape:
         - pred, label: ``(t, *s)`` integer class indices
@@ -100,15 +152,17 @@ def dice_per_frame(pred, label, num_classes: int) -> torch.Tensor:
             f"prediction and label must have the same shape (t, *s): got {tuple(pred.shape)} "
             f"and {tuple(label.shape)}"
         )
+    pred, label = drop_ignored(pred, label, ignore_index)
     d = compute_dice(_onehot(pred, num_classes), _onehot(label, num_classes),
                      include_background=False, ignore_empty=False)
     return d
 
 
-def hd95_per_frame(pred, label, num_classes: int,
-                   spacing: Sequence[float] | None = None) -> torch.Tensor:
+def hd95_per_frame(pred, label, num_classes: int, spacing: Sequence[float] | None = None,
+                   ignore_index: int | None = None) -> torch.Tensor:
     """95th-percentile Hausdorff distance per frame and foreground class (physical units when
     ``spacing`` is given), via MONAI. NaN where the class is absent from prediction or label.
+    Voxels whose label is ``ignore_index`` count as background in both.
 
     Shape:
         - pred, label: ``(t, *s)``
@@ -119,6 +173,7 @@ def hd95_per_frame(pred, label, num_classes: int,
     from monai.metrics import compute_hausdorff_distance
 
     pred, label = torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(label))
+    pred, label = drop_ignored(pred, label, ignore_index)
     p, y = _onehot(pred, num_classes), _onehot(label, num_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns for every empty class

@@ -68,20 +68,24 @@ def _overlay(gray: np.ndarray, labels: np.ndarray | None, alpha: float = 0.45) -
 
 def plot_dice_per_frame(curves: Mapping[str, Sequence[float]], path: str | Path, *,
                         corrupted: Sequence[int] = (), title: str = "Dice per frame",
-                        ylabel: str = "Dice (mean over foreground classes)") -> Path:
+                        ylabel: str = "Dice (mean over foreground classes)",
+                        frames: Sequence[int] | None = None) -> Path:
     """Line plot of one Dice curve per model, corrupted frames shaded.
 
     Args:
         curves: model name -> Dice of each frame.
         path: the PNG to write.
         corrupted: frame indices to shade.
+        frames: the frame index of each value (default 0, 1, ...), for curves scored on
+            some frames only.
     """
     plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     for f in corrupted:
         ax.axvspan(f - 0.5, f + 0.5, color="0.85", lw=0)
     for name, values in curves.items():
-        ax.plot(np.arange(len(values)), values, marker="o", ms=3.5, label=name)
+        x = np.arange(len(values)) if frames is None else np.asarray(frames)
+        ax.plot(x, values, marker="o", ms=3.5, label=name)
     if len(corrupted):
         ax.plot([], [], color="0.85", lw=8, label="corrupted frame")
     ax.set_xlabel("frame")

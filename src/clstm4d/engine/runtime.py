@@ -168,6 +168,14 @@ class PeakMemory:
             self._thread.start()
         return self
 
+    def so_far(self) -> int:
+        """The peak above the level at entry until now (bytes), inside the ``with`` block."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device) - self._base)
+        if self._base is None:
+            return 0
+        return int(max(self._peak, _rss_bytes() or 0) - self._base)
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             self._peak = max(self._peak, _rss_bytes() or 0)

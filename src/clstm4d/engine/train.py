@@ -44,7 +44,7 @@ from .guards import RunFolder
 from .metrics import SequenceLoss
 from .runtime import DistInfo, PeakMemory, amp_dtype, autocast, init_distributed
 
-__all__ = ["EpochStream", "StepBatchSampler", "TrainResult", "fit", "train"]
+__all__ = ["EpochStream", "StepBatchSampler", "TrainResult", "fit", "param_groups", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,26 @@ def _mean_over_ranks(value: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
     return value
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: ``weight_decay`` on convolution and linear weights (tensors of
+    2 or more dimensions) only; none on norm weights, biases (the LSTM's forget-gate bias
+    included) and peephole weights, which are all 1-D: decaying them pulls norms towards
+    zero gain and the forget bias away from its initial value.
+
+    Examples:
+        >>> from clstm4d import ConvLSTM
+        >>> groups = param_groups(ConvLSTM(2, 1, 4, 3, peephole=True), 1e-4)
+        >>> [(g["weight_decay"], len(g["params"])) for g in groups]
+        [(0.0001, 2), (0.0, 3)]
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 def _unscaled_grad_norm(model: torch.nn.Module, optimizer, scaler, cfg: TrainConfig
                         ) -> torch.Tensor:
     """Unscale (fp16), clip to ``cfg.grad_clip`` if set, and return the total gradient norm
@@ -225,12 +245,15 @@ def fit(
     dist_info: DistInfo | None = None,
     device: torch.device | None = None,
     overwrite: bool = False,
+    ignore_index: int | None = None,
+    predicted_peak: int | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps.
 
     Args:
         model: ``(n, t, c, *s) -> (n, t, k, *s)`` logits; moved to ``device``.
-        dataset: items ``{"image": (t, c, *s), "label": (t, *s), "length": int (optional)}``.
+        dataset: items ``{"image": (t, c, *s), "label": (t, *s), "length": int (optional),
+            "labelled": (t,) bool (optional: the annotated frames; the loss sees only those)}``.
         cfg: optimiser, schedule, precision, logging and checkpoint settings; ``cfg.out`` is
             the run folder (``checkpoints/``, ``metrics.jsonl``, ``metrics.csv``).
         batch_size: samples per step on each process.
@@ -245,6 +268,10 @@ def fit(
         overwrite: start again from step 0 in a ``cfg.out`` that holds a run (without it,
             such a folder is continued only with ``resume``; see
             :class:`~clstm4d.engine.guards.RunFolder`).
+        ignore_index: label value of the ``"ignore"`` class (left out of the loss), or None.
+        predicted_peak: the memory model's estimate of a step (bytes); after the first step
+            the measured peak (above the start, plus the parameters) is logged next to it
+            (``peak_mb`` and ``predicted_peak_mb`` in the metrics and ``state.json``).
 
     Returns:
         A :class:`TrainResult` (on ranks other than 0 ``checkpoint`` is None).
@@ -271,10 +298,10 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = SequenceLoss(cfg.lambda_dice, cfg.lambda_ce)
+    loss_fn = SequenceLoss(cfg.lambda_dice, cfg.lambda_ce, ignore_index)
     start = 0
     run = RunFolder(out, resume=resume, overwrite=overwrite)
     resume = decide_on_rank0(lambda: _resume_point(run), dist_info.distributed,
@@ -293,8 +320,7 @@ def fit(
                         num_workers=num_workers, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator(), persistent_workers=False)
     main = dist_info.is_main
-    if main:
-        run.open()
+    decide_on_rank0(run.open, dist_info.distributed, main)  # create, lock, record the folder
     mlog = _MetricsLog(out, start) if main else None
     bar = None
     if main and cfg.progress:
@@ -305,6 +331,7 @@ def fit(
     ck_path = None
     t_start = time.perf_counter()
     running, count = 0.0, 0
+    memory: dict[str, float] = {}
 
     def save(step: int) -> Path | None:
         if not main:
@@ -312,7 +339,7 @@ def fit(
         return save_checkpoint(ckdir, model, step=step, config=config, optimizer=optimizer,
                                scheduler=scheduler, scaler=scaler,
                                extra={"history": history[-1:] if history else [],
-                                      "nonfinite": skipped.state()},
+                                      "nonfinite": skipped.state(), **memory},
                                keep=cfg.keep_checkpoints)
 
     with PeakMemory(device) as peak, run, StopOnSignal() as stop:
@@ -321,10 +348,11 @@ def fit(
             net.train()
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
-            lengths = batch.get("length")
+            lengths, labelled = batch.get("length"), batch.get("labelled")
             with autocast(device, dtype):
                 logits = net(x)
-            loss = loss_fn(logits, y, None if lengths is None else lengths.to(device))
+            loss = loss_fn(logits, y, None if lengths is None else lengths.to(device),
+                           None if labelled is None else labelled.to(device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             value = _mean_over_ranks(loss.detach(), dist_info)
@@ -335,6 +363,8 @@ def fit(
             scheduler.step()
             step += 1
             skipped.update(finite, step)
+            if step == start + 1 and predicted_peak is not None:
+                memory = _first_step_memory(peak, model, predicted_peak)
             if finite:
                 running += float(value)
                 count += 1
@@ -353,6 +383,8 @@ def fit(
             ):
                 row = row or {"step": step, "seconds": round(time.perf_counter() - t_start, 3)}
                 row.update(validate(model))
+            if memory and step == start + 1:
+                row = {**(row or {"step": step}), **memory}
             if row is not None:
                 history.append(row)
                 if mlog is not None:
@@ -384,14 +416,31 @@ def fit(
     return TrainResult(ck_path, step, seconds, int(peak.peak_bytes), history)
 
 
+def _first_step_memory(peak: PeakMemory, model: torch.nn.Module, predicted: int
+                       ) -> dict[str, float]:
+    from .plan import first_step_memory
+
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    memory = first_step_memory(peak.so_far() + params, predicted)
+    log.info("first step: peak memory %.0f MiB, predicted %.0f MiB", memory["peak_mb"],
+             memory["predicted_peak_mb"])
+    return memory
+
+
 def train(cfg: Config, *, resume: str | Path | None = None,
-          progress_validation: bool = True, overwrite: bool = False) -> TrainResult:
+          progress_validation: bool = True, overwrite: bool = False,
+          force: bool = False) -> TrainResult:
     """Train the model described by ``cfg`` on ``cfg.data.datalist``.
 
     The model's missing sizes come from the data: ``spatial_dims`` and ``out_channels``
-    (number of classes) from the datalist, ``in_channels`` from the first case. With
-    ``data.spacing`` set, the training cases are resampled to that voxel size first. Validation
-    (mean Dice over the frames of the datalist's ``validation`` cases) runs on rank 0.
+    (number of classes, the ``"ignore"`` class left out) from the datalist, ``in_channels``
+    from the first case. With ``data.spacing`` set, the training cases are resampled to that
+    voxel size first. Validation (mean Dice over the annotated frames of the datalist's
+    ``validation`` cases) runs on rank 0.
+
+    Before the first step the memory model's estimate of a step is compared with what the
+    device has free (:func:`~clstm4d.engine.plan.check_training_memory`): a run predicted not
+    to fit stops with a :class:`UserError` unless ``force``.
     """
     from .builders import build_dataset, build_model, load_cases, make_validator
 
@@ -407,9 +456,13 @@ def train(cfg: Config, *, resume: str | Path | None = None,
         train_cases = [resample_case(c, cfg.data.spacing) for c in train_cases]
     model, run = build_model(cfg, datalist, train_cases)
     dataset = build_dataset(cfg, train_cases, run)
+    from .plan import check_training_memory
+
+    estimate = check_training_memory(cfg, run, train_cases, device, force=force)
     validate = None
     if val_cases and progress_validation:
         validate = make_validator(run, val_cases, device)
     return fit(model, dataset, cfg.train, batch_size=cfg.data.batch_size, config=run.to_dict(),
                resume=resume, validate=validate, num_workers=cfg.data.num_workers,
-               dist_info=dist_info, device=device, overwrite=overwrite)
+               dist_info=dist_info, device=device, overwrite=overwrite,
+               ignore_index=datalist.ignore_index, predicted_peak=estimate.total)

@@ -331,6 +331,12 @@ class TimeResolvedUNet(nn.Module):
         """True when chunked inference with the state carried equals one pass."""
         return not self.bidirectional
 
+    @property
+    def checkpoint_levels(self) -> frozenset[int]:
+        """The levels recomputed in backward with ``checkpoint=True`` (see
+        :data:`CHECKPOINT_MIN_SHARE`); empty without it."""
+        return self._checkpoint_levels
+
     def _check_state(self, state: Any) -> list[Any]:
         count = len(self.recurrence)
         if state is None:

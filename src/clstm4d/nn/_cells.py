@@ -111,11 +111,13 @@ class _LSTM(CellSpec):
             i = _addcmul(i, peep[0], c, inplace)
             f = _addcmul(f, peep[1], c, inplace)
         i, f, g = _sigmoid(i, inplace), _sigmoid(f, inplace), _tanh(g, inplace)
-        c_new = torch.addcmul(f * c, i, g)
+        c_new = (f * c).addcmul_(i, g)  # in place on a temporary: fine under autograd too
         if peep is not None:
             o = _addcmul(o, peep[2], c_new, inplace)
         o = _sigmoid(o, inplace)
-        return (o * torch.tanh(c_new), c_new), None
+        # in place: one temporary less (autograd needs tanh's output unchanged)
+        h = torch.tanh(c_new).mul_(o) if inplace else o * torch.tanh(c_new)
+        return (h, c_new), None
 
     def aux(self, state, extra):
         return state[1]

@@ -23,15 +23,16 @@ The fused path in short:
 - ``checkpoint``: the forward keeps only the output and the state at segment starts; the
   backward recomputes each segment (input convolution included) with the same runner.
 
-Precision: the convolutions run in ``Spec.dtype`` (the autocast dtype, bfloat16 or float16)
-and everything else in the parameters' dtype (float32): the gate pre-activations are
-accumulated in float32 (``conv + bias`` and ``+ W_hh h``), the gate non-linearities, the cell
-state and the carried hidden state stay float32 (the state accumulates over frames; its
-rounding would compound and make streamed chunks differ from one pass), and so do the gate
-gradients, the bias gradients and the weight-gradient sums over segments. The output comes
-back in the convolution dtype; ``h_n`` and ``c_n`` in float32. The low-precision copies of
-the weights are made where a convolution needs them and dropped right after (they are never
-saved for backward: at a 512-channel bottleneck they would hold 113 MB until backward).
+Precision: the convolutions run in ``Spec.dtype`` (the autocast dtype, bfloat16 or float16;
+float32 accumulation, the bias added inside, the result rounded once) and everything else in
+the parameters' dtype (float32): the input and hidden gates are summed in float32, and the
+gate non-linearities, the cell state and the carried hidden state stay float32 (the state
+accumulates over frames; its rounding would compound and make streamed chunks differ from one
+pass), and so do the gate gradients, the bias gradients and the weight-gradient sums over
+segments. The output comes back in the convolution dtype; ``h_n`` and ``c_n`` in float32.
+The low-precision copies of the weights are made where a convolution needs them and dropped
+right after (they are never saved for backward: at a 512-channel bottleneck they would hold
+113 MB until backward).
 
 Shape legend: ``n`` batch, ``t`` time, ``k`` frames of a segment, ``c`` input channels,
 ``h`` hidden channels, ``g`` gates, ``*s`` spatial axes.
@@ -110,19 +111,17 @@ def _lo_hi(seg: range) -> tuple[int, int]:
 def gate_conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad: tuple[int, ...],
               dilation: tuple[int, ...], dtype: torch.dtype | None) -> Tensor:
     """Autograd 'same' convolution ``(b, c, *s) -> (b, o, *s)`` in ``dtype`` (None: the
-    weight's), returned in the weight's dtype with the bias added in that dtype."""
+    weight's), returned in the weight's dtype."""
     param_dtype = weight.dtype
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     sym = all(a == b for a, b in zip(pad[::2], pad[1::2], strict=True))
     padding = tuple(pad[::2][::-1]) if sym else 0
     if not sym:
         x = F.pad(x, pad)
-    conv = _CONV[weight.dim() - 2]
-    if dtype is None:
-        return conv(x, weight, bias, padding=padding, dilation=dilation)
-    y = conv(x, weight, None, padding=padding, dilation=dilation).to(param_dtype)
-    return y if bias is None else y + _bcast(bias, y.dim())
+    y = _CONV[weight.dim() - 2](x, weight, bias, padding=padding, dilation=dilation)
+    return y.to(param_dtype)
 
 
 def reference_step(spec: Spec, gx: Tensor, state: tuple[Tensor, ...], w_hh: Tensor,
@@ -218,28 +217,26 @@ class _Direction:
         return w.to(self.dtype)
 
     def conv(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-        """'same' convolution of ``x`` with ``w`` (both in the convolution dtype); the bias is
-        added in the state dtype when the two differ (then the result is in that dtype)."""
+        """'same' convolution in the convolution dtype (``w`` already in it; the result too:
+        the caller converts it, where it is added into a float32 buffer)."""
         spec = self.spec
-        if self.dtype == self.state_dtype:
-            return kernels.conv(x, w, bias, spec.pad, spec.dilation)
-        y = kernels.conv(x.to(self.dtype), w, None, spec.pad, spec.dilation)
-        return y if bias is None else y + _bcast(bias, y.dim())
+        bias = None if bias is None else bias.to(self.dtype)
+        return kernels.conv(x.to(self.dtype), w, bias, spec.pad, spec.dilation)
 
     def zero_state_gates(self) -> Tensor | None:
         """The hidden gates of a zero hidden state: the hidden bias (broadcast) or None."""
         b = self.b_hh
-        return None if b is None else _bcast(b, len(self.frame_shape))
+        return None if b is None else _bcast(b.to(self.dtype), len(self.frame_shape))
 
     # -- forward and recompute ------------------------------------------------------------
-    def run_segment(self, si: int, state: tuple[Tensor, ...], out: Tensor | None,
-                    aux: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def run_segment(self, si: int, state: tuple[Tensor, ...], out: Tensor,
+                    aux: Tensor | None, write: bool = True) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Run the frames of segment ``si`` from ``state``.
 
         Returns the activated gates ``(n, k, g*h, *s)`` (state dtype) and the state after
-        the segment. Writes each frame's output into ``out`` ``(n, t, h, *s)`` unless None
-        (a recompute: the output exists) and the cell's per-frame tensor for the backward
-        into ``aux`` ``(n, k, h, *s)`` unless None.
+        the segment. Writes each frame's output into ``out`` ``(n, t, h, *s)`` if ``write``
+        (else it is a recompute, and the output exists) and the cell's per-frame tensor for
+        the backward into ``aux`` ``(n, k, h, *s)`` unless None.
         """
         seg = self.segments[si]
         lo, hi = _lo_hi(seg)
@@ -247,19 +244,23 @@ class _Direction:
         gates = self.conv(self.x[:, lo:hi].flatten(0, 1), self.weight(self.w_ih), self.b_x)
         gates = gates.to(self.state_dtype).unflatten(0, (self.n, hi - lo))
         w_hh = self.weight(self.w_hh)
+        h_conv = None  # the hidden state in the convolution dtype, when already at hand
         for ti in seg:
             j = ti - lo
             if ti == self.order[0] and self.h0 is None:
                 gh = self.zero_state_gates()  # the first frame's hidden conv of zeros
             else:
-                gh = self.conv(state[0].to(self.dtype), w_hh, self.b_hh)
+                h_conv = state[0].to(self.dtype) if h_conv is None else h_conv
+                gh = self.conv(h_conv, w_hh, self.b_hh)
             new, extra = self.cell.update(gates[:, j], gh, state, self.peep, inplace=True)
+            h_conv = None
             if self.mask is None:
-                if out is not None:
+                if write:
                     out[:, ti].copy_(new[0])
+                h_conv = out[:, ti]  # == h in the convolution dtype: no second cast
             else:
                 m = self.mask_at(ti)
-                if out is not None:
+                if write:
                     torch.mul(new[0], m, out=out[:, ti])
                 new = tuple(torch.where(m, a, b) for a, b in zip(new, state, strict=True))
             if aux is not None:
@@ -311,7 +312,8 @@ class _Direction:
         lo, hi = _lo_hi(seg)
         if not kept:  # checkpoint: run the segment again
             aux = self.new(hi - lo)
-            gates, _ = self.run_segment(si, self.segment_start(si, starts, out), None, aux)
+            gates, _ = self.run_segment(si, self.segment_start(si, starts, out), out, aux,
+                                        write=False)
             return gates, aux
         gates = kept[si]
         if not self.cell.aux_from_gates:

@@ -96,7 +96,7 @@ def _same_padding(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[i
 class _ConvRNNBase(nn.Module):
     """Owns validation, parameters, initialisation, convolutions and the cell step."""
 
-    _cell: CellSpec = LSTM  # set by subclasses: LSTM | GRU
+    _CELL: CellSpec = LSTM  # set by subclasses: LSTM | GRU
     _is_cell = False
 
     def __init__(
@@ -118,6 +118,8 @@ class _ConvRNNBase(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        # an instance attribute: torch.compile (dynamo 2.4) cannot read it from the class
+        self._cell = self._CELL
         owner = type(self).__name__
         if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
             raise ValueError(f"{owner}: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
@@ -347,7 +349,7 @@ class ConvLSTMCell(_ConvCellBase):
         ((2, 8, 16, 16), (2, 8, 16, 16))
     """
 
-    _cell = LSTM
+    _CELL = LSTM
 
     def __init__(
         self,
@@ -415,7 +417,7 @@ class ConvGRUCell(_ConvCellBase):
         (2, 4, 5, 8, 8)
     """
 
-    _cell = GRU
+    _CELL = GRU
 
     def __init__(
         self,
@@ -665,7 +667,7 @@ class ConvLSTM(_ConvRNNLayerBase):
         >>> more, state = lstm(torch.randn(1, 3, 2, 6, 10, 10), (h_n, c_n))   # continue
     """
 
-    _cell = LSTM
+    _CELL = LSTM
 
     def __init__(
         self,
@@ -758,7 +760,7 @@ class ConvGRU(_ConvRNNLayerBase):
         ((2, 7, 10, 33), (2, 2, 5, 33))
     """
 
-    _cell = GRU
+    _CELL = GRU
 
     def __init__(
         self,

@@ -1,0 +1,178 @@
+"""Faults in writing and reading checkpoints: a full disk or an I/O error part-way, a damaged
+newest checkpoint, a checkpoint of a newer format. What must survive: the previous checkpoint,
+`latest.json` pointing at it, and an exact resume from it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clstm4d.engine import checkpoint as ckmod
+from clstm4d.engine.checkpoint import find_checkpoint, verify_checkpoint
+from clstm4d.engine.errors import CheckpointError, CheckpointFormatError
+from clstm4d.engine.guards import LOCK
+from clstm4d.engine.train import fit
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+from engine_toys import ToySequences, ToyTemporalNet  # noqa: E402
+from fault_toys import toy_config  # noqa: E402
+
+
+def _losses(out):
+    return [(r["step"], r["loss"]) for r in
+            map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())]
+
+
+def _train(out, steps=6, resume=None, **kw):
+    torch.manual_seed(0)
+    model = ToyTemporalNet(dropout=0.2)
+    fit(model, ToySequences(), toy_config(out, steps, checkpoint_every=2, **kw), batch_size=2,
+        config={"model": {"name": "toy"}}, resume=resume)
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: its loss curve is what every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    _train(out)
+    return _losses(out)
+
+
+def _fail_on_call(real, n, error):
+    """Wrap ``real`` so that its ``n``-th call writes half of what it would and then raises."""
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] != n:
+            return real(*args, **kwargs)
+        real(*args, **kwargs)
+        target = args[1] if len(args) > 1 else args[0]
+        if isinstance(target, (str, os.PathLike)) and Path(target).is_file():
+            data = Path(target).read_bytes()  # leave it cut short, as a full disk would
+            Path(target).write_bytes(data[: len(data) // 2])
+        raise error
+
+    return wrapper
+
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fault", ["model.safetensors", "optimizer.safetensors", "fsync",
+                                   "latest.json"])
+def test_a_write_that_fails_part_way_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                   reference, fault):
+    import safetensors.torch
+
+    # each checkpoint writes model, optimizer, rng (3 save_file calls), fsyncs its 5 files,
+    # then writes (and fsyncs) latest.json: fail in the second checkpoint (step 4)
+    if fault == "model.safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file",
+                            _fail_on_call(safetensors.torch.save_file, 4, ENOSPC))
+    elif fault == "optimizer.safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file",
+                            _fail_on_call(safetensors.torch.save_file, 5, ENOSPC))
+    elif fault == "fsync":
+        monkeypatch.setattr(ckmod.os, "fsync",
+                            _fail_on_call(os.fsync, 8, OSError(errno.EIO, "I/O error")))
+    else:
+        monkeypatch.setattr(ckmod, "atomic_write_text",
+                            _fail_on_call(ckmod.atomic_write_text, 2, ENOSPC))
+    with pytest.raises(OSError):
+        _train(tmp_path)
+    monkeypatch.undo()
+    ckdir = tmp_path / "checkpoints"
+    assert json.loads((ckdir / "latest.json").read_text())["checkpoint"] == "step_000002"
+    assert verify_checkpoint(ckdir / "step_000002")
+    assert not [p.name for p in ckdir.iterdir() if p.name.startswith(".")]  # no temporaries
+    assert not (tmp_path / LOCK).exists()
+    if fault != "latest.json":  # the failed checkpoint never appeared under its name
+        assert not (ckdir / "step_000004").exists()
+    assert find_checkpoint(tmp_path) == ckdir / "step_000002"
+    _train(tmp_path, resume=tmp_path)
+    assert _losses(tmp_path) == reference  # resumed exactly from the previous checkpoint
+
+
+def _truncate(path: Path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGE = {
+    "model cut short": lambda ck: _truncate(ck / "model.safetensors"),
+    "optimizer header garbage": lambda ck: (ck / "optimizer.safetensors").write_bytes(
+        b"\xff" * 8 + (ck / "optimizer.safetensors").read_bytes()[8:]),
+    "rng missing": lambda ck: (ck / "rng.safetensors").unlink(),
+    "state.json cut short": lambda ck: _truncate(ck / "state.json", 0.3),
+    "config.json empty": lambda ck: (ck / "config.json").write_text(""),
+    "folder empty": lambda ck: [p.unlink() for p in ck.iterdir()],
+    "latest.json cut short": lambda ck: _truncate(ck.parent / "latest.json", 0.5),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_valid_one(tmp_path, caplog,
+                                                                        reference, damage):
+    _train(tmp_path, steps=4)  # checkpoints at steps 2 and 4
+    ckdir = tmp_path / "checkpoints"
+    DAMAGE[damage](ckdir / "step_000004")
+    if damage == "latest.json cut short":  # the pointer is damaged, step 4 itself is fine
+        with caplog.at_level(logging.WARNING, logger="clstm4d.engine.checkpoint"):
+            assert find_checkpoint(tmp_path) == ckdir / "step_000004"
+        assert "latest.json is unreadable" in caplog.text
+        return
+    with caplog.at_level(logging.WARNING, logger="clstm4d.engine.checkpoint"):
+        assert find_checkpoint(tmp_path) == ckdir / "step_000002"
+    assert "step_000004" in caplog.text and "newest valid checkpoint" in caplog.text
+    with pytest.raises(CheckpointError):
+        verify_checkpoint(ckdir / "step_000004")
+    _train(tmp_path, resume=tmp_path)
+    assert _losses(tmp_path) == reference
+    assert verify_checkpoint(ckdir / "step_000004")  # written again, whole this time
+
+
+def test_no_valid_checkpoint_is_one_line_at_the_cli(tmp_path, capsys):
+    from clstm4d.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "data"), "--cases", "2", "--frames", "4",
+                 "--size", "16", "--validation", "0"]) == 0
+    common = ["--datalist", str(tmp_path / "data" / "datalist.json"), "--out",
+              str(tmp_path / "run"), "--batch-size", "1", "--set", "data.window=2", "--set",
+              "train.progress=false", "--set", "model.channels=[2, 4]", "--set",
+              "train.checkpoint_every=1", "--steps", "2"]
+    assert main(["train", *common]) == 0
+    for ck in (tmp_path / "run" / "checkpoints").glob("step_*"):
+        _truncate(ck / "model.safetensors")
+    capsys.readouterr()
+    for argv in (["train", *common, "--resume"],
+                 ["predict", "--checkpoint", str(tmp_path / "run"), "--input",
+                  str(tmp_path / "data" / "imagesTr" / "case_000.nii.gz"), "--output",
+                  str(tmp_path / "seg.nii.gz")]):
+        rc = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert "no valid checkpoint in" in err and "incomplete metadata" in err, err
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path):
+    _train(tmp_path, steps=4)
+    state = tmp_path / "checkpoints" / "step_000004" / "state.json"
+    doc = json.loads(state.read_text())
+    assert doc["format"] == ckmod.FORMAT_VERSION == 1
+    state.write_text(json.dumps({**doc, "format": 2}))
+    with pytest.raises(CheckpointFormatError, match="format version 2; .* reads versions up to "
+                                                     "1: upgrade clstm4d"):
+        find_checkpoint(tmp_path)  # no silent fall back to the older step 2
+    with pytest.raises(CheckpointFormatError):
+        _train(tmp_path, resume=tmp_path)
