@@ -94,15 +94,18 @@ def test_a_lost_rank_makes_the_other_fail_within_the_timeout(tmp_path, fault):
             [sys.executable, SCRIPT, str(out), "1000", f"--{fault[:-1]}-at", "7", "--rank", "1",
              "--timeout", str(timeout), "--checkpoint-every", "2"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    metrics, t_lost = out / "metrics.jsonl", None
+    metrics, t_lost, t_start = out / "metrics.jsonl", None, time.monotonic()
     try:
         deadline = time.monotonic() + 180
         while not (out / "result0.json").exists() and time.monotonic() < deadline:
-            if t_lost is None and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                t_lost = time.monotonic()  # step 3 done: rank 1 is lost in step 4
+            if t_lost is None and ((metrics.exists() and len(metrics.read_text().splitlines())
+                                    >= 3) or procs[1].poll() is not None):
+                t_lost = time.monotonic()  # step 3 done (or rank 1 gone): lost in step 4
             time.sleep(0.05)
         code0 = procs[0].wait(timeout=60)
-        waited = time.monotonic() - t_lost
+        # rank 0 may fail between two polls of the loss: then time from the start (an upper
+        # bound, so the check below only gets stricter)
+        waited = time.monotonic() - (t_start if t_lost is None else t_lost)
     finally:
         for p in procs:
             p.kill()
