@@ -18,7 +18,9 @@ from typing import Any
 
 
 def add_common_arguments(p) -> None:
-    p.add_argument("--out", required=True, help="folder for data, runs and results")
+    p.add_argument("--out", default=None,
+                   help="folder for data, runs and results (required: without it the script "
+                        "only says what it would train, so that `clstm4d bench` stays short)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -34,6 +36,10 @@ def add_common_arguments(p) -> None:
 
 
 def variants(args, defaults: dict[str, list[str]]) -> dict[str, list[str]]:
+    if args.out is None:
+        print(f"skipped: this benchmark trains {len(args.variant or defaults)} models "
+              f"({args.steps} steps each; tens of CPU minutes); run it with --out DIR")
+        raise SystemExit(0)
     chosen = ({v[0]: v[1:] for v in args.variant} if args.variant else dict(defaults))
     if args.only:
         unknown = [n for n in args.only if n not in chosen]
@@ -59,7 +65,8 @@ def base_config(args, datalist: Path, run_out: Path, **data: Any) -> dict[str, A
 
 
 def train_variant(base: dict[str, Any], overrides: list[str]):
-    """Train one variant; returns ``(Predictor of the final checkpoint, seconds)``."""
+    """Train one variant; returns ``(Predictor of the final checkpoint, wall seconds, CPU
+    seconds)`` (``time.process_time``: what a loaded, shared machine does not inflate)."""
     import torch
 
     from clstm4d.engine.config import Config
@@ -67,10 +74,10 @@ def train_variant(base: dict[str, Any], overrides: list[str]):
     from clstm4d.engine.train import train
 
     torch.set_num_threads(int(base["train"]["threads"]))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     res = train(Config.from_dict(base, overrides=overrides), progress_validation=False)
     predictor = Predictor.from_checkpoint(res.checkpoint, device="cpu", amp="none")
-    return predictor, time.perf_counter() - t0
+    return predictor, time.perf_counter() - t0, time.process_time() - cpu0
 
 
 def save_result(path: Path, result: dict[str, Any]) -> None:

@@ -16,9 +16,9 @@ per-frame model's previous prediction, onto each degraded frame.
 A variant is a name plus configuration overrides. Default variants (the first is the
 baseline the gains are measured against):
 
-    per-frame              model.temporal=none
+    per-frame              model.temporal=none data.degrade=false
     per-frame+aug          model.temporal=none data.degrade=true
-    bottleneck             model.temporal=bottleneck
+    bottleneck             model.temporal=bottleneck data.degrade=false
     bottleneck+aug         model.temporal=bottleneck data.degrade=true
     skips+aug              model.temporal=skips data.degrade=true
     bidirectional+aug      model.temporal=bottleneck model.bidirectional=true data.degrade=true
@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _temporal as common  # noqa: E402
 
 DEFAULT_VARIANTS = {
-    "per-frame": ["model.temporal=none"],
+    "per-frame": ["model.temporal=none", "data.degrade=false"],
     "per-frame+aug": ["model.temporal=none", "data.degrade=true"],
-    "bottleneck": ["model.temporal=bottleneck"],
+    "bottleneck": ["model.temporal=bottleneck", "data.degrade=false"],
     "bottleneck+aug": ["model.temporal=bottleneck", "data.degrade=true"],
     "skips+aug": ["model.temporal=skips", "data.degrade=true"],
     "bidirectional+aug": ["model.temporal=bottleneck", "model.bidirectional=true",
@@ -176,56 +176,96 @@ def main() -> None:
                 continue
             base = common.base_config(args, datalist, Path(args.out) / "runs" / common.slug(name),
                                       window=args.window, roi=roi, foreground_prob=0.5)
-            predictor, seconds = common.train_variant(base, overrides)
+            predictor, seconds, cpu = common.train_variant(base, overrides)
             result, preds = evaluate(predictor, test, num_classes)
             if args.data == "c2c12":
                 result["copy_previous_prediction"] = copy_previous(test, preds)
-            result.update(name=name, overrides=overrides, train_seconds=round(seconds, 1))
+            result.update(name=name, overrides=overrides, steps=args.steps, batch=args.batch,
+                          window=args.window, degrade=args.degrade,
+                          train_seconds=round(seconds, 1),
+                  train_cpu_seconds=round(cpu, 1))
             common.save_result(result_path, result)
     results = common.load_results(results_dir, chosen)
     if not results:
         return
     names = list(results)
+    report(args, results, names, copy_previous(test))
+
+
+def family_means(by_kind: dict[str, float]) -> dict[str, float]:
+    """Mean Dice over the partial and over the full families present (each family counts
+    once, whatever its number of frames: the target's "mean over the types")."""
+    from clstm4d.data.degrade import FULL, PARTIAL
+
+    out = {}
+    for group, kinds in (("partial", PARTIAL), ("full", FULL)):
+        values = [by_kind[k] for k in kinds if k in by_kind]
+        out[group] = float(np.mean(values)) if values else float("nan")
+    return out
+
+
+def _round(v: float) -> float | None:
+    return None if not np.isfinite(v) else round(float(v), 4)
+
+
+def _cell(v: float, width: int, sign: bool = False) -> str:
+    return f"{'-':>{width}}" if not np.isfinite(v) else f"{v:>+{width}.3f}" if sign else \
+        f"{v:>{width}.3f}"
+
+
+def report(args, results: dict, names: list[str], truth: dict) -> None:
     from clstm4d.data.degrade import DEGRADATIONS
 
-    kinds = sorted(next(iter(results.values()))["dice_by_kind"], key=DEGRADATIONS.index)
+    kinds = sorted(results[names[0]]["dice_by_kind"], key=DEGRADATIONS.index)
     base = results[names[0]]
-    print(f"degraded frames, {args.data}, {args.steps} steps x batch {args.batch} x window "
-          f"{args.window}, seed {args.seed}; Dice (mean over foreground classes)")
-    head = (f"{'variant':<20} {'clean':>6} {'degr.':>6} {'gain':>6} "
-            + " ".join(f"{k[:8]:>8}" for k in kinds)
+    base_groups = family_means(base["dice_by_kind"])
+    steps, batch, window = (base.get(k, getattr(args, k)) for k in ("steps", "batch", "window"))
+    print(f"degraded frames, {args.data}, {steps} steps x batch {batch} x window {window}, "
+          f"seed {args.seed}, degradations {base.get('degrade') or args.degrade or 'default'}; "
+          f"Dice (mean over foreground classes); gains over {names[0]}; partial/full = mean "
+          f"over those families")
+    head = (f"{'variant':<20} {'clean':>6} {'gain':>6} {'partial':>7} {'gain':>6} {'full':>6} "
+            f"{'gain':>6} " + " ".join(f"{k[:8]:>8}" for k in kinds)
             + f" {'cons.D':>6} {'dV err':>6} {'rough':>6}")
     print(head)
     print("-" * len(head))
+    lines = []
     for n in names:
         r = results[n]
-        print(f"{n:<20} {r['dice_clean']:>6.3f} {r['dice_degraded']:>6.3f} "
-              f"{r['dice_degraded'] - base['dice_degraded']:>+6.3f} "
+        g = family_means(r["dice_by_kind"])
+        print(f"{n:<20} {r['dice_clean']:>6.3f} {r['dice_clean'] - base['dice_clean']:>+6.3f} "
+              f"{_cell(g['partial'], 7)} {_cell(g['partial'] - base_groups['partial'], 6, 1)} "
+              f"{_cell(g['full'], 6)} {_cell(g['full'] - base_groups['full'], 6, 1)} "
               + " ".join(f"{r['dice_by_kind'][k]:>8.3f}" for k in kinds)
               + f" {r['consecutive_dice']:>6.3f} {r['volume_change_error']:>6.3f}"
               f" {r['volume_roughness']:>6.3f}")
-    truth = copy_previous(test)
-    print(f"{'copy previous truth':<20} {'':>6} {truth['dice_degraded']:>6.3f} {'':>6} "
-          + " ".join(f"{truth['dice_by_kind'][k]:>8.3f}" for k in kinds))
+        lines.append({"bench": "degraded", "data": args.data, "variant": n,
+                      "overrides": r["overrides"], "dice_clean": round(r["dice_clean"], 4),
+                      "gain_clean": round(r["dice_clean"] - base["dice_clean"], 4),
+                      "dice_partial": _round(g["partial"]),
+                      "gain_partial": _round(g["partial"] - base_groups["partial"]),
+                      "dice_full": _round(g["full"]),
+                      "gain_full": _round(g["full"] - base_groups["full"]),
+                      "dice_degraded_frames": round(r["dice_degraded"], 4),
+                      "dice_by_kind": {k: round(v, 4) for k, v in r["dice_by_kind"].items()},
+                      **{k: round(r[k], 4) for k in CONSISTENCY},
+                      "steps": r.get("steps", args.steps), "batch": r.get("batch", args.batch),
+                      "seed": args.seed,
+                      "train_seconds": r["train_seconds"],
+                      "train_cpu_seconds": r.get("train_cpu_seconds")})
+    copies = [("copy previous truth", truth)]
     if "copy_previous_prediction" in base:
-        cp = base["copy_previous_prediction"]
-        print(f"{'copy prev. ' + names[0][:9]:<20} {'':>6} {cp['dice_degraded']:>6.3f} "
-              f"{'':>6} " + " ".join(f"{cp['dice_by_kind'][k]:>8.3f}" for k in kinds))
-    for n in names:
-        r = results[n]
-        print(json.dumps({"bench": "degraded", "data": args.data, "variant": n,
-                          "overrides": r["overrides"],
-                          "dice_clean": round(r["dice_clean"], 4),
-                          "dice_degraded": round(r["dice_degraded"], 4),
-                          "gain_degraded": round(r["dice_degraded"] - base["dice_degraded"], 4),
-                          "gain_clean": round(r["dice_clean"] - base["dice_clean"], 4),
-                          "dice_by_kind": {k: round(v, 4) for k, v in r["dice_by_kind"].items()},
-                          **{k: round(r[k], 4) for k in CONSISTENCY},
-                          "steps": args.steps, "batch": args.batch, "seed": args.seed,
-                          "train_seconds": r["train_seconds"]}))
-    print(json.dumps({"bench": "degraded", "data": args.data, "variant": "copy-previous-truth",
-                      "dice_degraded": round(truth["dice_degraded"], 4),
-                      "dice_by_kind": {k: round(v, 4) for k, v in truth["dice_by_kind"].items()}}))
+        copies.append((f"copy prev. {names[0]}", base["copy_previous_prediction"]))
+    for label, c in copies:
+        g = family_means(c["dice_by_kind"])
+        print(f"{label[:20]:<20} {'':>6} {'':>6} {_cell(g['partial'], 7)} {'':>6} "
+              f"{_cell(g['full'], 6)} {'':>6} "
+              + " ".join(f"{c['dice_by_kind'][k]:>8.3f}" for k in kinds))
+        lines.append({"bench": "degraded", "data": args.data, "variant": label,
+                      "dice_partial": _round(g["partial"]), "dice_full": _round(g["full"]),
+                      "dice_by_kind": {k: round(v, 4) for k, v in c["dice_by_kind"].items()}})
+    for line in lines:
+        print(json.dumps(line))
 
 
 if __name__ == "__main__":

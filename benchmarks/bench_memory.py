@@ -12,12 +12,14 @@ beats the swapped-identity Dice). The *horizon* is the number of frames after th
 identity Dice >= 0.8 before the first drop below.
 
 A variant is a name plus configuration overrides; ``task.frames=N`` trains it on sequences
-of N frames instead (drawn the same way). Default variants:
+of N frames instead (drawn the same way). Default variants (all with data.degrade=false):
 
     per-frame      model.temporal=none
     bottleneck     model.temporal=bottleneck
     bottleneck-t8  model.temporal=bottleneck task.frames=8     (short training sequences)
+    bottleneck-t32 model.temporal=bottleneck task.frames=32    (long training sequences)
     skips          model.temporal=skips
+    skips-t8       model.temporal=skips task.frames=8
 
     nice -n 10 python benchmarks/bench_memory.py --out /tmp/memory           # all variants
     python benchmarks/bench_memory.py --out /tmp/memory --only per-frame     # one, resumable
@@ -39,11 +41,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _temporal as common  # noqa: E402
 
-DEFAULT_VARIANTS = {
-    "per-frame": ["model.temporal=none"],
-    "bottleneck": ["model.temporal=bottleneck"],
-    "bottleneck-t8": ["model.temporal=bottleneck", "task.frames=8"],
-    "skips": ["model.temporal=skips"],
+DEFAULT_VARIANTS = {  # no degradation augmentation: the task has no degraded frames
+    "per-frame": ["model.temporal=none", "data.degrade=false"],
+    "bottleneck": ["model.temporal=bottleneck", "data.degrade=false"],
+    "bottleneck-t8": ["model.temporal=bottleneck", "task.frames=8", "data.degrade=false"],
+    "bottleneck-t32": ["model.temporal=bottleneck", "task.frames=32", "data.degrade=false"],
+    "skips": ["model.temporal=skips", "data.degrade=false"],
+    "skips-t8": ["model.temporal=skips", "task.frames=8", "data.degrade=false"],
 }
 THRESHOLD = 0.8
 
@@ -67,10 +71,23 @@ def test_cases(args):
                                 cue_frames=args.cue_frames) for i in range(args.test)]
 
 
+def encounters(label: np.ndarray, cue: int) -> np.ndarray:
+    """``(t,)``: how many close passes (centres nearer than 3.5 radii, the generator's meeting
+    distance) have begun between the end of the cue and each frame."""
+    centres = np.array([[np.argwhere(frame == k).mean(0) for k in (1, 2)] for frame in label])
+    radius = np.sqrt((label[0] == 1).sum() / np.pi)
+    close = np.linalg.norm(centres[:, 0] - centres[:, 1], axis=1) < 3.5 * radius  # (t,)
+    begins = close & ~np.concatenate([[False], close[:-1]])
+    begins[cue] |= close[cue]  # a pass under way when the cue ends counts from there
+    begins[:cue] = False
+    return np.cumsum(begins)
+
+
 def evaluate(predictor, cases, cue: int) -> dict:
     from clstm4d.engine.metrics import dice_per_frame
 
     ident, fg, correct = [], [], []
+    by_encounters: dict[int, list[bool]] = {}
     for c in cases:
         pred = predictor.predict_array(c.image, name=c.name)
         d = dice_per_frame(pred, c.label, 3).mean(1).numpy()  # (t,)
@@ -80,6 +97,8 @@ def evaluate(predictor, cases, cue: int) -> dict:
         ident.append(d)
         fg.append(f)
         correct.append(d > ds)
+        for n, ok in zip(encounters(c.label, cue)[cue:], (d > ds)[cue:], strict=True):
+            by_encounters.setdefault(min(int(n), 3), []).append(bool(ok))
     ident, fg, correct = (np.mean(a, 0) for a in (ident, fg, correct))
     after = ident[cue:]
     below = np.flatnonzero(after < THRESHOLD)
@@ -87,7 +106,10 @@ def evaluate(predictor, cases, cue: int) -> dict:
     return {"identity_dice": ident.round(4).tolist(), "foreground_dice": fg.round(4).tolist(),
             "identity_accuracy": correct.round(4).tolist(), "horizon": horizon,
             "identity_dice_cue": float(ident[:cue].mean()),
-            "identity_dice_after_cue": float(after.mean())}
+            "identity_dice_after_cue": float(after.mean()),
+            # identity accuracy on the frames after 0, 1, 2, 3+ close passes (frames counted)
+            "accuracy_by_encounters": {str(k): [round(float(np.mean(v)), 4), len(v)]
+                                       for k, v in sorted(by_encounters.items())}}
 
 
 def run(args, name: str, overrides: list[str]) -> dict:
@@ -101,10 +123,11 @@ def run(args, name: str, overrides: list[str]) -> dict:
     datalist = training_data(args, frames)
     base = common.base_config(args, datalist, Path(args.out) / "runs" / common.slug(name),
                               window=frames, roi=None, foreground_prob=0.0)
-    predictor, seconds = common.train_variant(base, rest)
+    predictor, seconds, cpu = common.train_variant(base, rest)
     result = evaluate(predictor, test_cases(args), args.cue_frames)
     result.update(name=name, overrides=overrides, train_frames=frames,
-                  train_seconds=round(seconds, 1))
+                  train_seconds=round(seconds, 1),
+                  train_cpu_seconds=round(cpu, 1))
     return result
 
 
@@ -142,11 +165,26 @@ def main() -> None:
     p.add_argument("--train-frames", type=int, default=20)
     p.add_argument("--test-frames", type=int, default=32)
     p.add_argument("--cue-frames", type=int, default=3)
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="re-evaluate the variants' saved checkpoints (no training)")
     p.set_defaults(steps=600)
     args = p.parse_args()
     chosen = common.variants(args, DEFAULT_VARIANTS)
     results_dir = Path(args.out) / "results"
-    if not args.report:
+    if args.evaluate_only:
+        from clstm4d.engine.predictor import Predictor
+
+        cases = test_cases(args)
+        for name in chosen:
+            path = results_dir / f"{common.slug(name)}.json"
+            if not path.is_file():
+                continue
+            old = json.loads(path.read_text())
+            run_dir = Path(args.out) / "runs" / common.slug(name)
+            new = evaluate(Predictor.from_checkpoint(run_dir, device="cpu", amp="none"), cases,
+                           args.cue_frames)
+            common.save_result(path, {**old, **new})
+    elif not args.report:
         for name, overrides in chosen.items():
             if args.only and name not in args.only:
                 continue
@@ -173,6 +211,11 @@ def main() -> None:
         print(f"{label:>9} " + " ".join(f"{results[n][key]:>14.3g}" for n in names))
     print(f"{'fg Dice':>9} " + " ".join(
         f"{np.mean(results[n]['foreground_dice']):>14.3f}" for n in names))
+    print("identity accuracy (share of frames with the identities right) after k close passes:")
+    for k in ("0", "1", "2", "3"):
+        cells = [results[n].get("accuracy_by_encounters", {}).get(k) for n in names]
+        print(f"{k + ('+' if k == '3' else ''):>9} " + " ".join(
+            f"{c[0]:>8.3f} ({c[1]:>3d})" if c else f"{'':>14}" for c in cells))
     plot(results, Path(args.out) / "memory_horizon.png", cue)
     for n in names:
         r = results[n]

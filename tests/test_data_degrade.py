@@ -194,3 +194,23 @@ def test_synth_cli_options_for_degradations_and_cue_track(tmp_path):
                                          "snr"]))
     with pytest.raises(ValueError, match="--degrade: unknown degradation 'fog'"):
         synth_options(parser.parse_args(["--out", "x", "--degrade", "fog=0.2"]))
+
+
+def test_training_degrades_inputs_of_temporal_models_by_default():
+    """``data.degrade: auto`` (the default) turns the augmentation on for models with memory
+    and off for per-frame ones; true/false/a mapping are taken as given."""
+    from clstm4d.engine.builders import build_dataset
+    from clstm4d.engine.config import Config, ConfigError, SavedRun
+
+    cases = [make_synthetic_case(0, frames=6, size=24, corrupted=[])]
+    for temporal, on in (("bottleneck", True), ("skips", True), ("none", False)):
+        for value, expected in (("auto", on), (True, True), (False, False),
+                                ({"prob": 0.5}, True)):
+            cfg = Config.from_dict({"data": {"degrade": value, "window": 4}})
+            run = SavedRun(cfg, {"name": "tiny", "spatial_dims": 2, "temporal": temporal}, {})
+            ds = build_dataset(cfg, cases, run)
+            assert (ds.degrade is not None) == expected, (temporal, value)
+    assert Config().data.degrade == "auto"
+    cfg = Config.from_dict({"data": {"degrade": "sometimes"}})
+    with pytest.raises(ConfigError, match="data.degrade must be true, false, 'auto'"):
+        build_dataset(cfg, cases, SavedRun(cfg, {"temporal": "none", "spatial_dims": 2}, {}))

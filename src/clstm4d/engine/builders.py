@@ -24,6 +24,7 @@ __all__ = [
     "load_cases",
     "load_model",
     "make_validator",
+    "resolve_degrade",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,21 @@ def build_dataset(cfg: Config, cases, run: SavedRun):
     try:
         return PatchDataset(cases, window=d.window, roi=roi, foreground_prob=d.foreground_prob,
                             seed=cfg.train.seed, augment=d.augment, normalize=d.normalize,
-                            degrade=d.degrade, ignore_index=ignore_index(run.labels))
+                            degrade=resolve_degrade(d.degrade, run.model_config),
+                            ignore_index=ignore_index(run.labels))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
+
+
+def resolve_degrade(value: Any, model_config: dict[str, Any]) -> Any:
+    """``data.degrade`` for :class:`~clstm4d.data.PatchDataset`: ``"auto"`` is on for models
+    with temporal memory (all but ``temporal="none"``), off for per-frame models."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ConfigError(f"data.degrade must be true, false, 'auto' or a mapping of "
+                              f"Degrade arguments, got {value!r}")
+        return model_config.get("temporal") != "none"
+    return value
 
 
 def load_model(checkpoint: str | Path, device: torch.device | None = None

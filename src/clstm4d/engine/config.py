@@ -84,8 +84,10 @@ class DataConfig:
     at (one value per spatial axis in the arrays' axis order, or one for all): training cases
     are resampled to it, and prediction resamples each input to it and the labels back to the
     input's grid; ``None`` (the default) keeps every case on its own grid. ``degrade`` degrades
-    random input frames (:class:`clstm4d.data.Degrade`): ``true`` for its defaults or a mapping
-    of its arguments (``{prob: 0.25, kinds: [snr, defocus], strength: [0.25, 1.0]}``).
+    random input frames (:class:`clstm4d.data.Degrade`): ``"auto"`` (default) for models with
+    temporal memory (every model but ``temporal: none``) and not for per-frame models, ``true``
+    / ``false``, or a mapping of its arguments (``{prob: 0.25, kinds: [snr, defocus],
+    strength: [0.25, 1.0]}``); see docs/training.md for the measurements behind the default.
     """
 
     datalist: str | None = None
@@ -96,7 +98,7 @@ class DataConfig:
     foreground_prob: float = 0.5
     normalize: str | None = "percentile"
     augment: bool = True
-    degrade: bool | dict[str, Any] = False
+    degrade: bool | str | dict[str, Any] = "auto"
     num_workers: int = 0
 
 
