@@ -22,6 +22,7 @@ __all__ = [
     "build_dataset",
     "build_model",
     "load_cases",
+    "training_datalist",
     "load_model",
     "make_validator",
     "resolve_degrade",
@@ -30,13 +31,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def load_cases(datalist_path: str | Path):
-    """Read a datalist and load its training and validation cases (all into memory).
-
-    Returns:
-        ``(datalist, training CaseData list, validation CaseData list)``.
-    """
-    from clstm4d.data import load_case, load_datalist
+def training_datalist(datalist_path: str | Path):
+    """Parse a datalist that must have training cases (:class:`UserError` when the file is
+    missing or has none); nothing is loaded yet."""
+    from clstm4d.data import load_datalist
 
     p = Path(datalist_path)
     if not p.is_file():
@@ -44,6 +42,18 @@ def load_cases(datalist_path: str | Path):
     dl = load_datalist(p)
     if not dl.training:
         raise UserError(f"datalist {p} has no 'training' cases")
+    return dl
+
+
+def load_cases(datalist_path: str | Path):
+    """Read a datalist and load its training and validation cases (all into memory).
+
+    Returns:
+        ``(datalist, training CaseData list, validation CaseData list)``.
+    """
+    from clstm4d.data import load_case
+
+    dl = training_datalist(datalist_path)
     train = [load_case(c) for c in dl.training]
     val = [load_case(c) for c in dl.validation]
     return dl, train, val

@@ -461,16 +461,13 @@ def fingerprint(datalist: str | os.PathLike, *, progress: Any = None) -> dict[st
         UserError: no training cases, or cases that disagree in channel count or spatial dims
             (naming the cases).
     """
-    from clstm4d.data import load_case, load_datalist
+    from clstm4d.data import load_case
 
+    from .builders import training_datalist
     from .errors import UserError
 
     path = Path(datalist)
-    if not path.is_file():
-        raise UserError(f"datalist not found: {path}")
-    dl = load_datalist(path)
-    if not dl.training:
-        raise UserError(f"datalist {path} has no 'training' cases")
+    dl = training_datalist(path)
     cases, notes = [], []
     first = None
     for i, entry in enumerate(dl.training):
