@@ -110,6 +110,12 @@ def test_resample_predict_resample_returns_labels_on_the_input_grid(tmp_path):
     pred = coarse.predict_array(image, g)
     assert model.seen[-1] == (20, 18, 22) and pred.shape == label.shape
     assert 2 * ((pred > 0) & (label > 0)).sum() / ((pred > 0).sum() + (label > 0).sum()) > 0.95
+    # labels taken frame by frame (no sequence of probabilities on the input grid) are those
+    # of the whole sequence's resampled probabilities
+    labels, probs = coarse.predict_array(image, g, return_probs=True)
+    assert probs.shape == (image.shape[0], 2, *label.shape[1:])
+    np.testing.assert_array_equal(labels, pred)
+    np.testing.assert_array_equal(probs.argmax(1), pred)
     # the switch: without data.spacing the model sees the input's own grid
     plain = Predictor(model, SavedRun(Config.from_dict({"data": {"normalize": None}}),
                                       model.config), device="cpu")

@@ -106,9 +106,6 @@ CONSTANTS = {
 #: Bytes the loss (Dice + cross-entropy on float32 logits) keeps per logit element: the
 #: float32 logits, their softmax and log-softmax, and the one-hot labels.
 LOSS_BYTES_PER_LOGIT = 16
-#: Frames the recurrence recomputes together with ``checkpoint=True``
-#: (``clstm4d.nn.convrnn`` keeps the state every this many frames).
-RECURRENCE_CHECKPOINT_FRAMES = 2
 _GATES = {"lstm": 4, "gru": 3}
 
 
@@ -322,7 +319,9 @@ def memory_breakdown(model_config: Any, roi: int | Sequence[int], window: int, b
         if str(lv) in unet.recurrence:
             directions = 2 if unet.bidirectional else 1
             if lv in ckpt:  # the output, and the float32 state every few frames
-                per_dir = a + 4 / RECURRENCE_CHECKPOINT_FRAMES
+                from clstm4d.nn.convrnn import CHECKPOINT_FRAMES
+
+                per_dir = a + 4 / CHECKPOINT_FRAMES
             else:  # the activated gates (float32: the gate update runs in float32), the
                 #     output and the cell state / GRU candidate part (activation dtype)
                 per_dir = 4 * _GATES[cfg["cell"]] + 2 * a

@@ -190,9 +190,15 @@ class Predictor:
         from clstm4d.data import resample_image
 
         # back to the image's grid: the probabilities, frame by frame, then the labels
-        probs = resample_image(out[1].numpy(), grid)  # (t, k, *grid)
-        labels = probs.argmax(1).astype(out[0].numpy().dtype)  # (t, *grid)
-        return (labels, probs) if return_probs else labels
+        model_probs, dtype = out[1].numpy(), out[0].numpy().dtype  # (t, k, *model grid)
+        if return_probs:
+            probs = resample_image(model_probs, grid)  # (t, k, *grid)
+            return probs.argmax(1).astype(dtype), probs
+        # one frame's probabilities on the image's grid at a time, not the sequence's
+        labels = np.empty((len(model_probs), *grid), dtype)
+        for i in range(len(model_probs)):
+            labels[i] = resample_image(model_probs[i:i + 1], grid)[0].argmax(0)
+        return labels
 
     def predict_file(self, input: str | os.PathLike | Sequence[str | os.PathLike],
                      output: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:

@@ -47,6 +47,9 @@ __all__ = ["BACKENDS", "ConvGRU", "ConvGRUCell", "ConvLSTM", "ConvLSTMCell"]
 
 #: values of the sequence layers' ``backend`` argument
 BACKENDS = ("auto", "fused", "reference")
+#: frames the fused backend recomputes together in backward with ``checkpoint=True`` (it
+#: keeps the state every this many frames; ``clstm4d.engine.plan`` counts the same)
+CHECKPOINT_FRAMES = 2
 _FUSED_DEVICES = ("cpu", "cuda")
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
@@ -499,7 +502,7 @@ class _ConvRNNLayerBase(_ConvRNNBase):
     # few frames as give a batch of 2, more while a segment's gates stay smaller than the
     # weights (then the weight gradients dominate memory, and bigger batches are faster).
     _min_batch = 2
-    _checkpoint_frames = 2  # with checkpoint=True: frames recomputed together in backward
+    _checkpoint_frames = CHECKPOINT_FRAMES
 
     def _fused_unsupported(self, x: Tensor) -> str | None:
         """Why the fused backend cannot run this call (None: it can)."""
