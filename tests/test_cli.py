@@ -176,10 +176,12 @@ def test_help_explains_every_option(command, capsys):
 def test_demo_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--steps", "2", "--cases", "2", "--test", "1",
-               "--frames", "6", "--size", "24", "--no-progress", "--labelled-frames", "2"])
+               "--frames", "6", "--size", "24", "--no-progress", "--labelled-frames", "2",
+               "--set", "train.unlabelled_weight=0.5"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "corrupted" in text and "per-frame" in text
+    assert "both models trained with --set train.unlabelled_weight=0.5" in text
     assert "trained with 2 of 6 frames labelled per training sequence (frames [0, 3])" in text
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["labelled_frames"] == [0, 3]
@@ -192,6 +194,8 @@ def test_demo_tiny(tmp_path, capsys):
     for m in report["models"].values():
         assert 0 <= m["dice"] <= 1 and m["train_steps"] == 2
         assert Path(m["checkpoint"], "model.safetensors").is_file()
+        saved = json.loads(Path(m["checkpoint"], "config.json").read_text())
+        assert saved["train"]["unlabelled_weight"] == 0.5
     # the per-degradation table: every family of the test frames, and the clean frames
     kinds = set(json.loads((out / "data" / "datalist.json").read_text())["test"][0]["corruption"])
     assert kinds and set(report["margin_by_corruption"]) == kinds | {"clean"}
@@ -204,6 +208,10 @@ def test_demo_tiny(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "bad"), "--frames", "6", "--size", "24",
                  "--cases", "1", "--test", "1", "--labelled-frames", "7"]) == 2
     assert "--labelled-frames must be 1-6" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "bad2"), "--set",
+                 "train.unlabelled_threshold=2"]) == 2
+    assert "'train.unlabelled_threshold' must be in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "bad2" / "data").exists()
 
 
 def test_python_dash_m_runs_the_same_command():

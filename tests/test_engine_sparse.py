@@ -296,3 +296,90 @@ def test_ignore_class_end_to_end_is_not_predicted(tmp_path):
     assert (case.label == 2).any()
     pred = Predictor(model, run, device="cpu").predict_array(case.image)
     assert set(np.unique(pred).tolist()) <= {0, 1}
+
+
+# ------------------------------------------------------------------------------ pseudo-labels
+
+def _reference_pseudo(logits, label, lengths, labelled, threshold, ignore):
+    """The pseudo-label term from its formula, voxel by voxel in float64 numpy."""
+    z, total, count = logits.double().numpy(), 0.0, 0
+    for n in range(z.shape[0]):
+        for t in range(int(lengths[n])):
+            for v in np.ndindex(*z.shape[3:]):
+                if labelled[n, t] and label[(n, t, *v)] != ignore:
+                    continue  # annotated voxel
+                count += 1
+                zv = z[(n, t, slice(None), *v)]
+                p = np.exp(zv - zv.max()) / np.exp(zv - zv.max()).sum()
+                if p.max() >= threshold:
+                    total -= np.log(p[p.argmax()])
+    return total / count
+
+
+def test_pseudo_label_loss_matches_its_formula_and_skips_padding_and_annotations():
+    from clstm4d.engine.metrics import PseudoLabelLoss
+
+    logits, label = _batch(n=2, t=4, k=3, shape=(3, 5), seed=4)
+    logits = 3 * logits  # a spread of confidences around the threshold
+    ignore = 3
+    label[0, 0, 0] = ignore  # an annotated frame's ignore voxels count as unannotated
+    labelled = torch.tensor([[True, False, True, False], [False, True, False, True]])
+    lengths = torch.tensor([4, 3])  # frame 3 of sequence 1 is padding (and "labelled")
+    loss = PseudoLabelLoss(0.8, ignore_index=ignore)
+    x = logits.clone().requires_grad_()
+    got = loss(x, label, lengths, labelled)
+    ref = _reference_pseudo(logits, label, lengths, labelled, 0.8, ignore)
+    assert got.item() == pytest.approx(ref, rel=1e-12)
+    got.backward()
+    assert (x.grad[1, 3] == 0).all()  # padding
+    assert (x.grad[0, 2] == 0).all()  # annotated, no ignore voxel
+    assert (x.grad[0, 0].movedim(0, -1)[label[0, 0] != ignore] == 0).all()
+    assert (x.grad[0, 1] != 0).any()  # unannotated frames do get a gradient
+    # padding frames and annotated voxels cannot change it; nor unannotated frames' labels
+    other_logits, other_label = logits.clone(), label.clone()
+    other_logits[1, 3] = 1e3 * torch.randn_like(other_logits[1, 3])
+    other_label[~labelled] = (other_label[~labelled] + 1) % 4  # incl. ignore values
+    other_label[1, 3] = ignore
+    assert torch.equal(loss(other_logits, other_label, lengths, labelled), got.detach())
+    # threshold bounds, and nothing unannotated -> an attached 0
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="threshold must be in"):
+            PseudoLabelLoss(bad)
+    none = PseudoLabelLoss(0.5)(x, label)
+    assert none.item() == 0 and none.requires_grad
+
+
+def test_fit_with_pseudo_labels_off_is_todays_run_and_on_ignores_unannotated_content(
+        tmp_path):
+    def run(name, garbage=None, **keys):
+        torch.manual_seed(0)
+        model = ToyTemporalNet()
+        ds = PatchDataset(_toy_cases(garbage), window=4, roi=8, foreground_prob=0.5,
+                          augment=True, seed=0)
+        cfg = _cfg(tmp_path / name, steps=3)
+        for k, v in keys.items():
+            setattr(cfg, k, v)
+        fit(model, ds, cfg, batch_size=2)
+        return _losses(tmp_path / name)
+
+    default = run("default")
+    # weight 0: the term is not computed at all, whatever its other settings
+    assert run("off", unlabelled_weight=0.0, unlabelled_threshold=0.5,
+               unlabelled_rampup=0.0) == default
+    on = {"unlabelled_weight": 1.0, "unlabelled_threshold": 0.5, "unlabelled_rampup": 0.0}
+    with_term = run("on", **on)
+    assert with_term != default  # the term is active
+    assert run("on_noise", garbage=1, **on) == with_term  # bitwise, as without the term
+
+
+def test_pseudo_label_config_keys_are_checked():
+    from clstm4d.engine.config import Config
+    from clstm4d.engine.errors import ConfigError
+
+    assert Config().train.unlabelled_weight == 0.0  # off by default
+    for item in ("train.unlabelled_weight=-0.1", "train.unlabelled_threshold=0",
+                 "train.unlabelled_threshold=1", "train.unlabelled_threshold=1.2",
+                 "train.unlabelled_rampup=1.5", "train.unlabelled_weight=high"):
+        key = item.split("=")[0]
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            Config.from_dict(None, overrides=[item])

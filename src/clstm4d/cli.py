@@ -94,6 +94,10 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--labelled-frames", type=int, default=None, metavar="N",
                    help="annotate only N frames of each training sequence (the first, then "
                         "evenly spread: 0 and the middle for 2); default: every frame")
+    d.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help="override a key of both models' training configuration, e.g. "
+                        "--set train.unlabelled_weight=0.5 (repeatable; values parsed as YAML)")
 
     # ---- train
     t = sub.add_parser("train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -241,7 +245,7 @@ def _cmd_demo(args) -> int:
                        batch_size=args.batch_size, steps=args.steps, window=args.window,
                        seed=args.seed, threads=args.threads, progress=not args.no_progress,
                        degrade=args.degrade, overwrite=args.overwrite,
-                       labelled_frames=args.labelled_frames)
+                       labelled_frames=args.labelled_frames, overrides=args.overrides)
     t0 = time.perf_counter()
     report = run_demo(opts, say=lambda m: print(m, flush=True))
     out = Path(args.out)

@@ -123,6 +123,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
+    unlabelled_weight: float = 0.0
+    unlabelled_threshold: float = 0.9
+    unlabelled_rampup: float = 0.25
     amp: str = "auto"
     activation_checkpointing: bool = False
     device: str = "auto"
@@ -171,7 +174,10 @@ _RANGES: dict[str, tuple] = {
     "train.steps": (1, None, True, True), "train.lr": (0, None, False, True),
     "train.weight_decay": (0, None, True, True), "train.warmup_steps": (0, None, True, True),
     "train.grad_clip": (0, None, False, True), "train.lambda_dice": (0, None, True, True),
-    "train.lambda_ce": (0, None, True, True), "train.seed": (0, 2**32 - 1, True, True),
+    "train.lambda_ce": (0, None, True, True),
+    "train.unlabelled_weight": (0, None, True, True),
+    "train.unlabelled_threshold": (0, 1, False, False),
+    "train.unlabelled_rampup": (0, 1, True, True), "train.seed": (0, 2**32 - 1, True, True),
     "train.log_every": (1, None, True, True), "train.val_every": (0, None, True, True),
     "train.checkpoint_every": (0, None, True, True),
     "train.keep_checkpoints": (0, None, True, True),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "PseudoLabelLoss",
     "SequenceLoss",
     "dice_per_frame",
     "drop_ignored",
@@ -115,6 +116,70 @@ class SequenceLoss(torch.nn.Module):
                                                reduction="sum")
         counted = y.numel() if self.ignore_index is None else int((y != ignore).sum())
         return loss + self.lambda_ce * ce / max(counted, 1)
+
+
+class PseudoLabelLoss(torch.nn.Module):
+    """Cross-entropy towards the model's own confident predictions where nobody annotated.
+
+    The voxels it covers are the *unannotated* ones of the real (non-padding) frames: every
+    voxel of a frame that ``labelled`` marks unannotated, and the ``ignore_index`` voxels of
+    annotated frames. For each such voxel ``v`` with softmax ``p_v`` (computed in float32 and
+    detached: the target carries no gradient), the pseudo-label is ``argmax p_v`` and it
+    counts when ``max p_v >= threshold``:
+
+        L = 1/|U| * sum_{v in U} [max_k p_vk >= threshold] * -log softmax(z_v)[argmax_k p_vk]
+
+    with ``U`` the unannotated voxels of the batch. Dividing by ``|U|`` (not by the confident
+    voxels; FixMatch's reduction) makes the term small while the model is rarely confident.
+    Label content is read only on annotated frames (for their ignore voxels), so what an
+    unannotated frame's label holds cannot change this term either.
+
+    Args:
+        threshold: in (0, 1), the least max-softmax probability that makes a pseudo-label.
+        ignore_index: the label value of the ``"ignore"`` class, or ``None``.
+
+    Shape:
+        - logits: ``(n, t, k, *s)``
+        - label: ``(n, t, *s)`` (read on annotated frames only)
+        - lengths: ``(n,)`` or ``None``; labelled: ``(n, t)`` bool or ``None`` (all
+          annotated: then only ignore voxels are unannotated)
+        - output: scalar (0, still attached to the graph, when no voxel is unannotated)
+
+    Examples:
+        >>> z = torch.zeros(1, 2, 2, 1, 1); z[0, 1, 0] = 4.0  # frame 1: p = (0.98, 0.02)
+        >>> lab = torch.zeros(1, 2, 1, 1, dtype=torch.long)
+        >>> loss = PseudoLabelLoss(0.9)(z, lab, labelled=torch.tensor([[True, False]]))
+        >>> round(loss.item(), 4)  # -log(0.982) over the one unannotated voxel
+        0.0181
+    """
+
+    def __init__(self, threshold: float = 0.9, ignore_index: int | None = None):
+        super().__init__()
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"PseudoLabelLoss: threshold must be in (0, 1), got {threshold}")
+        self.threshold, self.ignore_index = float(threshold), ignore_index
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, lengths=None,
+                labelled=None) -> torch.Tensor:
+        n, t = logits.shape[:2]
+        real = valid_frames_mask(lengths, n, t, logits.device)  # (n, t)
+        annotated = real if labelled is None else real & torch.as_tensor(
+            labelled, device=logits.device).bool()
+        x = logits.flatten(0, 1)[real.flatten()]  # (frames, k, *s)
+        x = x.to(torch.promote_types(x.dtype, torch.float32)).movedim(1, -1)  # (frames, *s, k)
+        # unannotated voxels (frames, *s): all of unannotated frames, ignore voxels of the rest
+        free_frame = ~annotated.flatten()[real.flatten()]  # (frames,)
+        free = free_frame.reshape(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1]).clone()
+        if self.ignore_index is not None:  # label content of annotated frames only
+            free[~free_frame] = label.flatten(0, 1)[annotated.flatten()] == self.ignore_index
+        x, count = x[free], int(free.sum())  # (voxels, k)
+        if count == 0:
+            return logits.sum() * 0.0
+        with torch.no_grad():
+            confidence, target = x.detach().softmax(-1).max(-1)
+            keep = confidence >= self.threshold
+        ce = torch.nn.functional.cross_entropy(x[keep], target[keep], reduction="sum")
+        return ce / count
 
 
 def drop_ignored(pred, label, ignore_index: int | None):

@@ -41,7 +41,7 @@ from .config import Config, TrainConfig
 from .errors import Preempted, UserError
 from .faults import NonFiniteSteps, StopOnSignal, decide_on_rank0, ignore_stop_signals
 from .guards import RunFolder
-from .metrics import SequenceLoss
+from .metrics import PseudoLabelLoss, SequenceLoss
 from .runtime import DistInfo, PeakMemory, amp_dtype, autocast, init_distributed
 
 __all__ = ["EpochStream", "StepBatchSampler", "TrainResult", "fit", "param_groups", "train"]
@@ -219,6 +219,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _unlabelled_weight(cfg: TrainConfig, step: int) -> float:
+    """The pseudo-label term's weight at 0-based ``step``: ``cfg.unlabelled_weight``, ramped
+    up linearly over the first ``cfg.unlabelled_rampup`` fraction of the run.
+
+    Examples:
+        >>> cfg = TrainConfig(steps=100, unlabelled_weight=0.5, unlabelled_rampup=0.2)
+        >>> [_unlabelled_weight(cfg, s) for s in (0, 10, 20, 99)]
+        [0.0, 0.25, 0.5, 0.5]
+    """
+    ramp = cfg.unlabelled_rampup * cfg.steps
+    return cfg.unlabelled_weight * (min(1.0, step / ramp) if ramp > 0 else 1.0)
+
+
 def _unscaled_grad_norm(model: torch.nn.Module, optimizer, scaler, cfg: TrainConfig
                         ) -> torch.Tensor:
     """Unscale (fp16), clip to ``cfg.grad_clip`` if set, and return the total gradient norm
@@ -302,6 +315,8 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = SequenceLoss(cfg.lambda_dice, cfg.lambda_ce, ignore_index)
+    pseudo_fn = (PseudoLabelLoss(cfg.unlabelled_threshold, ignore_index)
+                 if cfg.unlabelled_weight > 0 else None)
     start = 0
     run = RunFolder(out, resume=resume, overwrite=overwrite)
     resume = decide_on_rank0(lambda: _resume_point(run), dist_info.distributed,
@@ -348,11 +363,14 @@ def fit(
             net.train()
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
-            lengths, labelled = batch.get("length"), batch.get("labelled")
+            lengths, labelled = (None if batch.get(k) is None else batch[k].to(device)
+                                 for k in ("length", "labelled"))
             with autocast(device, dtype):
                 logits = net(x)
-            loss = loss_fn(logits, y, None if lengths is None else lengths.to(device),
-                           None if labelled is None else labelled.to(device))
+            loss = loss_fn(logits, y, lengths, labelled)
+            if pseudo_fn is not None:
+                loss = loss + _unlabelled_weight(cfg, step) * pseudo_fn(logits, y, lengths,
+                                                                        labelled)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             value = _mean_over_ranks(loss.detach(), dist_info)
