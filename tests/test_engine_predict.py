@@ -28,6 +28,29 @@ def test_chunks_with_state_equal_one_pass_for_every_temporal_mode():
         torch.testing.assert_close(one, ref, atol=1e-5, rtol=1e-4)
 
 
+def test_chunk_probs_maps_each_chunk_before_the_labels_are_taken():
+    """chunk_probs (the Predictor's resampling back) sees one chunk at a time, and the
+    result equals mapping the whole sequence's probabilities afterwards."""
+    from clstm4d.data import resample_image
+
+    model = _model(temporal="bottleneck")
+    x = torch.randn(7, 1, 20, 18)
+    _, whole = predict_sequence(model, x, chunk=None, return_probs=True)
+    seen = []
+
+    def up(p):
+        seen.append(p.shape[0])
+        return torch.from_numpy(resample_image(p.numpy(), (33, 29)))
+
+    labels, probs = predict_sequence(model, x, chunk=3, return_probs=True, chunk_probs=up)
+    assert seen == [3, 3, 1] and labels.shape == (7, 33, 29) and probs.shape == (7, 3, 33, 29)
+    ref = torch.from_numpy(resample_image(whole.numpy(), (33, 29)))
+    torch.testing.assert_close(probs, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(labels, ref.argmax(1).to(labels.dtype), atol=0, rtol=0)
+    only = predict_sequence(model, x, chunk=3, chunk_probs=up)
+    torch.testing.assert_close(only, labels, atol=0, rtol=0)
+
+
 def test_time_as_channels_gets_full_windows():
     model = _model("tac-tiny", frames=4)
     x = torch.randn(6, 1, 16, 16)

@@ -50,7 +50,7 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -79,6 +79,7 @@ def predict_sequence(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     return_probs: bool = False,
+    chunk_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Segment every frame of one sequence.
 
@@ -100,6 +101,10 @@ def predict_sequence(
             accumulated on the image's device.
         amp_dtype: autocast dtype, or None for full precision.
         return_probs: also return the class probabilities ``(t, k, *s)`` (float32).
+        chunk_probs: maps each time chunk's probabilities ``(tc, k, *s)`` to ``(tc, k,
+            *out)`` before its labels are taken (the Predictor resamples them back to the
+            input's grid here), so that only one chunk is held at the model's grid; labels
+            and probabilities are then ``(t, *out)`` and ``(t, k, *out)``.
 
     Returns:
         Labels ``(t, *s)`` as ``uint8`` (``int64`` beyond 255 classes), and the probabilities
@@ -176,11 +181,13 @@ def predict_sequence(
             )
             p = torch.as_tensor(p)[0].unflatten(0, (n_t, -1))  # (tc, k, *s)
         p = p[t0 - lo: t0 - lo + tc].to(image.device)  # the chunk's own frames
+        if chunk_probs is not None:
+            p = chunk_probs(p)  # (tc, k, *out)
         if labels is None:
-            k = p.shape[1]
-            labels = torch.empty((t, *spatial), dtype=torch.uint8 if k <= 256 else torch.int64)
+            k, out = p.shape[1], tuple(p.shape[2:])
+            labels = torch.empty((t, *out), dtype=torch.uint8 if k <= 256 else torch.int64)
             if return_probs:
-                probs_all = torch.empty((t, k, *spatial), dtype=torch.float32)
+                probs_all = torch.empty((t, k, *out), dtype=torch.float32)
         labels[t0:t0 + tc] = p.argmax(1).to(labels.dtype)
         if return_probs:
             probs_all[t0:t0 + tc] = p

@@ -181,24 +181,19 @@ class Predictor:
         grid = tuple(np.shape(image)[2:])
         resampled = tuple(x.shape[2:]) != grid
         s = self.settings
+        back = None
+        if resampled:
+            from clstm4d.data import resample_image
+
+            def back(p: torch.Tensor) -> torch.Tensor:
+                # one time chunk's probabilities onto the image's grid, frame by frame
+                return torch.from_numpy(resample_image(p.numpy(), grid))
+
         out = predict_sequence(self.model, x, roi=s.roi, overlap=s.overlap, chunk=s.chunk,
                                time_margin=s.time_margin, sw_batch_size=s.sw_batch_size,
                                mode=s.mode, device=self.device, amp_dtype=self.amp_dtype,
-                               return_probs=return_probs or resampled)
-        if not resampled:
-            return (out[0].numpy(), out[1].numpy()) if return_probs else out.numpy()
-        from clstm4d.data import resample_image
-
-        # back to the image's grid: the probabilities, frame by frame, then the labels
-        model_probs, dtype = out[1].numpy(), out[0].numpy().dtype  # (t, k, *model grid)
-        if return_probs:
-            probs = resample_image(model_probs, grid)  # (t, k, *grid)
-            return probs.argmax(1).astype(dtype), probs
-        # one frame's probabilities on the image's grid at a time, not the sequence's
-        labels = np.empty((len(model_probs), *grid), dtype)
-        for i in range(len(model_probs)):
-            labels[i] = resample_image(model_probs[i:i + 1], grid)[0].argmax(0)
-        return labels
+                               return_probs=return_probs, chunk_probs=back)
+        return (out[0].numpy(), out[1].numpy()) if return_probs else out.numpy()
 
     def predict_file(self, input: str | os.PathLike | Sequence[str | os.PathLike],
                      output: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
