@@ -44,6 +44,9 @@ from clstm4d.nn import ConvGRU, ConvLSTM
 __all__ = ["TimeResolvedUNet"]
 
 TEMPORAL = ("bottleneck", "skips", "none")
+#: how a recurrence's output enters the network: it replaces the level's features, or a
+#: learnt per-voxel gate mixes the two (``x + g (y - x)``, ``g = sigmoid(conv1x1([x, y]))``)
+FUSIONS = ("replace", "gated")
 #: ``checkpoint=True`` recomputes a level (its encoder stage, decoder stage and recurrence) when
 #: its per-frame feature map holds at least this share of level 0's elements: in 3D with
 #: doubling widths, levels 0 and 1 (~94% of the per-frame activations, ~80% of the conv FLOPs);
@@ -171,7 +174,8 @@ class _Recurrence(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, cell: str,
                  kernel_size: int | tuple[int, ...],
-                 bidirectional: bool, checkpoint: bool, backend: str = "auto") -> None:
+                 bidirectional: bool, checkpoint: bool, backend: str = "auto",
+                 fusion: str = "replace") -> None:
         super().__init__()
         self.cell = cell
         self.rnn = CELLS[cell](spatial_dims, channels, channels, kernel_size,
@@ -179,11 +183,17 @@ class _Recurrence(nn.Module):
                                backend=backend)
         self.proj = (layer("conv", spatial_dims, 2 * channels, channels, kernel_size=1)
                      if bidirectional else None)
+        self.gate = (layer("conv", spatial_dims, 2 * channels, channels, kernel_size=1)
+                     if fusion == "gated" else None)
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         y, state = self.rnn(x, state)  # (n, t, D*c, *s)
         if self.proj is not None:
             y = self.proj(y.flatten(0, 1)).unflatten(0, y.shape[:2])  # (n, t, c, *s)
+        if self.gate is not None:  # per frame and voxel: how much of the memory to take
+            y = y.to(x.dtype) if y.dtype != x.dtype else y
+            g = torch.sigmoid(self.gate(torch.cat([x, y], 2).flatten(0, 1)))  # (n*t, c, *s)
+            y = torch.lerp(x, y, g.unflatten(0, y.shape[:2]).to(y.dtype))
         return y, state
 
 
@@ -221,6 +231,9 @@ class TimeResolvedUNet(nn.Module):
             less memory, more time. Default False.
         backend: the recurrence's ``backend`` (:class:`clstm4d.ConvLSTM`): ``"auto"``
             (default), ``"fused"`` or ``"reference"``.
+        fusion: ``"replace"`` (default: the recurrence's output replaces the level's
+            features) or ``"gated"`` (a 1x1 convolution of both gives a per-voxel gate ``g``
+            and the level passes on ``x + g (y - x)``; see :data:`FUSIONS`).
 
     Shape:
         - x: ``(N, T, C_in, *S)``, any ``*S``, any ``T >= 1``.
@@ -262,6 +275,7 @@ class TimeResolvedUNet(nn.Module):
         strides: Sequence[int | Sequence[int]] | None = None,
         kernel_sizes: Sequence[int | Sequence[int]] | None = None,
         backend: str = "auto",
+        fusion: str = "replace",
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -271,6 +285,7 @@ class TimeResolvedUNet(nn.Module):
                                                  kernel_sizes)
         _choice(owner, "temporal", temporal, TEMPORAL)
         _choice(owner, "cell", cell, tuple(CELLS))
+        _choice(owner, "fusion", fusion, FUSIONS)
         _positive_int(owner, "rnn_kernel_size", rnn_kernel_size)
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -298,7 +313,7 @@ class TimeResolvedUNet(nn.Module):
             "rnn_kernel_size": rnn_kernel_size, "norm": norm, "act": act,
             "dropout": float(dropout), "checkpoint": bool(checkpoint),
             "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
-            "backend": backend,
+            "backend": backend, "fusion": fusion,
         }
 
         widths = (in_channels, *channels)
@@ -322,7 +337,7 @@ class TimeResolvedUNet(nn.Module):
                                     tuple(rnn_kernel_size if k > 1 else 1
                                           for k in kernels[level]),
                                     self.bidirectional, level in self._checkpoint_levels,
-                                    backend)
+                                    backend, fusion)
             for level in levels
         })
 
