@@ -40,19 +40,22 @@ def test_one_level_and_1d():
     assert net(seq(1, (7,), t=2)).shape == (2, 2, 3, 7)
 
 
-@pytest.mark.parametrize("temporal,cell,bidirectional", [
-    ("bottleneck", "lstm", True), ("skips", "gru", False), ("none", "lstm", False),
+@pytest.mark.parametrize("temporal,cell,bidirectional,fusion", [
+    ("bottleneck", "lstm", True, "replace"), ("skips", "gru", False, "replace"),
+    ("none", "lstm", False, "replace"), ("skips", "lstm", True, "gated"),
 ])
-def test_every_parameter_gets_a_gradient(temporal, cell, bidirectional):
-    net = make(2, temporal=temporal, cell=cell, bidirectional=bidirectional)
+def test_every_parameter_gets_a_gradient(temporal, cell, bidirectional, fusion):
+    net = make(2, temporal=temporal, cell=cell, bidirectional=bidirectional, fusion=fusion)
     net(seq(2, (9, 12), t=3)).square().mean().backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()]
     assert not missing
 
 
-@pytest.mark.parametrize("temporal,cell", [("bottleneck", "lstm"), ("skips", "gru")])
-def test_causal_output_at_t_ignores_later_frames(temporal, cell):
-    net = make(2, temporal=temporal, cell=cell)
+@pytest.mark.parametrize("temporal,cell,fusion", [("bottleneck", "lstm", "replace"),
+                                                  ("skips", "gru", "replace"),
+                                                  ("skips", "lstm", "gated")])
+def test_causal_output_at_t_ignores_later_frames(temporal, cell, fusion):
+    net = make(2, temporal=temporal, cell=cell, fusion=fusion)
     x = seq(2, (9, 10), t=5)
     x2 = x.clone()
     x2[:, 3:] = torch.randn_like(x2[:, 3:]) * 3
@@ -77,10 +80,12 @@ def test_bidirectional_sees_the_future_and_refuses_streaming():
 
 
 @pytest.mark.parametrize("spatial_dims,size", SIZES)
-@pytest.mark.parametrize("temporal,cell", [("bottleneck", "lstm"), ("skips", "gru"),
-                                           ("skips", "lstm"), ("none", "lstm")])
-def test_streaming_in_chunks_equals_one_pass(spatial_dims, size, temporal, cell):
-    net = make(spatial_dims, temporal=temporal, cell=cell)
+@pytest.mark.parametrize("temporal,cell,fusion", [
+    ("bottleneck", "lstm", "replace"), ("skips", "gru", "replace"), ("skips", "lstm", "replace"),
+    ("none", "lstm", "replace"), ("skips", "gru", "gated"),
+])
+def test_streaming_in_chunks_equals_one_pass(spatial_dims, size, temporal, cell, fusion):
+    net = make(spatial_dims, temporal=temporal, cell=cell, fusion=fusion)
     assert net.streamable
     x = seq(spatial_dims, size, t=6)
     whole, final = net(x, return_state=True)
@@ -163,11 +168,38 @@ def test_bad_input_raises_clear_errors():
     ({"norm": "layer"}, "norm must be one of"),
     ({"act": "tanh"}, "act must be one of"),
     ({"dropout": 1.5}, r"dropout must be a float in \[0, 1\), got 1.5"),
+    ({"fusion": "add"}, "fusion must be one of"),
 ])
 def test_bad_constructor_values_name_the_argument(kw, match):
     args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, **kw}
     with pytest.raises(ValueError, match=match):
         TimeResolvedUNet(**args)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gated_fusion_open_is_replace_and_closed_is_per_frame(bidirectional):
+    """With the gate's weights at 0, a large positive bias passes the recurrence's output
+    (the "replace" model with the same weights), a large negative one the level's own
+    features (the "none" model with the same encoder and decoder)."""
+    gated = make(2, temporal="skips", fusion="gated", bidirectional=bidirectional)
+    replace = make(2, temporal="skips", bidirectional=bidirectional, seed=5)
+    none = make(2, temporal="none", seed=6)
+    missing = replace.load_state_dict(gated.state_dict(), strict=False).missing_keys
+    assert missing == []  # every parameter of "replace" exists in "gated"
+    none.load_state_dict({k: v for k, v in gated.state_dict().items()
+                          if not k.startswith("recurrence.")})
+    x = seq(2, (9, 12), t=4)
+    gates = [m.gate for m in gated.recurrence.values()]
+    assert len(gates) == 3
+    with torch.no_grad():
+        for g in gates:
+            g.weight.zero_()
+            g.bias.fill_(40.0)
+        torch.testing.assert_close(gated(x), replace(x), rtol=1e-6, atol=1e-6)
+        for g in gates:
+            g.bias.fill_(-40.0)
+        torch.testing.assert_close(gated(x), none(x), rtol=1e-6, atol=1e-6)
+    assert gated.config["fusion"] == "gated" and replace.config["fusion"] == "replace"
 
 
 @pytest.mark.parametrize("norm,act", [("batch", "relu"), ("group", "gelu"), ("none", "silu")])
