@@ -328,6 +328,8 @@ def memory_breakdown(model_config: Any, roi: int | Sequence[int], window: int, b
             rnn = directions * per_dir * e
             if unet.bidirectional:
                 rnn += 2 * a * e  # the two directions concatenated for the 1x1 merge
+            if cfg.get("fusion") == "gated":  # the gate's input [x, y], its sigmoid, the mix
+                rnn += 4 * a * e
             if channels[0] >= CHANNELS_LAST_MIN_WIDTH:
                 rnn += a * e  # its output copied back to the stages' channels-last layout
             weights = sum(q.numel() for q in unet.recurrence[str(lv)].parameters())
