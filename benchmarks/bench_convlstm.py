@@ -271,21 +271,10 @@ RATIOS = ("clstm4d_over_floor", "cpu_clstm4d_over_floor", "clstm4d_over_fp32",
 def over_processes(args, argv: list[str]) -> int:
     """Run the timing in ``args.processes`` fresh processes; print each ratio's median and
     range over them (and the memory of one more run, unless ``--no-memory``)."""
-    strip = {"--processes"}
-    rest, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in strip:
-            skip = True
-            continue
-        if a.startswith("--processes="):
-            continue
-        rest.append(a)
     runs: dict[tuple[str, str], list[dict]] = {}
     for i in range(args.processes):
-        cmd = [sys.executable, str(Path(__file__).resolve()), *rest, "--processes", "1"]
+        # the last --processes wins in argparse: each child times once
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--processes", "1"]
         if i > 0 or args.no_memory:
             cmd.append("--no-memory")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

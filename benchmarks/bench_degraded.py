@@ -182,8 +182,7 @@ def main() -> None:
                 result["copy_previous_prediction"] = copy_previous(test, preds)
             result.update(name=name, overrides=overrides, steps=args.steps, batch=args.batch,
                           window=args.window, degrade=args.degrade,
-                          train_seconds=round(seconds, 1),
-                  train_cpu_seconds=round(cpu, 1))
+                          train_seconds=round(seconds, 1), train_cpu_seconds=round(cpu, 1))
             common.save_result(result_path, result)
     results = common.load_results(results_dir, chosen)
     if not results:

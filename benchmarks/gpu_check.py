@@ -175,29 +175,27 @@ def summary(out: Path, device: str, steps: list[dict]) -> str:
     lines = [f"# gpu_check on {name}, torch {torch.__version__}", ""]
     lines += [f"- {s['step']}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "step")
               for s in steps]
-    lines += ["", "## Layer (fused vs conv floor of the same precision)", "",
-              "| config | precision | clstm4d s | floor s | ours/floor | ours/fp32 |",
-              "|---|---|---:|---:|---:|---:|"]
-    for line in (out / "layer.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        lines.append(f"| {r['config']['name']} | {r['precision']} | {r['time_s']['clstm4d']:.4f}"
-                     f" | {r['time_s']['floor']:.4f} | {r['clstm4d_over_floor']:.2f} | "
-                     f"{r.get('clstm4d_over_fp32', 1.0):.2f} |")
-    lines += ["", "## UNet training step (b=1, t=5)", "",
-              "| size | case | time s | x ref | peak MiB | x ref |",
-              "|---|---|---:|---:|---:|---:|"]
-    for line in (out / "unet.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        lines.append(f"| {r['size']}^3 | {r['case']} | {r.get('time_s', r.get('error'))} | "
-                     f"{r.get('time_x_ref', '-')} | {r.get('peak_mib', '-')} | "
-                     f"{r.get('mem_x_ref', '-')} |")
-    lines += ["", "## Memory model (engine.plan) vs measured peak of one training step", "",
-              "| config | precision | ckpt | measured MiB | predicted MiB | pred/meas |",
-              "|---|---|---|---:|---:|---:|"]
-    for line in (out / "plan.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        lines.append(f"| {r['config']} | {r['precision']} | {r['checkpointing']} | "
-                     f"{r['measured_mib']} | {r['predicted_mib']} | {r['ratio']} |")
+    def table(title: str, file: str, columns: list[str], row, left: int = 2) -> None:
+        # the first `left` columns are names, the others numbers (right-aligned)
+        lines.extend(["", f"## {title}", "", "| " + " | ".join(columns) + " |",
+                      "|" + "|".join("---" if i < left else "---:"
+                                     for i in range(len(columns))) + "|"])
+        for line in (out / file).read_text().splitlines():
+            lines.append("| " + " | ".join(str(v) for v in row(json.loads(line))) + " |")
+
+    table("Layer (fused vs conv floor of the same precision)", "layer.jsonl",
+          ["config", "precision", "clstm4d s", "floor s", "ours/floor", "ours/fp32"],
+          lambda r: [r["config"]["name"], r["precision"], f"{r['time_s']['clstm4d']:.4f}",
+                     f"{r['time_s']['floor']:.4f}", f"{r['clstm4d_over_floor']:.2f}",
+                     f"{r.get('clstm4d_over_fp32', 1.0):.2f}"])
+    table("UNet training step (b=1, t=5)", "unet.jsonl",
+          ["size", "case", "time s", "x ref", "peak MiB", "x ref"],
+          lambda r: [f"{r['size']}^3", r["case"], r.get("time_s", r.get("error")),
+                     r.get("time_x_ref", "-"), r.get("peak_mib", "-"), r.get("mem_x_ref", "-")])
+    table("Memory model (engine.plan) vs measured peak of one training step", "plan.jsonl",
+          ["config", "precision", "ckpt", "measured MiB", "predicted MiB", "pred/meas"],
+          lambda r: [r["config"], r["precision"], r["checkpointing"], r["measured_mib"],
+                     r["predicted_mib"], r["ratio"]], left=3)
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text

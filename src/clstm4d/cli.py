@@ -335,7 +335,7 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from clstm4d.engine.plan import capacity, run_plan
+    from clstm4d.engine.plan import capacity, parse_shape, run_plan
 
     plan, written = run_plan(memory=args.memory, datalist=args.datalist, shape=args.shape,
                              model=args.model, out=args.out, device=args.device,
@@ -344,7 +344,7 @@ def _cmd_plan(args) -> int:
                              say=lambda m: print(m, file=sys.stderr, flush=True))
     print(plan.table())
     if args.shape:
-        frames = int(args.shape.replace("x", ",").split(",")[0])
+        frames = parse_shape(args.shape)[0]
         print(f"\nlargest patch per window (batch 1, {plan.precision}, "
               f"{plan.budget / 2**30:.1f} GiB with the margin left free):")
         for row in capacity(plan.budget, args.model, frames, plan.median_shape,

@@ -268,9 +268,7 @@ def _parse_datalist(json_path: str | os.PathLike) -> tuple[Datalist, list[str]]:
         labels = _parse_labels(raw.get("labels"), json_path)
     except DataError as e:
         problems.append(e.problem)
-    if "time_interval" in raw and not _positive_number(raw["time_interval"]):
-        problems.append(f"'time_interval' must be a number of seconds > 0, got "
-                        f"{raw['time_interval']!r:.40}")
+    problems += _time_interval_problems(raw)
     problems += _ignore_class_problems(labels)
     spatial_dims = raw.get("spatial_dims")
     if spatial_dims not in (None, 1, 2, 3):
@@ -424,10 +422,15 @@ def _entry_problems(entry: dict) -> list[str]:
             isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in corrupted)):
         out.append(f"'corrupted' must be a list of frame indices (integers >= 0), got "
                    f"{corrupted!r:.40}")
-    if "time_interval" in entry and not _positive_number(entry["time_interval"]):
-        out.append(f"'time_interval' must be a number of seconds > 0, got "
-                   f"{entry['time_interval']!r:.40}")
-    return out
+    return out + _time_interval_problems(entry)
+
+
+def _time_interval_problems(mapping: dict) -> list[str]:
+    """The problem with ``mapping["time_interval"]`` (a datalist or an entry), if any."""
+    if "time_interval" not in mapping or _positive_number(mapping["time_interval"]):
+        return []
+    return [f"'time_interval' must be a number of seconds > 0, got "
+            f"{mapping['time_interval']!r:.40}"]
 
 
 def _default_name(image) -> str:

@@ -1006,7 +1006,7 @@ def check_training_memory(cfg: Any, run: Any, cases: Sequence[Any], device: Any,
     if cfg.data.roi is None:
         roi = [max(int(s[a]) for s in shapes) for a in range(d)]
     else:
-        roi = list(cfg.data.roi) * d if len(cfg.data.roi) == 1 else list(cfg.data.roi)
+        roi = list(_per_axis(cfg.data.roi, d, "data.roi"))
     window = cfg.data.window or max(c.image.shape[0] for c in cases)
     if cfg.model.strides is not None:
         check_strides_for_roi(run.model_config.get("strides"), roi)

@@ -191,7 +191,7 @@ class _Recurrence(nn.Module):
         if self.proj is not None:
             y = self.proj(y.flatten(0, 1)).unflatten(0, y.shape[:2])  # (n, t, c, *s)
         if self.gate is not None:  # per frame and voxel: how much of the memory to take
-            y = y.to(x.dtype) if y.dtype != x.dtype else y
+            y = y.to(x.dtype)
             g = torch.sigmoid(self.gate(torch.cat([x, y], 2).flatten(0, 1)))  # (n*t, c, *s)
             y = torch.lerp(x, y, g.unflatten(0, y.shape[:2]).to(y.dtype))
         return y, state

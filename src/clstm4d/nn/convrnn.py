@@ -502,7 +502,6 @@ class _ConvRNNLayerBase(_ConvRNNBase):
     # few frames as give a batch of 2, more while a segment's gates stay smaller than the
     # weights (then the weight gradients dominate memory, and bigger batches are faster).
     _min_batch = 2
-    _checkpoint_frames = CHECKPOINT_FRAMES
 
     def _fused_unsupported(self, x: Tensor) -> str | None:
         """Why the fused backend cannot run this call (None: it can)."""
@@ -533,7 +532,7 @@ class _ConvRNNLayerBase(_ConvRNNBase):
         if not grad:
             return t
         if self.checkpoint:
-            return self._checkpoint_frames
+            return CHECKPOINT_FRAMES
         w_ih, _, w_hh = inputs[:3]
         frame = n * w_hh.shape[0] * math.prod(x.shape[3:])  # gates of one frame
         # at least 2 samples per batched call (PyTorch sends batch-1 convolutions to a slow
