@@ -69,9 +69,9 @@ def train_variant(base: dict[str, Any], overrides: list[str]):
     seconds)`` (``time.process_time``: what a loaded, shared machine does not inflate)."""
     import torch
 
-    from clstm4d.engine.config import Config
-    from clstm4d.engine.predictor import Predictor
-    from clstm4d.engine.train import train
+    from clstm4d.engine.inference.predictor import Predictor
+    from clstm4d.engine.run.config import Config
+    from clstm4d.engine.training.train import train
 
     torch.set_num_threads(int(base["train"]["threads"]))
     t0, cpu0 = time.perf_counter(), time.process_time()

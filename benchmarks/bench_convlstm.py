@@ -5,7 +5,7 @@ input and all weights) of
 
 - ``baseline``: the common design, re-implemented here: per step ``cat(x_t, h)``, one conv to
   4H channels, chunk into i, f, o, g, gate update; outputs stacked at the end;
-- ``clstm4d``: :class:`clstm4d.ConvLSTM` (``checkpoint=`` as the config says);
+- ``clstm4d``: :class:`clstm4d.ConvLSTM` (``recompute=`` as the config says);
 - ``floor``: the same convolution FLOPs as one batched call per weight (all frames folded into
   the batch: input->hidden and hidden->hidden conv of every layer), the speed limit of any
   ConvLSTM that runs these convolutions.
@@ -78,7 +78,7 @@ class Config:
     size: int
     num_layers: int = 1
     kernel: int = 3
-    checkpoint: bool = False
+    recompute: bool = False
     time_target: float | None = None  # clstm4d time / baseline time
     memory_target: float | None = None  # clstm4d peak / baseline peak
     low_floor_target: float | None = None  # clstm4d bf16 time / bf16 floor time
@@ -97,7 +97,7 @@ CONFIGS = {
         Config("bottleneck", 3, 1, 5, 512, 8, time_target=0.7, memory_target=0.65),
         Config("vol32", 3, 1, 8, 32, 32, num_layers=2, time_target=0.9, memory_target=0.8,
                low_floor_target=1.2, low_fp32_target=0.55),
-        Config("vol32_ckpt", 3, 1, 8, 32, 32, num_layers=2, checkpoint=True,
+        Config("vol32_ckpt", 3, 1, 8, 32, 32, num_layers=2, recompute=True,
                time_target=1.2, memory_target=0.45),
         Config("2d", 2, 4, 10, 64, 64, time_target=1.05, memory_target=0.8),
     ]
@@ -106,7 +106,7 @@ QUICK = {
     c.name: c
     for c in [
         Config("quick3d", 3, 1, 3, 8, 8),
-        Config("quick3d_ckpt", 3, 1, 3, 8, 8, num_layers=2, checkpoint=True),
+        Config("quick3d_ckpt", 3, 1, 3, 8, 8, num_layers=2, recompute=True),
         Config("quick2d", 2, 2, 3, 8, 16),
     ]
 }
@@ -177,7 +177,7 @@ def build(impl: str, cfg: Config, device: str):
     if impl == "baseline":
         model = CatConvLSTM(*args)
     elif impl in ("clstm4d", "reference"):
-        model = ConvLSTM(*args, checkpoint=cfg.checkpoint,
+        model = ConvLSTM(*args, recompute=cfg.recompute,
                          backend="auto" if impl == "clstm4d" else "reference")
     else:
         model = ConvFloor(*args)

@@ -110,7 +110,7 @@ def c2c12_data(args):
 
 
 def evaluate(predictor, cases, num_classes: int) -> tuple[dict, dict]:
-    from clstm4d.engine.evaluate import dice_by_corruption, evaluate_sequence
+    from clstm4d.engine.evaluation.evaluate import dice_by_corruption, evaluate_sequence
 
     rows, summaries, preds = [], [], {}
     for c in cases:
@@ -131,7 +131,7 @@ def evaluate(predictor, cases, num_classes: int) -> tuple[dict, dict]:
 
 def copy_previous(cases, preds=None) -> dict[str, float]:
     """Dice of copying frame f - 1 (the truth, or ``preds``) onto each degraded frame f."""
-    from clstm4d.engine.metrics import dice_per_frame
+    from clstm4d.engine.evaluation.metrics import dice_per_frame
 
     groups: dict[str, list[float]] = {}
     for c in cases:

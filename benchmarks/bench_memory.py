@@ -84,7 +84,7 @@ def encounters(label: np.ndarray, cue: int) -> np.ndarray:
 
 
 def evaluate(predictor, cases, cue: int) -> dict:
-    from clstm4d.engine.metrics import dice_per_frame
+    from clstm4d.engine.evaluation.metrics import dice_per_frame
 
     ident, fg, correct = [], [], []
     by_encounters: dict[int, list[bool]] = {}
@@ -172,7 +172,7 @@ def main() -> None:
     chosen = common.variants(args, DEFAULT_VARIANTS)
     results_dir = Path(args.out) / "results"
     if args.evaluate_only:
-        from clstm4d.engine.predictor import Predictor
+        from clstm4d.engine.inference.predictor import Predictor
 
         cases = test_cases(args)
         for name in chosen:

@@ -15,7 +15,7 @@ caches), hand freed memory back to the OS, then measure the next step, batch cre
   which sees everything PyTorch allocated, compared with the whole estimate.
 
 ``predicted / measured`` per configuration is the result; the target is 0.85-1.15 for every
-one. ``--calibrate`` refits the workspace constants of ``clstm4d.engine.plan`` that these
+one. ``--calibrate`` refits the workspace constants of ``clstm4d.engine.planning.memory`` that these
 configurations bind (forward, transient, recompute, recurrence_weights) by least squares of
 the log
 ratio over the measurements and prints them (copy them into ``CONSTANTS``; then run again
@@ -45,43 +45,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # name -> model config, roi, window, batch, precision, activation checkpointing
 CONFIGS: dict[str, dict] = {
     "2d-tiny": dict(model={"name": "tiny", "spatial_dims": 2}, roi=[128, 128], window=8,
-                    batch=4, precision="fp32", checkpointing=False),
+                    batch=4, precision="fp32", recompute=False),
     "2d-small-skips": dict(model={"name": "small", "spatial_dims": 2, "temporal": "skips"},
                            roi=[96, 96], window=6, batch=2, precision="fp32",
-                           checkpointing=False),
+                           recompute=False),
     "2d-small-skips-gated": dict(model={"name": "small", "spatial_dims": 2, "temporal": "skips",
                                         "fusion": "gated"},
                                  roi=[96, 96], window=6, batch=2, precision="fp32",
-                                 checkpointing=False),
+                                 recompute=False),
     "2d-small-ckpt": dict(model={"name": "small", "spatial_dims": 2}, roi=[128, 128],
-                          window=8, batch=2, precision="fp32", checkpointing=True),
+                          window=8, batch=2, precision="fp32", recompute=True),
     "2d-small-bf16": dict(model={"name": "small", "spatial_dims": 2}, roi=[128, 128],
-                          window=8, batch=2, precision="bf16", checkpointing=False),
+                          window=8, batch=2, precision="bf16", recompute=False),
     "2d-tac": dict(model={"name": "tac-small", "spatial_dims": 2}, roi=[96, 96], window=8,
-                   batch=4, precision="fp32", checkpointing=False),
+                   batch=4, precision="fp32", recompute=False),
     "3d-tiny": dict(model={"name": "tiny"}, roi=[32, 32, 32], window=8, batch=1,
-                    precision="fp32", checkpointing=False),
+                    precision="fp32", recompute=False),
     "3d-tiny-b2-bf16": dict(model={"name": "tiny"}, roi=[32, 32, 32], window=4, batch=2,
-                            precision="bf16", checkpointing=False),
+                            precision="bf16", recompute=False),
     "3d-small": dict(model={"name": "small"}, roi=[32, 32, 32], window=4, batch=1,
-                     precision="fp32", checkpointing=False),
+                     precision="fp32", recompute=False),
     "3d-small-ckpt": dict(model={"name": "small"}, roi=[48, 48, 48], window=4, batch=1,
-                          precision="fp32", checkpointing=True),
+                          precision="fp32", recompute=True),
     "3d-small-ckpt-bf16": dict(model={"name": "small"}, roi=[48, 48, 48], window=4, batch=1,
-                               precision="bf16", checkpointing=True),
+                               precision="bf16", recompute=True),
     "3d-skips-gru-ckpt": dict(model={"name": "small", "temporal": "skips", "cell": "gru"},
                               roi=[32, 32, 32], window=4, batch=1, precision="fp32",
-                              checkpointing=True),
+                              recompute=True),
     "3d-aniso": dict(model={"name": "small", "strides": [[2, 2, 1], [2, 2, 2], [2, 2, 2]],
                             "kernel_sizes": [[3, 3, 1], [3, 3, 1], 3, 3]},
                      roi=[64, 64, 16], window=4, batch=1, precision="fp32",
-                     checkpointing=False),
+                     recompute=False),
     "3d-ref": dict(model={"name": "reference"}, roi=[32, 32, 32], window=5, batch=1,
-                   precision="fp32", checkpointing=False),
+                   precision="fp32", recompute=False),
     "3d-ref-ckpt": dict(model={"name": "reference"}, roi=[32, 32, 32], window=5, batch=1,
-                        precision="fp32", checkpointing=True),
+                        precision="fp32", recompute=True),
     "3d-ref-ckpt-bf16": dict(model={"name": "reference"}, roi=[32, 32, 32], window=5,
-                             batch=1, precision="bf16", checkpointing=True),
+                             batch=1, precision="bf16", recompute=True),
 }
 TARGET = (0.85, 1.15)
 
@@ -97,14 +97,15 @@ def child(name: str, device_name: str) -> dict:
 
     import torch
 
-    from clstm4d.engine.builders import create
-    from clstm4d.engine.metrics import SequenceLoss
-    from clstm4d.engine.plan import memory_breakdown, training_step
-    from clstm4d.engine.train import param_groups
+    from clstm4d.engine.planning.memory import memory_breakdown
+    from clstm4d.engine.run.config import create
+    from clstm4d.engine.training.losses import SequenceLoss
+    from clstm4d.engine.training.optim import param_groups
+    from clstm4d.engine.training.step import training_step
 
     c = CONFIGS[name]
     device = torch.device(device_name)
-    mc = {**c["model"], "checkpoint": c["checkpointing"]}
+    mc = {**c["model"], "recompute": c["recompute"]}
     torch.manual_seed(0)
     model = create(**mc).to(device)
     k = model.config["out_channels"]
@@ -137,7 +138,7 @@ def child(name: str, device_name: str) -> dict:
         seconds = step(2)
         measured = _status("VmHWM") - before
     est = memory_breakdown(c["model"], c["roi"], c["window"], c["batch"], c["precision"],
-                           c["checkpointing"], device=device.type)
+                           c["recompute"], device=device.type)
     predicted = est.total if device.type == "cuda" else est.step
     return {"measured": measured, "predicted": predicted, "seconds": seconds,
             "estimate": est.to_dict()}
@@ -172,7 +173,7 @@ def calibrate(results: dict[str, dict], device: str) -> dict[str, float]:
     import numpy as np
     from scipy.optimize import least_squares
 
-    from clstm4d.engine import plan
+    from clstm4d.engine.planning import memory as plan
 
     names = list(results)
     base = plan.CONSTANTS[device]
@@ -187,7 +188,7 @@ def calibrate(results: dict[str, dict], device: str) -> dict[str, float]:
             for name in names:
                 c = CONFIGS[name]
                 est = plan.memory_breakdown(c["model"], c["roi"], c["window"], c["batch"],
-                                            c["precision"], c["checkpointing"], device=device)
+                                            c["precision"], c["recompute"], device=device)
                 pred = est.total if device == "cuda" else est.step
                 out.append(math.log(pred / results[name]["measured"]))
             return np.array(out)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         c, r = CONFIGS[name], results[name]
         ratio = r["predicted"] / r["measured"]
         rows.append({"bench": "plan", "config": name, **{k: c[k] for k in
-                     ("model", "roi", "window", "batch", "precision", "checkpointing")},
+                     ("model", "roi", "window", "batch", "precision", "recompute")},
                      "device": args.device, "measured_mib": round(r["measured"] / 2**20, 1),
                      "predicted_mib": round(r["predicted"] / 2**20, 1),
                      "ratio": round(ratio, 3), "in_target": TARGET[0] <= ratio <= TARGET[1],
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                      "threads": args.threads, "torch": torch.__version__})
         print(f"{name:<20}{len(c['roi']):>5}{'x'.join(map(str, c['roi'])):>14}"
               f"{c['window']:>3}{c['batch']:>3}{c['precision']:>6}"
-              f"{'on' if c['checkpointing'] else 'off':>6}{r['measured'] / 2**20:>14.1f}"
+              f"{'on' if c['recompute'] else 'off':>6}{r['measured'] / 2**20:>14.1f}"
               f"{r['predicted'] / 2**20:>15.1f}{ratio:>11.3f}")
     ratios = [r["ratio"] for r in rows]
     inside = sum(r["in_target"] for r in rows)

@@ -32,8 +32,8 @@ import time
 def measure(args) -> dict:
     import torch
 
-    from clstm4d.engine.predict import predict_sequence
-    from clstm4d.engine.runtime import PeakMemory, resolve_device
+    from clstm4d.engine.inference.sliding import predict_sequence
+    from clstm4d.engine.run.runtime import PeakMemory, resolve_device
     from clstm4d.models import create_model
 
     torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ A training step = forward of ``(b, t, 1, *s)``, cross-entropy over **all** frame
   stages for three poolings: the last one zooms the full-resolution map 2x and crops its centre.
 - ``ref-fixed``: the same with the extra stage removed (three up-stages): **the baseline**.
 - ``ours``, ``ours-ckpt``, ``ours-ckpt-bf16``: ``create_model("reference")`` (same widths,
-  ConvLSTM k=3 at the bottleneck), plain / ``checkpoint=True`` / plus bf16 autocast;
+  ConvLSTM k=3 at the bottleneck), plain / ``recompute=True`` / plus bf16 autocast;
   ``ours-bf16``: plain under bf16 autocast; ``ours-bf16-rnn32``, ``ours-ckpt-bf16-rnn32``: bf16
   with the recurrence held in float32 (the rule the UNet had before the fused recurrence ran
   in bf16; benchmark-only wrapper), to compare the two.
@@ -159,12 +159,12 @@ CASES = {
     "ours": (lambda: create_model("reference"), False),
     "ours-bf16": (lambda: create_model("reference"), True),
     "ours-bf16-rnn32": (lambda: _float32_recurrence(create_model("reference")), True),
-    "ours-ckpt": (lambda: create_model("reference", checkpoint=True), False),
-    "ours-ckpt-bf16": (lambda: create_model("reference", checkpoint=True), True),
+    "ours-ckpt": (lambda: create_model("reference", recompute=True), False),
+    "ours-ckpt-bf16": (lambda: create_model("reference", recompute=True), True),
     "ours-ckpt-bf16-rnn32": (
-        lambda: _float32_recurrence(create_model("reference", checkpoint=True)), True),
-    "none-ckpt": (lambda: create_model("reference", temporal="none", checkpoint=True), False),
-    "skips-ckpt": (lambda: create_model("reference", temporal="skips", checkpoint=True), False),
+        lambda: _float32_recurrence(create_model("reference", recompute=True)), True),
+    "none-ckpt": (lambda: create_model("reference", temporal="none", recompute=True), False),
+    "skips-ckpt": (lambda: create_model("reference", temporal="skips", recompute=True), False),
     "small": (lambda: create_model("small"), False),
 }
 BASELINE = "ref-fixed"

@@ -136,8 +136,8 @@ def run_unet(out: Path, device: str, dry_run: bool) -> dict:
         "ref-fixed fp32": (lambda: bench_unet.ReferenceUNet(published=False), None),
         "ours fp32": (lambda: create_model("reference", **preset), None),
         "ours bf16": (lambda: create_model("reference", **preset), "bf16"),
-        "ours-ckpt fp32": (lambda: create_model("reference", checkpoint=True, **preset), None),
-        "ours-ckpt bf16": (lambda: create_model("reference", checkpoint=True, **preset), "bf16"),
+        "ours-ckpt fp32": (lambda: create_model("reference", recompute=True, **preset), None),
+        "ours-ckpt bf16": (lambda: create_model("reference", recompute=True, **preset), "bf16"),
     }
     if dry_run:
         cases.pop("ref-fixed fp32")  # the reference widths are far too big for a smoke run
@@ -194,7 +194,7 @@ def summary(out: Path, device: str, steps: list[dict]) -> str:
                      r.get("time_x_ref", "-"), r.get("peak_mib", "-"), r.get("mem_x_ref", "-")])
     table("Memory model (engine.plan) vs measured peak of one training step", "plan.jsonl",
           ["config", "precision", "ckpt", "measured MiB", "predicted MiB", "pred/meas"],
-          lambda r: [r["config"], r["precision"], r["checkpointing"], r["measured_mib"],
+          lambda r: [r["config"], r["precision"], r["recompute"], r["measured_mib"],
                      r["predicted_mib"], r["ratio"]], left=3)
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)

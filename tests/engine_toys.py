@@ -15,7 +15,7 @@ import torch
 class ToyTemporalNet(torch.nn.Module):
     """Per-frame conv, a causal running mean over time, a 1x1 head: (n, t, c, h, w) -> logits."""
 
-    streamable = True
+    streamable, frames = True, None
 
     def __init__(self, in_channels: int = 1, classes: int = 2, hidden: int = 4,
                  dropout: float = 0.0):
@@ -59,15 +59,15 @@ def run(out: str, batch: int, steps: int) -> None:
     """Train the toy for ``steps`` and save every rank's parameters as ``rank{r}.safetensors``."""
     from safetensors.torch import save_file
 
-    from clstm4d.engine.config import TrainConfig
-    from clstm4d.engine.train import fit
+    from clstm4d.engine.run.config import TrainConfig
+    from clstm4d.engine.training.loop import fit
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = ToyTemporalNet()
     cfg = TrainConfig(out=out, steps=steps, lr=1e-2, warmup_steps=2, log_every=1,
                       progress=False, device="cpu", seed=3)
-    fit(model, ToySequences(), cfg, batch_size=batch, config={"model": {"name": "toy"}})
+    fit(model, ToySequences(), cfg, batch_size=batch, saved_config={"model": {"name": "toy"}})
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(Path(out) / f"rank{rank}.safetensors"))

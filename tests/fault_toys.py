@@ -58,7 +58,7 @@ class Faulty(torch.utils.data.Dataset):
 
 
 def toy_config(out, steps, **kw):
-    from clstm4d.engine.config import TrainConfig
+    from clstm4d.engine.run.config import TrainConfig
 
     base = dict(out=str(out), steps=steps, lr=1e-2, warmup_steps=2, log_every=1,
                 progress=False, device="cpu", seed=1, threads=1)
@@ -67,8 +67,8 @@ def toy_config(out, steps, **kw):
 
 
 def main(argv=None) -> int:
-    from clstm4d.engine.errors import Preempted
-    from clstm4d.engine.train import fit
+    from clstm4d.engine.training.loop import fit
+    from clstm4d.errors import Preempted
 
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = {"rank": rank, "pid": os.getpid()}
     try:
-        res = fit(ToyTemporalNet(), data, cfg, batch_size=2, config={"model": {"name": "toy"}})
+        res = fit(ToyTemporalNet(), data, cfg, batch_size=2,
+                  saved_config={"model": {"name": "toy"}})
         result.update(outcome="done", step=res.steps)
         code = 0
     except Preempted as e:

@@ -29,11 +29,11 @@ def run(tmp_path_factory):
 
 
 def test_train_writes_checkpoint_config_and_metrics(run):
-    from clstm4d.engine.checkpoint import find_checkpoint, read_checkpoint_config
+    from clstm4d.engine.run.checkpoint import Checkpoint
 
-    ck = find_checkpoint(run["ckpt"])
-    assert {p.name for p in ck.iterdir()} >= {"model.safetensors", "config.json", "state.json"}
-    cfg = read_checkpoint_config(ck)
+    ck = Checkpoint.open(run["ckpt"])
+    assert {p.name for p in ck.path.iterdir()} >= {"model.safetensors", "config.json", "state.json"}
+    cfg = ck.config
     assert cfg["model"]["spatial_dims"] == 2 and cfg["model"]["out_channels"] == 3
     assert cfg["model_config"]["channels"] == [4, 8]
     rows = [json.loads(x) for x in (run["ckpt"] / "metrics.jsonl").read_text().splitlines()]

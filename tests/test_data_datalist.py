@@ -93,7 +93,7 @@ def test_datalist_with_wrong_keys_lists_every_problem(tmp_path):
     assert "training[1]: missing key 'label' (keys: ['image', 'lable'])" in msg
     assert "training[2]: 'image' must be a path or a non-empty list of paths, got int" in msg
     assert "'validation' must be a list, got dict" in msg
-    assert "'spatial_dims' must be 1, 2 or 3, got 4" in msg
+    assert "spatial_dims must be 1, 2 or 3, got 4" in msg
 
 
 @pytest.mark.parametrize("content, problem", [("{not json", "not valid JSON"),

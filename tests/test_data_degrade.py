@@ -1,7 +1,6 @@
 """Degradation families: deterministic given a seed, inputs and labels untouched, each one
 does what it says, and the synthetic data and the training augmentation share them."""
 
-import argparse
 
 import numpy as np
 import pytest
@@ -10,13 +9,10 @@ from clstm4d.data import (
     CUE_CLASS_NAMES,
     Degrade,
     PatchDataset,
-    add_synth_arguments,
     load_case,
     load_datalist,
     make_cue_track_case,
     make_synthetic_case,
-    synth_options,
-    write_synthetic_dataset,
 )
 from clstm4d.data.degrade import DEGRADATIONS, FULL, PARTIAL, degrade, noise_sigma
 
@@ -172,45 +168,51 @@ def test_cue_track_case():
         make_cue_track_case(0, frames=3, cue_frames=3)
 
 
-def test_synth_cli_options_for_degradations_and_cue_track(tmp_path):
+def test_synth_cli_options_for_degradations_and_cue_track(tmp_path, capsys):
     pytest.importorskip("nibabel")
-    parser = add_synth_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--out", str(tmp_path / "a"), "--cases", "2", "--frames", "6",
-                              "--size", "20", "--validation", "0", "--corrupted", "2",
-                              "--degrade", "snr=0.3,defocus"])
-    dl = load_datalist(write_synthetic_dataset(**synth_options(args)))
+    from clstm4d.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "a"), "--cases", "2", "--frames", "6",
+                 "--size", "20", "--validation", "0", "--corrupted", "2",
+                 "--degrade", "snr=0.3,defocus"]) == 0
+    dl = load_datalist(tmp_path / "a" / "datalist.json")
     meta = dl.training[0].meta
     assert set(meta["corruption"]) <= {"snr", "defocus"} and len(meta["corrupted"]) == 2
     assert all(s == {"snr": 0.3, "defocus": 0.5}[k]
                for k, s in zip(meta["corruption"], meta["corruption_strength"], strict=True))
-    args = parser.parse_args(["--out", str(tmp_path / "b"), "--cases", "2", "--frames", "6",
-                              "--size", "24", "--task", "cue-track", "--cue-frames", "2"])
-    dl = load_datalist(write_synthetic_dataset(**synth_options(args)))
+    assert main(["synth", "--out", str(tmp_path / "b"), "--cases", "2", "--frames", "6",
+                 "--size", "24", "--task", "cue-track", "--cue-frames", "2"]) == 0
+    dl = load_datalist(tmp_path / "b" / "datalist.json")
     assert dl.labels == CUE_CLASS_NAMES and dl.training[0].meta["cue_frames"] == 2
     ref = make_cue_track_case((0, 0), 6, 24, 2, cue_frames=2)
     np.testing.assert_array_equal(load_case(dl.training[0]).label, ref.label)
-    with pytest.raises(ValueError, match="--degrade, --corrupted and --spacing apply to"):
-        synth_options(parser.parse_args(["--out", "x", "--task", "cue-track", "--degrade",
-                                         "snr"]))
-    with pytest.raises(ValueError, match="--degrade: unknown degradation 'fog'"):
-        synth_options(parser.parse_args(["--out", "x", "--degrade", "fog=0.2"]))
+    capsys.readouterr()
+    for argv, message in ((["--task", "cue-track", "--degrade", "snr"],
+                           "--degrade, --corrupted and --spacing apply to"),
+                          (["--degrade", "fog=0.2"], "--degrade: unknown degradation 'fog'")):
+        assert main(["synth", "--out", str(tmp_path / "x"), *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
 def test_training_degrades_inputs_of_temporal_models_by_default():
     """``data.degrade: auto`` (the default) turns the augmentation on for models with memory
     and off for per-frame ones; true/false/a mapping are taken as given."""
-    from clstm4d.engine.builders import build_dataset
-    from clstm4d.engine.config import Config, ConfigError, SavedRun
+    from clstm4d.engine.run.config import Config, ModelSpec, SavedRun
+    from clstm4d.engine.training.build import build_dataset
+    from clstm4d.errors import ConfigError
 
     cases = [make_synthetic_case(0, frames=6, size=24, corrupted=[])]
     for temporal, on in (("bottleneck", True), ("skips", True), ("none", False)):
         for value, expected in (("auto", on), (True, True), (False, False),
                                 ({"prob": 0.5}, True)):
             cfg = Config.from_dict({"data": {"degrade": value, "window": 4}})
-            run = SavedRun(cfg, {"name": "tiny", "spatial_dims": 2, "temporal": temporal}, {})
+            spec = ModelSpec("tiny", 2, 1, 2, {"temporal": temporal})
+            run = SavedRun(cfg, spec, {})
             ds = build_dataset(cfg, cases, run)
             assert (ds.degrade is not None) == expected, (temporal, value)
     assert Config().data.degrade == "auto"
     cfg = Config.from_dict({"data": {"degrade": "sometimes"}})
     with pytest.raises(ConfigError, match="data.degrade must be true, false, 'auto'"):
-        build_dataset(cfg, cases, SavedRun(cfg, {"temporal": "none", "spatial_dims": 2}, {}))
+        build_dataset(cfg, cases, SavedRun(cfg, ModelSpec("tiny", 2, 1, 2, {"temporal": "none"}),
+                                           {}))

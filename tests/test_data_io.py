@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clstm4d._common import atomic_file
 from clstm4d.data import (
     DataError,
     Geometry,
-    atomic_path,
     read_image,
     read_label,
     write_image,
@@ -229,7 +229,7 @@ def test_atomic_write_leaves_old_file_and_no_temp_on_crash(tmp_path, monkeypatch
         write_label(np.zeros((2, 4, 4, 4), int), geom, out)
     assert out.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["pred.nii.gz"]
-    with pytest.raises(RuntimeError), atomic_path(tmp_path / "new.txt") as tmp:
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "new.txt") as tmp:
         tmp.write_text("x")
         raise RuntimeError
     assert sorted(os.listdir(tmp_path)) == ["pred.nii.gz"]

@@ -1,6 +1,5 @@
 """Synthetic 4D data: deterministic, exact labels, and corrupted frames that only memory solves."""
 
-import argparse
 import json
 
 import numpy as np
@@ -8,11 +7,9 @@ import pytest
 
 from clstm4d.data import (
     CLASS_NAMES,
-    add_synth_arguments,
     load_case,
     load_datalist,
     make_synthetic_case,
-    synth_options,
     write_synthetic_dataset,
 )
 
@@ -123,12 +120,11 @@ def test_write_synthetic_dataset_round_trip(tmp_path, fmt):
 
 def test_synth_arguments_map_onto_write_synthetic_dataset(tmp_path):
     pytest.importorskip("nibabel")
-    parser = add_synth_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--out", str(tmp_path), "--cases", "2", "--frames", "4",
-                              "--size", "20", "--dims", "2", "--seed", "1", "--validation", "0",
-                              "--corrupted", "2"])
-    path = write_synthetic_dataset(**synth_options(args))
-    dl = load_datalist(path)
+    from clstm4d.cli import main
+
+    assert main(["synth", "--out", str(tmp_path), "--cases", "2", "--frames", "4", "--size",
+                 "20", "--dims", "2", "--seed", "1", "--validation", "0", "--corrupted", "2"]) == 0
+    dl = load_datalist(tmp_path / "datalist.json")
     assert len(dl.training) == 2 and not dl.validation
     case = load_case(dl.training[0])
     assert case.image.shape == (4, 1, 20, 20) and len(case.meta["corrupted"]) == 2

@@ -10,8 +10,8 @@ import pytest
 
 from clstm4d.cli import main
 from clstm4d.data import Geometry, save_datalist, write_label
-from clstm4d.engine.errors import UserError
-from clstm4d.engine.evaluate import evaluate_sequence
+from clstm4d.engine.evaluation.evaluate import evaluate_sequence
+from clstm4d.errors import UserError
 
 nib = pytest.importorskip("nibabel")
 

@@ -6,13 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from clstm4d.engine.evaluate import evaluate_sequence
-from clstm4d.engine.metrics import (
-    SequenceLoss,
-    dice_per_frame,
-    hd95_per_frame,
-    temporal_consistency,
-)
+from clstm4d.engine.evaluation.evaluate import evaluate_sequence
+from clstm4d.engine.evaluation.metrics import dice_per_frame, hd95_per_frame, temporal_consistency
+from clstm4d.engine.training.losses import SequenceLoss
 
 
 def test_dice_matches_numpy_formula():

@@ -3,7 +3,7 @@
 import torch
 
 from clstm4d import ConvLSTM, create_model
-from clstm4d.engine.train import param_groups
+from clstm4d.engine.training.optim import param_groups
 
 
 def test_decay_only_on_weights_of_two_or_more_dims():
@@ -36,7 +36,7 @@ def test_peepholes_and_biases_keep_their_values_under_adamw():
 
 def test_a_checkpoint_with_one_group_resumes_into_the_grouped_optimizer(tmp_path):
     """Runs saved before param_groups had one AdamW group; resuming regroups their moments."""
-    from clstm4d.engine.checkpoint import load_training_state, save_checkpoint
+    from clstm4d.engine.run.checkpoint import Checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     net = create_model("tiny", spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8))
@@ -45,7 +45,7 @@ def test_a_checkpoint_with_one_group_resumes_into_the_grouped_optimizer(tmp_path
     old.step()
     ck = save_checkpoint(tmp_path, net, step=1, config={}, optimizer=old)
     new = torch.optim.AdamW(param_groups(net, 0.1), lr=1e-2)
-    load_training_state(ck, net, new)
+    Checkpoint.open(ck).restore(net, new)
     assert [g["weight_decay"] for g in new.param_groups] == [0.1, 0.0]
     for p in net.parameters():
         for key in ("exp_avg", "exp_avg_sq", "step"):

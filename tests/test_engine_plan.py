@@ -3,16 +3,17 @@ prediction, the memory model, the plan and the train-time guard."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from clstm4d import create_model
 from clstm4d.data import write_synthetic_dataset
-from clstm4d.engine.builders import load_model
-from clstm4d.engine.checkpoint import load_weights
-from clstm4d.engine.config import Config
-from clstm4d.engine.train import train
+from clstm4d.engine.run.checkpoint import Checkpoint
+from clstm4d.engine.run.config import Config
+from clstm4d.engine.training.train import train
 
 
 def _train_cfg(datalist, out, **model):
@@ -36,7 +37,8 @@ def test_strides_and_kernels_round_trip_through_a_checkpoint(aniso_data, tmp_pat
     strides, kernels = [[2, 2, 1], [2, 2, 2]], [[3, 3, 1], [3, 3, 1], 3]
     res = train(_train_cfg(aniso_data, tmp_path / "run", strides=strides,
                            kernel_sizes=kernels))
-    model, run = load_model(res.checkpoint)
+    ck = Checkpoint.open(res.checkpoint)
+    model, run = ck.build_model(), ck.saved
     assert model.config["strides"] == strides
     assert model.config["kernel_sizes"] == [[3, 3, 1], [3, 3, 1], [3, 3, 3]]
     assert run.config.model.strides == strides  # the typed config keeps what was asked
@@ -45,7 +47,7 @@ def test_strides_and_kernels_round_trip_through_a_checkpoint(aniso_data, tmp_pat
     # computes the same function
     assert model.encoder[0].unit1.conv.weight.shape[2:] == (3, 3, 1)
     again = create_model(**model.config)
-    load_weights(again, res.checkpoint)
+    ck.load_weights(again)
     x = torch.randn(1, 2, 1, 16, 16, 8)
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), model(x))
@@ -55,7 +57,7 @@ def test_strides_and_kernels_round_trip_through_a_checkpoint(aniso_data, tmp_pat
 class _Threshold(torch.nn.Module):
     """An oracle 'model': class 1 where the intensity is above 0.5; records the input shapes."""
 
-    streamable = True
+    streamable, frames = True, None
 
     def __init__(self):
         super().__init__()
@@ -88,13 +90,13 @@ def test_resample_predict_resample_returns_labels_on_the_input_grid(tmp_path):
     probabilities back; the written labels have the input's shape and affine and overlay
     the input's own labels (Dice >= 0.98)."""
     from clstm4d.data import read_label, write_image
-    from clstm4d.engine.config import SavedRun
-    from clstm4d.engine.predictor import Predictor
+    from clstm4d.engine.inference.predictor import Predictor
+    from clstm4d.engine.run.config import ModelSpec, SavedRun
 
     image, label, g = _ball_image((40, 36, 9), (1.0, 1.0, 5.0), (19.0, 17.0, 21.0), 11.0)
     model = _Threshold()
     run = SavedRun(Config.from_dict({"data": {"spacing": [1.0], "normalize": None}}),
-                   model.config)
+                   ModelSpec.from_dict(model.config))
     predictor = Predictor(model, run, device="cpu")
     write_image(image, g, tmp_path / "img.nii.gz")
     (out,) = predictor.predict_file(tmp_path / "img.nii.gz", tmp_path / "pred.nii.gz")
@@ -106,7 +108,8 @@ def test_resample_predict_resample_returns_labels_on_the_input_grid(tmp_path):
     assert dice >= 0.98
     # a coarser model grid (2 mm, in-plane detail lost) still overlays the input
     coarse = Predictor(model, SavedRun(Config.from_dict(
-        {"data": {"spacing": [2.0, 2.0, 2.0], "normalize": None}}), model.config), device="cpu")
+        {"data": {"spacing": [2.0, 2.0, 2.0], "normalize": None}}),
+        ModelSpec.from_dict(model.config)), device="cpu")
     pred = coarse.predict_array(image, g)
     assert model.seen[-1] == (20, 18, 22) and pred.shape == label.shape
     assert 2 * ((pred > 0) & (label > 0)).sum() / ((pred > 0).sum() + (label > 0).sum()) > 0.95
@@ -118,7 +121,7 @@ def test_resample_predict_resample_returns_labels_on_the_input_grid(tmp_path):
     np.testing.assert_array_equal(probs.argmax(1), pred)
     # the switch: without data.spacing the model sees the input's own grid
     plain = Predictor(model, SavedRun(Config.from_dict({"data": {"normalize": None}}),
-                                      model.config), device="cpu")
+                                      ModelSpec.from_dict(model.config)), device="cpu")
     plain.predict_array(image, g)
     assert model.seen[-1] == (40, 36, 9)
 
@@ -126,7 +129,7 @@ def test_resample_predict_resample_returns_labels_on_the_input_grid(tmp_path):
 def test_training_resamples_cases_to_data_spacing(tmp_path, monkeypatch):
     """data.spacing = 1 mm on (1, 1, 2) mm cases: the patches come from 16^3 volumes, the
     spacing is saved with the run, and validation predicts on each case's own grid."""
-    import clstm4d.engine.train as train_mod
+    import clstm4d.engine.training.train as train_mod
 
     seen = {}
     fit = train_mod.fit
@@ -148,7 +151,7 @@ def test_training_resamples_cases_to_data_spacing(tmp_path, monkeypatch):
     res = train(cfg)
     assert seen["shape"] == (3, 1, 16, 16, 16)
     assert 0 <= seen["validate"]["val_dice"] <= 1
-    _, run = load_model(res.checkpoint)
+    run = Checkpoint.open(res.checkpoint).saved
     assert run.config.data.spacing == [1.0]
     cfg.data.spacing = [1.0, 1.0]
     cfg.train.out = str(tmp_path / "run2")
@@ -161,7 +164,7 @@ def test_training_resamples_cases_to_data_spacing(tmp_path, monkeypatch):
 def _saved_bytes(model_config, roi, t, n, bf16=False):
     """What autograd keeps for backward in a forward + loss (new storages only, parameters
     excluded): an independent count of the memory model's activation term."""
-    from clstm4d.engine.metrics import SequenceLoss
+    from clstm4d.engine.training.losses import SequenceLoss
 
     torch.manual_seed(0)
     model = create_model(**model_config).train()
@@ -199,7 +202,7 @@ def _saved_bytes(model_config, roi, t, n, bf16=False):
      False),
 ])
 def test_memory_model_counts_what_autograd_saves(model_config, roi, t, n, bf16):
-    from clstm4d.engine.plan import memory_breakdown
+    from clstm4d.engine.planning.memory import memory_breakdown
 
     est = memory_breakdown(model_config, roi, t, n, "bf16" if bf16 else "fp32", device="cpu")
     saved = _saved_bytes(model_config, roi, t, n, bf16)
@@ -219,8 +222,9 @@ def thick_slices(tmp_path_factory):
 def test_plan_for_thick_slices_keeps_z_unpooled_and_trains_as_is(thick_slices, tmp_path):
     import json
 
-    from clstm4d.engine.config import load_config
-    from clstm4d.engine.plan import MARGIN, run_plan
+    from clstm4d.engine.apps.plan import run_plan
+    from clstm4d.engine.planning.planner import MARGIN
+    from clstm4d.engine.run.config import load_config
 
     plan, written = run_plan(memory="400MB", datalist=str(thick_slices), model="tiny",
                              out=tmp_path / "plan.yaml", device="cpu", max_batch=2)
@@ -241,12 +245,13 @@ def test_plan_for_thick_slices_keeps_z_unpooled_and_trains_as_is(thick_slices, t
                                                "train.progress=false"])
     assert cfg.model.strides == plan.strides and cfg.data.roi == plan.roi
     res = train(cfg)
-    model, run = load_model(res.checkpoint)
+    model = Checkpoint.open(res.checkpoint).build_model()
     assert model.config["strides"] == plan.strides
 
 
 def test_plan_order_roi_then_window_then_batch():
-    from clstm4d.engine.plan import MARGIN, estimate_memory, make_plan
+    from clstm4d.engine.planning.memory import estimate_memory
+    from clstm4d.engine.planning.planner import MARGIN, make_plan
 
     big = make_plan(8 * 2**30, model="tiny", median_shape=[48, 48, 48], median_frames=12,
                     device="cpu")
@@ -256,7 +261,7 @@ def test_plan_order_roi_then_window_then_batch():
     assert small.window == 4 and small.batch == 1 and max(small.roi) < 96  # roi first
     assert small.predicted <= (1 - MARGIN) * 300 * 2**20
     larger = [r + 8 for r in small.roi]
-    assert estimate_memory(small.model_config(), larger, 4, 1, "fp32", small.checkpointing,
+    assert estimate_memory(small.model_config(), larger, 4, 1, "fp32", small.recompute,
                            device="cpu") > (1 - MARGIN) * 300 * 2**20
 
 
@@ -277,14 +282,14 @@ def test_plan_errors_name_what_is_wrong(tmp_path, capsys):
     assert main(["plan", "--shape", "8,96,96,96", "--memory", "12GB", "--model", "small",
                  "--out", str(tmp_path / "p.yaml"), "--no-time", "--device", "cuda"]) == 0
     text = capsys.readouterr().out
-    assert "roi (patch)               96 x 96 x 96" in text and "window   8" in text
+    assert re.search(r"roi \(patch\) +96 x 96 x 96\n", text) and "window   8" in text
     assert (tmp_path / "p.yaml").exists()
 
 
 def test_fingerprint_refuses_cases_that_disagree_in_channels(tmp_path):
     from clstm4d.data import Geometry, save_datalist, write_image, write_label
-    from clstm4d.engine.errors import UserError
-    from clstm4d.engine.plan import fingerprint
+    from clstm4d.engine.planning.fingerprint import fingerprint
+    from clstm4d.errors import UserError
 
     entries = []
     for name, c in (("a", 1), ("b", 2)):
@@ -299,7 +304,7 @@ def test_fingerprint_refuses_cases_that_disagree_in_channels(tmp_path):
 
 
 def test_edited_plans_that_cannot_train_name_the_key(aniso_data, tmp_path):
-    from clstm4d.engine.errors import ConfigError
+    from clstm4d.errors import ConfigError
 
     cfg = _train_cfg(aniso_data, tmp_path / "a", strides=[[2, 2, 1]])  # tiny: 2 poolings
     with pytest.raises(ConfigError, match="strides must be a sequence of 2 entries"):
@@ -314,10 +319,10 @@ def test_edited_plans_that_cannot_train_name_the_key(aniso_data, tmp_path):
 def test_guard_stops_an_over_budget_run_and_force_overrides(aniso_data, tmp_path, monkeypatch):
     import json
 
-    from clstm4d.engine import plan
-    from clstm4d.engine.errors import UserError
+    from clstm4d.engine.training import guard
+    from clstm4d.errors import UserError
 
-    monkeypatch.setattr(plan, "available_memory", lambda device: 5 * 2**20)
+    monkeypatch.setattr(guard, "available_memory", lambda device: 5 * 2**20)
     cfg = _train_cfg(aniso_data, tmp_path / "run")
     with pytest.raises(UserError, match=r"this run would not fit: .*roi 16 x 16 x 8, window 3, "
                                         r"batch 1.*cpu has 0.00 GiB free; run `clstm4d plan"):

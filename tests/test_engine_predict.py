@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clstm4d.engine.predict import predict_sequence
+from clstm4d.engine.inference.sliding import predict_sequence
 from clstm4d.models import create_model
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from clstm4d.data import Geometry, normalize_intensity, read_label, write_image
-from clstm4d.engine.checkpoint import save_checkpoint
-from clstm4d.engine.config import Config, ConfigError, SavedRun
-from clstm4d.engine.errors import CheckpointError, UserError
-from clstm4d.engine.predict import predict_sequence
-from clstm4d.engine.predictor import Predictor
+from clstm4d.engine.inference.predictor import Predictor
+from clstm4d.engine.inference.sliding import predict_sequence
+from clstm4d.engine.run.checkpoint import save_checkpoint
+from clstm4d.engine.run.config import Config, ModelSpec, SavedRun
+from clstm4d.errors import CheckpointError, ConfigError, UserError
 from clstm4d.models import create_model
 
 
@@ -23,7 +23,7 @@ def saved(tmp_path):
                          channels=(4, 8)).eval()
     cfg = Config.from_dict({"data": {"normalize": "zscore"},
                             "predict": {"chunk": 3, "roi": [16, 16], "overlap": 0.5}})
-    run = SavedRun(cfg, dict(model.config), {0: "background", 1: "a", 2: "b"})
+    run = SavedRun(cfg, ModelSpec.of(model), {0: "background", 1: "a", 2: "b"})
     ck = save_checkpoint(tmp_path / "ck", model, step=1, config=run.to_dict())
     image = np.random.default_rng(0).normal(3.0, 2.0, (5, 1, 20, 18)).astype(np.float32)
     return {"model": model, "run": run, "ck": ck, "image": image}
@@ -75,7 +75,7 @@ def test_saved_run_errors_name_the_checkpoint(saved, tmp_path):
     for f in ("model.safetensors", "state.json"):
         (bad / f).write_bytes((saved["ck"] / f).read_bytes())
     (bad / "config.json").write_text(json.dumps({"model": {"name": "tiny"}}))
-    with pytest.raises(CheckpointError, match="no 'model_config'"):
+    with pytest.raises(CheckpointError, match="model_config: expected a mapping with the model"):
         Predictor.from_checkpoint(bad)
     with pytest.raises(ConfigError, match="unknown key 'train.stpes'"):
         SavedRun.from_dict({**saved["run"].to_dict(), "train": {"stpes": 1}})
@@ -88,7 +88,7 @@ def test_bidirectional_time_margin_reaches_predict_sequence():
                          channels=(4, 8), bidirectional=True).eval()
     cfg = Config.from_dict({"data": {"normalize": None}, "predict": {"chunk": 2,
                                                                     "time_margin": 1}})
-    run = SavedRun(cfg, dict(model.config), {0: "background", 1: "a", 2: "b"})
+    run = SavedRun(cfg, ModelSpec.of(model), {0: "background", 1: "a", 2: "b"})
     image = np.random.default_rng(1).normal(size=(7, 1, 12, 12)).astype(np.float32)
     x = torch.from_numpy(image)
     for margin, p in ((1, Predictor(model, run, device="cpu")),

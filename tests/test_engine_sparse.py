@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from clstm4d.data import CaseData, Geometry, PatchDataset
-from clstm4d.engine.config import TrainConfig
-from clstm4d.engine.metrics import SequenceLoss, dice_per_frame
-from clstm4d.engine.train import fit
+from clstm4d.engine.evaluation.metrics import dice_per_frame
+from clstm4d.engine.run.config import TrainConfig
+from clstm4d.engine.training.loop import fit
+from clstm4d.engine.training.losses import SequenceLoss
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_toys import ToyTemporalNet  # noqa: E402
@@ -212,8 +213,8 @@ def _sparse_dataset(folder, fill):
 def test_train_on_datalists_differing_only_in_unannotated_frames_is_bitwise_identical(
         tmp_path):
     pytest.importorskip("nibabel")
-    from clstm4d.engine.config import Config
-    from clstm4d.engine.train import train
+    from clstm4d.engine.run.config import Config
+    from clstm4d.engine.training.train import train
 
     fills = {"truth": lambda x: x, "zeros": np.zeros_like,
              "noise": lambda x: np.random.default_rng(1).integers(0, 3, size=x.shape)}
@@ -232,15 +233,15 @@ def test_train_on_datalists_differing_only_in_unannotated_frames_is_bitwise_iden
 
 
 def test_validation_scores_annotated_frames_only():
-    from clstm4d.engine.builders import make_validator
-    from clstm4d.engine.config import Config, SavedRun
-    from clstm4d.engine.predictor import Predictor
+    from clstm4d.engine.inference.predictor import Predictor
+    from clstm4d.engine.run.config import Config, ModelSpec, SavedRun
+    from clstm4d.engine.training.validate import make_validator
     from clstm4d.models import create_model
 
     torch.manual_seed(0)
     model = create_model("tiny", spatial_dims=2, in_channels=1, out_channels=2,
                          channels=(4, 8))
-    run = SavedRun(Config(), dict(model.config), {0: "background", 1: "cell", 2: "ignore"})
+    run = SavedRun(Config(), ModelSpec.of(model), {0: "background", 1: "cell", 2: "ignore"})
     cases = []
     for i, frames in enumerate([(0, 2), (1,)]):
         rng = np.random.default_rng(i)
@@ -271,10 +272,10 @@ def test_ignore_class_end_to_end_is_not_predicted(tmp_path):
     chamber), training runs on the masked loss, predictions never hold the ignore value."""
     pytest.importorskip("nibabel")
     from clstm4d.data import load_case, load_datalist, save_datalist, write_synthetic_dataset
-    from clstm4d.engine.builders import load_model
-    from clstm4d.engine.config import Config
-    from clstm4d.engine.predictor import Predictor
-    from clstm4d.engine.train import train
+    from clstm4d.engine.inference.predictor import Predictor
+    from clstm4d.engine.run.checkpoint import Checkpoint
+    from clstm4d.engine.run.config import Config
+    from clstm4d.engine.training.train import train
 
     src = load_datalist(write_synthetic_dataset(tmp_path / "data", cases=3, frames=5, size=16,
                                                 validation=0.34))
@@ -290,8 +291,9 @@ def test_ignore_class_end_to_end_is_not_predicted(tmp_path):
                   "device": "cpu", "val_every": 2}})
     res = train(cfg)
     assert np.isfinite(res.history[-1]["loss"]) and 0 <= res.history[-1]["val_dice"] <= 1
-    model, run = load_model(res.checkpoint)
-    assert run.model_config["out_channels"] == 2 and run.labels[2] == "ignore"
+    ck = Checkpoint.open(res.checkpoint)
+    model, run = ck.build_model(), ck.saved
+    assert run.model_spec.out_channels == 2 and run.labels[2] == "ignore"
     case = load_case(load_datalist(dl).validation[0])
     assert (case.label == 2).any()
     pred = Predictor(model, run, device="cpu").predict_array(case.image)
@@ -317,7 +319,7 @@ def _reference_pseudo(logits, label, lengths, labelled, threshold, ignore):
 
 
 def test_pseudo_label_loss_matches_its_formula_and_skips_padding_and_annotations():
-    from clstm4d.engine.metrics import PseudoLabelLoss
+    from clstm4d.engine.training.losses import PseudoLabelLoss
 
     logits, label = _batch(n=2, t=4, k=3, shape=(3, 5), seed=4)
     logits = 3 * logits  # a spread of confidences around the threshold
@@ -373,8 +375,8 @@ def test_fit_with_pseudo_labels_off_is_todays_run_and_on_ignores_unannotated_con
 
 
 def test_pseudo_label_config_keys_are_checked():
-    from clstm4d.engine.config import Config
-    from clstm4d.engine.errors import ConfigError
+    from clstm4d.engine.run.config import Config
+    from clstm4d.errors import ConfigError
 
     assert Config().train.unlabelled_weight == 0.0  # off by default
     for item in ("train.unlabelled_weight=-0.1", "train.unlabelled_threshold=0",

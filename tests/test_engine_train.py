@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from clstm4d.engine.checkpoint import find_checkpoint, load_weights, read_checkpoint_state
-from clstm4d.engine.config import TrainConfig
-from clstm4d.engine.train import EpochStream, StepBatchSampler, fit
+from clstm4d.engine.run.checkpoint import Checkpoint
+from clstm4d.engine.run.config import TrainConfig
+from clstm4d.engine.run.folders import RunFolder
+from clstm4d.engine.training.loop import fit
+from clstm4d.engine.training.sampling import EpochStream, StepBatchSampler
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -40,13 +42,14 @@ def test_resume_continues_exactly(tmp_path):
     torch.manual_seed(0)
     part = ToyTemporalNet(dropout=0.3)
     fit(part, ToySequences(), _cfg(tmp_path / "part", 6, checkpoint_every=3), batch_size=2,
-        config={"model": {"name": "toy"}})
+        saved_config={"model": {"name": "toy"}})
     # pretend the run stopped after step 3: resume from that checkpoint in a fresh model
     ck = tmp_path / "part" / "checkpoints" / "step_000003"
-    assert read_checkpoint_state(ck)["step"] == 3
+    assert Checkpoint.open(ck).state["step"] == 3
     torch.manual_seed(123)  # a different global RNG state must not matter
     resumed = ToyTemporalNet(dropout=0.3)
-    fit(resumed, ToySequences(), _cfg(tmp_path / "resumed", 6), batch_size=2, resume=ck)
+    fit(resumed, ToySequences(), _cfg(tmp_path / "resumed", 6), batch_size=2,
+        folder=RunFolder(tmp_path / "resumed", resume=ck))
 
     full_losses = _losses(tmp_path / "full")
     assert _losses(tmp_path / "resumed") == full_losses[3:]
@@ -58,10 +61,10 @@ def test_resume_continues_exactly(tmp_path):
 def test_checkpoint_roundtrip_and_latest(tmp_path):
     torch.manual_seed(0)
     net = ToyTemporalNet()
-    res = fit(net, ToySequences(), _cfg(tmp_path, 2), batch_size=2, config={"a": (1, 2)})
-    assert find_checkpoint(tmp_path) == res.checkpoint
+    res = fit(net, ToySequences(), _cfg(tmp_path, 2), batch_size=2, saved_config={"a": (1, 2)})
+    assert Checkpoint.open(tmp_path).path == res.checkpoint
     other = ToyTemporalNet()
-    load_weights(other, tmp_path)
+    Checkpoint.open(tmp_path).load_weights(other)
     for a, b in zip(net.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert not list((tmp_path / "checkpoints").glob(".*tmp"))  # no temporary leftovers
@@ -107,4 +110,4 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=1e-5)
     # rank 0 alone logs and checkpoints
     assert (tmp_path / "ddp" / "metrics.jsonl").exists()
-    assert find_checkpoint(tmp_path / "ddp").name == "step_000003"
+    assert Checkpoint.open(tmp_path / "ddp").path.name == "step_000003"

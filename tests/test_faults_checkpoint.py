@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from clstm4d.engine import checkpoint as ckmod
-from clstm4d.engine.checkpoint import find_checkpoint, verify_checkpoint
-from clstm4d.engine.errors import CheckpointError, CheckpointFormatError
-from clstm4d.engine.guards import LOCK
-from clstm4d.engine.train import fit
+from clstm4d import _common
+from clstm4d.engine.run import checkpoint as ckmod
+from clstm4d.engine.run.checkpoint import Checkpoint, verify_checkpoint
+from clstm4d.engine.run.folders import LOCK, RunFolder
+from clstm4d.engine.training.loop import fit
+from clstm4d.errors import CheckpointError, CheckpointFormatError
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -35,7 +36,7 @@ def _train(out, steps=6, resume=None, **kw):
     torch.manual_seed(0)
     model = ToyTemporalNet(dropout=0.2)
     fit(model, ToySequences(), toy_config(out, steps, checkpoint_every=2, **kw), batch_size=2,
-        config={"model": {"name": "toy"}}, resume=resume)
+        saved_config={"model": {"name": "toy"}}, folder=RunFolder(out, resume=resume))
     return model
 
 
@@ -47,14 +48,17 @@ def reference(tmp_path_factory):
     return _losses(out)
 
 
-def _fail_on_call(real, n, error):
-    """Wrap ``real`` so that its ``n``-th call writes half of what it would and then raises."""
+def _fail_on_call(real, n, error, write=True):
+    """Wrap ``real`` so that its ``n``-th call writes half of what it would and then raises
+    (``write=False``: raises before writing anything)."""
     calls = {"n": 0}
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] != n:
             return real(*args, **kwargs)
+        if not write:
+            raise error
         real(*args, **kwargs)
         target = args[1] if len(args) > 1 else args[0]
         if isinstance(target, (str, os.PathLike)) and Path(target).is_file():
@@ -83,11 +87,11 @@ def test_a_write_that_fails_part_way_keeps_the_previous_checkpoint(tmp_path, mon
         monkeypatch.setattr(safetensors.torch, "save_file",
                             _fail_on_call(safetensors.torch.save_file, 5, ENOSPC))
     elif fault == "fsync":
-        monkeypatch.setattr(ckmod.os, "fsync",
+        monkeypatch.setattr(_common.os, "fsync",
                             _fail_on_call(os.fsync, 8, OSError(errno.EIO, "I/O error")))
-    else:
+    else:  # the disk fills while the new latest.json is written: the old one stays
         monkeypatch.setattr(ckmod, "atomic_write_text",
-                            _fail_on_call(ckmod.atomic_write_text, 2, ENOSPC))
+                            _fail_on_call(ckmod.atomic_write_text, 2, ENOSPC, write=False))
     with pytest.raises(OSError):
         _train(tmp_path)
     monkeypatch.undo()
@@ -98,7 +102,7 @@ def test_a_write_that_fails_part_way_keeps_the_previous_checkpoint(tmp_path, mon
     assert not (tmp_path / LOCK).exists()
     if fault != "latest.json":  # the failed checkpoint never appeared under its name
         assert not (ckdir / "step_000004").exists()
-    assert find_checkpoint(tmp_path) == ckdir / "step_000002"
+    assert Checkpoint.open(tmp_path).path == ckdir / "step_000002"
     _train(tmp_path, resume=tmp_path)
     assert _losses(tmp_path) == reference  # resumed exactly from the previous checkpoint
 
@@ -127,12 +131,12 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_valid_one(tmp_path
     ckdir = tmp_path / "checkpoints"
     DAMAGE[damage](ckdir / "step_000004")
     if damage == "latest.json cut short":  # the pointer is damaged, step 4 itself is fine
-        with caplog.at_level(logging.WARNING, logger="clstm4d.engine.checkpoint"):
-            assert find_checkpoint(tmp_path) == ckdir / "step_000004"
+        with caplog.at_level(logging.WARNING, logger="clstm4d.engine.run.checkpoint"):
+            assert Checkpoint.open(tmp_path).path == ckdir / "step_000004"
         assert "latest.json is unreadable" in caplog.text
         return
-    with caplog.at_level(logging.WARNING, logger="clstm4d.engine.checkpoint"):
-        assert find_checkpoint(tmp_path) == ckdir / "step_000002"
+    with caplog.at_level(logging.WARNING, logger="clstm4d.engine.run.checkpoint"):
+        assert Checkpoint.open(tmp_path).path == ckdir / "step_000002"
     assert "step_000004" in caplog.text and "newest valid checkpoint" in caplog.text
     with pytest.raises(CheckpointError):
         verify_checkpoint(ckdir / "step_000004")
@@ -173,6 +177,6 @@ def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path):
     state.write_text(json.dumps({**doc, "format": 2}))
     with pytest.raises(CheckpointFormatError, match="format version 2; .* reads versions up to "
                                                      "1: upgrade clstm4d"):
-        find_checkpoint(tmp_path)  # no silent fall back to the older step 2
+        Checkpoint.open(tmp_path)  # no silent fall back to the older step 2
     with pytest.raises(CheckpointFormatError):
         _train(tmp_path, resume=tmp_path)

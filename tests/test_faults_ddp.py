@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clstm4d.engine.checkpoint import find_checkpoint, read_checkpoint_state
+from clstm4d.engine.run.checkpoint import Checkpoint
 
 TESTS = Path(__file__).parent
 SCRIPT = str(TESTS / "fault_toys.py")
@@ -41,8 +41,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert r0["outcome"] == r1["outcome"] == "preempted", proc.stderr[-3000:]
     assert r0["step"] == r1["step"] == 4
     assert r1["signal"] == "SIGTERM" and r0["signal"] is None  # rank 0 was told by rank 1
-    ck = find_checkpoint(out)
-    assert r0["checkpoint"] == str(ck) and read_checkpoint_state(ck)["step"] == 4
+    ck = Checkpoint.open(out).path
+    assert r0["checkpoint"] == str(ck) and Checkpoint.open(ck).state["step"] == 4
     assert r1["checkpoint"] is None  # only rank 0 writes
     # torchrun reports a worker exit code other than 0 as a failure of the job (it exits 1)
     assert proc.returncode != 0 and "exitcode  : 75" in proc.stderr, proc.stderr[-2000:]
@@ -70,7 +70,7 @@ def test_sigterm_to_every_process_as_slurm_sends_it(tmp_path):
     r0, r1 = _results(out)
     assert r0["outcome"] == r1["outcome"] == "preempted" and r0["step"] == r1["step"] >= 3
     assert r0["signal"] == r1["signal"] == "SIGTERM"
-    assert read_checkpoint_state(find_checkpoint(out))["step"] == r0["step"]
+    assert Checkpoint.open(out).state["step"] == r0["step"]
 
 
 def _free_port() -> int:
@@ -119,5 +119,5 @@ def test_a_lost_rank_makes_the_other_fail_within_the_timeout(tmp_path, fault):
     assert waited < 3 * timeout, waited
     print(f"rank 0 failed {waited:.1f} s after rank 1 {fault[:-1]}: {r0['error'][:120]}")
     # what survived: the last periodic checkpoint, valid; the run folder is unlocked
-    assert find_checkpoint(out).name == "step_000002"
+    assert Checkpoint.open(out).path.name == "step_000002"
     assert not (out / ".clstm4d.lock").exists()

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clstm4d.engine.checkpoint import find_checkpoint, load_weights, read_checkpoint_state
-from clstm4d.engine.errors import NonFiniteError, Preempted, UserError
-from clstm4d.engine.guards import LOCK, RunFolder
-from clstm4d.engine.train import fit
+from clstm4d.engine.run.checkpoint import Checkpoint
+from clstm4d.engine.run.folders import LOCK, RunFolder
+from clstm4d.engine.training.loop import fit
+from clstm4d.errors import NonFiniteError, Preempted, UserError
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -52,20 +52,20 @@ def test_signal_finishes_the_step_checkpoints_and_resume_is_bitwise(tmp_path, si
     faulty = Faulty(ToySequences(), signal_at={7: signum})
     with pytest.raises(Preempted) as info:
         fit(ToyTemporalNet(dropout=0.3), faulty, toy_config(tmp_path / "run", 8),
-            batch_size=2, config={"model": {"name": "toy"}})
+            batch_size=2, saved_config={"model": {"name": "toy"}})
     e = info.value
     assert e.step == 4 and e.signal == signal.Signals(signum).name
     assert "continue with --resume" in str(e)
     assert signal.getsignal(signum) == before  # handlers restored
     assert faulty.calls == 8  # the step was finished, no further batch was loaded
-    assert find_checkpoint(tmp_path / "run") == e.checkpoint == \
+    assert Checkpoint.open(tmp_path / "run").path == e.checkpoint == \
         tmp_path / "run" / "checkpoints" / "step_000004"
     assert not (tmp_path / "run" / LOCK).exists()
 
     torch.manual_seed(123)  # a fresh process would start from anything
     resumed = ToyTemporalNet(dropout=0.3)
     res = fit(resumed, ToySequences(), toy_config(tmp_path / "run", 8), batch_size=2,
-              resume=tmp_path / "run")
+              folder=RunFolder(tmp_path / "run", resume=tmp_path / "run"))
     assert res.steps == 8
     assert _losses(tmp_path / "run") == _losses(tmp_path / "full")  # to the bit
     assert _same_weights(full, resumed)
@@ -76,13 +76,13 @@ def test_a_repeated_sigterm_still_checkpoints_a_second_sigint_stops_at_once(tmp_
     twice = Faulty(ToySequences(), signal_at={7: signal.SIGTERM, 8: signal.SIGTERM})
     with pytest.raises(Preempted) as info:
         fit(ToyTemporalNet(), twice, toy_config(tmp_path / "term", 8), batch_size=2)
-    assert info.value.step == 4 and find_checkpoint(tmp_path / "term").name == "step_000004"
+    assert info.value.step == 4 and Checkpoint.open(tmp_path / "term").path.name == "step_000004"
     # Ctrl-C twice: out at once, without a new checkpoint, the folder unlocked
     impatient = Faulty(ToySequences(), signal_at={7: signal.SIGINT, 8: signal.SIGINT})
     with pytest.raises(KeyboardInterrupt):
         fit(ToyTemporalNet(), impatient, toy_config(tmp_path / "int", 8, checkpoint_every=2),
             batch_size=2)
-    assert find_checkpoint(tmp_path / "int").name == "step_000002"
+    assert Checkpoint.open(tmp_path / "int").path.name == "step_000002"
     assert not (tmp_path / "int" / LOCK).exists()
 
 
@@ -113,8 +113,8 @@ def test_sigterm_from_outside_to_the_cli_exits_75_and_resume_continues(tmp_path)
     assert last.startswith("clstm4d train: stopped by SIGTERM after step ") and "Traceback" \
         not in err, err
     step = int(last.split("after step ")[1].split(";")[0])
-    ck = find_checkpoint(root / "run")
-    assert read_checkpoint_state(ck)["step"] == step and ck.name == f"step_{step:06d}"
+    ck = Checkpoint.open(root / "run").path
+    assert Checkpoint.open(ck).state["step"] == step and ck.name == f"step_{step:06d}"
     assert _rows(root / "run")[-1]["step"] == step
     assert not (root / "run" / LOCK).exists()
     # the same command with --resume continues from there
@@ -134,7 +134,7 @@ def test_a_nonfinite_step_is_skipped_and_counted(tmp_path):
 
     model.head.weight.register_hook(poison)
     res = fit(model, data, toy_config(tmp_path, 7, checkpoint_every=1, keep_checkpoints=10),
-              batch_size=2, config={"model": {"name": "toy"}})
+              batch_size=2, saved_config={"model": {"name": "toy"}})
     assert res.steps == 7
     rows = {r["step"]: r for r in _rows(tmp_path)}
     assert rows[3]["loss"] is None and rows[5]["loss"] is None  # no step had a NaN loss logged
@@ -143,14 +143,14 @@ def test_a_nonfinite_step_is_skipped_and_counted(tmp_path):
     # the optimizer stepped 5 times in 7 steps, and the weights stayed finite
     from safetensors.torch import load_file
 
-    ck = find_checkpoint(tmp_path)
+    ck = Checkpoint.open(tmp_path).path
     opt = load_file(str(ck / "optimizer.safetensors"))
     assert {float(v) for k, v in opt.items() if k.endswith(".step")} == {5.0}
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # no checkpoint is written right after a skipped step
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [
         f"step_{s:06d}" for s in (1, 2, 4, 6, 7)]
-    assert read_checkpoint_state(ck)["extra"]["nonfinite"] == {"total": 2, "consecutive": 0}
+    assert Checkpoint.open(ck).state["extra"]["nonfinite"] == {"total": 2, "consecutive": 0}
 
 
 def test_too_many_nonfinite_steps_stop_and_keep_the_last_good_checkpoint(tmp_path):
@@ -159,16 +159,16 @@ def test_too_many_nonfinite_steps_stop_and_keep_the_last_good_checkpoint(tmp_pat
     with pytest.raises(NonFiniteError) as info:
         fit(ToyTemporalNet(), data, toy_config(tmp_path, 50, checkpoint_every=1,
                                                max_nonfinite_steps=3),
-            batch_size=2, config={"model": {"name": "toy"}})
+            batch_size=2, saved_config={"model": {"name": "toy"}})
     msg = str(info.value)
     assert "after step 5" in msg and "3 consecutive steps, 3 to 5" in msg
     good = tmp_path / "checkpoints" / "step_000002"
     assert f"the last good checkpoint is {good}" in msg
-    assert find_checkpoint(tmp_path) == good
+    assert Checkpoint.open(tmp_path).path == good
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [
         "step_000001", "step_000002"]
     other = ToyTemporalNet()
-    load_weights(other, good)
+    Checkpoint.open(good).load_weights(other)
     assert all(torch.isfinite(p).all() for p in other.parameters())
     assert not (tmp_path / LOCK).exists()
 
@@ -185,7 +185,7 @@ def test_second_run_in_a_locked_folder_names_the_other_process(tmp_path, capsys)
                                                  "since": "2026-01-01 00:00:00"}))
         with pytest.raises(UserError, match=f"in use by process {holder.pid} on "):
             fit(ToyTemporalNet(), ToySequences(), toy_config(tmp_path, 2), batch_size=2,
-                resume=tmp_path)
+                folder=RunFolder(tmp_path, resume=tmp_path))
         with pytest.raises(UserError, match="in use"):  # what `train` checks before loading
             RunFolder(tmp_path, resume=tmp_path).check()
         assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
@@ -195,6 +195,6 @@ def test_second_run_in_a_locked_folder_names_the_other_process(tmp_path, capsys)
         holder.wait()
     # the same lock, now of a dead process: taken over
     fit(ToyTemporalNet(), ToySequences(), toy_config(tmp_path, 2), batch_size=2,
-        resume=tmp_path)
-    assert find_checkpoint(tmp_path).name == "step_000002"
+        folder=RunFolder(tmp_path, resume=tmp_path))
+    assert Checkpoint.open(tmp_path).path.name == "step_000002"
     assert not (tmp_path / LOCK).exists()

@@ -89,8 +89,8 @@ def world(tmp_path_factory):
 def one_step_only(monkeypatch):
     """Cut the training loop to its first step: the fuzz is about inputs, not about training
     (and skip the full garbage collection that starts a peak-memory measurement)."""
-    from clstm4d.engine import runtime
-    from clstm4d.engine import train as train_module
+    from clstm4d.engine.run import runtime
+    from clstm4d.engine.training import sampling as train_module
 
     real_iter = train_module.StepBatchSampler.__iter__
 
@@ -255,7 +255,7 @@ SIZE_KEYS = {("data", "batch_size"), ("data", "window"), ("data", "roi"),
 @FUZZ
 @given(data=st.data())
 def test_mutated_configs_succeed_or_fail_cleanly(world, capsys, tmp_path, data):
-    from clstm4d.engine.config import Config
+    from clstm4d.engine.run.config import Config
 
     known = Config().to_dict()
 
@@ -328,8 +328,8 @@ def test_fuzz_saw_both_outcomes():
     ("predict.mode=gauss", "'predict.mode' must be one of gaussian, constant"),
 ])
 def test_edge_values_found_by_the_sweep_are_refused_naming_the_key(override, message):
-    from clstm4d.engine.config import Config
-    from clstm4d.engine.errors import ConfigError
+    from clstm4d.engine.run.config import Config
+    from clstm4d.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
         Config.from_dict({}, [override])

@@ -16,8 +16,8 @@ import pytest
 
 from clstm4d.cli import main
 from clstm4d.data import Geometry, write_image, write_label
-from clstm4d.engine.errors import UserError
-from clstm4d.engine.guards import LOCK, MANIFEST, OutputFolder, check_outputs
+from clstm4d.engine.run.folders import LOCK, MANIFEST, OutputFolder, check_outputs
+from clstm4d.errors import UserError
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -220,7 +220,7 @@ def test_train_out_continues_only_with_resume_and_refuses_other_folders(ckpt, tm
 
 
 def test_demo_twice_into_the_same_folder_and_never_into_another(tmp_path, capsys):
-    from clstm4d.engine.demo import DemoOptions, run_demo
+    from clstm4d.engine.apps.demo import DemoOptions, run_demo
 
     out = tmp_path / "demo"
     opts = dict(out=str(out), dims=2, size=16, frames=4, cases=1, test=1, steps=1,

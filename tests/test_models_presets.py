@@ -71,7 +71,7 @@ def test_every_preset_builds_runs_and_rebuilds_from_its_json_config(name):
     for (ka, a), (kb, b) in zip(net.state_dict().items(), again.state_dict().items(),
                                 strict=True):
         assert ka == kb and torch.equal(a, b)
-    t = getattr(net, "frames", 2)
+    t = net.frames or 2
     x = torch.randn(1, t, 1, 16, 16)
     assert net(x).shape == (1, t, 2, 16, 16)
 

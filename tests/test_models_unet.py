@@ -1,4 +1,4 @@
-"""TimeResolvedUNet: shapes, gradients, causality, streaming, checkpointing, frame independence."""
+"""TimeResolvedUNet: shapes, gradients, causality, streaming, recomputation, frame independence."""
 
 import pytest
 import torch
@@ -104,16 +104,16 @@ def test_streaming_in_chunks_equals_one_pass(spatial_dims, size, temporal, cell,
     ("bottleneck", "lstm", 0.0, True),  # large stages recomputed in pieces of the n*t axis
     ("skips", "gru", 0.3, True),  # dropout: never in pieces (masks must replay exactly)
 ])
-def test_checkpoint_gives_the_same_gradients(temporal, cell, dropout, chunk, monkeypatch):
+def test_recompute_gives_the_same_gradients(temporal, cell, dropout, chunk, monkeypatch):
     if chunk:
         monkeypatch.setattr(blocks, "CHUNK_ELEMENTS", 200)
     plain = make(3, temporal=temporal, cell=cell, dropout=dropout)
-    ckpt = make(3, temporal=temporal, cell=cell, dropout=dropout, checkpoint=True)
+    ckpt = make(3, temporal=temporal, cell=cell, dropout=dropout, recompute=True)
     ckpt.load_state_dict(plain.state_dict())
     x = seq(3, (6, 5, 7), t=3)
     grads = []
     for net in (plain, ckpt):
-        torch.manual_seed(123)  # same dropout masks; checkpointing must replay them
+        torch.manual_seed(123)  # same dropout masks; recomputation must replay them
         xi = x.clone().requires_grad_()
         net(xi).square().mean().backward()
         grads.append([xi.grad] + [p.grad for p in net.parameters()])
@@ -225,9 +225,9 @@ def test_channels_last_layout_computes_the_same_function(spatial_dims, size, mon
     """Wide models run their per-frame stages channels-last; the result must not change."""
     from clstm4d.models import unet
 
-    default = make(spatial_dims, temporal="skips", checkpoint=True)
+    default = make(spatial_dims, temporal="skips", recompute=True)
     monkeypatch.setattr(unet, "CHANNELS_LAST_MIN_WIDTH", 1)
-    cl = make(spatial_dims, temporal="skips", checkpoint=True)
+    cl = make(spatial_dims, temporal="skips", recompute=True)
     assert cl._layout != default._layout
     cl.load_state_dict(default.state_dict())
     x = seq(spatial_dims, size, t=3)

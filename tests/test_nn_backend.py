@@ -72,12 +72,12 @@ def test_input_dtype_must_match_parameters_without_autocast():
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_public_api_fallbacks_give_the_same_numbers(kind, checkpoint):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_public_api_fallbacks_give_the_same_numbers(kind, recompute):
     """oneDNN / convolution_backward / keep-graph query vs F.conv / torch.nn.grad."""
     torch.manual_seed(0)
     kwargs = {"peephole": True} if kind == "lstm" else {}
-    layer = KINDS[kind](3, 2, 3, (3, 2, 3), bidirectional=True, checkpoint=checkpoint,
+    layer = KINDS[kind](3, 2, 3, (3, 2, 3), bidirectional=True, recompute=recompute,
                         backend="fused", **kwargs)
     with torch.no_grad():
         for p in layer.parameters():
@@ -112,10 +112,10 @@ def test_private_api_gate_follows_the_version():
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_second_order_gradients(kind, backend):
-    """gradgradcheck w.r.t. input, initial state and parameters; lengths and checkpoint."""
+    """gradgradcheck w.r.t. input, initial state and parameters; lengths and recompute."""
     torch.manual_seed(1)
     kwargs = {"peephole": True} if kind == "lstm" else {}
-    layer = KINDS[kind](1, 1, 2, 2, checkpoint=True, dtype=DT, backend=backend, **kwargs)
+    layer = KINDS[kind](1, 1, 2, 2, recompute=True, dtype=DT, backend=backend, **kwargs)
     names = [n for n, _ in layer.named_parameters()]
     x = torch.randn(2, 3, 1, 3, dtype=DT, requires_grad=True)
     h0 = torch.randn(1, 2, 2, 3, dtype=DT, requires_grad=True)

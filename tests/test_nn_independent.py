@@ -6,7 +6,7 @@ both biases, applies the gate equations of issue 2 (LSTM i, f, g, o with optiona
 GRU r, z, n with n = tanh(W_in x + b_in + r * (W_hn h + b_hn))), honours `lengths` by
 running each sample only over its valid frames (reverse direction starting at its last valid
 frame, zero outputs past it). Outputs, final states and parameter gradients of the float32
-layer must match it, with and without `checkpoint`.
+layer must match it, with and without `recompute`.
 """
 
 import pytest
@@ -85,14 +85,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpoint"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_reference(case, checkpoint):
+def test_matches_float64_reference(case, recompute):
     spatial_dims, gru, bidirectional, peephole, kernel, dilation, use_lengths = CASES[case]
     torch.manual_seed(0)
     kw = dict(spatial_dims=spatial_dims, in_channels=3, hidden_channels=4, kernel_size=kernel,
               num_layers=2, bidirectional=bidirectional, dilation=dilation,
-              checkpoint=checkpoint)
+              recompute=recompute)
     mod = ConvGRU(**kw) if gru else ConvLSTM(**kw, peephole=peephole)
     with torch.no_grad():
         for p in mod.parameters():

@@ -1,4 +1,4 @@
-"""ConvLSTM/ConvGRU behaviour: shapes, lengths, gradients, checkpointing, dtypes, devices."""
+"""ConvLSTM/ConvGRU behaviour: shapes, lengths, gradients, recomputation, dtypes, devices."""
 
 import pytest
 import torch
@@ -155,9 +155,9 @@ def test_gradcheck(kind):
     ("kwargs", "with_state", "lengths"),
     [
         ({"kernel_size": 3}, False, None),
-        ({"kernel_size": (2, 3), "dilation": (2, 1), "checkpoint": True}, True, [5, 2]),
+        ({"kernel_size": (2, 3), "dilation": (2, 1), "recompute": True}, True, [5, 2]),
         ({"kernel_size": 2, "num_layers": 2, "bidirectional": True}, True, [3, 5]),
-        ({"kernel_size": 3, "bidirectional": True, "bias": False, "checkpoint": True}, False,
+        ({"kernel_size": 3, "bidirectional": True, "bias": False, "recompute": True}, False,
          [4, 5]),
         # large frames, small weights: the backward runs in segments of 2 + 3 frames
         ({"kernel_size": 3, "bidirectional": True, "spatial": (12, 13)}, True, [5, 3]),
@@ -247,10 +247,10 @@ def test_fast_path_inference_and_float32_onednn():
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_every_parameter_gets_a_gradient(kind, checkpoint):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_every_parameter_gets_a_gradient(kind, recompute):
     kwargs = {"peephole": True} if kind == "lstm" else {}
-    layer = KINDS[kind](2, 2, 3, 3, num_layers=2, bidirectional=True, checkpoint=checkpoint,
+    layer = KINDS[kind](2, 2, 3, 3, num_layers=2, bidirectional=True, recompute=recompute,
                         **kwargs)
     out, state = layer(torch.randn(2, 3, 2, 4, 5))
     (out.square().sum() + _h(state, kind).sum()).backward()
@@ -259,11 +259,11 @@ def test_every_parameter_gets_a_gradient(kind, checkpoint):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_checkpoint_gives_same_outputs_and_gradients(kind):
+def test_recompute_gives_same_outputs_and_gradients(kind):
     torch.manual_seed(5)
     kwargs = {"peephole": True} if kind == "lstm" else {}
     plain = KINDS[kind](2, 2, 3, 3, num_layers=2, bidirectional=True, dtype=DT, **kwargs)
-    ckpt = KINDS[kind](2, 2, 3, 3, num_layers=2, bidirectional=True, checkpoint=True,
+    ckpt = KINDS[kind](2, 2, 3, 3, num_layers=2, bidirectional=True, recompute=True,
                        dtype=DT, **kwargs)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 4, 2, 5, 4, dtype=DT)
@@ -326,7 +326,7 @@ def test_parameter_names_and_extra_repr():
     assert layer.weight_peephole_l0.shape == (12,)
     r = repr(layer)
     assert "num_layers=2" in r and "bidirectional=True" in r and "bias=False" in r
-    assert "dropout" not in r and "checkpoint" not in r
+    assert "dropout" not in r and "recompute" not in r
     assert repr(ConvGRU(1, 1, 1, 3)) == "ConvGRU(spatial_dims=1, 1, 1, kernel_size=(3,))"
 
 

@@ -9,7 +9,7 @@ term of a sum; the errors are independent, so sums of many terms carry ~u relati
 norm, and the gates' saturating non-linearities keep it from growing over frames. We therefore
 compare norm-relative errors ``|a - b| / |b|`` of the output and of every gradient with
 ``4 u`` (2^-7 = 0.0078 for bfloat16): the measured values are 0.9-2.2 u here (2 layers,
-bidirectional, lengths, checkpoint or not). A bug in the mixed-precision code (a missing
+bidirectional, lengths, recompute or not). A bug in the mixed-precision code (a missing
 bias, a gate gradient in the wrong dtype, a state rounded each frame) gives errors of 10^-2
 and more.
 """
@@ -46,10 +46,10 @@ def _run(layer, x, amp_dtype, lengths):
     return out, state, [xi.grad] + [p.grad.clone() for p in layer.parameters()]
 
 
-def _layer(kind, device, checkpoint=False):
+def _layer(kind, device, recompute=False):
     torch.manual_seed(0)
     kwargs = {"peephole": True} if kind == "lstm" else {}
-    layer = KINDS[kind](3, 3, 6, 3, num_layers=2, bidirectional=True, checkpoint=checkpoint,
+    layer = KINDS[kind](3, 3, 6, 3, num_layers=2, bidirectional=True, recompute=recompute,
                         device=device, **kwargs)
     with torch.no_grad():
         for p in layer.parameters():
@@ -59,10 +59,10 @@ def _layer(kind, device, checkpoint=False):
 
 
 @pytest.mark.parametrize(("device", "amp"), AMP)
-@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpoint"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_fused_autocast_matches_float32_reference(kind, checkpoint, device, amp):
-    layer = _layer(kind, device, checkpoint)
+def test_fused_autocast_matches_float32_reference(kind, recompute, device, amp):
+    layer = _layer(kind, device, recompute)
     x = torch.randn(2, 5, 3, 5, 6, 4, device=device)
     lengths = [5, 3]
     layer.backend = "reference"

@@ -1,11 +1,14 @@
 """The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, bench.
 
-``main(argv) -> int`` is the console script (and ``python -m clstm4d``). Errors the user can
-fix (a missing file, an unknown configuration key, a wrong channel count, a checkpoint of
-another model, bad data, an output that would replace an input) end with one line on stderr
-and exit code 2; ``--debug`` shows the traceback instead. ``train`` stopped by SIGTERM or
-SIGINT finishes its step, writes a checkpoint and exits with 75 (``EXIT_PREEMPTED``; run the
-same command with ``--resume`` to continue).
+``main(argv) -> int`` is the console script (and ``python -m clstm4d``). Each command has a
+parser builder (``_add_<command>``) and a handler that parses, calls one engine function and
+prints. Errors the user can fix (:class:`~clstm4d.errors.UserError`: a missing file, an
+unknown configuration key, a wrong channel count, a checkpoint of another model, bad data, an
+output that would replace an input) and ``OSError`` (a full disk, a read-only folder) end
+with one line on stderr and exit code 2; anything else is a bug and keeps its traceback
+(``--debug`` shows the traceback of user errors too). ``train`` stopped by SIGTERM or SIGINT
+finishes its step, writes a checkpoint and exits with 75 (``EXIT_PREEMPTED``; run the same
+command with ``--resume`` to continue).
 
 Examples:
     >>> main(["train", "--set", "train.stpes=3"])  # one line on stderr, exit code 2
@@ -15,13 +18,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -54,44 +58,51 @@ def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"{what} (refused by default); inputs are never replaced")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="clstm4d", description="Convolutional recurrent segmentation of "
-                     "sequences of images and volumes (2D+t, 3D+t).")
-    parser.add_argument("--debug", action="store_true",
-                        help="show full tracebacks instead of one-line errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more details")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _command(sub, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help=help, description=description)
+    p.set_defaults(handler=handler)
+    return p
 
-    # ---- demo
-    d = sub.add_parser("demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="synthetic data -> train temporal and per-frame models -> compare",
-                       description="Generate synthetic 4D data, train the time-resolved UNet "
-                       "(ConvLSTM at the bottleneck) and the same network without memory with "
-                       "the same budget, evaluate both on held-out sequences, print a table and "
-                       "write report.json, plots, a GIF and the checkpoints into --out.")
-    d.add_argument("--out", default="demo_out", help="output folder")
-    d.add_argument("--dims", type=int, choices=(2, 3), default=2,
+
+# ------------------------------------------------------------------------------ demo
+
+def _add_demo(sub) -> None:
+    from clstm4d.engine.apps.demo import DemoOptions
+
+    default = DemoOptions()
+    d = _command(sub, "demo", _cmd_demo,
+                 "synthetic data -> train temporal and per-frame models -> compare",
+                 "Generate synthetic 4D data, train the time-resolved UNet (ConvLSTM at the "
+                 "bottleneck) and the same network without memory with the same budget, "
+                 "evaluate both on held-out sequences, print a table and write report.json, "
+                 "plots, a GIF and the checkpoints into --out.")
+    d.add_argument("--out", default=default.out, help="output folder")
+    d.add_argument("--dims", type=int, choices=(2, 3), default=default.dims,
                    help="2 = 2D+t (fits a 2-core CPU in minutes), 3 = 3D+t volumes")
-    d.add_argument("--steps", type=int, default=None,
+    d.add_argument("--steps", type=int, default=default.steps,
                    help="training steps per model (default: 400 in 2D, 200 in 3D)")
-    d.add_argument("--frames", type=int, default=16, help="frames per synthetic sequence")
-    d.add_argument("--cases", type=int, default=24, help="training sequences")
-    d.add_argument("--test", type=int, default=8, help="held-out test sequences")
-    d.add_argument("--size", type=int, default=None,
+    d.add_argument("--frames", type=int, default=default.frames,
+                   help="frames per synthetic sequence")
+    d.add_argument("--cases", type=int, default=default.cases, help="training sequences")
+    d.add_argument("--test", type=int, default=default.test, help="held-out test sequences")
+    d.add_argument("--size", type=int, default=default.size,
                    help="spatial size per axis (default 64 in 2D, 24 in 3D)")
-    d.add_argument("--model", default="tiny", help="model preset (see clstm4d.list_models())")
-    d.add_argument("--batch-size", type=int, default=None,
+    d.add_argument("--model", default=default.model,
+                   help="model preset (see clstm4d.list_models())")
+    d.add_argument("--batch-size", type=int, default=default.batch_size,
                    help="windows per step (default 4 in 2D, 2 in 3D)")
-    d.add_argument("--window", type=int, default=8, help="frames per training sample")
-    d.add_argument("--seed", type=int, default=0, help="seed for data and training")
-    d.add_argument("--threads", type=int, default=None,
+    d.add_argument("--window", type=int, default=default.window,
+                   help="frames per training sample")
+    d.add_argument("--seed", type=int, default=default.seed, help="seed for data and training")
+    d.add_argument("--threads", type=int, default=default.threads,
                    help="torch CPU threads (default: half the cores, 1 to 4)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d.add_argument("--degrade", default="all", metavar="KIND[=S],...",
+    d.add_argument("--degrade", default=default.degrade, metavar="KIND[=S],...",
                    help="degradation families of the data's degraded frames (partial ones at "
                         "strength 0.5, full ones at 1; see clstm4d synth --help)")
     _add_overwrite_arg(d, "write into an --out that holds files the demo did not write")
-    d.add_argument("--labelled-frames", type=int, default=None, metavar="N",
+    d.add_argument("--labelled-frames", type=int, default=default.labelled_frames, metavar="N",
                    help="annotate only N frames of each training sequence (the first, then "
                         "evenly spread: 0 and the middle for 2); default: every frame")
     d.add_argument("--set", dest="overrides", action="append", default=[],
@@ -99,12 +110,41 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="override a key of both models' training configuration, e.g. "
                         "--set train.unlabelled_weight=0.5 (repeatable; values parsed as YAML)")
 
-    # ---- train
-    t = sub.add_parser("train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="train a model from a datalist (single process or under torchrun)",
-                       description="Train on a datalist (Decathlon-style JSON). Runs the same "
-                       "under `torchrun --nproc_per_node=N` with DistributedDataParallel. "
-                       "Command-line options override the --config file.")
+
+def _cmd_demo(args) -> int:
+    from clstm4d.engine.apps.demo import DemoOptions, format_table, run_demo
+
+    fields = {f.name for f in dataclasses.fields(DemoOptions)}
+    opts = DemoOptions(**{k: v for k, v in vars(args).items() if k in fields},
+                       progress=not args.no_progress)
+    t0 = time.perf_counter()
+    report = run_demo(opts, say=lambda m: print(m, flush=True))
+    out = Path(args.out)
+    print()
+    print(format_table(report))
+    print()
+    print(f"wrote {out / 'report.json'}, {out / 'dice_per_frame.png'}, {out / 'montage.png'}, "
+          f"{out / 'sequence.gif'} and checkpoints under {out / 'runs'} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+# ------------------------------------------------------------------------------ train
+
+#: ``train`` options that set one configuration key each
+_TRAIN_KEYS = {"datalist": "data.datalist", "out": "train.out", "model": "model.name",
+               "steps": "train.steps", "batch_size": "data.batch_size", "lr": "train.lr",
+               "amp": "train.amp", "device": "train.device",
+               "recompute": "train.recompute",
+               "checkpoint_every": "train.checkpoint_every"}
+
+
+def _add_train(sub) -> None:
+    t = _command(sub, "train", _cmd_train,
+                 "train a model from a datalist (single process or under torchrun)",
+                 "Train on a datalist (Decathlon-style JSON). Runs the same under `torchrun "
+                 "--nproc_per_node=N` with DistributedDataParallel. Command-line options "
+                 "override the --config file.")
     _add_config_args(t)
     t.add_argument("--datalist", help="datalist JSON (data.datalist)")
     t.add_argument("--out", help="run folder for checkpoints and metrics (train.out)")
@@ -116,29 +156,51 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"),
                    help="mixed precision (train.amp)")
     t.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
-    t.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute activations in backward to save memory "
-                        "(train.activation_checkpointing)")
+    t.add_argument("--recompute", action="store_true", default=None,
+                   help="recompute activations in backward to save memory (activation "
+                        "checkpointing; train.recompute)")
     t.add_argument("--checkpoint-every", type=int, help="save every N steps "
                    "(train.checkpoint_every)")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue exactly from a checkpoint (default: the latest in --out)")
     _add_overwrite_arg(t, "start again from step 0 in an --out that holds a run (without it "
-                      "a run continues only with --resume), or write into a folder of other "
-                      "files")
+                       "a run continues only with --resume), or write into a folder of other "
+                       "files")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration and exit")
     t.add_argument("--force", action="store_true",
                    help="start even when the memory model predicts that a training step "
                         "will not fit in the device's free memory")
 
-    # ---- predict
-    p = sub.add_parser("predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="segment a sequence with a trained checkpoint",
-                       description="Segment every frame of an image sequence: sliding windows "
-                       "over space (Gaussian blending), chunks of frames over time with the "
-                       "recurrent state carried between chunks. The output is written in the "
-                       "input's format and geometry.")
+
+def _cmd_train(args) -> int:
+    from clstm4d.engine.run.config import load_config
+    from clstm4d.engine.training.train import train
+
+    cfg = load_config(args.config, args.overrides,
+                      values={key: getattr(args, opt) for opt, key in _TRAIN_KEYS.items()})
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    resume = None if args.resume is None else (args.resume or cfg.train.out)
+    res = train(cfg, resume=resume, overwrite=args.overwrite, force=args.force)
+    if res.checkpoint is not None:
+        last = res.history[-1] if res.history else {}
+        print(f"trained {res.steps} steps in {res.seconds:.1f} s"
+              + (f", loss {last['loss']:.4f}" if last.get("loss") is not None else "")
+              + (f", val Dice {last['val_dice']:.3f}" if "val_dice" in last else "")
+              + f"; checkpoint {res.checkpoint}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ predict
+
+def _add_predict(sub) -> None:
+    p = _command(sub, "predict", _cmd_predict, "segment a sequence with a trained checkpoint",
+                 "Segment every frame of an image sequence: sliding windows over space "
+                 "(Gaussian blending), chunks of frames over time with the recurrent state "
+                 "carried between chunks. The output is written in the input's format and "
+                 "geometry.")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder, its model.safetensors, or a training run folder")
     p.add_argument("--input", required=True, nargs="+",
@@ -159,14 +221,31 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"),
                    help="mixed precision (default: the checkpoint's predict.amp, auto)")
     _add_overwrite_arg(p, "replace an existing --output file, or write into a non-empty "
-                      "--output folder")
+                       "--output folder")
 
-    # ---- evaluate
-    e = sub.add_parser("evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="per-frame Dice, HD95 and temporal consistency of a prediction",
-                       description="Compare a predicted label sequence with the reference: "
-                       "Dice and HD95 per frame and class, how smoothly the segmented volume "
-                       "changes frame to frame; writes frames.csv, summary.json and plots.")
+
+def _cmd_predict(args) -> int:
+    from clstm4d.engine.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, device=args.device, amp=args.amp, roi=args.roi, overlap=args.overlap,
+        chunk=args.chunk, time_margin=args.time_margin, sw_batch_size=args.sw_batch_size)
+    t0 = time.perf_counter()
+    written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite)
+    print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "
+          f"in {time.perf_counter() - t0:.1f} s -> "
+          f"{written[0] if len(written) == 1 else f'{len(written)} files in {args.output}'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+def _add_evaluate(sub) -> None:
+    e = _command(sub, "evaluate", _cmd_evaluate,
+                 "per-frame Dice, HD95 and temporal consistency of a prediction",
+                 "Compare a predicted label sequence with the reference: Dice and HD95 per "
+                 "frame and class, how smoothly the segmented volume changes frame to frame; "
+                 "writes frames.csv, summary.json and plots.")
     e.add_argument("--pred", required=True, nargs="+", help="predicted label file(s)")
     e.add_argument("--label", nargs="+", help="reference label file(s) (or --datalist)")
     e.add_argument("--datalist", help="take the reference from this datalist's entry --case: "
@@ -184,29 +263,124 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     _add_overwrite_arg(e, "write into an --out that holds files evaluate did not write")
 
-    # ---- synth
-    s = sub.add_parser("synth", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="write a synthetic 4D dataset (files + datalist)",
-                       description="Write a deterministic synthetic 2D+t/3D+t dataset with "
-                       "corrupted frames as files plus a datalist.json.")
-    from clstm4d.data import add_synth_arguments
 
-    add_synth_arguments(s)
+def _cmd_evaluate(args) -> int:
+    from clstm4d.engine.apps.evaluate import run_evaluate
+
+    res, written = run_evaluate(
+        args.pred, args.label, datalist=args.datalist, case=args.case, frames=args.frames,
+        corrupted=args.corrupted, num_classes=args.num_classes, hd95=not args.no_hd95,
+        out=args.out, overwrite=args.overwrite)
+    s = res["summary"]
+    print((f"case {res['case']}  " if res["case"] else "")
+          + f"frames {s['frames']}  Dice {s['dice']:.4f}  HD95 {s['hd95']:.3f}  "
+          f"volume change error {s['volume_change_error']:.4f}  "
+          f"consecutive-frame Dice {s['consecutive_dice']:.4f}"
+          + (f"  Dice corrupted {s['dice_corrupted']:.4f}" if res["corrupted"] else ""))
+    print("per frame Dice:", " ".join(f"{r['frame']}:{r['dice']:.3f}" for r in res["frames"]))
+    if written:
+        print(f"wrote {written[0]}, " + ", ".join(p.name for p in written[1:]))
+    return 0
+
+
+# ------------------------------------------------------------------------------ synth
+
+def _spacing_arg(text: str) -> float | tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 1,1,4; "
+                                         f"got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _add_synth(sub) -> None:
+    import inspect
+
+    from clstm4d.data.degrade import DEGRADATIONS
+    from clstm4d.data.synthetic import FORMATS, TASKS, write_synthetic_dataset
+
+    default = {k: p.default for k, p in
+               inspect.signature(write_synthetic_dataset).parameters.items()}
+    s = _command(sub, "synth", _cmd_synth, "write a synthetic 4D dataset (files + datalist)",
+                 "Write a deterministic synthetic 2D+t/3D+t dataset with degraded frames as "
+                 "files plus a datalist.json.")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--cases", type=int, default=default["cases"], help="labelled cases")
+    s.add_argument("--frames", type=int, default=default["frames"], help="frames per case")
+    s.add_argument("--size", type=int, default=default["size"],
+                   help="spatial size per axis (default 64 in 2D, 32 in 3D)")
+    s.add_argument("--dims", type=int, default=default["spatial_dims"], choices=(1, 2, 3),
+                   help="spatial dimensions")
+    s.add_argument("--seed", type=int, default=default["seed"], help="random seed")
+    s.add_argument("--format", default=default["format"], choices=sorted(FORMATS),
+                   help="file format (nifti: one 4D .nii.gz per case)")
+    s.add_argument("--validation", type=float, default=default["validation"],
+                   help="fraction of cases for validation")
+    s.add_argument("--test", type=int, default=default["test"], help="extra test cases")
+    s.add_argument("--noise", type=float, default=0.08, help="std of the image noise")
+    s.add_argument("--blobs", type=int, default=2, help="drifting blobs per case")
+    s.add_argument("--corrupted", type=int, default=None,
+                   help="degraded frames per case (default: about a quarter of the frames)")
+    s.add_argument("--spacing", type=_spacing_arg, default=None, metavar="S[,S,S]",
+                   help="voxel size per spatial axis in the arrays' axis order, e.g. 1,1,4 for "
+                        "slices 4x thicker than the in-plane pixels (the scene keeps its "
+                        "extent --size, so that axis gets size/4 voxels; default 1)")
+    s.add_argument("--degrade", default=None, metavar="KIND[=S],...",
+                   help="degradation families of those frames, each with a strength in (0, 1]: "
+                        + ", ".join(DEGRADATIONS) + " (or partial, full, all; default "
+                        "strength 0.5 partial, 1 full), e.g. snr=0.5,defocus=0.3 (default: "
+                        "dropout,occlusion)")
+    s.add_argument("--task", default=default["task"], choices=sorted(TASKS),
+                   help="chamber: beating chamber + blobs; cue-track: two look-alike discs "
+                        "labelled by identity, told apart only in the first frames")
+    s.add_argument("--cue-frames", type=int, default=3,
+                   help="cue-track: frames at the start where the discs differ")
     _add_overwrite_arg(s, "write into an --out that holds files synth did not write")
 
-    # ---- plan
-    pl = sub.add_parser("plan", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        help="plan training for a memory budget (patch, window, batch, "
-                             "spacing, strides, checkpointing)",
-                        description="Fingerprint a datalist (every training case read once: "
-                        "spacing, shape, frames, intensities, class voxels), choose the "
-                        "target spacing, then the largest patch, window and batch, the "
-                        "per-axis strides and kernels, checkpointing and precision whose "
-                        "predicted peak memory fits --memory with a margin. Writes a config "
-                        "that `clstm4d train --config` uses as is (and fingerprint.json "
-                        "beside it) and prints the choices, the predicted peak, the share of "
-                        "the budget and a predicted step time. With --shape T,D,H,W instead "
-                        "of --datalist it answers for a sequence size without data.")
+
+def _synth_options(args) -> dict[str, Any]:
+    """Keyword arguments of :func:`~clstm4d.data.write_synthetic_dataset` from the options."""
+    from clstm4d.data.degrade import parse_degradations
+    from clstm4d.errors import ConfigError
+
+    opts = {"cases": args.cases, "frames": args.frames, "size": args.size,
+            "spatial_dims": args.dims, "seed": args.seed, "format": args.format,
+            "validation": args.validation, "test": args.test, "noise": args.noise}
+    if args.task == "cue-track":
+        if args.degrade is not None or args.corrupted is not None or args.spacing is not None:
+            raise ConfigError("--degrade, --corrupted and --spacing apply to --task chamber, "
+                              "not cue-track")
+        return {**opts, "task": args.task, "cue_frames": args.cue_frames}
+    opts.update(blobs=args.blobs, corrupted=args.corrupted)
+    if args.spacing is not None:
+        opts["spacing"] = args.spacing
+    if args.degrade is not None:
+        opts["corruption"] = parse_degradations(args.degrade, owner="--degrade")
+    return opts
+
+
+def _cmd_synth(args) -> int:
+    from clstm4d.engine.apps.synth import run_synth
+
+    print(f"wrote {run_synth(args.out, _synth_options(args), overwrite=args.overwrite)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ plan
+
+def _add_plan(sub) -> None:
+    pl = _command(sub, "plan", _cmd_plan,
+                  "plan training for a memory budget (patch, window, batch, spacing, strides, "
+                  "recomputation)",
+                  "Fingerprint a datalist (every training case read once: spacing, shape, "
+                  "frames, intensities, class voxels), choose the target spacing, then the "
+                  "largest patch, window and batch, the per-axis strides and kernels, "
+                  "recomputation and precision whose predicted peak memory fits --memory with a "
+                  "margin. Writes a config that `clstm4d train --config` uses as is (and "
+                  "fingerprint.json beside it) and prints the choices, the predicted peak, the "
+                  "share of the budget and a predicted step time. With --shape T,D,H,W instead "
+                  "of --datalist it answers for a sequence size without data.")
     pl.add_argument("--datalist", help="datalist JSON of the training data")
     pl.add_argument("--shape", metavar="T,D,H,W",
                     help="frames and spatial size (arrays' axis order) instead of a datalist")
@@ -223,119 +397,9 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-batch", type=int, default=8, help="largest batch to propose")
     pl.add_argument("--no-time", action="store_true", help="skip the step-time calibration")
 
-    # ---- bench
-    b = sub.add_parser("bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="run the benchmark scripts in benchmarks/",
-                       description="Run benchmarks/bench_<NAME>.py (all of them without NAME); "
-                       "further arguments go to the script.")
-    b.add_argument("name", nargs="?", default=None,
-                   help="NAME of benchmarks/bench_NAME.py, e.g. convlstm, unet, predict, "
-                        "plan (default: all)")
-    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
-    return parser
-
-
-# ------------------------------------------------------------------------------ commands
-
-def _cmd_demo(args) -> int:
-    from clstm4d.engine.demo import DemoOptions, format_table, run_demo
-
-    opts = DemoOptions(out=args.out, dims=args.dims, frames=args.frames, cases=args.cases,
-                       test=args.test, size=args.size, model=args.model,
-                       batch_size=args.batch_size, steps=args.steps, window=args.window,
-                       seed=args.seed, threads=args.threads, progress=not args.no_progress,
-                       degrade=args.degrade, overwrite=args.overwrite,
-                       labelled_frames=args.labelled_frames, overrides=args.overrides)
-    t0 = time.perf_counter()
-    report = run_demo(opts, say=lambda m: print(m, flush=True))
-    out = Path(args.out)
-    print()
-    print(format_table(report))
-    print()
-    print(f"wrote {out / 'report.json'}, {out / 'dice_per_frame.png'}, {out / 'montage.png'}, "
-          f"{out / 'sequence.gif'} and checkpoints under {out / 'runs'} "
-          f"({time.perf_counter() - t0:.0f} s)")
-    return 0
-
-
-def _cmd_train(args) -> int:
-    from clstm4d.engine.config import load_config
-    from clstm4d.engine.train import train
-
-    flags = {"data.datalist": args.datalist, "train.out": args.out, "model.name": args.model,
-             "train.steps": args.steps, "data.batch_size": args.batch_size,
-             "train.lr": args.lr, "train.amp": args.amp, "train.device": args.device,
-             "train.activation_checkpointing": args.activation_checkpointing,
-             "train.checkpoint_every": args.checkpoint_every}
-    overrides = list(args.overrides) + [f"{k}={json.dumps(v) if isinstance(v, str) else v}"
-                                        for k, v in flags.items() if v is not None]
-    cfg = load_config(args.config, overrides)
-    if args.print_config:
-        print(cfg.to_json())
-        return 0
-    resume = None
-    if args.resume is not None:
-        resume = args.resume or cfg.train.out
-    res = train(cfg, resume=resume, overwrite=args.overwrite, force=args.force)
-    if res.checkpoint is not None:
-        last = res.history[-1] if res.history else {}
-        print(f"trained {res.steps} steps in {res.seconds:.1f} s"
-              + (f", loss {last['loss']:.4f}" if last.get("loss") is not None else "")
-              + (f", val Dice {last['val_dice']:.3f}" if "val_dice" in last else "")
-              + f"; checkpoint {res.checkpoint}")
-    return 0
-
-
-def _cmd_predict(args) -> int:
-    from clstm4d.engine.predictor import Predictor
-
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, device=args.device, amp=args.amp, roi=args.roi, overlap=args.overlap,
-        chunk=args.chunk, time_margin=args.time_margin, sw_batch_size=args.sw_batch_size)
-    t0 = time.perf_counter()
-    written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite)
-    print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "
-          f"in {time.perf_counter() - t0:.1f} s -> "
-          f"{written[0] if len(written) == 1 else f'{len(written)} files in {args.output}'}")
-    return 0
-
-
-def _cmd_evaluate(args) -> int:
-    from clstm4d.engine.evaluate import evaluate_files, write_evaluation
-    from clstm4d.engine.guards import OutputFolder
-
-    folder = OutputFolder(args.out, "evaluate", overwrite=args.overwrite) if args.out else None
-    if folder is not None:
-        folder.check()  # before the (slow) evaluation
-    res = evaluate_files(args.pred, args.label, datalist=args.datalist, case=args.case,
-                         frames=args.frames, corrupted=args.corrupted,
-                         num_classes=args.num_classes, hd95=not args.no_hd95)
-    s = res["summary"]
-    print((f"case {res['case']}  " if res["case"] else "")
-          + f"frames {s['frames']}  Dice {s['dice']:.4f}  HD95 {s['hd95']:.3f}  "
-          f"volume change error {s['volume_change_error']:.4f}  "
-          f"consecutive-frame Dice {s['consecutive_dice']:.4f}"
-          + (f"  Dice corrupted {s['dice_corrupted']:.4f}" if res["corrupted"] else ""))
-    print("per frame Dice:", " ".join(f"{r['frame']}:{r['dice']:.3f}" for r in res["frames"]))
-    if args.out:
-        with folder:
-            written = write_evaluation(res, args.out)
-        print(f"wrote {written[0]}, " + ", ".join(p.name for p in written[1:]))
-    return 0
-
-
-def _cmd_synth(args) -> int:
-    from clstm4d.data import synth_options, write_synthetic_dataset
-    from clstm4d.engine.guards import OutputFolder
-
-    with OutputFolder(args.out, "synth", overwrite=args.overwrite):
-        path = write_synthetic_dataset(**synth_options(args))
-    print(f"wrote {path}")
-    return 0
-
 
 def _cmd_plan(args) -> int:
-    from clstm4d.engine.plan import capacity, parse_shape, run_plan
+    from clstm4d.engine.apps.plan import capacity_lines, run_plan
 
     plan, written = run_plan(memory=args.memory, datalist=args.datalist, shape=args.shape,
                              model=args.model, out=args.out, device=args.device,
@@ -344,23 +408,28 @@ def _cmd_plan(args) -> int:
                              say=lambda m: print(m, file=sys.stderr, flush=True))
     print(plan.table())
     if args.shape:
-        frames = parse_shape(args.shape)[0]
-        print(f"\nlargest patch per window (batch 1, {plan.precision}, "
-              f"{plan.budget / 2**30:.1f} GiB with the margin left free):")
-        for row in capacity(plan.budget, args.model, frames, plan.median_shape,
-                            device=plan.device, precision=plan.precision):
-            roi = " x ".join(map(str, row["roi"])) if row["roi"] else "does not fit"
-            extra = f" ({row['predicted_gib']} GiB)" if row["roi"] else ""
-            print(f"  window {row['window']:>3}, checkpointing "
-                  f"{'on ' if row['checkpointing'] else 'off'}: {roi}{extra}")
+        print()
+        print("\n".join(capacity_lines(plan, args.model, args.shape)))
     if written:
         print("wrote " + ", ".join(str(p) for p in written)
               + (f"; train with: clstm4d train --config {written[0]}" if args.datalist else ""))
     return 0
 
 
+# ------------------------------------------------------------------------------ bench
+
+def _add_bench(sub) -> None:
+    b = _command(sub, "bench", _cmd_bench, "run the benchmark scripts in benchmarks/",
+                 "Run benchmarks/bench_<NAME>.py (all of them without NAME); further arguments "
+                 "go to the script.")
+    b.add_argument("name", nargs="?", default=None,
+                   help="NAME of benchmarks/bench_NAME.py, e.g. convlstm, unet, predict, "
+                        "plan (default: all)")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+
 def _cmd_bench(args) -> int:
-    from clstm4d.engine.errors import UserError
+    from clstm4d.errors import UserError
 
     root = Path(__file__).resolve().parents[2] / "benchmarks"
     if not root.is_dir():
@@ -379,9 +448,22 @@ def _cmd_bench(args) -> int:
     return rc
 
 
-_COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "predict": _cmd_predict,
-             "evaluate": _cmd_evaluate, "synth": _cmd_synth, "plan": _cmd_plan,
-             "bench": _cmd_bench}
+# ------------------------------------------------------------------------------ main
+
+_COMMANDS = (_add_demo, _add_train, _add_predict, _add_evaluate, _add_synth, _add_plan,
+             _add_bench)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="clstm4d", description="Convolutional recurrent segmentation of "
+                     "sequences of images and volumes (2D+t, 3D+t).")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks instead of one-line errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,17 +479,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from clstm4d.engine.errors import Preempted, UserError
+    from clstm4d.errors import Preempted, UserError
 
     try:
-        return _COMMANDS[args.command](args)
+        return args.handler(args)
     except Preempted as e:
         print(f"clstm4d {args.command}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(f"clstm4d {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, OSError) as e:
+    except (UserError, OSError) as e:
         if args.debug or os.environ.get("CLSTM4D_DEBUG"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__

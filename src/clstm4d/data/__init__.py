@@ -4,7 +4,7 @@ Arrays are numpy: images ``(t, c, *s)`` float32, labels ``(t, *s)`` int64. nibab
 and tifffile are imported only by the functions that read or write their formats.
 """
 
-from ._common import DataError, Geometry, atomic_path
+from ._common import DataError, Geometry
 from .datalist import (
     Case,
     CaseData,
@@ -37,24 +37,22 @@ from .sampling import PatchDataset, crop_or_pad
 from .synthetic import (
     CLASS_NAMES,
     CUE_CLASS_NAMES,
-    add_synth_arguments,
     design_check,
     make_cue_track_case,
     make_synthetic_case,
-    synth_options,
     write_synthetic_dataset,
 )
 from .transforms import Augment, Degrade, normalize_intensity
 
 __all__ = [
-    "DataError", "Geometry", "atomic_path",
+    "DataError", "Geometry",
     "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist",
     "save_datalist", "validate_datalist", "ignore_index", "spread_frames",
     "detect_format", "output_files", "output_path", "read_image", "read_label", "write_image",
     "write_label",
     "PatchDataset", "crop_or_pad",
     "resample_case", "resample_image", "resample_label", "resampled_geometry", "target_shape",
-    "CLASS_NAMES", "CUE_CLASS_NAMES", "add_synth_arguments", "design_check",
-    "make_cue_track_case", "make_synthetic_case", "synth_options", "write_synthetic_dataset",
+    "CLASS_NAMES", "CUE_CLASS_NAMES", "design_check",
+    "make_cue_track_case", "make_synthetic_case", "write_synthetic_dataset",
     "Augment", "Degrade", "normalize_intensity",
 ]

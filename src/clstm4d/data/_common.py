@@ -1,58 +1,21 @@
-"""Shared pieces of the data layer: the error type, geometry, atomic writes.
+"""Shared pieces of the data layer: the geometry of an image and file suffixes.
 
 Shape legend: ``t`` frames, ``c`` channels, ``s`` / ``*s`` spatial axes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DataError", "Geometry", "atomic_path"]
+from clstm4d._common import same_affine
+from clstm4d.errors import DataError
 
-
-class DataError(ValueError):
-    """A problem with input data, naming the case, the file and the problem.
-
-    Args:
-        problem: what is wrong, with what was expected and what arrived.
-        path: the file (or folder) concerned, if any.
-        case: the case name, if known.
-
-    Attributes:
-        problem, path, case: as given; ``str(error)`` joins them as ``case 'x': path: problem``.
-
-    Examples:
-        >>> str(DataError("3 frames, label has 4", path="img.nii.gz", case="p01"))
-        "case 'p01': img.nii.gz: 3 frames, label has 4"
-    """
-
-    def __init__(self, problem: str, path: str | os.PathLike | None = None,
-                 case: str | None = None):
-        self.problem = problem
-        self.path = None if path is None else str(path)
-        self.case = case
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        parts = []
-        if self.case is not None:
-            parts.append(f"case {self.case!r}")
-        if self.path is not None:
-            parts.append(self.path)
-        parts.append(self.problem)
-        return ": ".join(parts)
-
-    def with_case(self, case: str) -> DataError:
-        """Return a copy of this error that names ``case``."""
-        return DataError(self.problem, self.path, case)
+__all__ = ["DataError", "Geometry", "full_suffix"]
 
 
 @dataclass
@@ -121,6 +84,12 @@ class Geometry:
         """World position of voxel 0 (first ``spatial_dims`` coordinates)."""
         return tuple(float(v) for v in self.affine[: self.spatial_dims, 3])
 
+    def same_grid(self, other: Geometry) -> bool:
+        """Whether ``other`` has the same spatial shape and voxel-to-world affine (within
+        :data:`clstm4d._common.GRID_ATOL`): the one test of "same grid" everywhere."""
+        return (tuple(self.spatial_shape) == tuple(other.spatial_shape)
+                and same_affine(self.affine, other.affine))
+
     @property
     def direction(self) -> np.ndarray:
         """``(3, s)`` unit vectors of the spatial axes in world coordinates."""
@@ -159,36 +128,3 @@ def full_suffix(path: str | os.PathLike) -> str:
         if name.endswith(suffix):
             return suffix
     return Path(name).suffix
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success rename it onto ``final``.
-
-    The temporary name ends with ``final``'s name, so libraries that pick the format from the
-    extension (``.nii.gz``) see the right one. A crash leaves no half-written file under the final
-    name (``os.replace`` is atomic on one file system) and the temporary file is removed.
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> d = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
-        >>> with atomic_path(d / "a.txt") as tmp:
-        ...     _ = tmp.write_text("hello")
-        >>> (d / "a.txt").read_text(), sorted(p.name for p in d.iterdir())
-        ('hello', ['a.txt'])
-        >>> tmpdir.cleanup()
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix="-" + final.name)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -35,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from ._common import DataError, Geometry, atomic_path, full_suffix
+from clstm4d._common import atomic_file, check_spatial_dims
+
+from ._common import DataError, Geometry, full_suffix
 from .io import FRAME_SUFFIXES, frame_files, natural_key, read_image, read_label
 
 __all__ = ["Case", "CaseData", "Datalist", "load_datalist", "save_datalist", "load_case",
@@ -214,11 +216,17 @@ def _parse_labels(raw, json_path) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
-def load_datalist(json_path: str | os.PathLike) -> Datalist:
+def load_datalist(json_path: str | os.PathLike, require: str | None = None) -> Datalist:
     """Parse a datalist JSON; paths resolve against its folder. Files are not opened.
 
+    Args:
+        json_path: the datalist file.
+        require: a section that must hold cases (``"training"`` for commands that train or
+            plan), or None.
+
     Raises:
-        DataError: unknown top-level keys, entries without ``"image"`` (or without ``"label"``
+        DataError: the file is missing; ``require`` names a section without cases; unknown
+            top-level keys, entries without ``"image"`` (or without ``"label"``
             in ``training``/``validation``), duplicate case names, malformed values (also
             ``labelled_frames``, label dicts and the ``"ignore"`` class). Every problem of the
             file is listed in one error.
@@ -238,10 +246,14 @@ def load_datalist(json_path: str | os.PathLike) -> Datalist:
         ([0, 9], None)
         >>> tmpdir.cleanup()
     """
+    if require is not None and require not in SECTIONS:
+        raise ValueError(f"require must be one of {SECTIONS} or None, got {require!r}")
     datalist, problems = _parse_datalist(json_path)
     if problems:
         raise DataError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems),
                         datalist.path)
+    if require is not None and not getattr(datalist, require):
+        raise DataError(f"the datalist has no '{require}' cases", datalist.path)
     return datalist
 
 
@@ -271,8 +283,10 @@ def _parse_datalist(json_path: str | os.PathLike) -> tuple[Datalist, list[str]]:
     problems += _time_interval_problems(raw)
     problems += _ignore_class_problems(labels)
     spatial_dims = raw.get("spatial_dims")
-    if spatial_dims not in (None, 1, 2, 3):
-        problems.append(f"'spatial_dims' must be 1, 2 or 3, got {spatial_dims!r}")
+    try:
+        check_spatial_dims(spatial_dims, allow_none=True)
+    except ValueError as e:
+        problems.append(str(e))
         spatial_dims = None
     root = json_path.parent
     out = Datalist(labels=labels, spatial_dims=spatial_dims, path=json_path,
@@ -485,7 +499,7 @@ def save_datalist(path: str | os.PathLike, *, training: Iterable[dict] = (),
         entries = [{k: (rel(v) if k in ("image", "label") else v) for k, v in e.items()}
                    for e in entries]
         doc[section] = entries
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
@@ -576,7 +590,7 @@ def _check_grid(image, geometry, label, lgeom, what="label"):
     if label.shape[1:] != image.shape[2:]:
         raise DataError(f"{what} spatial shape {label.shape[1:]} differs from the image's "
                         f"{image.shape[2:]} ({geometry.sources[0]})", lpath)
-    if not np.allclose(lgeom.affine, geometry.affine, atol=1e-3, rtol=1e-4):
+    if not lgeom.same_grid(geometry):
         raise DataError(f"{what} grid (affine) differs from the image's: "
                         f"{np.round(lgeom.affine[:3], 4).tolist()} vs "
                         f"{np.round(geometry.affine[:3], 4).tolist()}", lpath)

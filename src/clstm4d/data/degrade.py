@@ -45,6 +45,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from clstm4d.errors import ConfigError
+
 __all__ = ["DEGRADATIONS", "PARTIAL", "FULL", "degrade", "parse_degradations", "noise_sigma",
            "smooth_field", "occluder_box"]
 
@@ -297,18 +299,18 @@ def parse_degradations(spec: str | Sequence[str] | Mapping[str, float] | None,
             try:
                 items.append((name.strip(), float(value) if eq else None))
             except ValueError:
-                raise ValueError(f"{owner}: strength of {name!r} must be a number, got "
+                raise ConfigError(f"{owner}: strength of {name!r} must be a number, got "
                                  f"{value!r}") from None
     groups = {"partial": PARTIAL, "full": FULL, "all": DEGRADATIONS}
     out: dict[str, float] = {}
     for name, value in items:
         for kind in groups.get(name, (name,)):
             if kind not in _FAMILIES:
-                raise ValueError(f"{owner}: unknown degradation {kind!r}; choose from "
+                raise ConfigError(f"{owner}: unknown degradation {kind!r}; choose from "
                                  f"{list(DEGRADATIONS)} or partial, full, all")
             strength = (1.0 if kind in FULL else default_strength) if value is None else value
             if not 0 < strength <= 1:
-                raise ValueError(f"{owner}: strength of {kind!r} must be in (0, 1], got "
+                raise ConfigError(f"{owner}: strength of {kind!r} must be in (0, 1], got "
                                  f"{strength}")
             out[kind] = float(strength)
     return out

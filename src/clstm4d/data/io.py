@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ._common import DataError, Geometry, atomic_path, full_suffix
+from clstm4d._common import atomic_file, check_spatial_dims
+
+from ._common import DataError, Geometry, full_suffix
 
 __all__ = ["read_image", "read_label", "write_image", "write_label", "detect_format",
            "output_path", "output_files"]
@@ -216,8 +218,7 @@ def output_files(geometry: Geometry, out: PathLike | Sequence[PathLike],
 # --------------------------------------------------------------------------------- dispatch
 
 def _read(path_or_paths, spatial_dims, label):
-    if spatial_dims is not None and spatial_dims not in (1, 2, 3):
-        raise ValueError(f"spatial_dims must be 1, 2, 3 or None, got {spatial_dims!r}")
+    check_spatial_dims(spatial_dims, allow_none=True)
     if isinstance(path_or_paths, (str, os.PathLike)) and Path(path_or_paths).is_dir():
         path_or_paths = frame_files(path_or_paths, label)
     fmt = detect_format(path_or_paths)
@@ -429,7 +430,7 @@ def _write_nifti(array, geometry, path, label, frame=False):
         img.set_sform(geometry.affine if scode else None, code=scode)
         if qcode and not scode:
             img.set_qform(geometry.affine, code=qcode)
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         nib.save(img, str(tmp))
 
 
@@ -453,7 +454,7 @@ def _read_series(paths, fmt, label):
         if data.shape[1:] != frames[0].shape[1:]:
             raise DataError(f"frame shape (c, *s) {data.shape[1:]} differs from the first "
                             f"frame's {frames[0].shape[1:]} ({paths[0].name})", p)
-        if not np.allclose(g.affine, first.affine, atol=1e-4, rtol=1e-5):
+        if not g.same_grid(first):
             raise DataError(f"frame geometry (affine {np.round(g.affine[:3], 4).tolist()}) differs "
                             f"from the first frame's ({paths[0].name}: "
                             f"{np.round(first.affine[:3], 4).tolist()})", p)
@@ -589,7 +590,7 @@ def _write_nrrd(frame, geometry, path, label):
         header["space units"] = [geometry.space_unit] * space_dim
     if label and not geometry.header.get("merged_layers"):
         header.update(geometry.header.get("segment_fields", {}))
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         nrrd.write(str(tmp), np.ascontiguousarray(data), header, index_order="F")
 
 
@@ -682,6 +683,6 @@ def _write_tiff(array, geometry, path, label):
         metadata["unit"] = geometry.space_unit
     if geometry.time_interval:
         metadata["finterval"] = geometry.time_interval
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         tifffile.imwrite(str(tmp), np.ascontiguousarray(data), imagej=True,
                          resolution=(1.0 / spacing[-1], 1.0 / spacing[-2]), metadata=metadata)

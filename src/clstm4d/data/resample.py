@@ -34,6 +34,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from clstm4d.errors import ConfigError
+
 from ._common import DataError, Geometry
 from .datalist import CaseData
 
@@ -52,7 +54,7 @@ def target_spacing_for(spacing: Sequence[float] | float, spatial_dims: int,
     if len(values) != spatial_dims or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
             for v in values):
-        raise ValueError(f"{name} must be one positive number or {spatial_dims} (one per "
+        raise ConfigError(f"{name} must be one positive number or {spatial_dims} (one per "
                          f"spatial axis, in the arrays' axis order), got {spacing!r}")
     return tuple(float(v) for v in values)
 

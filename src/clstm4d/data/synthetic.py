@@ -26,7 +26,6 @@ Shape legend: ``t`` frames, ``c`` channels, ``s`` / ``*s`` spatial axes, ``d`` s
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -35,14 +34,15 @@ from typing import Any
 
 import numpy as np
 
+from clstm4d._common import check_spatial_dims
+
 from ._common import Geometry
 from .datalist import CaseData, save_datalist
 from .degrade import DEGRADATIONS, FULL, degrade, parse_degradations, smooth_field
 from .io import write_image, write_label
 
 __all__ = ["CLASS_NAMES", "CUE_CLASS_NAMES", "TASKS", "make_synthetic_case",
-           "make_cue_track_case", "write_synthetic_dataset", "add_synth_arguments",
-           "synth_options", "DEFAULT_SIZE", "design_check"]
+           "make_cue_track_case", "write_synthetic_dataset", "DEFAULT_SIZE", "design_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ FORMATS = {"nifti": (".nii.gz", False), "nifti-series": (".nii.gz", True),
 
 
 def _shape(size, spatial_dims) -> tuple[int, ...]:
-    if spatial_dims not in (1, 2, 3):
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    check_spatial_dims(spatial_dims)
     if size is None:
         size = DEFAULT_SIZE[spatial_dims]
     shape = (int(size),) * spatial_dims if np.ndim(size) == 0 else tuple(int(n) for n in size)
@@ -447,79 +446,6 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
         numTraining=len(sections["training"]) + len(sections["validation"]),
         numTest=len(sections["test"]),
     )
-
-
-def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``clstm4d synth`` to ``parser`` (see :func:`synth_options`).
-
-    Examples:
-        >>> p = add_synth_arguments(argparse.ArgumentParser())
-        >>> opts = synth_options(p.parse_args(["--out", "d", "--dims", "3"]))
-        >>> opts["spatial_dims"], opts["size"], opts["format"]
-        (3, None, 'nifti')
-    """
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--cases", type=int, default=16, help="labelled cases (default 16)")
-    parser.add_argument("--frames", type=int, default=10, help="frames per case (default 10)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="spatial size per axis (default 64 in 2D, 32 in 3D)")
-    parser.add_argument("--dims", type=int, default=2, choices=(1, 2, 3),
-                        help="spatial dimensions (default 2)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--format", default="nifti", choices=sorted(FORMATS),
-                        help="file format (default nifti: one 4D .nii.gz per case)")
-    parser.add_argument("--validation", type=float, default=0.25,
-                        help="fraction of cases for validation (default 0.25)")
-    parser.add_argument("--test", type=int, default=0, help="extra test cases (default 0)")
-    parser.add_argument("--noise", type=float, default=0.08, help="noise std (default 0.08)")
-    parser.add_argument("--blobs", type=int, default=2, help="drifting blobs per case (default 2)")
-    parser.add_argument("--corrupted", type=int, default=None,
-                        help="degraded frames per case (default: about a quarter of the frames)")
-    parser.add_argument("--spacing", type=_spacing_arg, default=None, metavar="S[,S,S]",
-                        help="voxel size per spatial axis in the arrays' axis order, e.g. "
-                             "1,1,4 for slices 4x thicker than the in-plane pixels (the scene "
-                             "keeps its extent --size, so that axis gets size/4 voxels; "
-                             "default 1)")
-    parser.add_argument("--degrade", default=None, metavar="KIND[=S],...",
-                        help="degradation families of those frames, each with a strength in "
-                             "(0, 1]: " + ", ".join(DEGRADATIONS) + " (or partial, full, all;"
-                             " default strength 0.5 partial, 1 full), e.g. snr=0.5,defocus=0.3"
-                             " (default: dropout,occlusion)")
-    parser.add_argument("--task", default="chamber", choices=sorted(TASKS),
-                        help="chamber: beating chamber + blobs; cue-track: two look-alike discs "
-                             "labelled by identity, told apart only in the first frames "
-                             "(default chamber)")
-    parser.add_argument("--cue-frames", type=int, default=3,
-                        help="cue-track: frames at the start where the discs differ (default 3)")
-    return parser
-
-
-def _spacing_arg(text: str) -> float | tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 1,1,4; "
-                                         f"got {text!r}") from None
-    return values[0] if len(values) == 1 else values
-
-
-def synth_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of :func:`write_synthetic_dataset` from :func:`add_synth_arguments`."""
-    opts = {"out": args.out, "cases": args.cases, "frames": args.frames, "size": args.size,
-            "spatial_dims": args.dims, "seed": args.seed, "format": args.format,
-            "validation": args.validation, "test": args.test, "noise": args.noise}
-    task = getattr(args, "task", "chamber")
-    if task == "cue-track":
-        if (args.degrade is not None or args.corrupted is not None
-                or getattr(args, "spacing", None) is not None):
-            raise ValueError("--degrade, --corrupted and --spacing apply to --task chamber, not "
-                             "cue-track")
-        return {**opts, "task": task, "cue_frames": args.cue_frames}
-    opts.update(blobs=args.blobs, corrupted=args.corrupted,
-                **({} if getattr(args, "spacing", None) is None else {"spacing": args.spacing}))
-    if args.degrade is not None:
-        opts["corruption"] = parse_degradations(args.degrade, owner="--degrade")
-    return opts
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -94,14 +94,14 @@ class ConvUnit(nn.Module):
         return self.drop(self.act(self.norm(self.conv(x))))
 
 
-#: A checkpointed stage whose output has more elements than this recomputes in pieces along the
+#: A recomputed stage whose output has more elements than this recomputes in pieces along the
 #: folded ``n*t`` axis, so that backward holds one piece's activations at a time.
 CHUNK_ELEMENTS = 2**21
 
 
 def run_stage(fn: Callable[..., Tensor], args: Sequence[Tensor], out_elements: int,
-              checkpoint: bool, chunkable: bool) -> Tensor:
-    """``fn(*args)``; with ``checkpoint`` (and grad on) its activations are recomputed during
+              recompute: bool, chunkable: bool) -> Tensor:
+    """``fn(*args)``; with ``recompute`` (and grad on) its activations are recomputed during
     backward instead of kept.
 
     ``chunkable`` says ``fn`` treats the items of the folded ``n*t`` axis independently and
@@ -109,7 +109,7 @@ def run_stage(fn: Callable[..., Tensor], args: Sequence[Tensor], out_elements: i
     :data:`CHUNK_ELEMENTS` output elements runs as one checkpoint per piece of that axis, which
     gives the same values and gradients with a smaller transient peak in backward.
     """
-    if not (checkpoint and torch.is_grad_enabled()):
+    if not (recompute and torch.is_grad_enabled()):
         return fn(*args)
     chunks = min(args[0].shape[0], out_elements // CHUNK_ELEMENTS) if chunkable else 1
     if chunks <= 1:
@@ -121,7 +121,7 @@ def run_stage(fn: Callable[..., Tensor], args: Sequence[Tensor], out_elements: i
 class EncoderStage(nn.Module):
     """Optional max-pool by ``stride`` (per axis), then two :class:`ConvUnit`.
 
-    With ``checkpoint=True`` the whole stage is recomputed during backward (see
+    With ``recompute=True`` the whole stage is recomputed during backward (see
     :func:`run_stage`), so only its input stays alive between forward and backward.
 
     Args:
@@ -150,14 +150,14 @@ class EncoderStage(nn.Module):
     def _stage(self, x: Tensor) -> Tensor:
         return self.unit2(self.unit1(self.pool(x)))
 
-    def forward(self, x: Tensor, checkpoint: bool = False, chunkable: bool = False) -> Tensor:
+    def forward(self, x: Tensor, recompute: bool = False, chunkable: bool = False) -> Tensor:
         out_elements = x.numel() // x.shape[1] * self.out_channels // self.scale
-        return run_stage(self._stage, (x,), out_elements, checkpoint, chunkable)
+        return run_stage(self._stage, (x,), out_elements, recompute, chunkable)
 
 
 class DecoderStage(nn.Module):
     """Transposed convolution (kernel = stride = ``stride``, per axis) of the deeper map,
-    concatenation with the skip, then two :class:`ConvUnit`; checkpointed as a whole like
+    concatenation with the skip, then two :class:`ConvUnit`; recomputed as a whole like
     :class:`EncoderStage`.
 
     The upsampled map always lines up with the skip (the network pads its input to a multiple
@@ -180,16 +180,16 @@ class DecoderStage(nn.Module):
                               kernel_size)
 
     def _stage(self, deep: Tensor, skip: Tensor, head: nn.Module | None = None) -> Tensor:
-        # (n, c_out, *s): the concatenation stays inside the checkpointed function
+        # (n, c_out, *s): the concatenation stays inside the recomputed function
         x = self.unit2(self.unit1(torch.cat([self.up(deep), skip], dim=1)))
         return x if head is None else head(x)
 
-    def forward(self, deep: Tensor, skip: Tensor, checkpoint: bool = False,
+    def forward(self, deep: Tensor, skip: Tensor, recompute: bool = False,
                 chunkable: bool = False, head: nn.Module | None = None) -> Tensor:
-        """``head`` (optional) is applied to the output inside the same checkpoint, so the
+        """``head`` (optional) is applied to the output inside the same recomputed function, so the
         stage's full-width output need not be kept for it."""
         fn = self._stage if head is None else (lambda d, s: self._stage(d, s, head))
-        return run_stage(fn, (deep, skip), skip.numel(), checkpoint, chunkable)
+        return run_stage(fn, (deep, skip), skip.numel(), recompute, chunkable)
 
 
 def pad_to_multiple(x: Tensor, multiple: int | Sequence[int],

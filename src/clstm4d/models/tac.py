@@ -32,7 +32,7 @@ class TimeAsChannelsUNet(nn.Module):
         in_channels: channels per frame.
         out_channels: classes per frame.
         frames: the window length ``T`` the model is built for (inputs must have it).
-        channels, norm, act, dropout, checkpoint, strides, kernel_sizes: as
+        channels, norm, act, dropout, recompute, strides, kernel_sizes: as
             :class:`TimeResolvedUNet`.
 
     Shape:
@@ -60,7 +60,7 @@ class TimeAsChannelsUNet(nn.Module):
         norm: str = "instance",
         act: str = "leakyrelu",
         dropout: float = 0.0,
-        checkpoint: bool = False,
+        recompute: bool = False,
         strides: Sequence[int | Sequence[int]] | None = None,
         kernel_sizes: Sequence[int | Sequence[int]] | None = None,
     ) -> None:
@@ -78,13 +78,13 @@ class TimeAsChannelsUNet(nn.Module):
         self.config: dict[str, Any] = {
             "name": "tac", "spatial_dims": spatial_dims, "in_channels": in_channels,
             "out_channels": out_channels, "frames": frames, "channels": list(channels),
-            "norm": norm, "act": act, "dropout": float(dropout), "checkpoint": bool(checkpoint),
+            "norm": norm, "act": act, "dropout": float(dropout), "recompute": bool(recompute),
             "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
         }
         # one "frame" of frames * c channels through the per-frame network
         self.unet = TimeResolvedUNet(spatial_dims, frames * in_channels, frames * out_channels,
                                      channels, temporal="none", norm=norm, act=act,
-                                     dropout=dropout, checkpoint=checkpoint,
+                                     dropout=dropout, recompute=recompute,
                                      strides=strides, kernel_sizes=kernels)
 
     def forward(self, x: Tensor, state: Any = None, return_state: bool = False) -> Tensor:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from clstm4d._common import check_choice, check_int, check_spatial_dims
 from clstm4d.models.blocks import (
     ACTS,
     NORMS,
@@ -47,34 +48,29 @@ TEMPORAL = ("bottleneck", "skips", "none")
 #: how a recurrence's output enters the network: it replaces the level's features, or a
 #: learnt per-voxel gate mixes the two (``x + g (y - x)``, ``g = sigmoid(conv1x1([x, y]))``)
 FUSIONS = ("replace", "gated")
-#: ``checkpoint=True`` recomputes a level (its encoder stage, decoder stage and recurrence) when
+#: ``recompute=True`` recomputes a level (its encoder stage, decoder stage and recurrence) when
 #: its per-frame feature map holds at least this share of level 0's elements: in 3D with
 #: doubling widths, levels 0 and 1 (~94% of the per-frame activations, ~80% of the conv FLOPs);
 #: deeper levels are cheap to keep and costly to recompute.
-CHECKPOINT_MIN_SHARE = 1 / 8
+RECOMPUTE_MIN_SHARE = 1 / 8
 #: The per-frame stages run channels-last when the first width is at least this.
 CHANNELS_LAST_MIN_WIDTH = 32
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 CELLS = {"lstm": ConvLSTM, "gru": ConvGRU}
 
 
-def _choice(owner: str, name: str, value: Any, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{owner}: {name} must be one of {list(allowed)}, got {value!r}")
-    return value
-
-
 def _positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+    # models report every bad argument as ValueError (create_model turns it into a ConfigError)
+    try:
+        return check_int(name, value, minimum, owner)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
 
 
 def check_unet_args(owner: str, spatial_dims: Any, in_channels: Any, out_channels: Any,
                     channels: Any, norm: Any, act: Any, dropout: Any) -> tuple[int, ...]:
     """Validate the arguments every UNet here shares; returns ``channels`` as a tuple."""
-    if spatial_dims not in (1, 2, 3) or isinstance(spatial_dims, bool):
-        raise ValueError(f"{owner}: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    check_spatial_dims(spatial_dims, owner)
     _positive_int(owner, "in_channels", in_channels)
     _positive_int(owner, "out_channels", out_channels)
     if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or not channels:
@@ -84,8 +80,8 @@ def check_unet_args(owner: str, spatial_dims: Any, in_channels: Any, out_channel
         )
     for c in channels:
         _positive_int(owner, "channels[i]", c)
-    _choice(owner, "norm", norm, NORMS)
-    _choice(owner, "act", act, tuple(ACTS))
+    check_choice("norm", norm, NORMS, owner)
+    check_choice("act", act, tuple(ACTS), owner)
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not (
         0 <= dropout < 1
     ):
@@ -174,12 +170,12 @@ class _Recurrence(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, cell: str,
                  kernel_size: int | tuple[int, ...],
-                 bidirectional: bool, checkpoint: bool, backend: str = "auto",
+                 bidirectional: bool, recompute: bool, backend: str = "auto",
                  fusion: str = "replace") -> None:
         super().__init__()
         self.cell = cell
         self.rnn = CELLS[cell](spatial_dims, channels, channels, kernel_size,
-                               bidirectional=bidirectional, checkpoint=checkpoint,
+                               bidirectional=bidirectional, recompute=recompute,
                                backend=backend)
         self.proj = (layer("conv", spatial_dims, 2 * channels, channels, kernel_size=1)
                      if bidirectional else None)
@@ -223,11 +219,11 @@ class TimeResolvedUNet(nn.Module):
             each an int or one int per spatial axis (arrays' axis order). Default 2 everywhere.
         kernel_sizes: convolution kernel per axis at levels 0 .. L-1 (odd): ``L`` entries,
             each an int or one per axis; the decoder stage of a level uses the same. Default 3.
-        checkpoint: recompute activations during backward at the high-resolution levels,
-            where nearly all activation memory sits (see :data:`CHECKPOINT_MIN_SHARE`): their
+        recompute: recompute activations during backward at the high-resolution levels,
+            where nearly all activation memory sits (see :data:`RECOMPUTE_MIN_SHARE`): their
             encoder and decoder stages (the head inside the last one; large stages in pieces of
             the folded batch and time axis when ``norm`` is not ``"batch"`` and ``dropout`` is
-            0) and their recurrence (``checkpoint=True`` of the core layers). Same gradients,
+            0) and their recurrence (``recompute=True`` of the core layers). Same gradients,
             less memory, more time. Default False.
         backend: the recurrence's ``backend`` (:class:`clstm4d.ConvLSTM`): ``"auto"``
             (default), ``"fused"`` or ``"reference"``.
@@ -271,7 +267,7 @@ class TimeResolvedUNet(nn.Module):
         norm: str = "instance",
         act: str = "leakyrelu",
         dropout: float = 0.0,
-        checkpoint: bool = False,
+        recompute: bool = False,
         strides: Sequence[int | Sequence[int]] | None = None,
         kernel_sizes: Sequence[int | Sequence[int]] | None = None,
         backend: str = "auto",
@@ -283,9 +279,9 @@ class TimeResolvedUNet(nn.Module):
                                    norm, act, dropout)
         strides, kernels = check_strides_kernels(owner, spatial_dims, len(channels), strides,
                                                  kernel_sizes)
-        _choice(owner, "temporal", temporal, TEMPORAL)
-        _choice(owner, "cell", cell, tuple(CELLS))
-        _choice(owner, "fusion", fusion, FUSIONS)
+        check_choice("temporal", temporal, TEMPORAL, owner)
+        check_choice("cell", cell, tuple(CELLS), owner)
+        check_choice("fusion", fusion, FUSIONS, owner)
         _positive_int(owner, "rnn_kernel_size", rnn_kernel_size)
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -295,7 +291,7 @@ class TimeResolvedUNet(nn.Module):
         self.kernel_sizes = kernels
         self.temporal = temporal
         self.bidirectional = bool(bidirectional) and temporal != "none"
-        self.checkpoint = bool(checkpoint)
+        self.recompute = bool(recompute)
         # per-item stages (no batch statistics, no dropout) may be recomputed in pieces
         self._chunkable = norm != "batch" and dropout == 0
         # wide per-frame convolutions run channels-last (oneDNN's native layout on CPU: -30%
@@ -304,14 +300,14 @@ class TimeResolvedUNet(nn.Module):
                         if channels[0] >= CHANNELS_LAST_MIN_WIDTH else torch.contiguous_format)
         share = [channels[lv] / channels[0] / math.prod(math.prod(s) for s in strides[:lv])
                  for lv in range(len(channels))]
-        self._checkpoint_levels = frozenset(
-            lv for lv in range(len(channels)) if checkpoint and share[lv] >= CHECKPOINT_MIN_SHARE)
+        self._recompute_levels = frozenset(
+            lv for lv in range(len(channels)) if recompute and share[lv] >= RECOMPUTE_MIN_SHARE)
         self.config: dict[str, Any] = {
             "name": "unet", "spatial_dims": spatial_dims, "in_channels": in_channels,
             "out_channels": out_channels, "channels": list(channels), "temporal": temporal,
             "cell": cell, "bidirectional": bool(bidirectional),
             "rnn_kernel_size": rnn_kernel_size, "norm": norm, "act": act,
-            "dropout": float(dropout), "checkpoint": bool(checkpoint),
+            "dropout": float(dropout), "recompute": bool(recompute),
             "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
             "backend": backend, "fusion": fusion,
         }
@@ -336,10 +332,13 @@ class TimeResolvedUNet(nn.Module):
             str(level): _Recurrence(spatial_dims, channels[level], cell,
                                     tuple(rnn_kernel_size if k > 1 else 1
                                           for k in kernels[level]),
-                                    self.bidirectional, level in self._checkpoint_levels,
+                                    self.bidirectional, level in self._recompute_levels,
                                     backend, fusion)
             for level in levels
         })
+
+    #: any number of frames (see :class:`~clstm4d.models.protocol.SequenceModel`)
+    frames = None
 
     @property
     def streamable(self) -> bool:
@@ -347,10 +346,10 @@ class TimeResolvedUNet(nn.Module):
         return not self.bidirectional
 
     @property
-    def checkpoint_levels(self) -> frozenset[int]:
-        """The levels recomputed in backward with ``checkpoint=True`` (see
-        :data:`CHECKPOINT_MIN_SHARE`); empty without it."""
-        return self._checkpoint_levels
+    def recompute_levels(self) -> frozenset[int]:
+        """The levels recomputed in backward with ``recompute=True`` (see
+        :data:`RECOMPUTE_MIN_SHARE`); empty without it."""
+        return self._recompute_levels
 
     def _check_state(self, state: Any) -> list[Any]:
         count = len(self.recurrence)
@@ -391,7 +390,7 @@ class TimeResolvedUNet(nn.Module):
                                   self.spatial_dims)
         layout = self._layout
         h = h.contiguous(memory_format=layout)
-        ckpt = self._checkpoint_levels
+        ckpt = self._recompute_levels
         skips: list[Tensor] = []
         for level, stage in enumerate(self.encoder):
             h = stage(h, level in ckpt, self._chunkable)  # (n*t, c_level, *s_level)

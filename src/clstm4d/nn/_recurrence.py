@@ -20,7 +20,7 @@ The fused path in short:
   per frame, the output, the layer input and the states at segment starts - nothing else;
   the backward writes the gate gradients over the saved gates unless the graph is retained
   and recomputes the LSTM's cell states from them;
-- ``checkpoint``: the forward keeps only the output and the state at segment starts; the
+- ``recompute``: the forward keeps only the output and the state at segment starts; the
   backward recomputes each segment (input convolution included) with the same runner.
 
 Precision: the convolutions run in ``Spec.dtype`` (the autocast dtype, bfloat16 or float16;
@@ -61,8 +61,8 @@ class Spec(NamedTuple):
     pad: tuple[int, ...]  # F.pad order (last axis first), "same" padding
     dilation: tuple[int, ...]
     reverse: bool
-    segment: int  # frames per segment (backward, checkpoint recompute, inference)
-    checkpoint: bool
+    segment: int  # frames per segment (backward, recomputation, inference)
+    recompute: bool
     grad: bool  # autograd will need a backward (grad mode on and an input requires grad)
     dtype: torch.dtype | None = None  # convolution dtype if not the parameters' (autocast)
 
@@ -152,7 +152,7 @@ def reference_direction(spec: Spec, x, mask, h0, c0, w_ih, b_x, w_hh, b_hh, peep
     zero = x.new_zeros((n, w_hh.shape[1], *x.shape[3:]), dtype=w_hh.dtype)
     state = (zero if h0 is None else h0, zero if c0 is None else c0)[: spec.cell.num_state]
     peep_b = split_peephole(peep, x.dim() - 1)
-    if spec.checkpoint and spec.grad:
+    if spec.recompute and spec.grad:
         gates_x = None
     else:
         # hoisted input convolution over all frames: (n*t, c, *s) -> (n, t, g*h, *s)
@@ -276,14 +276,14 @@ class _Direction:
         """The state at a segment's start as saved for backward: h only where the output
         does not give it back (lengths; a low-precision output read by the update)."""
         spec = self.spec
-        need_h = spec.checkpoint and (self.mask is not None or (
+        need_h = spec.recompute and (self.mask is not None or (
             self.dtype != self.state_dtype and self.cell.update_reads_h))
         return (state[0] if need_h else None, *state[1:])
 
     def forward(self):
         """Returns out, the final state and what the backward needs."""
         spec = self.spec
-        keep = spec.grad and not spec.checkpoint  # keep the gates for backward
+        keep = spec.grad and not spec.recompute  # keep the gates for backward
         out = self.new(self.t, dtype=self.dtype)
         aux_all = self.new(self.t) if keep and not self.cell.aux_from_gates else None
         state = self.initial_state()
@@ -310,7 +310,7 @@ class _Direction:
         ``(n, k, h, *s)`` of segment ``si``: kept by the forward, or recomputed."""
         seg = self.segments[si]
         lo, hi = _lo_hi(seg)
-        if not kept:  # checkpoint: run the segment again
+        if not kept:  # recompute: run the segment again
             aux = self.new(hi - lo)
             gates, _ = self.run_segment(si, self.segment_start(si, starts, out), out, aux,
                                         write=False)
@@ -553,7 +553,7 @@ def _differentiable_backward(ctx, spec: Spec, inputs, grads):
     need = ctx.needs_input_grad[1:]
     wrt = [v for v, n in zip(inputs, need, strict=True) if n]
     with torch.enable_grad(), kernels.autocast_disabled(inputs[0].device.type):
-        outputs = reference_direction(spec._replace(grad=True, checkpoint=False), *inputs)
+        outputs = reference_direction(spec._replace(grad=True, recompute=False), *inputs)
         pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None]
         found = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                     create_graph=True, allow_unused=True)

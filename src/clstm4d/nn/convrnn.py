@@ -1,7 +1,7 @@
 """N-dimensional convolutional LSTM and GRU: cells and multi-layer sequence layers.
 
 One implementation serves 1D, 2D and 3D maps (``spatial_dims``); the LSTM and the GRU share
-the sequence machinery (time loop, directions, state, lengths, dropout, checkpointing) and
+the sequence machinery (time loop, directions, state, lengths, dropout, recomputation) and
 differ only in their cell spec (:mod:`clstm4d.nn._cells`: gates, state, update, backward).
 
 Shape legend: ``n`` batch, ``t`` time (frames), ``c`` input channels, ``h`` hidden channels,
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clstm4d._common import check_int, check_spatial_dims, per_axis
 from clstm4d.nn import _kernels as kernels
 from clstm4d.nn._cells import GRU, LSTM, CellSpec
 from clstm4d.nn._recurrence import (
@@ -47,36 +48,15 @@ __all__ = ["BACKENDS", "ConvGRU", "ConvGRUCell", "ConvLSTM", "ConvLSTMCell"]
 
 #: values of the sequence layers' ``backend`` argument
 BACKENDS = ("auto", "fused", "reference")
-#: frames the fused backend recomputes together in backward with ``checkpoint=True`` (it
-#: keeps the state every this many frames; ``clstm4d.engine.plan`` counts the same)
-CHECKPOINT_FRAMES = 2
+#: frames the fused backend recomputes together in backward with ``recompute=True`` (it
+#: keeps the state every this many frames; ``clstm4d.engine.planning.memory`` counts the same)
+RECOMPUTE_FRAMES = 2
 _FUSED_DEVICES = ("cpu", "cuda")
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
 # validation helpers
-
-
-def _check_int(name: str, value, minimum: int, owner: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value}")
-    return value
-
-
-def _per_axis(name: str, value, spatial_dims: int, owner: str) -> tuple[int, ...]:
-    """An int or a tuple of ``spatial_dims`` ints >= 1, as a tuple."""
-    values = (value,) * spatial_dims if isinstance(value, int) else value
-    if not isinstance(values, Sequence) or len(values) != spatial_dims:
-        raise ValueError(
-            f"{owner}: {name} must be an int or a sequence of {spatial_dims} ints "
-            f"(one per spatial axis), got {value!r}"
-        )
-    for v in values:
-        _check_int(name, v, 1, owner)
-    return tuple(int(v) for v in values)
 
 
 def _same_padding(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
@@ -115,7 +95,7 @@ class _ConvRNNBase(nn.Module):
         dilation: int | Sequence[int] = 1,
         forget_bias: float = 1.0,
         peephole: bool = False,
-        checkpoint: bool = False,
+        recompute: bool = False,
         device=None,
         dtype=None,
         backend: str = "auto",
@@ -124,15 +104,14 @@ class _ConvRNNBase(nn.Module):
         # an instance attribute: torch.compile (dynamo 2.4) cannot read it from the class
         self._cell = self._CELL
         owner = type(self).__name__
-        if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
-            raise ValueError(f"{owner}: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-        _check_int("in_channels", in_channels, 1, owner)
-        _check_int("hidden_channels", hidden_channels, 1, owner)
-        _check_int("num_layers", num_layers, 1, owner)
-        kernel = _per_axis("kernel_size", kernel_size, spatial_dims, owner)
-        dil = _per_axis("dilation", dilation, spatial_dims, owner)
+        check_spatial_dims(spatial_dims, owner)
+        check_int("in_channels", in_channels, 1, owner)
+        check_int("hidden_channels", hidden_channels, 1, owner)
+        check_int("num_layers", num_layers, 1, owner)
+        kernel = per_axis("kernel_size", kernel_size, spatial_dims, owner)
+        dil = per_axis("dilation", dilation, spatial_dims, owner)
         for name, flag in (("bias", bias), ("bidirectional", bidirectional),
-                           ("peephole", peephole), ("checkpoint", checkpoint)):
+                           ("peephole", peephole), ("recompute", recompute)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{owner}: {name} must be a bool, got {flag!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
@@ -163,7 +142,7 @@ class _ConvRNNBase(nn.Module):
         self.dilation = dil
         self.forget_bias = float(forget_bias)
         self.peephole = peephole
-        self.checkpoint = checkpoint
+        self.recompute = recompute
         self.backend = backend
         self._pad = _same_padding(kernel, dil)
 
@@ -221,13 +200,13 @@ class _ConvRNNBase(nn.Module):
              f"kernel_size={self.kernel_size}")
         defaults = {"num_layers": 1, "bias": True, "bidirectional": False, "dropout": 0.0,
                     "dilation": (1,) * self.spatial_dims, "forget_bias": 1.0,
-                    "peephole": False, "checkpoint": False, "backend": "auto"}
+                    "peephole": False, "recompute": False, "backend": "auto"}
         for key, default in defaults.items():
             if hasattr(self, key) and getattr(self, key) != default:
                 if key in ("forget_bias", "peephole") and self._cell is not LSTM:
                     continue
                 if self._is_cell and key in ("num_layers", "bidirectional", "dropout",
-                                             "checkpoint", "backend"):
+                                             "recompute", "backend"):
                     continue
                 s += f", {key}={getattr(self, key)!r}" if key == "backend" else (
                     f", {key}={getattr(self, key)}")
@@ -243,7 +222,7 @@ class _ConvRNNBase(nn.Module):
     def _spec(self, x: Tensor, reverse: bool = False, segment: int = 1,
               grad: bool = False) -> Spec:
         dtype = conv_dtype(x.device.type, self._param_dtype())
-        return Spec(self._cell, self._pad, self.dilation, reverse, segment, self.checkpoint,
+        return Spec(self._cell, self._pad, self.dilation, reverse, segment, self.recompute,
                     grad, dtype)
 
     def _param_dtype(self) -> torch.dtype:
@@ -448,7 +427,7 @@ class ConvGRUCell(_ConvCellBase):
 
 
 class _ConvRNNLayerBase(_ConvRNNBase):
-    """The shared sequence machinery: layers, directions, state, lengths, dropout, checkpoint."""
+    """The shared sequence machinery: layers, directions, state, lengths, dropout, recompute."""
 
     def _check_state(self, state, x: Tensor) -> list[tuple[Tensor, ...]] | None:
         """Validate ``state`` and split it into one tuple per (layer, direction)."""
@@ -531,8 +510,8 @@ class _ConvRNNLayerBase(_ConvRNNBase):
         n, t = x.shape[:2]
         if not grad:
             return t
-        if self.checkpoint:
-            return CHECKPOINT_FRAMES
+        if self.recompute:
+            return RECOMPUTE_FRAMES
         w_ih, _, w_hh = inputs[:3]
         frame = n * w_hh.shape[0] * math.prod(x.shape[3:])  # gates of one frame
         # at least 2 samples per batched call (PyTorch sends batch-1 convolutions to a slow
@@ -619,7 +598,7 @@ class ConvLSTM(_ConvRNNLayerBase):
         dropout: dropout on the output of every layer except the last (as nn.LSTM), in
             training mode only. Default: 0.0.
         dilation: int or per-axis tuple, used by both convolutions. Default: 1.
-        checkpoint: keep only the outputs and the states every 2 frames; backward recomputes
+        recompute: keep only the outputs and the states every 2 frames; backward recomputes
             the activations (input convolution included) segment by segment. Same outputs
             and gradients, about half the memory, ~20% more time. Default: False.
         device, dtype: factory keywords for the parameters.
@@ -684,14 +663,14 @@ class ConvLSTM(_ConvRNNLayerBase):
         dilation: int | Sequence[int] = 1,
         forget_bias: float = 1.0,
         peephole: bool = False,
-        checkpoint: bool = False,
+        recompute: bool = False,
         device=None,
         dtype=None,
         backend: str = "auto",
     ) -> None:
         super().__init__(spatial_dims, in_channels, hidden_channels, kernel_size, num_layers,
                          bias, bidirectional, dropout, dilation, forget_bias, peephole,
-                         checkpoint, device, dtype, backend)
+                         recompute, device, dtype, backend)
 
     def forward(
         self,
@@ -730,7 +709,7 @@ class ConvGRU(_ConvRNNLayerBase):
         dropout: dropout on the output of every layer except the last (as nn.LSTM), in
             training mode only. Default: 0.0.
         dilation: int or per-axis tuple, used by both convolutions. Default: 1.
-        checkpoint: keep only the outputs and the states every 2 frames; backward recomputes
+        recompute: keep only the outputs and the states every 2 frames; backward recomputes
             the activations (input convolution included) segment by segment. Same outputs
             and gradients, about half the memory, ~20% more time. Default: False.
         device, dtype: factory keywords for the parameters.
@@ -775,13 +754,13 @@ class ConvGRU(_ConvRNNLayerBase):
         bidirectional: bool = False,
         dropout: float = 0.0,
         dilation: int | Sequence[int] = 1,
-        checkpoint: bool = False,
+        recompute: bool = False,
         device=None,
         dtype=None,
         backend: str = "auto",
     ) -> None:
         super().__init__(spatial_dims, in_channels, hidden_channels, kernel_size, num_layers,
-                         bias, bidirectional, dropout, dilation, checkpoint=checkpoint,
+                         bias, bidirectional, dropout, dilation, recompute=recompute,
                          device=device, dtype=dtype, backend=backend)
 
     def forward(

@@ -1,4 +1,5 @@
-"""Checkpoints: safetensors tensors plus JSON config and state, written atomically.
+"""Checkpoints: safetensors tensors plus JSON config and state, written atomically, and the
+:class:`Checkpoint` that opens one (resolved and verified once) and hands out what it holds.
 
 A checkpoint is a directory::
 
@@ -15,48 +16,42 @@ checkpoint is written into a temporary sibling directory and renamed into place,
 either the old or the new checkpoint, never a half-written one.
 
 ``state.json`` carries the format version (:data:`FORMAT_VERSION`); a checkpoint of a newer
-format is refused with a message. A checkpoint is checked before use (:func:`verify_checkpoint`:
-JSON complete, safetensors headers intact and covering their files); given a run folder,
-:func:`find_checkpoint` falls back from a damaged newest checkpoint to the newest valid one and
-says so in a warning.
+format is refused with a message. :meth:`Checkpoint.open` checks a checkpoint before use
+(:func:`verify_checkpoint`: JSON complete, safetensors headers intact and covering their
+files); given a run folder, it falls back from a damaged newest checkpoint to the newest valid
+one and says so in a warning.
 
 Examples:
     >>> import tempfile, torch
     >>> net = torch.nn.Linear(2, 3)
     >>> with tempfile.TemporaryDirectory() as d:
-    ...     ck = save_checkpoint(d, net, step=5, config={"model": {"name": "linear"}})
+    ...     path = save_checkpoint(d, net, step=5, config={"model": {"name": "linear"}})
+    ...     ck = Checkpoint.open(d)  # a folder of checkpoints: the newest valid one
     ...     other = torch.nn.Linear(2, 3)
-    ...     load_weights(other, ck)
-    ...     bool(torch.equal(other.weight, net.weight)), read_checkpoint_state(ck)["step"]
-    (True, 5)
+    ...     ck.load_weights(other)
+    ...     bool(torch.equal(other.weight, net.weight)), ck.step, ck.path == path
+    (True, 5, True)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
-import tempfile
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError, CheckpointFormatError
+from clstm4d._common import atomic_dir, atomic_write_text
+from clstm4d.errors import CheckpointError, CheckpointFormatError, ConfigError
 
-__all__ = [
-    "atomic_write_text",
-    "find_checkpoint",
-    "load_training_state",
-    "load_weights",
-    "read_checkpoint_config",
-    "read_checkpoint_state",
-    "save_checkpoint",
-    "verify_checkpoint",
-]
+from .config import SavedRun
+
+__all__ = ["FORMAT_VERSION", "Checkpoint", "save_checkpoint", "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -68,30 +63,6 @@ STATE_FILE = "state.json"
 LATEST = "latest.json"
 #: version of the checkpoint layout written here (``state.json["format"]``); absent = 1
 FORMAT_VERSION = 1
-
-
-def _umask_mode(path: Path, mode: int) -> None:
-    """Give a mkstemp/mkdtemp result (0600/0700) the permissions a plain open/mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _umask_mode(Path(tmp), 0o666)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(obj: Any) -> Any:
@@ -198,11 +169,8 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    name = name or f"step_{step:06d}"
-    final = directory / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=directory))
-    try:
+    final = directory / (name or f"step_{step:06d}")
+    with atomic_dir(final) as tmp:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / MODEL_FILE))
         state: dict[str, Any] = {"format": FORMAT_VERSION, "step": int(step),
@@ -223,21 +191,8 @@ def save_checkpoint(
                                          for k, v in sd.items()})
         (tmp / CONFIG_FILE).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _umask_mode(tmp, 0o777)
-        old = None
-        if final.exists():  # move it aside first: at no moment is there no checkpoint `name`
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=directory))
-            os.replace(final, old / name)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(directory / LATEST, json.dumps({"checkpoint": name, "step": int(step)}))
+    atomic_write_text(directory / LATEST, json.dumps({"checkpoint": final.name,
+                                                      "step": int(step)}))
     if keep is not None and keep > 0:
         olds = sorted(p for p in directory.glob("step_*") if p.is_dir() and p != final)
         for p in olds[: max(0, len(olds) - (keep - 1))]:
@@ -245,17 +200,11 @@ def save_checkpoint(
     return final
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """Resolve ``path`` to a checkpoint folder, checked with :func:`verify_checkpoint`.
-
-    Accepts a checkpoint folder, its ``model.safetensors``, a folder of checkpoints with a
-    ``latest.json`` pointer, or a training run folder whose ``checkpoints/`` has one. For the
-    last two, a damaged (truncated, unreadable, incomplete) newest checkpoint is skipped with
-    a warning for the newest valid ``step_*`` one.
-
-    Raises:
-        CheckpointError: no (valid) checkpoint there; CheckpointFormatError: the checkpoint
-            is of a newer format.
+def _locate(path: str | Path) -> Path:
+    """Resolve ``path`` to a checkpoint folder, checked with :func:`verify_checkpoint`:
+    a checkpoint folder, its ``model.safetensors``, a folder of checkpoints with a
+    ``latest.json`` pointer, or a training run folder whose ``checkpoints/`` has one (for the
+    last two, a damaged newest checkpoint is skipped with a warning for the newest valid one).
     """
     p = Path(path)
     if not p.exists():
@@ -361,49 +310,6 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"damaged checkpoint file {path}: {e}") from None
 
 
-def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
-    """The configuration saved with a checkpoint (a plain dict)."""
-    return _from_json(_read_json(find_checkpoint(path) / CONFIG_FILE))
-
-
-def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
-    """The JSON state saved with a checkpoint (``step``, ``extra``, ...)."""
-    return _from_json(_read_json(find_checkpoint(path) / STATE_FILE))
-
-
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a checkpoint's weights into ``model``, strictly.
-
-    Raises:
-        CheckpointError: when keys or shapes differ, naming the first few differences, so a
-            checkpoint from another model gives a clear message instead of a traceback.
-    """
-    from safetensors.torch import load_file
-
-    ck = find_checkpoint(path)
-    try:
-        weights = load_file(str(ck / MODEL_FILE))
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"unreadable weights {ck / MODEL_FILE}: {e}") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:2])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})")
-        if shapes:
-            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
-        raise CheckpointError(
-            f"checkpoint {ck} was written for another model: weights {'; '.join(parts)}"
-        )
-    model.load_state_dict(weights, strict=True)
-
-
 def _regroup_single_group(saved: dict, model: torch.nn.Module,
                           optimizer: torch.optim.Optimizer) -> dict:
     """An optimizer state dict saved with one parameter group over all trainable parameters
@@ -428,37 +334,115 @@ def _regroup_single_group(saved: dict, model: torch.nn.Module,
     return {"state": state, "param_groups": groups}
 
 
-def load_training_state(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any | None = None,
-    scaler: Any | None = None,
-) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler, scaler and RNG states; return the JSON state."""
-    from safetensors.torch import load_file
+class Checkpoint:
+    """One checkpoint, opened once: resolved (a run folder gives its newest valid checkpoint),
+    verified, its JSON read; everything else reads from it without looking for it again.
 
-    ck = find_checkpoint(path)
-    load_weights(model, ck)
-    state = read_checkpoint_state(ck)
-    if "optimizer" not in state or not (ck / OPTIM_FILE).is_file():
-        raise CheckpointError(f"checkpoint {ck} holds weights only; it cannot be resumed")
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    tensors = {k: v.to(dev) if not k.endswith(".step") else v
-               for k, v in load_file(str(ck / OPTIM_FILE)).items()}
-    saved = _join_optimizer(tensors, state["optimizer"])
-    if len(saved["param_groups"]) == 1 and len(optimizer.param_groups) > 1:
-        saved = _regroup_single_group(saved, model, optimizer)
-        log.warning("checkpoint %s has one optimizer parameter group (written before the "
-                    "per-group weight decay of train.param_groups); its state was regrouped", ck)
-    try:
-        optimizer.load_state_dict(saved)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"optimizer state in {ck} does not fit: {e}") from None
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    if (ck / RNG_FILE).is_file():
-        _set_rng_state(load_file(str(ck / RNG_FILE)), state["rng"])
-    return state
+    Attributes:
+        path: the checkpoint folder. state: ``state.json`` (``step``, ``extra``, ...).
+        config: ``config.json`` as a plain dict. step: the optimizer steps done.
+    """
+
+    def __init__(self, path: Path, state: dict[str, Any], config: dict[str, Any]):
+        self.path, self.state, self.config = Path(path), state, config
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        """Open a checkpoint folder, its ``model.safetensors``, a folder of checkpoints with a
+        ``latest.json`` pointer, or a training run folder.
+
+        Raises:
+            CheckpointError: no (valid) checkpoint there; CheckpointFormatError: one of a
+                newer format.
+        """
+        ck = _locate(path)
+        return cls(ck, _from_json(_read_json(ck / STATE_FILE)),
+                   _from_json(_read_json(ck / CONFIG_FILE)))
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, step={self.step})"
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def resumable(self) -> bool:
+        """Whether it holds the optimizer state (else it holds weights only)."""
+        return "optimizer" in self.state and (self.path / OPTIM_FILE).is_file()
+
+    @cached_property
+    def saved(self) -> SavedRun:
+        """The typed configuration of the run (:class:`SavedRun`)."""
+        try:
+            return SavedRun.from_dict(self.config, source=f"checkpoint {self.path}")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+
+    def build_model(self, device: torch.device | str | None = None) -> torch.nn.Module:
+        """The model the checkpoint was written for, with its weights, in eval mode."""
+        model = self.saved.model_spec.build()
+        self.load_weights(model)
+        return (model if device is None else model.to(device)).eval()
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Load the weights into ``model``, strictly.
+
+        Raises:
+            CheckpointError: when keys or shapes differ, naming the first few differences, so
+                a checkpoint from another model gives a clear message instead of a traceback.
+        """
+        weights = self._load(MODEL_FILE, "weights")
+        own = model.state_dict()
+        missing = sorted(set(own) - set(weights))
+        unexpected = sorted(set(weights) - set(own))
+        shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in weights and weights[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:2])})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})")
+            if shapes:
+                parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
+            raise CheckpointError(
+                f"checkpoint {self.path} was written for another model: weights "
+                f"{'; '.join(parts)}")
+        model.load_state_dict(weights, strict=True)
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any | None = None, scaler: Any | None = None) -> None:
+        """Restore the model's weights and the optimizer, scheduler, scaler and RNG states,
+        for an exact resume."""
+        if not self.resumable:
+            raise CheckpointError(f"checkpoint {self.path} holds weights only; it cannot be "
+                                  "resumed")
+        self.load_weights(model)
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        tensors = {k: v.to(dev) if not k.endswith(".step") else v
+                   for k, v in self._load(OPTIM_FILE, "optimizer state").items()}
+        saved = _join_optimizer(tensors, self.state["optimizer"])
+        if len(saved["param_groups"]) == 1 and len(optimizer.param_groups) > 1:
+            saved = _regroup_single_group(saved, model, optimizer)
+            log.warning("checkpoint %s has one optimizer parameter group (written before the "
+                        "per-group weight decay of param_groups); its state was regrouped",
+                        self.path)
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"optimizer state in {self.path} does not fit: {e}") from None
+        if scheduler is not None and "scheduler" in self.state:
+            scheduler.load_state_dict({**scheduler.state_dict(), **self.state["scheduler"]})
+        if scaler is not None and "scaler" in self.state:
+            scaler.load_state_dict(self.state["scaler"])
+        if (self.path / RNG_FILE).is_file():
+            _set_rng_state(self._load(RNG_FILE, "RNG state"), self.state["rng"])
+
+    def _load(self, name: str, what: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.path / name))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"unreadable {what} {self.path / name}: {e}") from None

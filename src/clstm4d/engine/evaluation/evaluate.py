@@ -26,17 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from clstm4d._common import atomic_write_text, nanmean
+from clstm4d.data import load_case, load_datalist, read_label
+from clstm4d.errors import UserError
+
 from .metrics import dice_per_frame, drop_ignored, hd95_per_frame, temporal_consistency
+from .plots import plot_dice_per_frame, plot_volumes
 
 __all__ = ["dice_by_corruption", "evaluate_files", "evaluate_sequence", "parse_frames",
            "write_evaluation", "write_frames_csv"]
-
-
-def _nanmean(values) -> float:
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if v.size else float("nan")
 
 
 def evaluate_sequence(
@@ -72,7 +70,7 @@ def evaluate_sequence(
         classes), dice_<class>, hd95_<class>, volume_<class>, label_volume_<class>],
         "summary": {frames (how many were scored), scored_frames, dice, dice_corrupted,
         dice_clean, hd95, dice_<class>, temporal consistency measures over the scored frames
-        in order (see :func:`~clstm4d.engine.metrics.temporal_consistency`)}}``.
+        in order (see :func:`~clstm4d.engine.evaluation.metrics.temporal_consistency`)}}``.
     """
     pred, label = np.asarray(pred), np.asarray(label)
     if pred.shape != label.shape:
@@ -112,13 +110,13 @@ def evaluate_sequence(
         "dice": float(per_frame.mean()),
         "dice_corrupted": float(per_frame[is_c].mean()) if is_c.any() else float("nan"),
         "dice_clean": float(per_frame[~is_c].mean()) if (~is_c).any() else float("nan"),
-        "hd95": _nanmean(hd),
+        "hd95": nanmean(hd),
     }
     for j, k in enumerate(names):
         summary[f"dice_{names[k]}"] = float(dice[:, j].mean())
-        summary[f"hd95_{names[k]}"] = _nanmean(hd[:, j])
+        summary[f"hd95_{names[k]}"] = nanmean(hd[:, j])
     for key, values in temporal_consistency(pred, label, num_classes).items():
-        summary[key] = _nanmean(values)
+        summary[key] = nanmean(values)
         for j, k in enumerate(names):
             summary[f"{key}_{names[k]}"] = values[j]
     return {"frames": rows, "summary": summary}
@@ -163,8 +161,6 @@ def evaluate_files(pred: str | Path | Sequence[str | Path],
     Returns:
         :func:`evaluate_sequence`'s result plus ``num_classes``, ``class_names`` and ``case``.
     """
-    from clstm4d.data import load_case, load_datalist, read_label
-
     paths = [pred] if isinstance(pred, (str, Path)) else list(pred)
     for f in paths + ([label] if isinstance(label, (str, Path)) else list(label or [])):
         if not Path(f).exists():
@@ -237,9 +233,6 @@ def write_evaluation(result: dict[str, Any], out: str | Path) -> list[Path]:
     ``volume_per_frame.png`` for an :func:`evaluate_files` result into ``out``."""
     import json
 
-    from .checkpoint import atomic_write_text
-    from .plots import plot_dice_per_frame, plot_volumes
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [write_frames_csv(result["frames"], out / "frames.csv")]
@@ -275,8 +268,6 @@ def dice_by_corruption(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def write_frames_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Write per-frame rows (dicts with the same keys) as CSV; NaN is written empty."""
-    from .checkpoint import atomic_write_text
-
     path = Path(path)
     if not rows:
         atomic_write_text(path, "")

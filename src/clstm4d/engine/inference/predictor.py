@@ -5,17 +5,18 @@ Shape legend: ``t`` frames, ``c`` input channels, ``k`` classes, ``*s`` spatial 
 
 A :class:`Predictor` owns the device and precision, resampling to the voxel spacing of
 training (``data.spacing``) and back, the intensity normalisation of training, the sliding
-windows over space and the time chunks (:func:`~clstm4d.engine.predict.predict_sequence`), and
-reading and writing files in their own format and geometry. The CLI's ``predict``, the demo
+windows over space and the time chunks
+(:func:`~clstm4d.engine.inference.sliding.predict_sequence`), and reading and writing files in
+their own format and geometry. The CLI's ``predict``, the demo
 and validation during training all go through it.
 
 Examples:
     >>> import numpy as np
-    >>> from clstm4d.engine.config import Config, SavedRun
+    >>> from clstm4d.engine.run.config import Config, ModelSpec, SavedRun
     >>> from clstm4d.models import create_model
     >>> model = create_model("tiny", spatial_dims=2, in_channels=1, out_channels=3,
     ...                      channels=(4, 8))
-    >>> run = SavedRun(Config(), dict(model.config), {0: "background", 1: "a", 2: "b"})
+    >>> run = SavedRun(Config(), ModelSpec.of(model), {0: "background", 1: "a", 2: "b"})
     >>> p = Predictor(model, run, device="cpu", chunk=2)
     >>> labels = p.predict_array(np.random.default_rng(0).random((5, 1, 12, 10), np.float32))
     >>> labels.shape, labels.dtype, p.settings.chunk
@@ -34,8 +35,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import PredictConfig, SavedRun
-from .errors import ConfigError, UserError
+from clstm4d.data import (
+    normalize_intensity,
+    read_image,
+    resample_image,
+    target_shape,
+    write_label,
+)
+from clstm4d.engine.run.checkpoint import Checkpoint
+from clstm4d.engine.run.config import PredictConfig, SavedRun
+from clstm4d.engine.run.folders import check_label_outputs
+from clstm4d.engine.run.runtime import amp_dtype, resolve_device
+from clstm4d.errors import ConfigError, UserError
+
+from .sliding import predict_sequence
 
 __all__ = ["Predictor"]
 
@@ -50,7 +63,7 @@ class Predictor:
 
     Args:
         model: maps ``(n, t, c, *s)`` to logits ``(n, t, k, *s)`` (see
-            :func:`~clstm4d.engine.predict.predict_sequence` for streaming).
+            :func:`~clstm4d.engine.inference.sliding.predict_sequence` for streaming).
         run: the typed configuration saved with the model (:class:`SavedRun`).
         device: ``"auto"``, ``"cpu"``, ``"cuda:N"`` or a ``torch.device``; ``None`` = the
             saved ``predict.device``. The model is moved there.
@@ -67,8 +80,6 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, run: SavedRun, *,
                  device: str | torch.device | None = None, amp: str | None = None,
                  **overrides: Any) -> None:
-        from .runtime import amp_dtype, resolve_device
-
         unknown = sorted(set(overrides) - set(OVERRIDABLE))
         if unknown:
             raise ConfigError(f"Predictor: unknown prediction setting(s) {unknown}; "
@@ -93,32 +104,28 @@ class Predictor:
                         **overrides: Any) -> Predictor:
         """Rebuild the model saved in ``checkpoint`` (a checkpoint folder, its
         ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor."""
-        from .builders import load_model
-
-        model, run = load_model(checkpoint)
-        return cls(model, run, device=device, amp=amp, **overrides)
+        opened = Checkpoint.open(checkpoint)
+        return cls(opened.build_model(), opened.saved, device=device, amp=amp, **overrides)
 
     # ------------------------------------------------------------------ what the model takes
     @property
     def spatial_dims(self) -> int:
-        return int(self.run.model_config["spatial_dims"])
+        return self.run.model_spec.spatial_dims
 
     @property
     def in_channels(self) -> int:
-        return int(self.run.model_config["in_channels"])
+        return self.run.model_spec.in_channels
 
     @property
     def num_classes(self) -> int:
         """Classes the model predicts, background included."""
-        return int(self.run.model_config["out_channels"])
+        return self.run.model_spec.out_channels
 
     def model_shape(self, image_shape: Sequence[int], geometry: Any = None,
                     name: str = "input") -> tuple[int, ...]:
         """The spatial shape the model sees for an image of spatial shape ``image_shape``:
         resampled to the training spacing (``data.spacing``) when it is set and the geometry
         says where the voxels lie; else the image's own."""
-        from clstm4d.data import target_shape
-
         target = self.run.config.data.spacing
         image_shape = tuple(int(n) for n in image_shape)
         if target is None:
@@ -140,8 +147,6 @@ class Predictor:
         Shape:
             ``(t, c, *s)`` -> ``(t, c, *model_shape(s))`` float32 tensor.
         """
-        from clstm4d.data import normalize_intensity, resample_image
-
         image = np.asarray(image)
         if image.ndim != 2 + self.spatial_dims:
             raise UserError(
@@ -175,16 +180,12 @@ class Predictor:
             Labels ``(t, *s)`` (``uint8``, or ``int64`` beyond 255 classes) on the image's grid,
             and the probabilities when ``return_probs``.
         """
-        from .predict import predict_sequence
-
         x = self.prepare(image, name, geometry)  # (t, c, *s at the training spacing)
         grid = tuple(np.shape(image)[2:])
         resampled = tuple(x.shape[2:]) != grid
         s = self.settings
         back = None
         if resampled:
-            from clstm4d.data import resample_image
-
             def back(p: torch.Tensor) -> torch.Tensor:
                 # one time chunk's probabilities onto the image's grid, frame by frame
                 return torch.from_numpy(resample_image(p.numpy(), grid))
@@ -211,12 +212,8 @@ class Predictor:
         Raises:
             UserError: before the prediction, when ``output`` resolves to an input file (or
                 a per-frame output would replace an input frame), or exists without
-                ``overwrite`` (see :func:`~clstm4d.engine.guards.check_label_outputs`).
+                ``overwrite`` (see :func:`~clstm4d.engine.run.folders.check_label_outputs`).
         """
-        from clstm4d.data import read_image, write_label
-
-        from .guards import check_label_outputs
-
         paths = [input] if isinstance(input, (str, os.PathLike)) else list(input)
         if not paths:
             raise UserError("no input given")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,9 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text
-from .config import Config
-from .errors import Preempted, UserError
+from clstm4d._common import atomic_write_text, json_finite, nanmean
+from clstm4d.data import load_case, load_datalist, spread_frames, write_synthetic_dataset
+from clstm4d.data.degrade import DEGRADATIONS, parse_degradations
+from clstm4d.engine.evaluation.evaluate import (
+    dice_by_corruption,
+    evaluate_sequence,
+    write_frames_csv,
+)
+from clstm4d.engine.evaluation.plots import overlay_montage, plot_dice_per_frame, write_gif
+from clstm4d.engine.inference.predictor import Predictor
+from clstm4d.engine.run.config import Config
+from clstm4d.engine.run.folders import OutputFolder
+from clstm4d.engine.training.loop import TrainResult
+from clstm4d.engine.training.train import train
+from clstm4d.errors import Preempted, UserError
 
 __all__ = ["DemoOptions", "format_table", "run_demo"]
 
@@ -86,15 +99,11 @@ def default_threads() -> int:
     stall each other whenever another process takes a core; one thread keeps the demo's time
     predictable (its whole run is about 3.5 min of CPU).
     """
-    import os
-
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
 def _train_child(cfg_dict: dict[str, Any], threads: int, queue) -> None:
     """Train in a child process; send back the result (or the error message)."""
-    from .train import train
-
     try:
         torch.set_num_threads(threads)
         cpu0 = time.process_time()
@@ -103,7 +112,7 @@ def _train_child(cfg_dict: dict[str, Any], threads: int, queue) -> None:
         queue.put(("ok", {"checkpoint": str(res.checkpoint), "steps": res.steps,
                           "seconds": res.seconds, "peak": res.peak_memory_bytes,
                           "cpu": time.process_time() - cpu0}))
-    except (UserError, ValueError, OSError, Preempted) as e:  # the parent raises a user error
+    except (UserError, OSError, Preempted) as e:  # the parent raises a user error
         queue.put(("user", str(e)))
     except BaseException as e:
         queue.put(("error", f"{type(e).__name__}: {e}"))
@@ -114,8 +123,6 @@ def _train_isolated(cfg: Config, threads: int):
     """Train each model in a fresh process, so that its time and peak memory are its own
     (not shared with allocator caches and lazy initialisation left by the other model)."""
     import multiprocessing as mp
-
-    from .train import TrainResult
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -150,44 +157,52 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
     """Run the whole demo and return the report (also written to ``out/report.json``).
 
     ``opts.out`` must be new, empty or an earlier demo's output (see
-    :class:`~clstm4d.engine.guards.OutputFolder`) unless ``opts.overwrite``.
+    :class:`~clstm4d.engine.run.folders.OutputFolder`) unless ``opts.overwrite``.
     """
-    from .guards import OutputFolder
-
     with OutputFolder(opts.out, "demo", overwrite=opts.overwrite):
-        return _run_demo(opts, say)
+        t0 = time.perf_counter()
+        _resolve(opts)
+        torch.set_num_threads(opts.threads or default_threads())
+        out = Path(opts.out)
+        datalist_path, labelled = _write_data(opts, out, say)
+        dl = load_datalist(datalist_path)
+        t_data = time.perf_counter() - t0
+        results = _train_models(opts, datalist_path, out, say)
+        say(f"[3/4] evaluating on {len(dl.test)} held-out sequences")
+        test_cases = [load_case(c) for c in dl.test]
+        models, showcase = _evaluate(results, test_cases, dl, out)
+        say("[4/4] writing plots, GIF and report")
+        report = _report(opts, models, datalist_path, dl, labelled, t_data)
+        report["plots"] = _plots(test_cases[0], showcase, out)
+        report["total_seconds"] = round(time.perf_counter() - t0, 1)
+        atomic_write_text(out / "report.json", json.dumps(json_finite(report), indent=2))
+        return report
 
 
-def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
-    from clstm4d.data import load_case, load_datalist, write_synthetic_dataset
-    from clstm4d.data.degrade import parse_degradations
-
-    from .evaluate import dice_by_corruption, evaluate_sequence, write_frames_csv
-    from .plots import overlay_montage, plot_dice_per_frame, write_gif
-    from .predictor import Predictor
-
-    t0 = time.perf_counter()
-    torch.set_num_threads(opts.threads or default_threads())
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+def _resolve(opts: DemoOptions) -> None:
+    """Fill in the per-dimension defaults and check the options (before any work)."""
     if opts.dims not in DIMS_DEFAULTS:
         raise UserError(f"demo dims must be 2 or 3, got {opts.dims}")
-    defaults = DIMS_DEFAULTS[opts.dims]
-    for key, value in defaults.items():
+    for key, value in DIMS_DEFAULTS[opts.dims].items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
-    size = opts.size
     if min(opts.steps, opts.cases, opts.test, opts.batch_size) < 1 or opts.frames < 2:
         raise UserError("demo: steps, cases, test and batch size must be >= 1, frames >= 2")
     if opts.labelled_frames is not None and not 1 <= opts.labelled_frames <= opts.frames:
         raise UserError(f"demo: --labelled-frames must be 1-{opts.frames} (the frames per "
                         f"sequence), got {opts.labelled_frames}")
     Config.from_dict(None, overrides=opts.overrides)  # a bad override fails before any work
+
+
+def _write_data(opts: DemoOptions, out: Path, say: Callable[[str], None]
+                ) -> tuple[Path, list[int]]:
+    """The synthetic dataset (and its sparse annotation); returns the datalist and the
+    annotated frames of the training sequences."""
     say(f"[1/4] synthetic {opts.dims}D+t data: {opts.cases} training + {opts.test} held-out "
-        f"sequences of {opts.frames} frames, {size}^{opts.dims} voxels -> {out / 'data'}")
+        f"sequences of {opts.frames} frames, {opts.size}^{opts.dims} voxels -> {out / 'data'}")
     datalist_path = write_synthetic_dataset(
-        out / "data", cases=opts.cases, frames=opts.frames, size=size, spatial_dims=opts.dims,
-        seed=opts.seed, validation=0.0, test=opts.test,
+        out / "data", cases=opts.cases, frames=opts.frames, size=opts.size,
+        spatial_dims=opts.dims, seed=opts.seed, validation=0.0, test=opts.test,
         corrupted=(opts.corrupted if opts.corrupted is not None
                    else min(opts.frames // 2, round(3 * opts.frames / 8))),
         corruption=parse_degradations(opts.degrade, owner="demo degrade"),
@@ -196,9 +211,12 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     if opts.labelled_frames is not None:
         say(f"      training sequences annotated on {len(labelled)} of {opts.frames} frames "
             f"only: {labelled}")
-    dl = load_datalist(datalist_path)
-    t_data = time.perf_counter() - t0
+    return datalist_path, labelled
 
+
+def _train_models(opts: DemoOptions, datalist_path: Path, out: Path,
+                  say: Callable[[str], None]) -> dict[str, Any]:
+    """Train every variant with the same data, budget and seed, each in its own process."""
     results: dict[str, Any] = {}
     for i, (name, overrides) in enumerate(opts.variants.items()):
         slug = _slug(name)
@@ -216,86 +234,92 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
         res, cpu = _train_isolated(cfg, opts.threads or default_threads())
         results[name] = {"train": res, "predictor": Predictor.from_checkpoint(res.checkpoint),
                          "slug": slug, "cpu_seconds": cpu}
+    return results
 
-    say(f"[3/4] evaluating on {len(dl.test)} held-out sequences")
-    test_cases = [load_case(c) for c in dl.test]
-    num_classes = dl.num_classes
+
+def _evaluate(results: dict[str, Any], test_cases, dl, out: Path
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every model on every held-out sequence: the report's model entries, and the first
+    sequence's predictions and Dice curves (``showcase``) for the plots."""
     class_names = {k: v for k, v in dl.labels.items() if k}
-    report_models: dict[str, Any] = {}
-    showcase = test_cases[0]
-    showcase_preds: dict[str, np.ndarray] = {}
-    showcase_curves: dict[str, list[float]] = {}
+    models: dict[str, Any] = {}
+    showcase: dict[str, Any] = {"preds": {}, "curves": {}}
     for name, r in results.items():
         t_eval = time.perf_counter()
         per_case, frames_all = [], []
         for c in test_cases:
             pred = r["predictor"].predict_array(c.image, c.geometry, name=c.name)
-            ev = evaluate_sequence(pred, c.label, num_classes, spacing=c.geometry.spacing,
+            ev = evaluate_sequence(pred, c.label, dl.num_classes, spacing=c.geometry.spacing,
                                    corrupted=c.meta.get("corrupted", []),
                                    corruption=c.meta.get("corruption", []),
                                    class_names=class_names)
             per_case.append({"case": c.name, **ev["summary"]})
             frames_all += [{"case": c.name, **row} for row in ev["frames"]]
-            if c is showcase:
-                showcase_preds[name] = pred
-                showcase_curves[name] = [row["dice"] for row in ev["frames"]]
+            if c is test_cases[0]:
+                showcase["preds"][name] = pred
+                showcase["curves"][name] = [row["dice"] for row in ev["frames"]]
         write_frames_csv(frames_all, out / f"frames_{r['slug']}.csv")
-        dice = np.array([f["dice"] for f in frames_all])
-        corr = np.array([f["corrupted"] for f in frames_all], bool)
-        tr = r["train"]
-        report_models[name] = {
-            "model": r["predictor"].run.model_config,
-            "parameters": int(sum(p.numel() for p in r["predictor"].model.parameters())),
-            "dice": float(dice.mean()),
-            "dice_corrupted": float(dice[corr].mean()) if corr.any() else float("nan"),
-            "dice_clean": float(dice[~corr].mean()) if (~corr).any() else float("nan"),
-            "dice_by_corruption": dice_by_corruption(frames_all),
-            "hd95": _mean([c["hd95"] for c in per_case]),
-            "volume_change_error": _mean([c["volume_change_error"] for c in per_case]),
-            "consecutive_dice": _mean([c["consecutive_dice"] for c in per_case]),
-            "train_seconds": round(tr.seconds, 2),
-            "train_cpu_seconds": round(r["cpu_seconds"], 2),
-            "train_steps": tr.steps,
-            "peak_memory_mb": round(tr.peak_memory_bytes / 2**20, 1),
-            "eval_seconds": round(time.perf_counter() - t_eval, 2),
-            "checkpoint": str(tr.checkpoint),
-            "cases": per_case,
-        }
+        models[name] = _model_entry(r, per_case, frames_all, time.perf_counter() - t_eval)
+    return models, showcase
 
-    say("[4/4] writing plots, GIF and report")
-    corrupted = showcase.meta.get("corrupted", [])
-    plots = {
-        "dice_per_frame": str(plot_dice_per_frame(
-            showcase_curves, out / "dice_per_frame.png", corrupted=corrupted,
-            title=f"Dice per frame, held-out sequence {showcase.name}")),
-        "montage": str(overlay_montage(showcase.image, showcase.label, showcase_preds,
-                                       out / "montage.png", corrupted=corrupted)),
-        "gif": str(write_gif(showcase.image, showcase.label, showcase_preds,
-                             out / "sequence.gif", corrupted=corrupted)),
+
+def _model_entry(r: dict[str, Any], per_case: list[dict[str, Any]],
+                 frames_all: list[dict[str, Any]], eval_seconds: float) -> dict[str, Any]:
+    dice = np.array([f["dice"] for f in frames_all])
+    corr = np.array([f["corrupted"] for f in frames_all], bool)
+    tr = r["train"]
+    return {
+        "model": r["predictor"].run.model_spec.to_dict(),
+        "parameters": int(sum(p.numel() for p in r["predictor"].model.parameters())),
+        "dice": float(dice.mean()),
+        "dice_corrupted": float(dice[corr].mean()) if corr.any() else float("nan"),
+        "dice_clean": float(dice[~corr].mean()) if (~corr).any() else float("nan"),
+        "dice_by_corruption": dice_by_corruption(frames_all),
+        "hd95": nanmean(c["hd95"] for c in per_case),
+        "volume_change_error": nanmean(c["volume_change_error"] for c in per_case),
+        "consecutive_dice": nanmean(c["consecutive_dice"] for c in per_case),
+        "train_seconds": round(tr.seconds, 2),
+        "train_cpu_seconds": round(r["cpu_seconds"], 2),
+        "train_steps": tr.steps,
+        "peak_memory_mb": round(tr.peak_memory_bytes / 2**20, 1),
+        "eval_seconds": round(eval_seconds, 2),
+        "checkpoint": str(tr.checkpoint),
+        "cases": per_case,
     }
-    names = list(report_models)
-    margin = (report_models[names[0]]["dice_corrupted"] - report_models[names[1]]["dice_corrupted"]
-              if len(names) >= 2 else float("nan"))
-    margin_by = {}
+
+
+def _plots(case, showcase: dict[str, Any], out: Path) -> dict[str, str]:
+    corrupted = case.meta.get("corrupted", [])
+    return {
+        "dice_per_frame": str(plot_dice_per_frame(
+            showcase["curves"], out / "dice_per_frame.png", corrupted=corrupted,
+            title=f"Dice per frame, held-out sequence {case.name}")),
+        "montage": str(overlay_montage(case.image, case.label, showcase["preds"],
+                                       out / "montage.png", corrupted=corrupted)),
+        "gif": str(write_gif(case.image, case.label, showcase["preds"], out / "sequence.gif",
+                             corrupted=corrupted)),
+    }
+
+
+def _report(opts: DemoOptions, models: dict[str, Any], datalist_path: Path, dl,
+            labelled: list[int], t_data: float) -> dict[str, Any]:
+    names = list(models)
+    margin, margin_by = float("nan"), {}
     if len(names) >= 2:
-        first, second = (report_models[n]["dice_by_corruption"] for n in names[:2])
+        margin = models[names[0]]["dice_corrupted"] - models[names[1]]["dice_corrupted"]
+        first, second = (models[n]["dice_by_corruption"] for n in names[:2])
         margin_by = {k: first[k] - second[k] for k in first if k in second}
-    report = {
+    return {
         "settings": {k: v for k, v in asdict(opts).items() if k != "progress"},
         "data": {"datalist": str(datalist_path), "training_cases": len(dl.training),
                  "test_cases": len(dl.test), "classes": dl.labels, "frames": opts.frames,
-                 "labelled_frames": labelled,
-                 "seconds": round(t_data, 2)},
-        "models": report_models,
+                 "labelled_frames": labelled, "seconds": round(t_data, 2)},
+        "models": models,
         "corrupted_margin": margin,
         "margin_by_corruption": margin_by,
-        "plots": plots,
-        "total_seconds": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    atomic_write_text(out / "report.json", json.dumps(_finite(report), indent=2))
-    return report
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -327,7 +351,6 @@ def format_table(report: dict[str, Any]) -> str:
 def _annotate_sparsely(datalist_path: Path, frames: int, n: int | None) -> list[int]:
     """Declare only ``n`` frames of every training sequence annotated (``labelled_frames``;
     the label files keep every frame, the others are then unannotated); returns them."""
-    from clstm4d.data import spread_frames
 
     if n is None:
         return list(range(frames))
@@ -348,8 +371,6 @@ def format_by_corruption(report: dict[str, Any]) -> list[str]:
     kinds = [k for k in models[names[0]].get("dice_by_corruption", {}) if k != "clean"]
     if not kinds:
         return []
-    from clstm4d.data.degrade import DEGRADATIONS
-
     kinds = sorted(kinds, key=lambda k: DEGRADATIONS.index(k) if k in DEGRADATIONS else 99)
     head = f"{'degradation':<18} " + " ".join(f"{n[:20]:>20}" for n in names) + f" {'gain':>7}"
     lines = [head, "-" * len(head)]
@@ -364,22 +385,5 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.2f}"
 
 
-def _mean(values) -> float:
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if v.size else float("nan")
-
-
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name.split("(")[0].strip().lower())
-
-
-def _finite(obj):
-    """NaN/inf -> None so that report.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

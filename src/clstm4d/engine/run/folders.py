@@ -1,4 +1,5 @@
-"""Output guards: no command replaces an input, or a file it did not write, by accident.
+"""Output folders and run folders: no command replaces an input, or a file it did not write,
+by accident; a training run's folder has one layout and one resume policy.
 
 Two rules, used by every command that writes:
 
@@ -40,7 +41,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import UserError
+from clstm4d._common import atomic_write_text
+from clstm4d.errors import UserError
+
+from .checkpoint import Checkpoint
 
 __all__ = ["LOCK", "MANIFEST", "OutputFolder", "RunFolder", "RunLock", "check_label_outputs",
            "check_outputs", "same_file"]
@@ -200,8 +204,6 @@ class OutputFolder:
         """Write the manifest: every entry of the folder except the foreign ones, plus the
         ``planned`` names the command is about to write. A folder this object created that is
         still empty is removed instead."""
-        from .checkpoint import atomic_write_text
-
         if not self.path.is_dir():
             return
         own = sorted((self._entries() | set(planned)) - self.foreign)
@@ -359,12 +361,17 @@ class RunLock:
 
 
 class RunFolder:
-    """The folder of a training run (``train --out``): checked, locked and recorded.
+    """The folder of a training run (``train --out``): its layout, checked, locked and recorded,
+    and the one place that decides what a run resumes from.
 
-    Rules (on top of :class:`OutputFolder`'s): a folder that already holds a run (a non-empty
-    ``checkpoints/``) is continued only with ``resume``, or started again from step 0 with
-    ``overwrite`` (its old checkpoints are then deleted, so that none of them can be taken
-    for a checkpoint of the new run). A bare ``resume`` of a folder without checkpoints
+    Layout: ``checkpoints/`` (:attr:`checkpoints`; ``latest.json`` points at the newest),
+    ``metrics.jsonl`` and ``metrics.csv`` (one row per logged step), ``tensorboard/`` (when
+    TensorBoard is installed), the lock file and the manifest of :class:`OutputFolder`.
+
+    Resume policy (on top of :class:`OutputFolder`'s rules): a folder that already holds a run
+    (a non-empty ``checkpoints/``) is continued only with ``resume``, or started again from step
+    0 with ``overwrite`` (its old checkpoints are then deleted, so that none of them can be
+    taken for a checkpoint of the new run). A bare ``resume`` of a folder without checkpoints
     starts at step 0, so a requeued job can always pass ``--resume``.
 
     Args:
@@ -373,7 +380,11 @@ class RunFolder:
         overwrite: see above.
     """
 
-    ENTRIES = ("checkpoints", "metrics.jsonl", "metrics.csv", "tensorboard", LOCK)
+    CHECKPOINTS = "checkpoints"
+    METRICS_JSONL = "metrics.jsonl"
+    METRICS_CSV = "metrics.csv"
+    TENSORBOARD = "tensorboard"
+    ENTRIES = (CHECKPOINTS, METRICS_JSONL, METRICS_CSV, TENSORBOARD, LOCK)
 
     def __init__(self, path: str | os.PathLike, *, resume: str | os.PathLike | None = None,
                  overwrite: bool = False):
@@ -383,31 +394,52 @@ class RunFolder:
         self.folder = OutputFolder(self.path, "train", overwrite=overwrite,
                                    option="--out (train.out)")
         self.lock = RunLock(self.path)
+        self._checked = False
+        self._resume_from: Checkpoint | None = None
 
-    def _checkpoints(self) -> list[str]:
-        ck = self.path / "checkpoints"
-        return sorted(os.listdir(ck)) if ck.is_dir() else []
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def metrics_jsonl(self) -> Path:
+        return self.path / self.METRICS_JSONL
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / self.METRICS_CSV
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / self.TENSORBOARD
+
+    def _checkpoint_entries(self) -> list[str]:
+        return sorted(os.listdir(self.checkpoints)) if self.checkpoints.is_dir() else []
 
     def _resumes_itself(self) -> bool:
         return self.resume is not None and any(
-            same_file(self.resume, p) for p in (self.path, self.path / "checkpoints"))
+            same_file(self.resume, p) for p in (self.path, self.checkpoints))
 
-    def check(self) -> Path | None:
-        """Check the folder (nothing is written); returns what to resume from (None: start
-        at step 0)."""
+    def check(self) -> Checkpoint | None:
+        """Check the folder (nothing is written) and open what to resume from: the
+        :class:`~clstm4d.engine.run.checkpoint.Checkpoint`, or None to start at step 0.
+        Checked once; later calls return the same answer."""
+        if self._checked:
+            return self._resume_from
         self.folder.check()
         self.lock.check()
-        if self._resumes_itself() and not self._checkpoints():
+        if self._resumes_itself() and not self._checkpoint_entries():
             log.info("no checkpoint in %s yet: starting at step 0", self.path)
             self.resume = None
-            return None
-        if self.resume is None and self._checkpoints() and not self.overwrite:
+        elif self.resume is None and self._checkpoint_entries() and not self.overwrite:
             raise UserError(
                 f"--out (train.out) {self.path} already holds a training run; pass --resume "
                 "to continue it, --overwrite to start it again from step 0, or choose "
                 "another --out"
             )
-        return self.resume
+        self._resume_from = None if self.resume is None else Checkpoint.open(self.resume)
+        self._checked = True
+        return self._resume_from
 
     def open(self) -> None:
         """Create and lock the folder, record it as a training run's, and (starting again
@@ -417,8 +449,8 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:
-            if self.resume is None and "checkpoints" in self.folder.own and self.overwrite:
-                shutil.rmtree(self.path / "checkpoints")
+            if self.resume is None and self.CHECKPOINTS in self.folder.own and self.overwrite:
+                shutil.rmtree(self.checkpoints)
             self.folder.record(planned=self.ENTRIES)
         except BaseException:
             self.lock.release()

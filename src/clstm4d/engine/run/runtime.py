@@ -21,12 +21,15 @@ import resource
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from .errors import UserError
+from clstm4d.errors import UserError
 
-__all__ = ["DistInfo", "PeakMemory", "autocast", "init_distributed", "resolve_device"]
+__all__ = ["DistInfo", "PeakMemory", "amp_dtype", "autocast", "available_memory",
+           "init_distributed", "precision_of", "resolve_device"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -193,3 +196,23 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, _rss_bytes() or 0)
         self.peak_bytes = self._peak - self._base
+
+
+def available_memory(device: Any) -> int:
+    """Bytes the training device can still give: free CUDA memory, or the operating system's
+    available memory (``MemAvailable``) for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def precision_of(amp_dtype: Any) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for an autocast dtype (``None`` = off)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]

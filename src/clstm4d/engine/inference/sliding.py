@@ -19,7 +19,7 @@ padded by repeating its final frame.
 Examples:
     >>> import torch
     >>> class Running(torch.nn.Module):  # a toy streamable model: running mean over time
-    ...     streamable = True
+    ...     streamable, frames = True, None
     ...     def forward(self, x, state=None, return_state=False):
     ...         s = torch.zeros_like(x[:, 0]) if state is None else state[0]
     ...         n0 = 0 if state is None else state[1]
@@ -35,7 +35,7 @@ Examples:
     >>> bool(torch.allclose(full, chunked, atol=1e-5))
     True
     >>> class Total(torch.nn.Module):  # a toy bidirectional model: every frame sees them all
-    ...     streamable = False
+    ...     streamable, frames = False, None
     ...     def forward(self, x):
     ...         s = x.sum(1, keepdim=True).expand_as(x)
     ...         return torch.cat([-s, s], 2)
@@ -55,7 +55,8 @@ from typing import Any
 
 import torch
 
-from .runtime import autocast
+from clstm4d.engine.run.runtime import autocast
+from clstm4d.errors import ConfigError
 
 __all__ = ["predict_sequence"]
 
@@ -110,77 +111,22 @@ def predict_sequence(
         Labels ``(t, *s)`` as ``uint8`` (``int64`` beyond 255 classes), and the probabilities
         when ``return_probs``.
     """
-    from monai.inferers import sliding_window_inference
-
     image = torch.as_tensor(image)
     if image.dim() < 3:
         raise ValueError(
             f"image must be (t, c, *s) with 1-3 spatial axes, got {tuple(image.shape)}"
         )
-    t, c = image.shape[:2]
-    spatial = tuple(image.shape[2:])
+    t = image.shape[0]
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    device = torch.device(device)
-    streamable = bool(getattr(model, "streamable", False))
-    frames = (getattr(model, "config", None) or {}).get("frames")
-    if time_margin is not None and (isinstance(time_margin, bool) or int(time_margin) < 0):
-        raise ValueError(f"time_margin must be None or an int >= 0, got {time_margin!r}")
-    margin = 0
-    if frames is not None and not streamable:
-        chunk = int(frames)
-    elif not streamable:  # bidirectional: the whole sequence, or chunks with context
-        if time_margin is None:
-            chunk = None
-        else:
-            margin = int(time_margin)
-    if chunk is None or chunk <= 0:
-        chunk = t
-    if roi is not None:
-        roi = [int(roi)] * len(spatial) if isinstance(roi, int) else [int(r) for r in roi]
-        if len(roi) != len(spatial):
-            raise ValueError(
-                f"roi needs one size per spatial axis ({len(spatial)}), got {roi}"
-            )
-        if all(r >= s for r, s in zip(roi, spatial, strict=True)):
-            roi = None  # one window covers everything: no need to slide
+    chunk, margin = _time_chunks(model, t, chunk, time_margin)
+    roi = _window(roi, tuple(image.shape[2:]))
     model.eval()
-    labels = None
-    probs_all = None
-    states: dict[Any, Any] = {}
-
-    def run(x: torch.Tensor, key: Any) -> torch.Tensor:
-        # x: (n, tc, c, *roi) -> probabilities (n, tc, k, *roi) in float32
-        with autocast(device, amp_dtype):
-            if streamable:
-                logits, states[key] = model(x, state=states.get(key), return_state=True)
-            else:
-                logits = model(x)
-        return torch.softmax(logits.float(), dim=2)
-
+    run = _Runner(model, torch.device(device), amp_dtype, roi, overlap, sw_batch_size, mode)
+    labels = probs_all = None
     for t0 in range(0, t, chunk):
-        lo = max(0, t0 - margin)  # context before the chunk (bidirectional models)
-        x = image[lo:t0 + chunk + margin]  # (context + tc + context, c, *s)
         tc = min(chunk, t - t0)
-        if frames is not None and not streamable and x.shape[0] < chunk:
-            # time-as-channels needs its full window: repeat the last frame
-            x = torch.cat([x, x[-1:].expand(chunk - x.shape[0], *x.shape[1:])], 0)
-        if roi is None:
-            p = run(x.unsqueeze(0).to(device), "whole")[0]  # (tc, k, *s)
-        else:
-            n_t = x.shape[0]
-            folded = x.flatten(0, 1).unsqueeze(0)  # (1, tc*c, *s): time folded into channels
-
-            def predictor(win, coords, n_t=n_t):
-                w = win.unflatten(1, (n_t, c)).to(device)  # (nw, tc, c, *roi)
-                return run(w, _window_key(coords)).flatten(1, 2)  # (nw, tc*k, *roi)
-
-            p = sliding_window_inference(
-                folded, roi, sw_batch_size, predictor, overlap=overlap, mode=mode,
-                with_coord=True, sw_device=device, device=image.device,
-            )
-            p = torch.as_tensor(p)[0].unflatten(0, (n_t, -1))  # (tc, k, *s)
-        p = p[t0 - lo: t0 - lo + tc].to(image.device)  # the chunk's own frames
+        p = run.chunk(image, t0, chunk, margin)[:tc].to(image.device)  # the chunk's own frames
         if chunk_probs is not None:
             p = chunk_probs(p)  # (tc, k, *out)
         if labels is None:
@@ -192,3 +138,77 @@ def predict_sequence(
         if return_probs:
             probs_all[t0:t0 + tc] = p
     return (labels, probs_all) if return_probs else labels
+
+
+def _time_chunks(model: torch.nn.Module, t: int, chunk: int | None,
+                 time_margin: int | None) -> tuple[int, int]:
+    """Frames per chunk and frames of context on each side, for a sequence of ``t`` frames:
+    a fixed-window model gets its window; a bidirectional one the whole sequence, or chunks
+    with ``time_margin`` frames of context; a streamable one chunks of ``chunk``."""
+    if time_margin is not None and (isinstance(time_margin, bool) or int(time_margin) < 0):
+        raise ConfigError(f"time_margin must be None or an int >= 0, got {time_margin!r}")
+    margin = 0
+    if model.frames is not None:
+        chunk = int(model.frames)
+    elif not model.streamable:  # bidirectional: the whole sequence, or chunks with context
+        if time_margin is None:
+            chunk = None
+        else:
+            margin = int(time_margin)
+    return (t if chunk is None or chunk <= 0 else int(chunk)), margin
+
+
+def _window(roi: Sequence[int] | int | None, spatial: tuple[int, ...]) -> list[int] | None:
+    """The sliding window per spatial axis, or None when one window covers the image."""
+    if roi is None:
+        return None
+    roi = [int(roi)] * len(spatial) if isinstance(roi, int) else [int(r) for r in roi]
+    if len(roi) != len(spatial):
+        raise ConfigError(f"roi needs one size per spatial axis ({len(spatial)}), got {roi}")
+    if all(r >= s for r, s in zip(roi, spatial, strict=True)):
+        return None  # one window covers everything: no need to slide
+    return roi
+
+
+class _Runner:
+    """Runs the model on the windows of one chunk of frames, carrying each window's state to
+    the same window of the next chunk (streamable models)."""
+
+    def __init__(self, model, device, amp_dtype, roi, overlap, sw_batch_size, mode):
+        self.model, self.device, self.amp_dtype = model, device, amp_dtype
+        self.roi, self.overlap, self.sw_batch_size, self.mode = roi, overlap, sw_batch_size, mode
+        self.states: dict[Any, Any] = {}
+
+    def probs(self, x: torch.Tensor, key: Any) -> torch.Tensor:
+        # x: (n, tc, c, *roi) -> probabilities (n, tc, k, *roi) in float32
+        with autocast(self.device, self.amp_dtype):
+            if self.model.streamable:
+                logits, self.states[key] = self.model(x, state=self.states.get(key),
+                                                      return_state=True)
+            else:
+                logits = self.model(x)
+        return torch.softmax(logits.float(), dim=2)
+
+    def chunk(self, image: torch.Tensor, t0: int, chunk: int, margin: int) -> torch.Tensor:
+        """Probabilities ``(frames from t0, k, *s)`` of the chunk starting at ``t0`` (its
+        context frames before ``t0`` dropped)."""
+        from monai.inferers import sliding_window_inference
+
+        lo = max(0, t0 - margin)  # context before the chunk (bidirectional models)
+        x = image[lo:t0 + chunk + margin]  # (context + tc + context, c, *s)
+        if self.model.frames is not None and x.shape[0] < chunk:
+            # a fixed window needs all its frames: repeat the last one
+            x = torch.cat([x, x[-1:].expand(chunk - x.shape[0], *x.shape[1:])], 0)
+        if self.roi is None:
+            return self.probs(x.unsqueeze(0).to(self.device), "whole")[0][t0 - lo:]
+        n_t, c = x.shape[:2]
+        folded = x.flatten(0, 1).unsqueeze(0)  # (1, tc*c, *s): time folded into channels
+
+        def predictor(win, coords):
+            w = win.unflatten(1, (n_t, c)).to(self.device)  # (nw, tc, c, *roi)
+            return self.probs(w, _window_key(coords)).flatten(1, 2)  # (nw, tc*k, *roi)
+
+        p = sliding_window_inference(folded, self.roi, self.sw_batch_size, predictor,
+                                     overlap=self.overlap, mode=self.mode, with_coord=True,
+                                     sw_device=self.device, device=image.device)
+        return torch.as_tensor(p)[0].unflatten(0, (n_t, -1))[t0 - lo:]  # (tc, k, *s)

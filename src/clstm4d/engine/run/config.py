@@ -27,17 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from clstm4d.errors import ConfigError
 
-__all__ = [
-    "Config",
-    "DataConfig",
-    "ModelConfig",
-    "PredictConfig",
-    "SavedRun",
-    "TrainConfig",
-    "load_config",
-]
+__all__ = ["Config", "DataConfig", "ModelConfig", "ModelSpec", "PredictConfig", "SavedRun",
+           "TrainConfig", "load_config"]
 
 
 @dataclass
@@ -108,7 +101,8 @@ class TrainConfig:
 
     ``amp``: ``"auto"`` (bf16 on a CUDA device that supports it, else fp32), ``"bf16"``,
     ``"fp16"`` (CUDA only, with gradient scaling) or ``"none"``.
-    ``activation_checkpointing`` sets the model's ``checkpoint`` switch.
+    ``recompute`` sets the model's ``recompute`` switch (activation checkpointing: keep less
+    of the forward and compute it again in backward; same gradients, less memory).
     ``max_nonfinite_steps``: a step with a non-finite loss or gradient is skipped; this many in
     a row stop the run (0: never). ``dist_timeout``: seconds a ``torchrun`` rank waits for the
     others in a collective before it fails (a rank that died or hangs).
@@ -127,7 +121,7 @@ class TrainConfig:
     unlabelled_threshold: float = 0.9
     unlabelled_rampup: float = 0.25
     amp: str = "auto"
-    activation_checkpointing: bool = False
+    recompute: bool = False
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
@@ -162,6 +156,13 @@ class PredictConfig:
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "predict": PredictConfig}
+#: keys of earlier versions (saved configs, old YAML files), read under today's name
+_RENAMED = {"train.activation_checkpointing": "train.recompute"}
+
+
+def _renamed(section: str, key: str) -> str:
+    """Today's name of the key ``section.key``."""
+    return _RENAMED.get(f"{section}.{key}", f"{section}.{key}").partition(".")[2]
 
 # Allowed ranges, checked after the type: key -> (low, high, low inclusive, high inclusive);
 # None = unbounded. Lists are checked element by element; floats must also be finite.
@@ -201,10 +202,14 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
-        """Build from a nested dict (as read from YAML/JSON) and ``section.key=value`` overrides.
+    def from_dict(cls, raw: dict[str, Any] | None, overrides: list[str] | None = None,
+                  values: dict[str, Any] | None = None) -> Config:
+        """Build from a nested dict (as read from YAML/JSON), then ``section.key=value``
+        override strings, then ``values`` (``{"section.key": value}``, taken as they are:
+        the command line's own options, already parsed; ``None`` values are left out).
 
-        Override values are parsed as YAML (``3`` -> int, ``[32, 32]`` -> list, ``none`` -> str).
+        Override strings are parsed as YAML (``3`` -> int, ``[32, 32]`` -> list,
+        ``none`` -> str).
         """
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
@@ -212,25 +217,26 @@ class Config:
                 f"configuration must be a mapping of sections, got {type(raw).__name__}"
             )
         merged: dict[str, dict[str, Any]] = {}
-        for section, values in raw.items():
+        for section, entries in raw.items():
             if section not in _SECTIONS:
                 raise ConfigError(
                     f"unknown section '{section}' (known sections: {', '.join(_SECTIONS)})"
                 )
-            if values is None:
-                values = {}
-            if not isinstance(values, dict):
-                raise ConfigError(f"section '{section}' must be a mapping, got {values!r}")
-            merged[section] = dict(values)
-        for item in overrides or []:
-            key, value = _parse_override(item)
+            if entries is None:
+                entries = {}
+            if not isinstance(entries, dict):
+                raise ConfigError(f"section '{section}' must be a mapping, got {entries!r}")
+            merged[section] = {_renamed(section, k): v for k, v in entries.items()}
+        pairs = [(*_parse_override(item), item) for item in overrides or []]
+        pairs += [(key, value, key) for key, value in (values or {}).items() if value is not None]
+        for key, value, given in pairs:
             section, _, name = key.partition(".")
             if section not in _SECTIONS or not name:
                 raise ConfigError(
-                    f"override '{item}' must look like SECTION.KEY=VALUE with SECTION one of "
+                    f"override '{given}' must look like SECTION.KEY=VALUE with SECTION one of "
                     f"{', '.join(_SECTIONS)}"
                 )
-            merged.setdefault(section, {})[name] = value
+            merged.setdefault(section, {})[_renamed(section, name)] = value
         kwargs = {s: _build(_SECTIONS[s], s, merged.get(s, {})) for s in _SECTIONS}
         return cls(**kwargs)
 
@@ -242,28 +248,96 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as :func:`clstm4d.models.create_model` builds it: the preset's name, the sizes
+    every model has, and its other keyword arguments (``options``). A checkpoint saves the
+    spec of the model it holds (``model.config``, complete: every argument, defaults too).
+
+    Examples:
+        >>> spec = ModelSpec.from_dict({"name": "tiny", "spatial_dims": 2, "in_channels": 1,
+        ...                             "out_channels": 3, "checkpoint": True})
+        >>> spec.spatial_dims, spec.options  # an old spelling is read as today's
+        (2, {'recompute': True})
+        >>> ModelSpec.from_dict(spec.to_dict()) == spec
+        True
+    """
+
+    name: str
+    spatial_dims: int
+    in_channels: int
+    out_channels: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    #: keys written by earlier versions, and what they are called now
+    RENAMED: typing.ClassVar[dict[str, str]] = {"checkpoint": "recompute"}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "model_config") -> ModelSpec:
+        """Read ``{"name": ..., "spatial_dims": ..., ...}`` (what :meth:`to_dict` writes and
+        ``model.config`` holds); a malformed dict raises :class:`ConfigError` naming
+        ``source``."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise ConfigError(f"{source}: expected a mapping with the model's 'name', got "
+                              f"{raw!r:.80}")
+        options = {cls.RENAMED.get(k, k): v for k, v in raw.items() if k != "name"}
+        sizes = {}
+        for key in ("spatial_dims", "in_channels", "out_channels"):
+            value = options.pop(key, None)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+            sizes[key] = value
+        return cls(raw["name"], options=options, **sizes)
+
+    @classmethod
+    def of(cls, model: Any) -> ModelSpec:
+        """The spec of a built model (its ``config``)."""
+        return cls.from_dict(dict(model.config), source=type(model).__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "spatial_dims": self.spatial_dims,
+                "in_channels": self.in_channels, "out_channels": self.out_channels,
+                **self.options}
+
+    def build(self) -> Any:
+        """The model (``create_model``); its argument errors become one-line
+        :class:`ConfigError` s."""
+        return create(self.name, **{k: v for k, v in self.to_dict().items() if k != "name"})
+
+
+def create(name: str, **kwargs: Any) -> Any:
+    """``create_model`` with its argument errors turned into one-line configuration errors."""
+    from clstm4d.models import create_model
+
+    try:
+        return create_model(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build model '{name}': {e}") from None
+
+
 @dataclass
 class SavedRun:
     """What a checkpoint's ``config.json`` holds, typed: the resolved configuration (sizes the
-    data decided filled in), the keyword arguments that rebuild the model, and the class names.
+    data decided filled in), the spec that rebuilds the model, and the class names.
 
-    On disk it is ``config.to_dict()`` plus two top-level keys, ``model_config`` and
-    ``labels`` (``{"0": "background", ...}``).
+    On disk it is ``config.to_dict()`` plus two top-level keys, ``model_config`` (the
+    :class:`ModelSpec` as a dict) and ``labels`` (``{"0": "background", ...}``).
 
     Examples:
-        >>> run = SavedRun(Config(), {"name": "tiny", "spatial_dims": 2}, {0: "bg", 1: "lv"})
+        >>> spec = ModelSpec("tiny", spatial_dims=2, in_channels=1, out_channels=2)
+        >>> run = SavedRun(Config(), spec, {0: "bg", 1: "lv"})
         >>> back = SavedRun.from_dict(run.to_dict())
-        >>> back.model_config["spatial_dims"], back.labels[1], back.config.data.window
+        >>> back.model_spec.spatial_dims, back.labels[1], back.config.data.window
         (2, 'lv', 8)
     """
 
     config: Config
-    model_config: dict[str, Any]
+    model_spec: ModelSpec
     labels: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = self.config.to_dict()
-        out["model_config"] = dict(self.model_config)
+        out["model_config"] = self.model_spec.to_dict()
         out["labels"] = {str(k): v for k, v in sorted(self.labels.items())}
         return out
 
@@ -274,10 +348,8 @@ class SavedRun:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         raw = dict(raw)
-        model_config = raw.pop("model_config", None)
+        spec = ModelSpec.from_dict(raw.pop("model_config", None), f"{source}: model_config")
         labels = raw.pop("labels", None) or {}
-        if not isinstance(model_config, dict) or "name" not in model_config:
-            raise ConfigError(f"{source}: no 'model_config' with the model's 'name'")
         try:
             labels = {int(k): str(v) for k, v in dict(labels).items()}
         except (TypeError, ValueError):
@@ -287,15 +359,18 @@ class SavedRun:
             config = Config.from_dict(raw)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        return cls(config, dict(model_config), labels)
+        return cls(config, spec, labels)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
     """Read a YAML (or JSON) configuration file and apply ``section.key=value`` overrides.
 
     Args:
         path: the file, or ``None`` for the defaults.
         overrides: strings ``"section.key=value"``, applied after the file.
+        values: ``{"section.key": value}``, applied last, taken as they are (see
+            :meth:`Config.from_dict`).
     """
     raw: Any = None
     if path is not None:
@@ -308,7 +383,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"cannot parse config file {p}: {e}".splitlines()[0]) from None
-    return Config.from_dict(raw, overrides)
+    return Config.from_dict(raw, overrides, values)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

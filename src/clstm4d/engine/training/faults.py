@@ -1,15 +1,15 @@
-"""Faults during training, as small pieces the loop in :mod:`~clstm4d.engine.train` uses.
+"""Faults during training, as small pieces the loop in :mod:`~clstm4d.engine.training.loop` uses.
 
 - :class:`StopOnSignal`: SIGTERM (a cluster preempting the job) or SIGINT (Ctrl-C) sets a flag;
   the loop finishes its step, writes a checkpoint and raises
-  :class:`~clstm4d.engine.errors.Preempted`. Under ``torchrun`` the ranks agree through a
+  :class:`~clstm4d.errors.Preempted`. Under ``torchrun`` the ranks agree through a
   collective (max of the flags), so every rank stops after the same step even when only one
   of them got the signal. A second SIGINT interrupts at once; a repeated SIGTERM (torchrun
   forwards the one the cluster sent to every process) does not.
 - :class:`NonFiniteSteps`: a step whose loss or gradient norm is not finite is skipped (the
   optimizer does not step, as AMP's ``GradScaler`` does on overflow); skips are counted, and
   ``limit`` consecutive ones stop the run with
-  :class:`~clstm4d.engine.errors.NonFiniteError`.
+  :class:`~clstm4d.errors.NonFiniteError`.
 - :func:`decide_on_rank0`: a check that only rank 0 may make (it looks at files rank 0 is
   about to write), with its result or its error given to every rank, so that no rank goes on
   alone and waits forever for the others.
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .errors import NonFiniteError, UserError
+from clstm4d.errors import NonFiniteError, UserError
 
 __all__ = ["NonFiniteSteps", "StopOnSignal", "decide_on_rank0", "ignore_stop_signals"]
 

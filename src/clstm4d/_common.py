@@ -1,0 +1,206 @@
+"""Small helpers every layer uses, one home each (torch-free: numpy and the standard library).
+
+- argument checks that name the owner, the argument, what is allowed and what arrived:
+  :func:`check_spatial_dims`, :func:`check_int`, :func:`per_axis`, :func:`check_choice`;
+- writes that never leave a half-written file or folder under its final name:
+  :func:`atomic_file`, :func:`atomic_write_text`, :func:`atomic_dir` (temporary sibling,
+  ``fsync``, rename);
+- NaN-safe summaries: :func:`nanmean`, :func:`json_finite`;
+- the one tolerance by which two voxel grids count as the same: :func:`same_affine`.
+
+Examples:
+    >>> per_axis("roi", 32, 3, "plan")
+    (32, 32, 32)
+    >>> per_axis("roi", [32, 16], 2, "plan")
+    (32, 16)
+    >>> nanmean([1.0, float("nan"), 3.0]), json_finite({"a": float("inf")})
+    (2.0, {'a': None})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GRID_ATOL", "GRID_RTOL", "atomic_dir", "atomic_file", "atomic_write_text",
+           "check_choice", "check_int", "check_spatial_dims", "json_finite", "nanmean",
+           "per_axis", "same_affine"]
+
+#: Two grids are the same when their ``(4, 4)`` affines agree within these tolerances
+#: (``numpy.allclose``): 1e-3 (mm) absolute covers the float32 rounding of spacings, origins
+#: and directions that NIfTI/NRRD writers of other tools store (qform vs sform), and no real
+#: difference of grids is that small.
+GRID_ATOL = 1e-3
+GRID_RTOL = 1e-4
+
+
+# ------------------------------------------------------------------------------ argument checks
+
+def _prefix(owner: str | None) -> str:
+    return f"{owner}: " if owner else ""
+
+
+def check_int(name: str, value: Any, minimum: int = 1, owner: str | None = None) -> int:
+    """``value`` as an int, checked to be an integer (``TypeError`` otherwise; ``bool`` is not
+    one) of at least ``minimum`` (``ValueError``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{_prefix(owner)}{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{_prefix(owner)}{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_spatial_dims(value: Any, owner: str | None = None, *, allow_none: bool = False
+                       ) -> int | None:
+    """``value`` checked to be 1, 2 or 3 (or ``None`` when ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or value not in (1, 2, 3):
+        raise ValueError(f"{_prefix(owner)}spatial_dims must be 1, 2 or 3, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any], owner: str | None = None) -> Any:
+    """``value`` checked to be one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{_prefix(owner)}{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def per_axis(name: str, value: Any, spatial_dims: int, owner: str | None = None, *,
+             minimum: int = 1) -> tuple[int, ...]:
+    """One int for every axis, or one int per axis, as a tuple of ``spatial_dims`` ints each at
+    least ``minimum``. A one-element sequence counts for every axis.
+
+    Raises:
+        ValueError: a sequence of another length; TypeError / ValueError (from
+            :func:`check_int`): an entry that is not an int >= ``minimum``.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        values: Sequence[Any] = (value,) * spatial_dims
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        values = tuple(value) * spatial_dims if len(value) == 1 else tuple(value)
+    else:
+        values = ()
+    if len(values) != spatial_dims:
+        raise ValueError(f"{_prefix(owner)}{name} must be an int or a sequence of "
+                         f"{spatial_dims} ints (one per spatial axis), got {value!r}")
+    return tuple(check_int(name, v, minimum, owner) for v in values)
+
+
+# ------------------------------------------------------------------------------ atomic writes
+
+def _umask_mode(path: str | os.PathLike, mode: int) -> None:
+    """Give a mkstemp/mkdtemp result (0600/0700) the permissions a plain open/mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; when the block ends without an error, flush it
+    to disk (``fsync``) and rename it onto ``final``.
+
+    The temporary name ends with ``final``'s name, so libraries that pick the format from the
+    extension (``.nii.gz``) see the right one. A crash or an error leaves no half-written file
+    under the final name (``os.replace`` is atomic on one file system), and the temporary file
+    is removed.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
+        >>> with atomic_file(d / "a.txt") as tmp:
+        ...     _ = tmp.write_text("hello")
+        >>> (d / "a.txt").read_text(), sorted(p.name for p in d.iterdir())
+        ('hello', ['a.txt'])
+        >>> tmpdir.cleanup()
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix="-" + final.name)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        _umask_mode(tmp, 0o666)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``final``; when the block ends without an error,
+    flush its files to disk and rename it onto ``final`` (an existing ``final`` is moved
+    aside first and removed after, so at no moment is there no folder ``final``, nor a
+    half-written one). On an error the temporary folder is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _umask_mode(tmp, 0o777)
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old",
+                                        dir=final.parent))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------ summaries
+
+def nanmean(values: Iterable[Any]) -> float:
+    """Mean of the finite values (None, NaN and inf left out); NaN when there are none."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def json_finite(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None (strict JSON); tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_finite(v) for v in obj]
+    return obj
+
+
+def same_affine(a: Any, b: Any) -> bool:
+    """Whether two ``(4, 4)`` voxel-to-world affines describe the same grid (within
+    :data:`GRID_ATOL` / :data:`GRID_RTOL`)."""
+    return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), atol=GRID_ATOL,
+                            rtol=GRID_RTOL))

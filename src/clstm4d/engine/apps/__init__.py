@@ -1,0 +1,1 @@
+"""The commands that compose the other subpackages: demo, plan, evaluate, synth."""

@@ -1,0 +1,33 @@
+"""``clstm4d evaluate``: score a prediction against its reference and write the tables and
+plots, into an output folder checked before the (slow) evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clstm4d.engine.evaluation.evaluate import evaluate_files, write_evaluation
+from clstm4d.engine.run.folders import OutputFolder
+
+__all__ = ["run_evaluate"]
+
+
+def run_evaluate(pred: str | Path | Sequence[str | Path],
+                 label: str | Path | Sequence[str | Path] | None = None, *,
+                 out: str | Path | None = None, overwrite: bool = False,
+                 **options: Any) -> tuple[dict[str, Any], list[Path]]:
+    """:func:`~clstm4d.engine.evaluation.evaluate.evaluate_files` (``options`` are its
+    keyword arguments), then, with ``out``, its files written there.
+
+    Returns:
+        ``(result, files written)``.
+    """
+    folder = OutputFolder(out, "evaluate", overwrite=overwrite) if out else None
+    if folder is not None:
+        folder.check()
+    result = evaluate_files(pred, label, **options)
+    if folder is None:
+        return result, []
+    with folder:
+        return result, write_evaluation(result, out)

@@ -1,0 +1,1 @@
+"""Per-frame metrics, evaluation of predicted sequences, and plots."""

@@ -1,0 +1,1 @@
+"""Prediction: sliding windows over space, chunks over time, and the Predictor."""

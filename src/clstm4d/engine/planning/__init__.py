@@ -1,0 +1,1 @@
+"""Planning before training: fingerprint, topology, memory model, planner."""

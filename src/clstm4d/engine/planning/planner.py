@@ -1,0 +1,270 @@
+"""The planner: the largest patch, window and batch whose predicted peak fits a memory
+budget, with the strides, kernels, recomputation and precision that go with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clstm4d.data import target_shape
+from clstm4d.errors import ConfigError, UserError
+from clstm4d.models import TimeAsChannelsUNet
+
+from .memory import PRECISIONS, GiB, estimate_memory, meta_model
+from .topology import derive_strides_kernels, target_spacing
+
+__all__ = ["MARGIN", "MAX_BATCH", "MIN_ROI", "MIN_WINDOW", "Plan", "capacity", "fmt_shape",
+           "make_plan", "plan_from_fingerprint"]
+
+#: The fraction of the budget the planner leaves free: the memory model's largest measured
+#: under-prediction (9% on CPU, a narrow 2D model; docs/benchmarks.md), allocator
+#: fragmentation, and what a GPU (not measured yet) adds.
+MARGIN = 0.15
+#: Frames per training window the planner starts from (before growing the window).
+MIN_WINDOW = 4
+#: Largest batch the planner proposes.
+MAX_BATCH = 8
+#: The smallest patch edge (voxels) the planner considers sensible.
+MIN_ROI = 16
+
+
+@dataclass
+class Plan:
+    """What the planner chose (see :func:`make_plan`); :meth:`config` is the YAML."""
+
+    model: str
+    spatial_dims: int
+    in_channels: int
+    out_channels: int
+    roi: list[int]
+    window: int
+    batch: int
+    strides: list[list[int]]
+    kernel_sizes: list[list[int]]
+    recompute: bool
+    precision: str
+    device: str
+    budget: int
+    predicted: int
+    spacing: list[float] | None = None
+    spacing_rule: str = ""
+    median_shape: list[int] = field(default_factory=list)
+    median_frames: int = 0
+    step_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def share(self) -> float:
+        return self.predicted / self.budget
+
+    def model_config(self) -> dict[str, Any]:
+        """``create_model`` keyword arguments (with ``name``) of the planned model."""
+        return {"name": self.model, "spatial_dims": self.spatial_dims,
+                "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "strides": self.strides, "kernel_sizes": self.kernel_sizes,
+                "recompute": self.recompute}
+
+    def config(self, datalist: str | None = None) -> dict[str, Any]:
+        """The configuration ``clstm4d train --config`` uses as is."""
+        amp = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}[self.precision]
+        return {
+            "model": {"name": self.model, "strides": self.strides,
+                      "kernel_sizes": self.kernel_sizes},
+            "data": {"datalist": datalist, "spacing": self.spacing, "roi": list(self.roi),
+                     "window": self.window, "batch_size": self.batch},
+            "train": {"amp": amp, "recompute": self.recompute},
+            "predict": {"roi": list(self.roi)},  # windows of the training patch
+        }
+
+    def rows(self) -> list[tuple[str, str]]:
+        gib = 2**30
+        time = ("not measured" if self.step_seconds is None
+                else f"{self.step_seconds:.2f} s (measured calibration, scaled by conv MACs)")
+        out = [("model", self.model),
+               ("target spacing", "off (each case on its own grid)" if self.spacing is None
+                else f"{fmt_shape(self.spacing)}  [{self.spacing_rule}]"),
+               ("median shape / frames", f"{fmt_shape(self.median_shape)} / {self.median_frames}"),
+               ("roi (patch)", fmt_shape(self.roi)),
+               ("window (frames)", str(self.window)),
+               ("batch", str(self.batch)),
+               ("strides", str(self.strides)),
+               ("kernel sizes", str(self.kernel_sizes)),
+               ("recompute activations", "on" if self.recompute else "off"),
+               ("precision", self.precision),
+               ("predicted peak", f"{self.predicted / gib:.2f} GiB"),
+               ("budget", f"{self.budget / gib:.2f} GiB ({self.device}); "
+                          f"{100 * self.share:.0f}% used, margin {100 * MARGIN:.0f}%"),
+               ("predicted step time", time)]
+        return out
+
+    def table(self) -> str:
+        rows = self.rows()
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "share": round(self.share, 4)}
+
+
+def fmt_shape(values: Sequence[Any]) -> str:
+    return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _resolved_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
+              median_frames: int, spacing: Sequence[float] | None = None,
+              spacing_rule: str = "", in_channels: int = 1, out_channels: int = 2,
+              device: str = "cuda", precision: str = "auto", min_window: int = MIN_WINDOW,
+              max_batch: int = MAX_BATCH, recompute: bool | None = None) -> Plan:
+    """Choose roi, window, batch, strides, kernels, recomputation and precision so that the
+    predicted peak of a training step stays within ``budget * (1 - MARGIN)``.
+
+    Order: the largest roi first (up to ``median_shape``, shrinking the physically longest
+    axis), with ``min(min_window, median_frames)`` frames and batch 1; then the window up to
+    ``median_frames``; then the batch up to ``max_batch``. Strides and kernels follow the roi
+    and ``spacing`` (:func:`derive_strides_kernels`). Checkpointing is used only when it buys a
+    larger roi or window, not for a larger batch (``recompute`` forces it on or off).
+
+    Raises:
+        UserError: when even the smallest sensible plan does not fit (saying what it needs).
+    """
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    precision = _resolved_precision(precision, device)
+    d = len(median_shape)
+    spacing_used = [1.0] * d if spacing is None else [float(v) for v in spacing]
+    base = meta_model({"name": model, "spatial_dims": d, "in_channels": in_channels,
+                        "out_channels": out_channels}, None)
+    tac = isinstance(base, TimeAsChannelsUNet)
+    levels = len((base.unet if tac else base).channels)
+    limit = budget * (1 - MARGIN)
+    frames_cap = max(1, int(median_frames))
+    w0 = base.frames if tac else max(1, min(min_window, frames_cap))
+
+    def layout(roi):
+        strides, kernels = derive_strides_kernels(spacing_used, roi, levels)
+        return strides, kernels
+
+    def cost(roi, window, batch, ckpt):
+        strides, kernels = layout(roi)
+        mc = {"name": model, "spatial_dims": d, "in_channels": in_channels,
+              "out_channels": out_channels, "strides": strides, "kernel_sizes": kernels}
+        return estimate_memory(mc, roi, window, batch, precision, ckpt, device=device)
+
+    def multiples(roi):
+        strides, _ = layout(roi)
+        return [math.prod(s[a] for s in strides) for a in range(d)]
+
+    def round_up(roi):
+        m = multiples(roi)
+        return [-(-r // k) * k for r, k in zip(roi, m, strict=True)]
+
+    floor = [min(int(n), MIN_ROI) for n in median_shape]
+
+    def search(ckpt):
+        roi = round_up([int(n) for n in median_shape])
+        while cost(roi, w0, 1, ckpt) > limit:
+            m = multiples(roi)
+            # shrink the physically longest axis that can still shrink
+            axes = [a for a in range(d) if roi[a] > floor[a]]
+            if not axes:
+                return None
+            a = max(axes, key=lambda i: roi[i] * spacing_used[i])
+            step = max(m[a], int(0.1 * roi[a]) // m[a] * m[a])
+            roi[a] = max(floor[a], roi[a] - step)
+            roi = round_up(roi) if roi[a] >= m[a] else roi
+        window = w0
+        if not tac:
+            while window < frames_cap and cost(roi, window + 1, 1, ckpt) <= limit:
+                window += 1
+        batch = 1
+        while batch < max_batch and cost(roi, window, batch + 1, ckpt) <= limit:
+            batch += 1
+        return roi, window, batch
+
+    options = [False, True] if recompute is None else [bool(recompute)]
+    found = {ckpt: search(ckpt) for ckpt in options}
+    found = {k: v for k, v in found.items() if v is not None}
+    if not found:
+        roi = floor
+        need = cost(roi, 1 if not tac else w0, 1, True if recompute is None
+                    else bool(recompute))
+        raise UserError(
+            f"--memory {budget / 2**30:.2f} GiB is too small: the smallest plan for model "
+            f"'{model}' (roi {fmt_shape(roi)}, window {1 if not tac else w0}, batch 1, "
+            f"recomputation, {precision}) needs about {need / (1 - MARGIN) / 2**30:.2f} GiB "
+            f"with the {100 * MARGIN:.0f}% margin")
+
+    def key(ckpt):  # recomputation (slower) only for a larger roi or window
+        roi, window, batch = found[ckpt]
+        return (math.prod(roi), window, not ckpt, batch)
+
+    ckpt = max(found, key=key)
+    roi, window, batch = found[ckpt]
+    strides, kernels = layout(roi)
+    notes = []
+    if tuple(roi) != tuple(round_up(list(median_shape))):
+        notes.append(f"the median case ({fmt_shape(median_shape)}) does not fit whole: patches of "
+                     f"{fmt_shape(roi)} are cut from it")
+    return Plan(model=model, spatial_dims=d, in_channels=in_channels,
+                out_channels=out_channels, roi=list(roi), window=window, batch=batch,
+                strides=strides, kernel_sizes=kernels, recompute=ckpt,
+                precision=precision, device=device, budget=int(budget),
+                predicted=cost(roi, window, batch, ckpt),
+                spacing=None if spacing is None else list(spacing_used),
+                spacing_rule=spacing_rule, median_shape=[int(n) for n in median_shape],
+                median_frames=int(median_frames), notes=notes)
+
+
+def plan_from_fingerprint(fp: dict[str, Any], budget: int, *, model: str = "tiny",
+                          device: str = "cuda", precision: str = "auto",
+                          min_window: int = MIN_WINDOW, max_batch: int = MAX_BATCH) -> Plan:
+    """:func:`make_plan` for a dataset: the target spacing from the cases' spacings, the
+    median shape after resampling to it, the median frame count, channels and classes."""
+    spacings = [c["spacing"] for c in fp["cases"]]
+    target = target_spacing(spacings)
+    shapes = [target_shape(c["shape"], c["spacing"], target.spacing) for c in fp["cases"]]
+    median = [int(np.median([s[a] for s in shapes])) for a in range(len(shapes[0]))]
+    frames = int(np.median([c["frames"] for c in fp["cases"]]))
+    classes = fp.get("num_classes") or 1 + max(
+        (int(k) for c in fp["cases"] for k in c.get("class_voxels", {})), default=1)
+    plan = make_plan(budget, model=model, median_shape=median, median_frames=frames,
+                     spacing=target.spacing, spacing_rule=target.describe(),
+                     in_channels=int(fp["channels"]), out_channels=max(2, classes),
+                     device=device, precision=precision, min_window=min_window,
+                     max_batch=max_batch)
+    plan.notes.extend(fp.get("notes", []))
+    return plan
+
+
+def capacity(budget: int, model: str, frames: int, spatial: Sequence[int], *,
+             device: str = "cuda", precision: str = "auto",
+             windows: Sequence[int] = (1, 2, 5, 8, 16, 32)) -> list[dict[str, Any]]:
+    """For each window (up to ``frames``) and recomputation off/on: the largest patch (the
+    planner's roi search, batch 1) that fits ``budget``; ``None`` where none does."""
+    rows = []
+    for ckpt in (False, True):
+        for w in [w for w in windows if w <= frames]:
+            try:
+                p = make_plan(budget, model=model, median_shape=spatial, median_frames=w,
+                              device=device, precision=precision, min_window=w, max_batch=1,
+                              recompute=ckpt)
+                rows.append({"recompute": ckpt, "window": w, "roi": p.roi,
+                             "predicted_gib": round(p.predicted / GiB, 2)})
+            except UserError:
+                rows.append({"recompute": ckpt, "window": w, "roi": None,
+                             "predicted_gib": None})
+    return rows

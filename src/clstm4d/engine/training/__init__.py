@@ -1,0 +1,1 @@
+"""Training: losses, sampling, faults, the loop, and ``train(config)``."""
