@@ -2,7 +2,7 @@
 models against the per-frame model at an equal budget (same data, steps, batch, seed).
 
 --data synthetic (default): the chamber task in 2D (--size 64), --cases training and --test
-held-out sequences of --frames frames; in every sequence --corrupted frames (never frame 0,
+held-out sequences of --frames frames; in every sequence --degraded frames (never frame 0,
 never two in a row) are degraded by a family drawn from --degrade (default: the six partial
 families at strength 0.5). Training and test sequences are drawn the same way.
 
@@ -66,7 +66,7 @@ def synthetic_data(args):
 
     folder = Path(args.out) / "train"
     path = folder / "datalist.json"
-    kw = {"corrupted": args.corrupted, "corruption": args.degrade or "partial"}
+    kw = {"degraded": args.degraded, "degradation": args.degrade or "partial"}
     if not path.is_file():
         write_synthetic_dataset(folder, cases=args.cases, frames=args.frames, size=args.size,
                                 spatial_dims=2, seed=args.seed, validation=0.0, **kw)
@@ -95,7 +95,7 @@ def c2c12_data(args):
                       labels={0: "background", 1: "cell"}, spatial_dims=2)
     right_img, right_lab = image[..., half:], label[..., half:]
     geometry = Geometry.default("nifti", right_lab.shape[1:], right_lab.shape[0])
-    test = [CaseData(right_img, right_lab, geometry, {"corrupted": [], "corruption": []},
+    test = [CaseData(right_img, right_lab, geometry, {"degraded": [], "degradation": []},
                      "right_clean")]
     for j, (kind, strength) in enumerate(parse_degradations(args.degrade or "all").items()):
         img = right_img.copy()
@@ -104,24 +104,24 @@ def c2c12_data(args):
                                    label=right_lab[f])
         frames = list(C2C12_DEGRADED_FRAMES)
         test.append(CaseData(img, right_lab, geometry,
-                             {"corrupted": frames, "corruption": [kind] * len(frames)},
+                             {"degraded": frames, "degradation": [kind] * len(frames)},
                              f"right_{kind}"))
     return path, test
 
 
 def evaluate(predictor, cases, num_classes: int) -> tuple[dict, dict]:
-    from clstm4d.engine.evaluation.evaluate import dice_by_corruption, evaluate_sequence
+    from clstm4d.engine.evaluation.evaluate import dice_by_degradation, evaluate_sequence
 
     rows, summaries, preds = [], [], {}
     for c in cases:
         pred = predictor.predict_array(c.image, name=c.name)
         preds[c.name] = pred
-        ev = evaluate_sequence(pred, c.label, num_classes, corrupted=c.meta["corrupted"],
-                               corruption=c.meta["corruption"], hd95=False)
-        rows += ev["frames"]
-        summaries.append(ev["summary"])
-    by_kind = dice_by_corruption(rows)
-    degraded = [r["dice"] for r in rows if r["corrupted"]]
+        ev = evaluate_sequence(pred, c.label, num_classes, degraded=c.meta["degraded"],
+                               degradation=c.meta["degradation"], hd95=False)
+        rows += ev.rows
+        summaries.append(ev.summary())
+    by_kind = dice_by_degradation(rows)
+    degraded = [r["dice"] for r in rows if r["degraded"]]
     result = {"dice_clean": by_kind.pop("clean"), "dice_degraded": float(np.mean(degraded)),
               "dice_by_kind": by_kind}
     for key in CONSISTENCY:
@@ -137,7 +137,7 @@ def copy_previous(cases, preds=None) -> dict[str, float]:
     for c in cases:
         source = c.label if preds is None else preds[c.name]
         k = int(c.label.max()) + 1
-        for f, kind in zip(c.meta["corrupted"], c.meta["corruption"], strict=True):
+        for f, kind in zip(c.meta["degraded"], c.meta["degradation"], strict=True):
             d = dice_per_frame(source[f - 1:f], c.label[f:f + 1], max(k, 2)).mean()
             groups.setdefault(kind, []).append(float(d))
     by_kind = {k: float(np.mean(v)) for k, v in groups.items()}
@@ -154,7 +154,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--cases", type=int, default=24, help="training sequences (synthetic)")
     p.add_argument("--test", type=int, default=16, help="held-out sequences (synthetic)")
-    p.add_argument("--corrupted", type=int, default=6, help="degraded frames per sequence")
+    p.add_argument("--degraded", type=int, default=6, help="degraded frames per sequence")
     p.add_argument("--degrade", default=None,
                    help="families and strengths (default: partial for synthetic, all for "
                         "c2c12), e.g. snr=0.5,defocus=0.5")

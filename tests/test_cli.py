@@ -67,7 +67,7 @@ def test_evaluate_writes_csv_and_plots(run, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(run["ckpt"]), "--input", str(run["image"]),
                  "--output", str(pred)]) == 0
     assert main(["evaluate", "--pred", str(pred), "--label", str(run["label"]),
-                 "--out", str(tmp_path / "ev"), "--corrupted", "2"]) == 0
+                 "--out", str(tmp_path / "ev"), "--degraded", "2"]) == 0
     text = (tmp_path / "ev" / "frames.csv").read_text().splitlines()
     assert len(text) == 7 and "dice_class1" in text[0] and "hd95_class2" in text[0]
     assert (tmp_path / "ev" / "dice_per_frame.png").stat().st_size > 1000
@@ -180,7 +180,7 @@ def test_demo_tiny(tmp_path, capsys):
                "--set", "train.unlabelled_weight=0.5"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "corrupted" in text and "per-frame" in text
+    assert "degraded" in text and "per-frame" in text
     assert "both models trained with --set train.unlabelled_weight=0.5" in text
     assert "trained with 2 of 6 frames labelled per training sequence (frames [0, 3])" in text
     report = json.loads((out / "report.json").read_text())
@@ -197,8 +197,8 @@ def test_demo_tiny(tmp_path, capsys):
         saved = json.loads(Path(m["checkpoint"], "config.json").read_text())
         assert saved["train"]["unlabelled_weight"] == 0.5
     # the per-degradation table: every family of the test frames, and the clean frames
-    kinds = set(json.loads((out / "data" / "datalist.json").read_text())["test"][0]["corruption"])
-    assert kinds and set(report["margin_by_corruption"]) == kinds | {"clean"}
+    kinds = set(json.loads((out / "data" / "datalist.json").read_text())["test"][0]["degradation"])
+    assert kinds and set(report["margin_by_degradation"]) == kinds | {"clean"}
     assert "degradation" in text and all(k in text for k in kinds)
     for name in ("dice_per_frame.png", "montage.png", "sequence.gif"):
         assert (out / name).stat().st_size > 1000

@@ -51,7 +51,7 @@ def test_relative_paths_lists_folders_and_globs_resolve(tmp_path):
     seg = tmp_path / "data" / "p2seg"
     write_label(label, geom, seg)
     path = _datalist(tmp_path, [
-        {"image": "data/p1.nii.gz", "label": "data/p1_seg.nii.gz", "corrupted": [1]},
+        {"image": "data/p1.nii.gz", "label": "data/p1_seg.nii.gz", "degraded": [1]},
         {"name": "p2", "image": "data/p2", "label": "data/p2seg/frame_*.nii.gz"},
     ], validation=[{"name": "p2-list", "image": [f"data/p2/frame_{i:03d}.nii.gz"
                                                   for i in range(3)],
@@ -60,7 +60,7 @@ def test_relative_paths_lists_folders_and_globs_resolve(tmp_path):
     dl = load_datalist(path)
     assert [c.name for c in dl.cases()] == ["p1", "p2", "p2-list", "p1-test"]
     assert dl.num_classes == 3 and dl.spatial_dims == 3
-    assert dl.training[0].meta["corrupted"] == [1]
+    assert dl.training[0].meta["degraded"] == [1]
     loaded = [load_case(c) for c in dl.cases("training", "validation")]
     for case in loaded:
         np.testing.assert_array_equal(case.image, image)
@@ -206,3 +206,18 @@ def test_datalist_from_folder_pairs_files_and_frame_folders(tmp_path):
         datalist_from_folder(tmp_path)
     with pytest.raises(DataError, match="expected an 'imagesTr'"):
         datalist_from_folder(tmp_path / "labelsTr")
+
+
+def test_keys_of_earlier_versions_are_read_under_todays_names(tmp_path):
+    """Datalists written before "degraded" was the one word ("corrupted", "corruption",
+    "corruption_strength") still load, with their values under today's keys."""
+    (tmp_path / "list.json").write_text(json.dumps({"training": [{
+        "image": "a.nii.gz", "label": "a_seg.nii.gz", "corrupted": [2, 5],
+        "corruption": ["snr", "dropout"], "corruption_strength": [0.5, 1.0]}]}))
+    meta = load_datalist(tmp_path / "list.json").training[0].meta
+    assert meta == {"degraded": [2, 5], "degradation": ["snr", "dropout"],
+                    "degradation_strength": [0.5, 1.0]}
+    (tmp_path / "bad.json").write_text(json.dumps({"training": [{
+        "image": "a.nii.gz", "label": "a_seg.nii.gz", "corrupted": [-1]}]}))
+    with pytest.raises(DataError, match="'degraded' must be a list of frame indices"):
+        load_datalist(tmp_path / "bad.json")

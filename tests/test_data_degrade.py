@@ -19,7 +19,7 @@ from clstm4d.data.degrade import DEGRADATIONS, FULL, PARTIAL, degrade, noise_sig
 
 def frame_and_label(spatial_dims=2, size=32, seed=0):
     case = make_synthetic_case(seed, frames=2, size=size, spatial_dims=spatial_dims,
-                               corrupted=[])
+                               degraded=[])
     return case.image[1], case.label[1]  # (1, *s), (*s)
 
 
@@ -92,20 +92,20 @@ def test_bad_arguments_are_named():
 def test_synthetic_degradations_leave_labels_as_they_are():
     """The same seed gives the same objects whatever degrades the frames; frames chosen for
     one family carry it in meta, with its strength."""
-    ref = make_synthetic_case(2, frames=10, size=32, corrupted=[3, 6])
+    ref = make_synthetic_case(2, frames=10, size=32, degraded=[3, 6])
     for kind in DEGRADATIONS:
-        case = make_synthetic_case(2, frames=10, size=32, corrupted=[3, 6],
-                                   corruption={kind: 0.4 if kind in PARTIAL else 1.0})
+        case = make_synthetic_case(2, frames=10, size=32, degraded=[3, 6],
+                                   degradation={kind: 0.4 if kind in PARTIAL else 1.0})
         np.testing.assert_array_equal(case.label, ref.label)
-        assert case.meta["corruption"] == [kind, kind]
-        assert case.meta["corruption_strength"] == [0.4 if kind in PARTIAL else 1.0] * 2
-    mixed = make_synthetic_case(2, frames=40, size=32, corrupted=20, corruption="partial")
-    assert set(mixed.meta["corruption"]) == set(PARTIAL)
-    assert set(mixed.meta["corruption_strength"]) == {0.5}
+        assert case.meta["degradation"] == [kind, kind]
+        assert case.meta["degradation_strength"] == [0.4 if kind in PARTIAL else 1.0] * 2
+    mixed = make_synthetic_case(2, frames=40, size=32, degraded=20, degradation="partial")
+    assert set(mixed.meta["degradation"]) == set(PARTIAL)
+    assert set(mixed.meta["degradation_strength"]) == {0.5}
 
 
 def test_degrade_augmentation_changes_inputs_only():
-    case = make_synthetic_case(1, frames=8, size=32, corrupted=[])
+    case = make_synthetic_case(1, frames=8, size=32, degraded=[])
     image, label = case.image.copy(), case.label.copy()
     aug = Degrade(prob=0.5, strength=(0.3, 0.7))
     out, degraded = aug(image, label, np.random.default_rng(0))
@@ -133,7 +133,7 @@ def test_degrade_augmentation_validates():
 
 
 def test_patch_dataset_degrades_inputs_not_labels_and_marks_the_frames():
-    cases = [make_synthetic_case(s, frames=8, size=32, corrupted=[]) for s in range(2)]
+    cases = [make_synthetic_case(s, frames=8, size=32, degraded=[]) for s in range(2)]
     plain = PatchDataset(cases, window=6, roi=24, seed=0)
     aug = PatchDataset(cases, window=6, roi=24, seed=0, degrade={"prob": 0.5})
     for i in range(2):
@@ -142,7 +142,7 @@ def test_patch_dataset_degrades_inputs_not_labels_and_marks_the_frames():
         np.testing.assert_array_equal(a["label"], b["label"])
         frames_changed = ~(a["image"] == b["image"]).flatten(1).all(1)
         assert frames_changed.any()
-        assert b["corrupted"].tolist() == frames_changed.tolist()
+        assert b["degraded"].tolist() == frames_changed.tolist()
     assert FULL[0] in Degrade().kinds
 
 
@@ -173,13 +173,13 @@ def test_synth_cli_options_for_degradations_and_cue_track(tmp_path, capsys):
     from clstm4d.cli import main
 
     assert main(["synth", "--out", str(tmp_path / "a"), "--cases", "2", "--frames", "6",
-                 "--size", "20", "--validation", "0", "--corrupted", "2",
+                 "--size", "20", "--validation", "0", "--degraded", "2",
                  "--degrade", "snr=0.3,defocus"]) == 0
     dl = load_datalist(tmp_path / "a" / "datalist.json")
     meta = dl.training[0].meta
-    assert set(meta["corruption"]) <= {"snr", "defocus"} and len(meta["corrupted"]) == 2
+    assert set(meta["degradation"]) <= {"snr", "defocus"} and len(meta["degraded"]) == 2
     assert all(s == {"snr": 0.3, "defocus": 0.5}[k]
-               for k, s in zip(meta["corruption"], meta["corruption_strength"], strict=True))
+               for k, s in zip(meta["degradation"], meta["degradation_strength"], strict=True))
     assert main(["synth", "--out", str(tmp_path / "b"), "--cases", "2", "--frames", "6",
                  "--size", "24", "--task", "cue-track", "--cue-frames", "2"]) == 0
     dl = load_datalist(tmp_path / "b" / "datalist.json")
@@ -188,7 +188,7 @@ def test_synth_cli_options_for_degradations_and_cue_track(tmp_path, capsys):
     np.testing.assert_array_equal(load_case(dl.training[0]).label, ref.label)
     capsys.readouterr()
     for argv, message in ((["--task", "cue-track", "--degrade", "snr"],
-                           "--degrade, --corrupted and --spacing apply to"),
+                           "--degrade, --degraded and --spacing apply to"),
                           (["--degrade", "fog=0.2"], "--degrade: unknown degradation 'fog'")):
         assert main(["synth", "--out", str(tmp_path / "x"), *argv]) == 2
         assert message in capsys.readouterr().err
@@ -202,7 +202,7 @@ def test_training_degrades_inputs_of_temporal_models_by_default():
     from clstm4d.engine.training.build import build_dataset
     from clstm4d.errors import ConfigError
 
-    cases = [make_synthetic_case(0, frames=6, size=24, corrupted=[])]
+    cases = [make_synthetic_case(0, frames=6, size=24, degraded=[])]
     for temporal, on in (("bottleneck", True), ("skips", True), ("none", False)):
         for value, expected in (("auto", on), (True, True), (False, False),
                                 ({"prob": 0.5}, True)):

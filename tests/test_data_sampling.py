@@ -15,7 +15,7 @@ def _coded_case(t=5, shape=(12, 10), name="coded"):
     image = code[:, None].astype(np.float32)
     label = (grids[1:].sum(0) % 3).astype(np.int64)
     geom = Geometry.default("nifti", shape, t)
-    return CaseData(image, label, geom, {"corrupted": [2]}, name)
+    return CaseData(image, label, geom, {"degraded": [2]}, name)
 
 
 def test_same_crop_for_every_frame_and_label_matches_image():
@@ -31,7 +31,7 @@ def test_same_crop_for_every_frame_and_label_matches_image():
         assert (pos == pos[0]).all()  # the same spatial crop in every frame
         y, x = pos[0] // 10, pos[0] % 10
         assert (lab == ((y + x) % 3)).all()  # the label is cropped where the image is
-        assert item["corrupted"].tolist() == [item["start"] + k == 2 for k in range(3)]
+        assert item["degraded"].tolist() == [item["start"] + k == 2 for k in range(3)]
 
 
 def test_augment_is_identical_across_frames_and_for_the_label():
@@ -136,4 +136,4 @@ def test_lazy_cases_from_a_datalist_and_whole_sequences(tmp_path):
     np.testing.assert_allclose(item["image"].numpy(), ref.image, rtol=1e-6)
     np.testing.assert_array_equal(item["label"].numpy(), ref.label)
     assert item["case"] == "case_001" and item["length"] == 6
-    assert np.flatnonzero(item["corrupted"].numpy()).tolist() == ref.meta["corrupted"]
+    assert np.flatnonzero(item["degraded"].numpy()).tolist() == ref.meta["degraded"]

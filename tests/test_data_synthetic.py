@@ -1,4 +1,4 @@
-"""Synthetic 4D data: deterministic, exact labels, and corrupted frames that only memory solves."""
+"""Synthetic 4D data: deterministic, exact labels, and degraded frames that only memory solves."""
 
 import json
 
@@ -25,29 +25,29 @@ def best_threshold_dice(image, truth):
 
 
 @pytest.mark.parametrize("spatial_dims, size", [(2, 48), (3, 24)])
-def test_memory_solves_corrupted_frames_a_single_frame_does_not(spatial_dims, size):
+def test_memory_solves_degraded_frames_a_single_frame_does_not(spatial_dims, size):
     """The design claim behind the demo, checked without a network.
 
-    Clean frames: the best intensity threshold segments the foreground well. Corrupted frames:
+    Clean frames: the best intensity threshold segments the foreground well. Degraded frames:
     the best threshold of that frame fails, while copying the previous (clean) frame's mask
     is still good, so remembering earlier frames is what it takes.
     """
-    clean, corrupt_thr, corrupt_copy = [], [], []
+    clean, degraded_thr, degraded_copy = [], [], []
     for seed in range(6):
         case = make_synthetic_case(seed, frames=10, size=size, spatial_dims=spatial_dims)
         fg = case.label > 0
-        bad = case.meta["corrupted"]
+        bad = case.meta["degraded"]
         assert bad and 0 not in bad and all(b + 1 not in bad for b in bad)
         for t in range(10):
             score = best_threshold_dice(case.image[t, 0], fg[t])
             if t in bad:
-                corrupt_thr.append(score)
-                corrupt_copy.append(dice(fg[t - 1], fg[t]))
+                degraded_thr.append(score)
+                degraded_copy.append(dice(fg[t - 1], fg[t]))
             else:
                 clean.append(score)
     assert np.mean(clean) > 0.93 and min(clean) > 0.85
-    assert np.mean(corrupt_thr) < 0.3
-    assert np.mean(corrupt_copy) > 0.85 and min(corrupt_copy) > 0.75
+    assert np.mean(degraded_thr) < 0.3
+    assert np.mean(degraded_copy) > 0.85 and min(degraded_copy) > 0.75
 
 
 def test_deterministic_and_seed_dependent():
@@ -62,8 +62,8 @@ def test_deterministic_and_seed_dependent():
 
 def test_objects_move_smoothly_and_labels_are_exact_on_clean_frames():
     case = make_synthetic_case(5, frames=12, size=64, noise=0.0, drift=0.0,
-                               corrupted=[4], corruption=["dropout"])
-    assert set(np.unique(case.label)) == {0, 1, 2} and case.meta["corrupted"] == [4]
+                               degraded=[4], degradation=["dropout"])
+    assert set(np.unique(case.label)) == {0, 1, 2} and case.meta["degraded"] == [4]
     for t in range(12):
         for k in (1, 2):
             assert (case.label[t] == k).sum() > 20
@@ -82,16 +82,16 @@ def test_objects_move_smoothly_and_labels_are_exact_on_clean_frames():
 def test_options_are_validated():
     with pytest.raises(ValueError, match="spatial_dims must be 1, 2 or 3, got 4"):
         make_synthetic_case(0, spatial_dims=4)
-    with pytest.raises(ValueError, match="corruption: unknown degradation 'blur'"):
-        make_synthetic_case(0, corruption=["blur"])
-    with pytest.raises(ValueError, match="corruption must name at least one"):
-        make_synthetic_case(0, corruption=[])
+    with pytest.raises(ValueError, match="degradation: unknown degradation 'blur'"):
+        make_synthetic_case(0, degradation=["blur"])
+    with pytest.raises(ValueError, match="degradation must name at least one"):
+        make_synthetic_case(0, degradation=[])
     with pytest.raises(ValueError, match=r"strength of 'snr' must be in \(0, 1\], got 2"):
-        make_synthetic_case(0, corruption={"snr": 2})
+        make_synthetic_case(0, degradation={"snr": 2})
     with pytest.raises(ValueError, match="size must be"):
         make_synthetic_case(0, size=8)
-    with pytest.raises(ValueError, match="corrupted: at most 3"):
-        make_synthetic_case(0, frames=6, corrupted=4)
+    with pytest.raises(ValueError, match="degraded: at most 3"):
+        make_synthetic_case(0, frames=6, degraded=4)
 
 
 def test_1d_variant():
@@ -112,7 +112,7 @@ def test_write_synthetic_dataset_round_trip(tmp_path, fmt):
     for i, case in enumerate(dl.cases()):
         ref = make_synthetic_case((7, i), 5, 24, 3)
         loaded = load_case(case)
-        assert case.meta["corrupted"] == ref.meta["corrupted"]
+        assert case.meta["degraded"] == ref.meta["degraded"]
         np.testing.assert_array_equal(loaded.label, ref.label)
         np.testing.assert_allclose(loaded.image, ref.image, rtol=1e-6)
         assert loaded.geometry.time_interval == pytest.approx(0.05)
@@ -123,11 +123,11 @@ def test_synth_arguments_map_onto_write_synthetic_dataset(tmp_path):
     from clstm4d.cli import main
 
     assert main(["synth", "--out", str(tmp_path), "--cases", "2", "--frames", "4", "--size",
-                 "20", "--dims", "2", "--seed", "1", "--validation", "0", "--corrupted", "2"]) == 0
+                 "20", "--dims", "2", "--seed", "1", "--validation", "0", "--degraded", "2"]) == 0
     dl = load_datalist(tmp_path / "datalist.json")
     assert len(dl.training) == 2 and not dl.validation
     case = load_case(dl.training[0])
-    assert case.image.shape == (4, 1, 20, 20) and len(case.meta["corrupted"]) == 2
+    assert case.image.shape == (4, 1, 20, 20) and len(case.meta["degraded"]) == 2
 
 
 def test_dataset_written_to_a_relative_folder_loads_from_anywhere(tmp_path, monkeypatch):

@@ -28,11 +28,11 @@ def test_only_the_listed_frames_are_scored():
     label = _label()
     pred = label.copy()
     pred[[1, 4]] = 0  # wrong on frames 1 and 4 only
-    r = evaluate_sequence(pred, label, 3, frames=[3, 0, 2], corrupted=[2])
-    assert [row["frame"] for row in r["frames"]] == [3, 0, 2]
-    assert r["summary"]["dice"] == 1.0 and r["summary"]["frames"] == 3
-    assert r["summary"]["dice_corrupted"] == 1.0 and r["summary"]["volume_change_error"] == 0
-    assert evaluate_sequence(pred, label, 3)["summary"]["dice"] == pytest.approx(0.6)
+    r = evaluate_sequence(pred, label, 3, frames=[3, 0, 2], degraded=[2])
+    assert [row["frame"] for row in r.rows] == [3, 0, 2] == r.frames
+    assert r.dice == 1.0 and r.summary()["frames"] == 3
+    assert r.dice_degraded == 1.0 and r.temporal["volume_change_error"] == 0
+    assert evaluate_sequence(pred, label, 3).dice == pytest.approx(0.6)
     with pytest.raises(UserError, match=r"expected frame indices 0-4 \(the sequence has 5 "
                                         r"frames\), got \[5\]"):
         evaluate_sequence(pred, label, 3, frames=[0, 5])
@@ -44,7 +44,7 @@ def test_ignore_voxels_are_left_out_of_every_measure():
     label = _label()
     label[:, 0, :] = 3  # an unannotated strip
     pred = np.where(label == 3, 1, label)
-    s = evaluate_sequence(pred, label, 3, ignore_index=3, hd95=True)["summary"]
+    s = evaluate_sequence(pred, label, 3, ignore_index=3, hd95=True).summary()
     assert s["dice"] == 1.0 and s["hd95"] == 0.0 and s["volume_change_error"] == 0.0
 
 
@@ -90,14 +90,14 @@ def test_cli_takes_annotated_frames_classes_and_ignore_from_a_datalist(tmp_path,
                        labels={0: "background", 1: "lv", 2: "rv", 3: "ignore"},
                        validation=[{"name": "p1", "image": tmp_path / "img.nii.gz",
                                     "label": tmp_path / "ref.nii.gz",
-                                    "labelled_frames": [0, 3, 4], "corrupted": [3]},
+                                    "labelled_frames": [0, 3, 4], "degraded": [3]},
                                    {"name": "p2", "image": tmp_path / "img.nii.gz",
                                     "label": tmp_path / "ref.nii.gz"}])
     args = ["evaluate", "--pred", str(tmp_path / "pred2.nii.gz"), "--datalist", str(dl)]
     assert main([*args, "--case", "p1", "--out", str(tmp_path / "ev")]) == 0
     out = capsys.readouterr().out
     # frame 1 is wrong but not annotated; ignore voxels are predicted as lv but not scored
-    assert "case p1  frames 3  Dice 1.0000" in out and "Dice corrupted 1.0000" in out
+    assert "case p1  frames 3  Dice 1.0000" in out and "Dice degraded 1.0000" in out
     header = (tmp_path / "ev" / "frames.csv").read_text().splitlines()[0]
     assert "dice_lv" in header and "dice_rv" in header and "ignore" not in header
     assert main([*args, "--case", "p2"]) == 0  # fully annotated: frame 1 counts

@@ -56,13 +56,13 @@ def test_temporal_consistency_on_known_sequences():
     assert r["consecutive_dice"][0] == pytest.approx(1 / 3)
 
 
-def test_evaluate_splits_corrupted_frames():
+def test_evaluate_splits_degraded_frames():
     label = np.zeros((4, 8, 8), np.int64)
     label[:, 2:6, 2:6] = 1
     pred = label.copy()
     pred[3] = 0
-    s = evaluate_sequence(pred, label, 2, corrupted=[3], class_names={1: "lv"})["summary"]
-    assert s["dice_corrupted"] == 0.0 and s["dice_clean"] == 1.0 and s["dice_lv"] == 0.75
+    s = evaluate_sequence(pred, label, 2, degraded=[3], class_names={1: "lv"}).summary()
+    assert s["dice_degraded"] == 0.0 and s["dice_clean"] == 1.0 and s["dice_lv"] == 0.75
 
 
 def test_sequence_loss_ignores_padded_frames():

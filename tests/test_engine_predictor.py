@@ -101,3 +101,28 @@ def test_bidirectional_time_margin_reaches_predict_sequence():
     _, whole = predict_sequence(model, x, chunk=2, return_probs=True)
     _, short = Predictor(model, run, device="cpu").predict_array(image, return_probs=True)
     assert not np.allclose(short, whole.numpy(), atol=1e-4)
+
+
+def test_checkpoints_and_configs_of_earlier_versions_load(saved, tmp_path):
+    """A checkpoint written before activation recomputation was called ``recompute`` (the
+    model's ``checkpoint`` keyword, the config's ``train.activation_checkpointing``) loads,
+    with the same weights and the switch under today's name."""
+    import json
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in ("model.safetensors", "state.json"):
+        (old / f).write_bytes((saved["ck"] / f).read_bytes())
+    doc = json.loads((saved["ck"] / "config.json").read_text())
+    doc["model_config"]["checkpoint"] = doc["model_config"].pop("recompute")
+    doc["model_config"]["checkpoint"] = True
+    doc["train"]["activation_checkpointing"] = doc["train"].pop("recompute")
+    doc["train"]["activation_checkpointing"] = True
+    (old / "config.json").write_text(json.dumps(doc))
+    p = Predictor.from_checkpoint(old, device="cpu")
+    assert p.model.config["recompute"] is True and p.run.config.train.recompute is True
+    assert p.run.model_spec.options["recompute"] is True
+    new = Predictor.from_checkpoint(saved["ck"], device="cpu")
+    np.testing.assert_array_equal(p.predict_array(saved["image"]),
+                                  new.predict_array(saved["image"]))
+    assert Config.from_dict({"train": {"activation_checkpointing": True}}).train.recompute

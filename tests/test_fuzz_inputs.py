@@ -337,8 +337,8 @@ def test_edge_values_found_by_the_sweep_are_refused_naming_the_key(override, mes
 
 
 @pytest.mark.parametrize("entry, message", [
-    ({"corrupted": None}, "'corrupted' must be a list of frame indices"),
-    ({"corrupted": [1, -2]}, "'corrupted' must be a list of frame indices"),
+    ({"degraded": None}, "'degraded' must be a list of frame indices"),
+    ({"degraded": [1, -2]}, "'degraded' must be a list of frame indices"),
     ({"name": ""}, "'name' must be a non-empty string"),
     ({"time_interval": "fast"}, "'time_interval' must be a number of seconds > 0"),
 ])

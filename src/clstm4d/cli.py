@@ -249,7 +249,7 @@ def _add_evaluate(sub) -> None:
     e.add_argument("--pred", required=True, nargs="+", help="predicted label file(s)")
     e.add_argument("--label", nargs="+", help="reference label file(s) (or --datalist)")
     e.add_argument("--datalist", help="take the reference from this datalist's entry --case: "
-                   "its label, annotated frames, corrupted frames, classes and ignore class")
+                   "its label, annotated frames, degraded frames, classes and ignore class")
     e.add_argument("--case", help="the datalist entry (needed when it has several)")
     e.add_argument("--frames", default=None,
                    help="score only these frames, e.g. 0,10 (default: every frame, or the "
@@ -257,9 +257,9 @@ def _add_evaluate(sub) -> None:
     e.add_argument("--out", default=None, help="folder for frames.csv, summary.json and plots")
     e.add_argument("--num-classes", type=int, default=None,
                    help="classes including background (default: max label + 1)")
-    e.add_argument("--corrupted", default=None,
+    e.add_argument("--degraded", default=None,
                    help="comma-separated frames to report separately, e.g. 3,7 (default: "
-                        "none, or the entry's \"corrupted\" with --datalist)")
+                        "none, or the entry's \"degraded\" with --datalist)")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     _add_overwrite_arg(e, "write into an --out that holds files evaluate did not write")
 
@@ -269,15 +269,14 @@ def _cmd_evaluate(args) -> int:
 
     res, written = run_evaluate(
         args.pred, args.label, datalist=args.datalist, case=args.case, frames=args.frames,
-        corrupted=args.corrupted, num_classes=args.num_classes, hd95=not args.no_hd95,
+        degraded=args.degraded, num_classes=args.num_classes, hd95=not args.no_hd95,
         out=args.out, overwrite=args.overwrite)
-    s = res["summary"]
-    print((f"case {res['case']}  " if res["case"] else "")
-          + f"frames {s['frames']}  Dice {s['dice']:.4f}  HD95 {s['hd95']:.3f}  "
-          f"volume change error {s['volume_change_error']:.4f}  "
-          f"consecutive-frame Dice {s['consecutive_dice']:.4f}"
-          + (f"  Dice corrupted {s['dice_corrupted']:.4f}" if res["corrupted"] else ""))
-    print("per frame Dice:", " ".join(f"{r['frame']}:{r['dice']:.3f}" for r in res["frames"]))
+    print((f"case {res.case}  " if res.case else "")
+          + f"frames {len(res.frames)}  Dice {res.dice:.4f}  HD95 {res.hd95:.3f}  "
+          f"volume change error {res.temporal['volume_change_error']:.4f}  "
+          f"consecutive-frame Dice {res.temporal['consecutive_dice']:.4f}"
+          + (f"  Dice degraded {res.dice_degraded:.4f}" if res.degraded else ""))
+    print("per frame Dice:", " ".join(f"{r['frame']}:{r['dice']:.3f}" for r in res.rows))
     if written:
         print(f"wrote {written[0]}, " + ", ".join(p.name for p in written[1:]))
     return 0
@@ -320,7 +319,7 @@ def _add_synth(sub) -> None:
     s.add_argument("--test", type=int, default=default["test"], help="extra test cases")
     s.add_argument("--noise", type=float, default=0.08, help="std of the image noise")
     s.add_argument("--blobs", type=int, default=2, help="drifting blobs per case")
-    s.add_argument("--corrupted", type=int, default=None,
+    s.add_argument("--degraded", type=int, default=None,
                    help="degraded frames per case (default: about a quarter of the frames)")
     s.add_argument("--spacing", type=_spacing_arg, default=None, metavar="S[,S,S]",
                    help="voxel size per spatial axis in the arrays' axis order, e.g. 1,1,4 for "
@@ -348,15 +347,15 @@ def _synth_options(args) -> dict[str, Any]:
             "spatial_dims": args.dims, "seed": args.seed, "format": args.format,
             "validation": args.validation, "test": args.test, "noise": args.noise}
     if args.task == "cue-track":
-        if args.degrade is not None or args.corrupted is not None or args.spacing is not None:
-            raise ConfigError("--degrade, --corrupted and --spacing apply to --task chamber, "
+        if args.degrade is not None or args.degraded is not None or args.spacing is not None:
+            raise ConfigError("--degrade, --degraded and --spacing apply to --task chamber, "
                               "not cue-track")
         return {**opts, "task": args.task, "cue_frames": args.cue_frames}
-    opts.update(blobs=args.blobs, corrupted=args.corrupted)
+    opts.update(blobs=args.blobs, degraded=args.degraded)
     if args.spacing is not None:
         opts["spacing"] = args.spacing
     if args.degrade is not None:
-        opts["corruption"] = parse_degradations(args.degrade, owner="--degrade")
+        opts["degradation"] = parse_degradations(args.degrade, owner="--degrade")
     return opts
 
 

@@ -45,6 +45,9 @@ __all__ = ["Case", "CaseData", "Datalist", "load_datalist", "save_datalist", "lo
            "validate_datalist"]
 
 SECTIONS = ("training", "validation", "test")
+#: entry keys written by earlier versions (synthetic data before 0.2), read under today's name
+RENAMED_KEYS = {"corrupted": "degraded", "corruption": "degradation",
+                "corruption_strength": "degradation_strength"}
 # keys of an MSD dataset.json plus ours; anything else at the top level is a mistake
 TOP_LEVEL_KEYS = frozenset(SECTIONS) | {
     "labels", "spatial_dims", "name", "description", "reference", "licence", "license",
@@ -91,7 +94,7 @@ class Case:
         image: one file or a list of per-frame files (absolute paths).
         label: the same for labels, or a dict ``{frame index: one 2D/3D label file}``
             (annotated frames only), or ``None``.
-        meta: the entry's other keys (e.g. ``"corrupted": [3, 7]``).
+        meta: the entry's other keys (e.g. ``"degraded": [3, 7]``).
         spatial_dims: 2 or 3 (from the datalist), ``None`` = as stored.
         labels: class index -> name from the datalist, used to check label values.
         labelled_frames: the annotated frames (sorted, 0-based); ``None`` = every frame of
@@ -115,7 +118,7 @@ class CaseData:
         image: ``(t, c, *s)`` float32.
         label: ``(t, *s)`` int64 or ``None``.
         geometry: of the image (the label's is checked to match).
-        meta: the datalist entry's extra keys; synthetic cases carry ``"corrupted"``.
+        meta: the datalist entry's extra keys; synthetic cases carry ``"degraded"``.
         name: the case name.
         labelled: ``(t,)`` bool, the annotated frames: all True for a fully labelled case
             (the default when a label is given), all False without a label. Frames that are
@@ -235,13 +238,13 @@ def load_datalist(json_path: str | os.PathLike, require: str | None = None) -> D
         >>> import json, tempfile, pathlib
         >>> d = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
         >>> _ = (d / "list.json").write_text(json.dumps({"labels": {"0": "bg", "1": "lv"},
-        ...     "training": [{"image": "a.nii.gz", "label": "a_seg.nii.gz", "corrupted": [2]},
+        ...     "training": [{"image": "a.nii.gz", "label": "a_seg.nii.gz", "degraded": [2]},
         ...                  {"image": "c.nii.gz", "label": {"0": "c_ed.nii.gz",
         ...                                                  "9": "c_es.nii.gz"}}],
         ...     "test": ["b.nii.gz"]}))
         >>> dl = load_datalist(d / "list.json")
         >>> [c.name for c in dl.cases()], dl.num_classes, dl.training[0].meta
-        (['a', 'c', 'b'], 2, {'corrupted': [2]})
+        (['a', 'c', 'b'], 2, {'degraded': [2]})
         >>> dl.training[1].labelled_frames, dl.training[0].labelled_frames
         ([0, 9], None)
         >>> tmpdir.cleanup()
@@ -268,6 +271,26 @@ def _parse_datalist(json_path: str | os.PathLike) -> tuple[Datalist, list[str]]:
         raise DataError(f"not valid JSON ({e})", json_path) from e
     if not isinstance(raw, dict):
         raise DataError(f"a datalist must be a JSON object, got {type(raw).__name__}", json_path)
+    out, problems = _parse_top_level(raw, json_path)
+    seen: dict[str, str] = {}
+    for section in SECTIONS:
+        entries = raw.get(section, [])
+        if not isinstance(entries, list):
+            problems.append(f"{section!r} must be a list, got {type(entries).__name__}")
+            continue
+        for i, entry in enumerate(entries):
+            try:
+                case = _parse_entry(entry, section, f"{section}[{i}]", raw, out, seen)
+            except DataError as e:
+                own = e.path in (None, str(json_path))
+                problems += e.problem.split("\n") if own else [str(e)]
+                continue
+            getattr(out, section).append(case)
+    return out, problems
+
+
+def _parse_top_level(raw: dict, json_path: Path) -> tuple[Datalist, list[str]]:
+    """The datalist's top-level keys (labels, spatial_dims, time_interval, ...), no cases."""
     problems = []
     unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
     if unknown:
@@ -288,57 +311,42 @@ def _parse_datalist(json_path: str | os.PathLike) -> tuple[Datalist, list[str]]:
     except ValueError as e:
         problems.append(str(e))
         spatial_dims = None
-    root = json_path.parent
     out = Datalist(labels=labels, spatial_dims=spatial_dims, path=json_path,
                    meta={k: v for k, v in raw.items() if k not in SECTIONS})
-    seen: dict[str, str] = {}
-    for section in SECTIONS:
-        entries = raw.get(section, [])
-        if not isinstance(entries, list):
-            problems.append(f"{section!r} must be a list, got {type(entries).__name__}")
-            continue
-        for i, entry in enumerate(entries):
-            where = f"{section}[{i}]"
-            if isinstance(entry, str):
-                entry = {"image": entry}
-            if not isinstance(entry, dict):
-                problems.append(f"{where}: an entry must be an object or a path, got {entry!r:.60}")
-                continue
-            if "image" not in entry:
-                problems.append(f"{where}: missing key 'image' (keys: {sorted(entry)})")
-                continue
-            if section != "test" and "label" not in entry:
-                problems.append(f"{where}: missing key 'label' (keys: {sorted(entry)}); "
-                                f"{section} cases need labels")
-                continue
-            bad = _entry_problems(entry)
-            if bad:
-                problems += [f"{where}: {b}" for b in bad]
-                continue
-            try:
-                image = _resolve(entry["image"], root, where, "image", json_path)
-            except DataError as e:
-                problems.append(e.problem if e.path == str(json_path) else str(e))
-                continue
-            name = entry.get("name") or _default_name(image)
-            if name in seen:
-                problems.append(f"{where}: duplicate case name {name!r} (also {seen[name]}); "
-                                "add a 'name' key")
-                continue
-            seen[name] = where
-            try:
-                label, labelled = _parse_annotation(entry, root, f"{where} (case {name!r})",
-                                                    json_path)
-            except DataError as e:
-                problems.append(e.problem if e.path == str(json_path) else str(e))
-                continue
-            meta = {k: v for k, v in entry.items()
-                    if k not in ("image", "label", "name", "labelled_frames")}
-            if "time_interval" in raw and "time_interval" not in meta:
-                meta["time_interval"] = raw["time_interval"]
-            getattr(out, section).append(Case(name, image, label, meta, spatial_dims,
-                                              labels or None, labelled))
     return out, problems
+
+
+def _parse_entry(entry: Any, section: str, where: str, raw: dict, out: Datalist,
+                 seen: dict[str, str]) -> Case:
+    """One entry of a section as a :class:`Case`; :class:`DataError` (its ``problem`` naming
+    ``where``, one problem per line) for a bad one. ``seen`` maps the case names so far to
+    where they were."""
+    json_path, root = out.path, out.path.parent
+    if isinstance(entry, str):
+        entry = {"image": entry}
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: an entry must be an object or a path, got {entry!r:.60}")
+    entry = {RENAMED_KEYS.get(k, k): v for k, v in entry.items()}
+    if "image" not in entry:
+        raise DataError(f"{where}: missing key 'image' (keys: {sorted(entry)})")
+    if section != "test" and "label" not in entry:
+        raise DataError(f"{where}: missing key 'label' (keys: {sorted(entry)}); {section} "
+                        "cases need labels")
+    bad = _entry_problems(entry)
+    if bad:  # one problem per line
+        raise DataError("\n".join(f"{where}: {b}" for b in bad))
+    image = _resolve(entry["image"], root, where, "image", json_path)
+    name = entry.get("name") or _default_name(image)
+    if name in seen:
+        raise DataError(f"{where}: duplicate case name {name!r} (also {seen[name]}); add a "
+                        "'name' key")
+    seen[name] = where
+    label, labelled = _parse_annotation(entry, root, f"{where} (case {name!r})", json_path)
+    meta = {k: v for k, v in entry.items()
+            if k not in ("image", "label", "name", "labelled_frames")}
+    if "time_interval" in raw and "time_interval" not in meta:
+        meta["time_interval"] = raw["time_interval"]
+    return Case(name, image, label, meta, out.spatial_dims, out.labels or None, labelled)
 
 
 def _ignore_class_problems(labels: dict[int, str]) -> list[str]:
@@ -431,11 +439,11 @@ def _entry_problems(entry: dict) -> list[str]:
     name = entry.get("name")
     if name is not None and not (isinstance(name, str) and name.strip()):
         out.append(f"'name' must be a non-empty string, got {name!r:.40}")
-    corrupted = entry.get("corrupted", [])
-    if not (isinstance(corrupted, list) and all(
-            isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in corrupted)):
-        out.append(f"'corrupted' must be a list of frame indices (integers >= 0), got "
-                   f"{corrupted!r:.40}")
+    degraded = entry.get("degraded", [])
+    if not (isinstance(degraded, list) and all(
+            isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in degraded)):
+        out.append(f"'degraded' must be a list of frame indices (integers >= 0), got "
+                   f"{degraded!r:.40}")
     return out + _time_interval_problems(entry)
 
 

@@ -513,6 +513,23 @@ def _read_nrrd(path, label):
         data = data[None, None]
     # data: (1, c, *s)
     d = data.ndim - 2
+    affine = _nrrd_affine(header, dirs, spatial, d)
+    units = header.get("space units")
+    keep = {k: v for k, v in header.items() if k.startswith("Segment")
+            or k.startswith("Segmentation_")}
+    geometry = Geometry(
+        format="nrrd-series", spatial_shape=data.shape[2:], frames=1, channels=data.shape[1],
+        affine=affine, space=str(header.get("space", "")),
+        space_unit=str(units[0]) if units else None, sources=(str(path),),
+        header={"nrrd_space_dimension": int(header.get("space dimension", d) or d),
+                "segment_fields": keep, **extra},
+    )
+    return data, geometry
+
+
+def _nrrd_affine(header, dirs, spatial: list[bool], d: int) -> np.ndarray:
+    """The ``(4, 4)`` voxel-to-world map of a NRRD's ``d`` spatial axes: ``space directions``
+    (or ``spacings``) and ``space origin``."""
     affine = np.eye(4)
     if dirs is not None:
         dirs_sp = np.asarray([dirs[i] for i in range(len(spatial)) if spatial[i]], dtype=float)
@@ -525,17 +542,7 @@ def _read_nrrd(path, label):
     if origin is not None:
         origin = np.asarray(origin, dtype=float)
         affine[: len(origin), 3] = origin
-    units = header.get("space units")
-    keep = {k: v for k, v in header.items() if k.startswith("Segment")
-            or k.startswith("Segmentation_")}
-    geometry = Geometry(
-        format="nrrd-series", spatial_shape=data.shape[2:], frames=1, channels=data.shape[1],
-        affine=affine, space=str(header.get("space", "")),
-        space_unit=str(units[0]) if units else None, sources=(str(path),),
-        header={"nrrd_space_dimension": int(header.get("space dimension", d) or d),
-                "segment_fields": keep, **extra},
-    )
-    return data, geometry
+    return affine
 
 
 def _merge_segment_layers(layers, header, path):

@@ -84,7 +84,7 @@ class PatchDataset(Dataset):
         samples_per_case: items per case per epoch.
         degrade: degrade random frames of the image (after ``augment``; labels untouched):
             ``True`` (default :class:`Degrade`), a :class:`Degrade`, a dict of its keyword
-            arguments, or ``False``/``None``. Degraded frames are marked in ``corrupted``.
+            arguments, or ``False``/``None``. Degraded frames are marked in ``degraded``.
             Occluders are placed over the foreground of annotated frames only.
         ignore_index: the value of the ``"ignore"`` class (never a crop centre), or ``None``.
 
@@ -95,8 +95,8 @@ class PatchDataset(Dataset):
     Shape:
         Items are dicts: ``image (t_win, c, *roi)`` float32 tensor, ``label (t_win, *roi)``
         int64 tensor, ``labelled (t_win,)`` bool tensor (annotated frames; False for
-        padding), ``length`` int, ``start`` int (first frame), ``corrupted (t_win,)`` bool
-        tensor (``meta["corrupted"]`` and the frames ``degrade`` degraded), ``case`` str.
+        padding), ``length`` int, ``start`` int (first frame), ``degraded (t_win,)`` bool
+        tensor (``meta["degraded"]`` and the frames ``degrade`` degraded), ``case`` str.
 
     Examples:
         >>> from clstm4d.data import make_synthetic_case
@@ -243,12 +243,11 @@ class PatchDataset(Dataset):
         if length < window:  # pad frames at the end
             img = np.concatenate([img, np.zeros((window - length, *img.shape[1:]), img.dtype)])
             lab = np.concatenate([lab, np.zeros((window - length, *lab.shape[1:]), lab.dtype)])
-        corrupted = degraded
-        for f in data.meta.get("corrupted", []):
+        for f in data.meta.get("degraded", []):
             if start <= f < start + length:
-                corrupted[f - start] = True
+                degraded[f - start] = True
         return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
                 "label": torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)),
                 "labelled": torch.from_numpy(labelled),
-                "length": length, "start": start, "corrupted": torch.from_numpy(corrupted),
+                "length": length, "start": start, "degraded": torch.from_numpy(degraded),
                 "case": data.name}

@@ -8,15 +8,15 @@ Every case is a 2D+t or 3D+t sequence (1D+t works too) drawn deterministically f
   pulse slightly, never touching the chamber or each other;
 - the image: bright objects on a dim textured background, multiplied by a smooth bias field
   and a slowly drifting global gain, plus Gaussian noise;
-- *degraded ("corrupted") frames* (never frame 0, never two in a row), with the families of
+- *degraded frames* (never frame 0, never two in a row), with the families of
   :mod:`clstm4d.data.degrade`: by default the full ones, ``"dropout"`` (the signal of the frame
   is gone: background and noise only) and ``"occlusion"`` (a box of object-like intensity
   hides every object and a random margin around it); on request the partial ones (reduced
   SNR, defocus, motion blur, ghosting, bias field and drift, partial occlusion), each with a
   strength. Labels stay exact on every frame, so on a degraded frame the earlier frames tell
   what the frame itself hides: a model with temporal memory can use them, a per-frame model
-  cannot. ``meta["corrupted"]`` lists those frames, ``meta["corruption"]`` their families and
-  ``meta["corruption_strength"]`` the strengths.
+  cannot. ``meta["degraded"]`` lists those frames, ``meta["degradation"]`` their families and
+  ``meta["degradation_strength"]`` the strengths.
 
 A second task, *cue-then-track* (:func:`make_cue_track_case`), measures how long a model
 remembers: two discs that look alike except during the first frames, labelled by identity.
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from clstm4d._common import check_spatial_dims
+from clstm4d.errors import ConfigError
 
 from ._common import Geometry
 from .datalist import CaseData, save_datalist
@@ -59,7 +60,7 @@ def _shape(size, spatial_dims) -> tuple[int, ...]:
         size = DEFAULT_SIZE[spatial_dims]
     shape = (int(size),) * spatial_dims if np.ndim(size) == 0 else tuple(int(n) for n in size)
     if len(shape) != spatial_dims or min(shape) < 16:
-        raise ValueError(f"size must be an int >= 16 or {spatial_dims} such ints, got {size!r}")
+        raise ConfigError(f"size must be an int >= 16 or {spatial_dims} such ints, got {size!r}")
     return shape
 
 
@@ -73,7 +74,7 @@ def _rotation(d: int, basis: np.ndarray, angle: float) -> np.ndarray:
     return basis @ g
 
 
-def _pick_corrupted(rng, frames: int, count: int) -> list[int]:
+def _pick_degraded(rng, frames: int, count: int) -> list[int]:
     """``count`` frames in 1..t-1, no two adjacent (so the frame before each one is clean)."""
     chosen: set[int] = set()
     for f in rng.permutation(np.arange(1, frames)):
@@ -86,8 +87,8 @@ def _pick_corrupted(rng, frames: int, count: int) -> list[int]:
 
 def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
                         size: int | Sequence[int] | None = None, spatial_dims: int = 2, *,
-                        blobs: int = 2, corrupted: int | Sequence[int] | None = None,
-                        corruption: str | Sequence[str] | Mapping[str, float] = FULL,
+                        blobs: int = 2, degraded: int | Sequence[int] | None = None,
+                        degradation: str | Sequence[str] | Mapping[str, float] = FULL,
                         noise: float = 0.08, drift: float = 0.1,
                         spacing: float | Sequence[float] = 1.0, time_interval: float = 0.05,
                         name: str | None = None) -> CaseData:
@@ -102,9 +103,9 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
             sampled more coarsely along an axis with a larger spacing.
         spatial_dims: 1, 2 or 3.
         blobs: number of drifting blobs (fewer if they cannot be placed apart).
-        corrupted: number of degraded frames (default ``round(t / 4)``, at most
+        degraded: number of degraded frames (default ``round(t / 4)``, at most
             ``(t - 1 + 1) // 2``) or the explicit frame indices.
-        corruption: the degradation families to draw from (one per degraded frame, uniformly)
+        degradation: the degradation families to draw from (one per degraded frame, uniformly)
             with their strengths: names (``"dropout"``, ``"snr"``, ..., or the groups
             ``"partial"``, ``"full"``, ``"all"``; partial families at strength 0.5, full ones
             at 1), ``"snr=0.3,defocus=0.5"``, or a mapping ``{name: strength}``; see
@@ -118,45 +119,73 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
 
     Returns:
         :class:`CaseData` with image ``(t, 1, *s)`` float32, label ``(t, *s)`` int64 (classes
-        :data:`CLASS_NAMES`), a NIfTI :class:`Geometry` and ``meta`` with ``"corrupted"``
-        (sorted frame indices), ``"corruption"`` (their families, same order) and
-        ``"corruption_strength"`` (their strengths).
+        :data:`CLASS_NAMES`), a NIfTI :class:`Geometry` and ``meta`` with ``"degraded"``
+        (sorted frame indices), ``"degradation"`` (their families, same order) and
+        ``"degradation_strength"`` (their strengths).
 
     Examples:
         >>> case = make_synthetic_case(seed=1, frames=8, size=32, spatial_dims=2)
-        >>> case.image.shape, case.label.shape, case.meta["corrupted"]
+        >>> case.image.shape, case.label.shape, case.meta["degraded"]
         ((8, 1, 32, 32), (8, 32, 32), [1, 5])
         >>> bool((make_synthetic_case(seed=1, frames=8, size=32).image == case.image).all())
         True
     """
     shape = _shape(size, spatial_dims)
     if frames < 1:
-        raise ValueError(f"frames must be >= 1, got {frames}")
+        raise ConfigError(f"frames must be >= 1, got {frames}")
     if blobs < 0:
-        raise ValueError(f"blobs must be >= 0, got {blobs}")
-    strength_of = parse_degradations(corruption, owner="corruption")
+        raise ConfigError(f"blobs must be >= 0, got {blobs}")
+    strength_of = parse_degradations(degradation, owner="degradation")
     if not strength_of:
-        raise ValueError(f"corruption must name at least one of {list(DEGRADATIONS)}, got "
-                         f"{corruption!r}")
-    names = list(strength_of)
+        raise ConfigError(f"degradation must name at least one of {list(DEGRADATIONS)}, got "
+                          f"{degradation!r}")
     if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+        raise ConfigError(f"noise must be >= 0, got {noise}")
     step = _spacing(spacing, spatial_dims)
     voxels = tuple(max(1, int(round(n / h))) for n, h in zip(shape, step, strict=True))
     if min(voxels) < 4:
-        raise ValueError(f"size {shape} at spacing {step} gives {voxels} voxels; every axis "
-                         "needs at least 4 (use a larger size or a finer spacing)")
+        raise ConfigError(f"size {shape} at spacing {step} gives {voxels} voxels; every axis "
+                          "needs at least 4 (use a larger size or a finer spacing)")
     rng = np.random.default_rng(seed)
-    d = spatial_dims
-    length = float(min(shape))
     # where the voxel centres lie in the scene: the voxels of a coarse axis tile the same extent
     # (at spacing 1, voxel i sits at i)
     centres = [((np.arange(v) + 0.5) * h - 0.5).astype(np.float32)
                for v, h in zip(voxels, step, strict=True)]
     grid = np.stack(np.meshgrid(*centres, indexing="ij"))  # (d, *s)
     t = np.arange(frames, dtype=np.float64)
+    chamber = _chamber(rng, t, shape)
+    tracks = _blob_tracks(rng, blobs, t, shape, chamber, seed)
+    label = _draw_labels(grid, chamber, tracks, frames)
+    # image formation
+    background = 0.2 + smooth_field(rng, grid, shape, 0.05)
+    bias = 1 + smooth_field(rng, grid, shape, 0.1)
+    levels = np.array([0.0, rng.uniform(0.9, 1.1), rng.uniform(0.65, 0.8)], np.float32)
+    gain = 1 + drift * np.sin(2 * np.pi * t / (rng.uniform(2, 4) * max(frames, 8))
+                              + rng.uniform(0, 2 * np.pi))
+    bad_frames = _degraded_frames(rng, frames, degraded)
+    names = list(strength_of)
+    kinds = [str(names[rng.integers(len(names))]) for _ in bad_frames]
+    strengths = [strength_of[k] for k in kinds]
+    image = np.empty((frames, 1, *voxels), np.float32)
+    for i in range(frames):
+        frame = background + np.where(label[i] > 0, levels[label[i]] - background, 0)
+        if i in bad_frames:  # degraded before gain, bias field and noise, as a camera would
+            j = bad_frames.index(i)
+            frame = degrade(frame[None], kinds[j], strengths[j], rng, label=label[i],
+                            background=0.7 * background, level=1.0, noise=0.0,
+                            extent=float(min(shape)) / np.asarray(step))[0]
+        frame = gain[i] * bias * frame + noise * rng.standard_normal(voxels, dtype=np.float32)
+        image[i, 0] = frame
+    geometry = Geometry.default("nifti", voxels, frames, spacing=step,
+                                origin=[(h - 1) / 2 for h in step], time_interval=time_interval)
+    meta = {"degraded": bad_frames, "degradation": kinds, "degradation_strength": strengths}
+    return CaseData(image, label, geometry, meta, name or f"synth_{_seed_name(seed)}")
 
-    # chamber: beating semi-axes, slow rotation, small sway of the centre
+
+def _chamber(rng: np.random.Generator, t: np.ndarray, shape: tuple[int, ...]) -> dict:
+    """The beating chamber: semi-axes ``(t, d)``, centres ``(t, d)`` (a small sway), the
+    rotation basis and speed, and the beat period."""
+    d, frames, length = len(shape), len(t), float(min(shape))
     period = rng.uniform(1.0, 1.6) * max(frames, 8)
     beat = np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))  # (t,)
     semi0 = rng.uniform(*{1: (0.1, 0.15), 2: (0.12, 0.18), 3: (0.15, 0.21)}[d], d) * length
@@ -169,9 +198,17 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
     basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
     omega = rng.uniform(-0.04, 0.04)
     angle0 = rng.uniform(0, np.pi)
+    return {"semi": semi, "centers": centers, "basis": basis, "omega": omega,
+            "angle0": angle0, "period": period}
 
-    # blobs: straight drift at constant speed, slight pulsing, kept apart from everything
-    tracks = []  # (positions (t, d), radii (t,))
+
+def _blob_tracks(rng: np.random.Generator, blobs: int, t: np.ndarray, shape: tuple[int, ...],
+                 chamber: dict, seed) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Blobs drifting straight at constant speed, pulsing slightly, kept apart from the
+    chamber and each other: ``(positions (t, d), radii (t,))`` each."""
+    d, length = len(shape), float(min(shape))
+    semi, centers, period = chamber["semi"], chamber["centers"], chamber["period"]
+    tracks: list[tuple[np.ndarray, np.ndarray]] = []
     rmin, rmax = (0.1, 0.13) if d == 3 else (0.07, 0.1)
     for _ in range(blobs):
         for _attempt in range(200):
@@ -191,59 +228,46 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
                 break
         else:
             logger.debug("make_synthetic_case(seed=%s): no room for another blob", seed)
+    return tracks
 
-    label = np.zeros((frames, *voxels), np.int64)
+
+def _draw_labels(grid: np.ndarray, chamber: dict, tracks, frames: int) -> np.ndarray:
+    """Label maps ``(t, *s)``: 1 inside the (rotating) chamber, 2 inside the blobs."""
+    d = grid.shape[0]
+    label = np.zeros((frames, *grid.shape[1:]), np.int64)
     for i in range(frames):
-        rot = _rotation(d, basis, angle0 + omega * i)
-        offset = grid - centers[i].reshape((d,) + (1,) * d)  # (d, *s)
+        rot = _rotation(d, chamber["basis"], chamber["angle0"] + chamber["omega"] * i)
+        offset = grid - chamber["centers"][i].reshape((d,) + (1,) * d)  # (d, *s)
         local = np.tensordot(rot.T, offset, axes=1)  # coordinates along the semi-axes
-        inside = (np.square(local / semi[i].reshape((d,) + (1,) * d))).sum(0) <= 1
+        inside = (np.square(local / chamber["semi"][i].reshape((d,) + (1,) * d))).sum(0) <= 1
         label[i][inside] = 1
         for pos, radii in tracks:
             offset = grid - pos[i].reshape((d,) + (1,) * d)
             label[i][np.square(offset).sum(0) <= radii[i] ** 2] = 2
+    return label
 
-    # image formation
-    background = 0.2 + smooth_field(rng, grid, shape, 0.05)
-    bias = 1 + smooth_field(rng, grid, shape, 0.1)
-    levels = np.array([0.0, rng.uniform(0.9, 1.1), rng.uniform(0.65, 0.8)], np.float32)
-    gain = 1 + drift * np.sin(2 * np.pi * t / (rng.uniform(2, 4) * max(frames, 8))
-                              + rng.uniform(0, 2 * np.pi))
-    if corrupted is None:
+
+def _degraded_frames(rng: np.random.Generator, frames: int, degraded) -> list[int]:
+    """The degraded frames: drawn (``None``: a quarter of the frames; an int: that many) or
+    given as indices."""
+    if degraded is None:
         count = min(int(round(frames / 4)), frames // 2)
-        bad_frames = _pick_corrupted(rng, frames, count)
-    elif np.ndim(corrupted) == 0:
-        if not 0 <= int(corrupted) <= frames // 2:
-            raise ValueError(f"corrupted: at most {frames // 2} non-adjacent frames after frame 0 "
-                             f"fit in {frames} frames, got {corrupted}")
-        bad_frames = _pick_corrupted(rng, frames, int(corrupted))
-    else:
-        bad_frames = sorted({int(f) for f in corrupted})
-        if any(not 0 <= f < frames for f in bad_frames):
-            raise ValueError(f"corrupted: frame indices must be in [0, {frames}), got {corrupted}")
-    kinds = [str(names[rng.integers(len(names))]) for _ in bad_frames]
-    strengths = [strength_of[k] for k in kinds]
-
-    image = np.empty((frames, 1, *voxels), np.float32)
-    for i in range(frames):
-        frame = background + np.where(label[i] > 0, levels[label[i]] - background, 0)
-        if i in bad_frames:  # degraded before gain, bias field and noise, as a camera would
-            j = bad_frames.index(i)
-            frame = degrade(frame[None], kinds[j], strengths[j], rng, label=label[i],
-                            background=0.7 * background, level=1.0, noise=0.0,
-                            extent=length / np.asarray(step))[0]
-        frame = gain[i] * bias * frame + noise * rng.standard_normal(voxels, dtype=np.float32)
-        image[i, 0] = frame
-    geometry = Geometry.default("nifti", voxels, frames, spacing=step,
-                                origin=[(h - 1) / 2 for h in step], time_interval=time_interval)
-    meta = {"corrupted": bad_frames, "corruption": kinds, "corruption_strength": strengths}
-    return CaseData(image, label, geometry, meta, name or f"synth_{_seed_name(seed)}")
+        return _pick_degraded(rng, frames, count)
+    if np.ndim(degraded) == 0:
+        if not 0 <= int(degraded) <= frames // 2:
+            raise ConfigError(f"degraded: at most {frames // 2} non-adjacent frames after "
+                              f"frame 0 fit in {frames} frames, got {degraded}")
+        return _pick_degraded(rng, frames, int(degraded))
+    bad_frames = sorted({int(f) for f in degraded})
+    if any(not 0 <= f < frames for f in bad_frames):
+        raise ConfigError(f"degraded: frame indices must be in [0, {frames}), got {degraded}")
+    return bad_frames
 
 
 def _spacing(spacing, spatial_dims: int) -> tuple[float, ...]:
     values = (spacing,) * spatial_dims if np.ndim(spacing) == 0 else tuple(spacing)
     if len(values) != spatial_dims or not all(np.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"spacing must be a positive number or {spatial_dims} of them (one "
+        raise ConfigError(f"spacing must be a positive number or {spatial_dims} of them (one "
                          f"per spatial axis), got {spacing!r}")
     return tuple(float(v) for v in values)
 
@@ -291,7 +315,7 @@ def make_cue_track_case(seed: int | Sequence[int] = 0, frames: int = 24,
     Returns:
         :class:`CaseData`: image ``(t, 1, *s)`` float32, label ``(t, *s)`` int64 with classes
         :data:`CUE_CLASS_NAMES`, ``meta`` with ``"cue_frames"``, ``"closest_frame"`` (the
-        frame of the closest approach after the cue) and empty ``"corrupted"``.
+        frame of the closest approach after the cue) and empty ``"degraded"``.
 
     Examples:
         >>> case = make_cue_track_case(seed=0, frames=12, size=32)
@@ -303,16 +327,16 @@ def make_cue_track_case(seed: int | Sequence[int] = 0, frames: int = 24,
     """
     shape = _shape(size, spatial_dims)
     if not 1 <= cue_frames < frames:
-        raise ValueError(f"cue_frames must be in [1, frames), got cue_frames={cue_frames}, "
+        raise ConfigError(f"cue_frames must be in [1, frames), got cue_frames={cue_frames}, "
                          f"frames={frames}")
     if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+        raise ConfigError(f"noise must be >= 0, got {noise}")
     rng = np.random.default_rng(seed)
     d = spatial_dims
     length = float(min(shape))
     r = 0.1 * length if radius is None else float(radius)
     if not 1 <= r <= length / 5:
-        raise ValueError(f"radius must be in [1, {length / 5:g}] voxels for size {shape}, "
+        raise ConfigError(f"radius must be in [1, {length / 5:g}] voxels for size {shape}, "
                          f"got {r:g}")
     t = np.arange(frames, dtype=np.float64)
     lo = np.full(d, r + 1.0)
@@ -328,7 +352,7 @@ def make_cue_track_case(seed: int | Sequence[int] = 0, frames: int = 24,
         if dist.min() >= 2 * r + 1 and dist[cue_frames:].min() <= 3.5 * r:
             break
     else:
-        raise ValueError(f"make_cue_track_case(seed={seed}): no pair of tracks that meet and "
+        raise ConfigError(f"make_cue_track_case(seed={seed}): no pair of tracks that meet and "
                          f"never overlap in {shape} x {frames} frames; use a larger size or "
                          f"smaller radius")
     grid = np.indices(shape, dtype=np.float32)  # (d, *s)
@@ -346,7 +370,7 @@ def make_cue_track_case(seed: int | Sequence[int] = 0, frames: int = 24,
         image[i, 0] = bias * frame + noise * rng.standard_normal(shape, dtype=np.float32)
     geometry = Geometry.default("nifti", shape, frames, spacing=(spacing,) * d,
                                 time_interval=time_interval)
-    meta = {"corrupted": [], "corruption": [], "cue_frames": int(cue_frames),
+    meta = {"degraded": [], "degradation": [], "cue_frames": int(cue_frames),
             "closest_frame": int(cue_frames + np.argmin(dist[cue_frames:]))}
     return CaseData(image, label, geometry, meta, name or f"cue_{_seed_name(seed)}")
 
@@ -356,7 +380,7 @@ def make_cue_track_case(seed: int | Sequence[int] = 0, frames: int = 24,
 TASKS = {
     "chamber": (make_synthetic_case, CLASS_NAMES,
                 "Synthetic time-resolved data: a beating chamber (1) and drifting blobs (2); "
-                "'corrupted' lists the degraded frames, 'corruption' their families."),
+                "'degraded' lists the degraded frames, 'degradation' their families."),
     "cue-track": (make_cue_track_case, CUE_CLASS_NAMES,
                   "Synthetic cue-then-track sequences: two look-alike discs told apart only "
                   "during the first 'cue_frames' frames, labelled by identity (1 cued, "
@@ -373,7 +397,7 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
     Layout (``format="nifti"``): ``out/imagesTr/case_000.nii.gz``,
     ``out/labelsTr/case_000.nii.gz`` (test cases under ``imagesTs``/``labelsTs``) and
     ``out/datalist.json`` with ``"labels"``, ``"spatial_dims"`` and, per entry, the case's
-    ``meta`` (``"corrupted"``, ``"corruption"``, ``"corruption_strength"``; ``"cue_frames"``
+    ``meta`` (``"degraded"``, ``"degradation"``, ``"degradation_strength"``; ``"cue_frames"``
     for the cue-then-track task).
     Series formats write one folder per case with ``frame_000...`` files (NRRD labels as
     ``.seg.nrrd``). Every file is written atomically and the datalist last, so an interrupted
@@ -391,7 +415,7 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
         test: number of extra cases in the ``test`` section (written with labels).
         task: ``"chamber"`` (:func:`make_synthetic_case`) or ``"cue-track"``
             (:func:`make_cue_track_case`).
-        case_kwargs: passed to the task's function (``blobs``, ``noise``, ``corruption``, ...).
+        case_kwargs: passed to the task's function (``blobs``, ``noise``, ``degradation``, ...).
 
     Examples:
         >>> import tempfile
@@ -404,14 +428,14 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
         >>> tmpdir.cleanup()
     """
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+        raise ConfigError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+        raise ConfigError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     make_case, class_names, description = TASKS[task]
     if cases < 1 or test < 0:
-        raise ValueError(f"cases must be >= 1 and test >= 0, got cases={cases}, test={test}")
+        raise ConfigError(f"cases must be >= 1 and test >= 0, got cases={cases}, test={test}")
     if not 0 <= validation < 1:
-        raise ValueError(f"validation must be a fraction in [0, 1), got {validation}")
+        raise ConfigError(f"validation must be a fraction in [0, 1), got {validation}")
     out = Path(out)
     n_val = int(round(cases * validation))
     if validation > 0 and cases >= 2:
@@ -455,38 +479,38 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def design_check(cases: int = 8, frames: int = 10, size: int | Sequence[int] | None = None,
                  spatial_dims: int = 2, seed: int = 0, **case_kwargs: Any) -> dict[str, float]:
-    """Measure, without a network, how much a corrupted frame needs the earlier frames.
+    """Measure, without a network, how much a degraded frame needs the earlier frames.
 
     Foreground Dice (all classes > 0 together), averaged over frames of ``cases`` cases drawn
     as :func:`write_synthetic_dataset` draws them:
 
     - ``clean_threshold``: the best global intensity threshold of each clean frame (an oracle
       per-frame rule: the threshold is chosen knowing the truth);
-    - ``corrupted_threshold``: the same on corrupted frames;
-    - ``corrupted_copy_previous``: copying the previous frame's mask to the corrupted frame
+    - ``degraded_threshold``: the same on degraded frames;
+    - ``degraded_copy_previous``: copying the previous frame's mask to the degraded frame
       (what remembering the sequence gives, without any extrapolation).
 
     Examples:
         >>> r = design_check(cases=2, frames=8, size=32)
-        >>> r["corrupted_copy_previous"] > 0.7 > r["corrupted_threshold"]
+        >>> r["degraded_copy_previous"] > 0.7 > r["degraded_threshold"]
         True
     """
-    clean, corrupt_thr, corrupt_copy = [], [], []
+    clean, degraded_thr, degraded_copy = [], [], []
     for i in range(cases):
         case = make_synthetic_case((seed, i), frames, size, spatial_dims, **case_kwargs)
         fg = case.label > 0
-        bad = case.meta["corrupted"]
+        bad = case.meta["degraded"]
         for t in range(frames):
             image = case.image[t, 0]
             levels = np.quantile(image, np.linspace(0.0, 0.995, 100))
             best = max(_dice(image > q, fg[t]) for q in levels)
             if t in bad:
-                corrupt_thr.append(best)
-                corrupt_copy.append(_dice(fg[t - 1], fg[t]))
+                degraded_thr.append(best)
+                degraded_copy.append(_dice(fg[t - 1], fg[t]))
             else:
                 clean.append(best)
     return {"clean_threshold": float(np.mean(clean)),
-            "corrupted_threshold": float(np.mean(corrupt_thr)) if corrupt_thr else float("nan"),
-            "corrupted_copy_previous": (float(np.mean(corrupt_copy)) if corrupt_copy
+            "degraded_threshold": float(np.mean(degraded_thr)) if degraded_thr else float("nan"),
+            "degraded_copy_previous": (float(np.mean(degraded_copy)) if degraded_copy
                                         else float("nan")),
-            "corrupted_frames": len(corrupt_thr), "clean_frames": len(clean)}
+            "degraded_frames": len(degraded_thr), "clean_frames": len(clean)}

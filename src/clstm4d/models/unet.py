@@ -312,24 +312,31 @@ class TimeResolvedUNet(nn.Module):
             "backend": backend, "fusion": fusion,
         }
 
-        widths = (in_channels, *channels)
+        self._build(norm, act, dropout, cell, rnn_kernel_size, backend, fusion)
+
+    def _build(self, norm: str, act: str, dropout: float, cell: str, rnn_kernel_size: int,
+               backend: str, fusion: str) -> None:
+        """The encoder and decoder stages, the head, and the recurrence at its levels."""
+        d, channels, strides, kernels = (self.spatial_dims, self.channels, self.strides,
+                                         self.kernel_sizes)
+        widths = (self.in_channels, *channels)
         self.encoder = nn.ModuleList(
-            EncoderStage(spatial_dims, widths[i], widths[i + 1], norm, act, dropout,
+            EncoderStage(d, widths[i], widths[i + 1], norm, act, dropout,
                          stride=strides[i - 1] if i > 0 else None, kernel_size=kernels[i])
             for i in range(len(channels))
         )
         # decoder[j] brings level j + 1 up to level j; it runs deepest first
         self.decoder = nn.ModuleList(
-            DecoderStage(spatial_dims, channels[j + 1], channels[j], norm, act, dropout,
+            DecoderStage(d, channels[j + 1], channels[j], norm, act, dropout,
                          stride=strides[j], kernel_size=kernels[j])
             for j in range(len(channels) - 1)
         )
-        self.head = layer("conv", spatial_dims, channels[0], out_channels, kernel_size=1)
+        self.head = layer("conv", d, channels[0], self.out_channels, kernel_size=1)
         levels = {"bottleneck": [len(channels) - 1], "skips": range(len(channels)),
-                  "none": []}[temporal]
+                  "none": []}[self.temporal]
         # the recurrent kernel follows its level's: 1 on the axes the level's convolutions skip
         self.recurrence = nn.ModuleDict({
-            str(level): _Recurrence(spatial_dims, channels[level], cell,
+            str(level): _Recurrence(d, channels[level], cell,
                                     tuple(rnn_kernel_size if k > 1 else 1
                                           for k in kernels[level]),
                                     self.bidirectional, level in self._recompute_levels,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,31 @@ class _ConvRNNBase(nn.Module):
         super().__init__()
         # an instance attribute: torch.compile (dynamo 2.4) cannot read it from the class
         self._cell = self._CELL
+        kernel, dil = self._check_args(spatial_dims, in_channels, hidden_channels, kernel_size,
+                                       num_layers, bias, bidirectional, dropout, dilation,
+                                       forget_bias, peephole, recompute, backend)
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.hidden_channels = hidden_channels
+        self.kernel_size = kernel
+        self.num_layers = num_layers
+        self.bias = bias
+        self.bidirectional = bidirectional
+        self.dropout = float(dropout)
+        self.dilation = dil
+        self.forget_bias = float(forget_bias)
+        self.peephole = peephole
+        self.recompute = recompute
+        self.backend = backend
+        self._pad = _same_padding(kernel, dil)
+
+        self._register_parameters({"device": device, "dtype": dtype})
+        self.reset_parameters()
+
+    def _check_args(self, spatial_dims, in_channels, hidden_channels, kernel_size, num_layers,
+                    bias, bidirectional, dropout, dilation, forget_bias, peephole, recompute,
+                    backend) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Validate the constructor's arguments; returns the per-axis kernel and dilation."""
         owner = type(self).__name__
         check_spatial_dims(spatial_dims, owner)
         check_int("in_channels", in_channels, 1, owner)
@@ -128,37 +154,26 @@ class _ConvRNNBase(nn.Module):
             warnings.warn(
                 f"{owner}: dropout={dropout} acts between stacked layers (not after the last "
                 f"one, as in nn.LSTM), so it has no effect with num_layers=1",
-                stacklevel=3,
+                stacklevel=4,
             )
+        return kernel, dil
 
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.hidden_channels = hidden_channels
-        self.kernel_size = kernel
-        self.num_layers = num_layers
-        self.bias = bias
-        self.bidirectional = bidirectional
-        self.dropout = float(dropout)
-        self.dilation = dil
-        self.forget_bias = float(forget_bias)
-        self.peephole = peephole
-        self.recompute = recompute
-        self.backend = backend
-        self._pad = _same_padding(kernel, dil)
-
-        factory = {"device": device, "dtype": dtype}
-        g, h = self._cell.num_gates * hidden_channels, hidden_channels
-        num_dirs = 2 if bidirectional else 1
+    def _register_parameters(self, factory: dict[str, Any]) -> None:
+        """``weight_ih``, ``weight_hh`` (and ``bias_ih``, ``bias_hh``, ``weight_peephole``) of
+        every layer and direction, named as ``nn.LSTM`` names them (``_l{k}[_reverse]``)."""
+        g, h = self._cell.num_gates * self.hidden_channels, self.hidden_channels
+        num_dirs = 2 if self.bidirectional else 1
         self._param_names: list[list[dict[str, str]]] = []
-        for layer in range(num_layers):
-            c_in = in_channels if layer == 0 else h * num_dirs
+        for layer in range(self.num_layers):
+            c_in = self.in_channels if layer == 0 else h * num_dirs
             per_dir = []
             for d in range(num_dirs):
                 sfx = "" if self._is_cell else f"_l{layer}" + ("_reverse" if d else "")
-                shapes = {"weight_ih": (g, c_in, *kernel), "weight_hh": (g, h, *kernel)}
-                if bias:
+                shapes = {"weight_ih": (g, c_in, *self.kernel_size),
+                          "weight_hh": (g, h, *self.kernel_size)}
+                if self.bias:
                     shapes.update(bias_ih=(g,), bias_hh=(g,))
-                if peephole:
+                if self.peephole:
                     shapes["weight_peephole"] = (3 * h,)
                 names = {}
                 for key, shape in shapes.items():
@@ -166,7 +181,6 @@ class _ConvRNNBase(nn.Module):
                     names[key] = key + sfx
                 per_dir.append(names)
             self._param_names.append(per_dir)
-        self.reset_parameters()
 
     # -- parameters -------------------------------------------------------------------------
     def reset_parameters(self) -> None:

@@ -26,7 +26,7 @@ from clstm4d._common import atomic_write_text, json_finite, nanmean
 from clstm4d.data import load_case, load_datalist, spread_frames, write_synthetic_dataset
 from clstm4d.data.degrade import DEGRADATIONS, parse_degradations
 from clstm4d.engine.evaluation.evaluate import (
-    dice_by_corruption,
+    dice_by_degradation,
     evaluate_sequence,
     write_frames_csv,
 )
@@ -51,7 +51,7 @@ class DemoOptions:
     docs/training.md for the measurement); ``dims=3`` runs the same comparison on volumes.
     ``size``, ``steps`` and ``batch_size`` left at ``None`` take the per-dimension defaults
     in :data:`DIMS_DEFAULTS`. ``degrade`` names the degradation families of the synthetic
-    data's degraded frames (``corrupted`` per sequence, default 3/8 of the frames: 6 of 16;
+    data's degraded frames (``degraded`` per sequence, default 3/8 of the frames: 6 of 16;
     see :mod:`clstm4d.data.degrade`): by default all of them, partial ones at strength 0.5
     and full ones at 1, so the report shows what memory buys per family.
     """
@@ -72,7 +72,7 @@ class DemoOptions:
     threads: int | None = None
     progress: bool = True
     degrade: str = "all"
-    corrupted: int | None = None
+    degraded: int | None = None
     overwrite: bool = False
     #: annotated frames per training sequence (spread as ED/ES would be: the first, one near
     #: the middle for 2); ``None`` = every frame. Evaluation always scores every frame.
@@ -203,9 +203,9 @@ def _write_data(opts: DemoOptions, out: Path, say: Callable[[str], None]
     datalist_path = write_synthetic_dataset(
         out / "data", cases=opts.cases, frames=opts.frames, size=opts.size,
         spatial_dims=opts.dims, seed=opts.seed, validation=0.0, test=opts.test,
-        corrupted=(opts.corrupted if opts.corrupted is not None
+        degraded=(opts.degraded if opts.degraded is not None
                    else min(opts.frames // 2, round(3 * opts.frames / 8))),
-        corruption=parse_degradations(opts.degrade, owner="demo degrade"),
+        degradation=parse_degradations(opts.degrade, owner="demo degrade"),
     )
     labelled = _annotate_sparsely(datalist_path, opts.frames, opts.labelled_frames)
     if opts.labelled_frames is not None:
@@ -250,14 +250,14 @@ def _evaluate(results: dict[str, Any], test_cases, dl, out: Path
         for c in test_cases:
             pred = r["predictor"].predict_array(c.image, c.geometry, name=c.name)
             ev = evaluate_sequence(pred, c.label, dl.num_classes, spacing=c.geometry.spacing,
-                                   corrupted=c.meta.get("corrupted", []),
-                                   corruption=c.meta.get("corruption", []),
+                                   degraded=c.meta.get("degraded", []),
+                                   degradation=c.meta.get("degradation", []),
                                    class_names=class_names)
-            per_case.append({"case": c.name, **ev["summary"]})
-            frames_all += [{"case": c.name, **row} for row in ev["frames"]]
+            per_case.append({"case": c.name, **ev.summary()})
+            frames_all += [{"case": c.name, **row} for row in ev.rows]
             if c is test_cases[0]:
                 showcase["preds"][name] = pred
-                showcase["curves"][name] = [row["dice"] for row in ev["frames"]]
+                showcase["curves"][name] = [row["dice"] for row in ev.rows]
         write_frames_csv(frames_all, out / f"frames_{r['slug']}.csv")
         models[name] = _model_entry(r, per_case, frames_all, time.perf_counter() - t_eval)
     return models, showcase
@@ -266,15 +266,15 @@ def _evaluate(results: dict[str, Any], test_cases, dl, out: Path
 def _model_entry(r: dict[str, Any], per_case: list[dict[str, Any]],
                  frames_all: list[dict[str, Any]], eval_seconds: float) -> dict[str, Any]:
     dice = np.array([f["dice"] for f in frames_all])
-    corr = np.array([f["corrupted"] for f in frames_all], bool)
+    corr = np.array([f["degraded"] for f in frames_all], bool)
     tr = r["train"]
     return {
         "model": r["predictor"].run.model_spec.to_dict(),
         "parameters": int(sum(p.numel() for p in r["predictor"].model.parameters())),
         "dice": float(dice.mean()),
-        "dice_corrupted": float(dice[corr].mean()) if corr.any() else float("nan"),
+        "dice_degraded": float(dice[corr].mean()) if corr.any() else float("nan"),
         "dice_clean": float(dice[~corr].mean()) if (~corr).any() else float("nan"),
-        "dice_by_corruption": dice_by_corruption(frames_all),
+        "dice_by_degradation": dice_by_degradation(frames_all),
         "hd95": nanmean(c["hd95"] for c in per_case),
         "volume_change_error": nanmean(c["volume_change_error"] for c in per_case),
         "consecutive_dice": nanmean(c["consecutive_dice"] for c in per_case),
@@ -289,15 +289,15 @@ def _model_entry(r: dict[str, Any], per_case: list[dict[str, Any]],
 
 
 def _plots(case, showcase: dict[str, Any], out: Path) -> dict[str, str]:
-    corrupted = case.meta.get("corrupted", [])
+    degraded = case.meta.get("degraded", [])
     return {
         "dice_per_frame": str(plot_dice_per_frame(
-            showcase["curves"], out / "dice_per_frame.png", corrupted=corrupted,
+            showcase["curves"], out / "dice_per_frame.png", degraded=degraded,
             title=f"Dice per frame, held-out sequence {case.name}")),
         "montage": str(overlay_montage(case.image, case.label, showcase["preds"],
-                                       out / "montage.png", corrupted=corrupted)),
+                                       out / "montage.png", degraded=degraded)),
         "gif": str(write_gif(case.image, case.label, showcase["preds"], out / "sequence.gif",
-                             corrupted=corrupted)),
+                             degraded=degraded)),
     }
 
 
@@ -306,8 +306,8 @@ def _report(opts: DemoOptions, models: dict[str, Any], datalist_path: Path, dl,
     names = list(models)
     margin, margin_by = float("nan"), {}
     if len(names) >= 2:
-        margin = models[names[0]]["dice_corrupted"] - models[names[1]]["dice_corrupted"]
-        first, second = (models[n]["dice_by_corruption"] for n in names[:2])
+        margin = models[names[0]]["dice_degraded"] - models[names[1]]["dice_degraded"]
+        first, second = (models[n]["dice_by_degradation"] for n in names[:2])
         margin_by = {k: first[k] - second[k] for k in first if k in second}
     return {
         "settings": {k: v for k, v in asdict(opts).items() if k != "progress"},
@@ -315,8 +315,8 @@ def _report(opts: DemoOptions, models: dict[str, Any], datalist_path: Path, dl,
                  "test_cases": len(dl.test), "classes": dl.labels, "frames": opts.frames,
                  "labelled_frames": labelled, "seconds": round(t_data, 2)},
         "models": models,
-        "corrupted_margin": margin,
-        "margin_by_corruption": margin_by,
+        "degraded_margin": margin,
+        "margin_by_degradation": margin_by,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -324,17 +324,17 @@ def _report(opts: DemoOptions, models: dict[str, Any], datalist_path: Path, dl,
 
 def format_table(report: dict[str, Any]) -> str:
     """The demo's result table as text (one row per model)."""
-    head = (f"{'model':<22} {'Dice all':>8} {'corrupted':>9} {'clean':>7} {'HD95':>6} "
+    head = (f"{'model':<22} {'Dice all':>8} {'degraded':>9} {'clean':>7} {'HD95':>6} "
             f"{'train s':>8} {'peak MB':>8} {'params':>8}")
     lines = [head, "-" * len(head)]
     for name, m in report["models"].items():
         lines.append(
-            f"{name:<22} {m['dice']:>8.3f} {m['dice_corrupted']:>9.3f} {m['dice_clean']:>7.3f} "
+            f"{name:<22} {m['dice']:>8.3f} {m['dice_degraded']:>9.3f} {m['dice_clean']:>7.3f} "
             f"{_fmt(m['hd95']):>6} {m['train_seconds']:>8.1f} {m['peak_memory_mb']:>8.1f} "
             f"{m['parameters']:>8d}"
         )
-    margin = report["corrupted_margin"]
-    lines.append(f"temporal - per-frame Dice on corrupted frames: {margin:+.3f}")
+    margin = report["degraded_margin"]
+    lines.append(f"temporal - per-frame Dice on degraded frames: {margin:+.3f}")
     data = report.get("data", {})
     if "labelled_frames" in data:
         n, t = len(data["labelled_frames"]), data["frames"]
@@ -344,7 +344,7 @@ def format_table(report: dict[str, Any]) -> str:
     overrides = report.get("settings", {}).get("overrides")
     if overrides:
         lines.append(f"both models trained with --set {' --set '.join(overrides)}")
-    lines += ["", *format_by_corruption(report)]
+    lines += ["", *format_by_degradation(report)]
     return "\n".join(lines)
 
 
@@ -362,20 +362,20 @@ def _annotate_sparsely(datalist_path: Path, frames: int, n: int | None) -> list[
     return chosen
 
 
-def format_by_corruption(report: dict[str, Any]) -> list[str]:
+def format_by_degradation(report: dict[str, Any]) -> list[str]:
     """Lines of the per-degradation table: Dice of every model per family, and the gain of
     the first model over the second."""
     models = report["models"]
     names = list(models)
-    margin = report.get("margin_by_corruption") or {}
-    kinds = [k for k in models[names[0]].get("dice_by_corruption", {}) if k != "clean"]
+    margin = report.get("margin_by_degradation") or {}
+    kinds = [k for k in models[names[0]].get("dice_by_degradation", {}) if k != "clean"]
     if not kinds:
         return []
     kinds = sorted(kinds, key=lambda k: DEGRADATIONS.index(k) if k in DEGRADATIONS else 99)
     head = f"{'degradation':<18} " + " ".join(f"{n[:20]:>20}" for n in names) + f" {'gain':>7}"
     lines = [head, "-" * len(head)]
     for k in [*kinds, "clean"]:
-        cells = " ".join(f"{models[n]['dice_by_corruption'].get(k, float('nan')):>20.3f}"
+        cells = " ".join(f"{models[n]['dice_by_degradation'].get(k, float('nan')):>20.3f}"
                          for n in names)
         lines.append(f"{k:<18} {cells} {margin.get(k, float('nan')):>+7.3f}")
     return lines

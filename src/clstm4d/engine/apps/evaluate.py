@@ -7,7 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clstm4d.engine.evaluation.evaluate import evaluate_files, write_evaluation
+from clstm4d.engine.evaluation.evaluate import (
+    EvaluationResult,
+    evaluate_files,
+    write_evaluation,
+)
 from clstm4d.engine.run.folders import OutputFolder
 
 __all__ = ["run_evaluate"]
@@ -16,7 +20,7 @@ __all__ = ["run_evaluate"]
 def run_evaluate(pred: str | Path | Sequence[str | Path],
                  label: str | Path | Sequence[str | Path] | None = None, *,
                  out: str | Path | None = None, overwrite: bool = False,
-                 **options: Any) -> tuple[dict[str, Any], list[Path]]:
+                 **options: Any) -> tuple[EvaluationResult, list[Path]]:
     """:func:`~clstm4d.engine.evaluation.evaluate.evaluate_files` (``options`` are its
     keyword arguments), then, with ``out``, its files written there.
 

@@ -6,35 +6,90 @@ Examples:
     >>> import numpy as np
     >>> label = np.zeros((4, 8, 8), np.int64); label[:, 2:6, 2:6] = 1
     >>> pred = label.copy(); pred[1] = 0          # the prediction misses frame 1
-    >>> r = evaluate_sequence(pred, label, num_classes=2, corrupted=[1])
-    >>> round(r["summary"]["dice"], 3), r["summary"]["dice_corrupted"], r["summary"]["dice_clean"]
+    >>> r = evaluate_sequence(pred, label, num_classes=2, degraded=[1])
+    >>> round(r.dice, 3), r.dice_degraded, r.dice_clean
     (0.75, 0.0, 1.0)
-    >>> [row["dice"] for row in r["frames"]]
+    >>> [row["dice"] for row in r.rows]
     [1.0, 0.0, 1.0, 1.0]
     >>> r = evaluate_sequence(pred, label, num_classes=2, frames=[0, 3])  # annotated frames
-    >>> [row["frame"] for row in r["frames"]], r["summary"]["dice"]
+    >>> r.frames, r.dice
     ([0, 3], 1.0)
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clstm4d._common import atomic_write_text, nanmean
+from clstm4d._common import atomic_write_text, json_finite, nanmean
 from clstm4d.data import load_case, load_datalist, read_label
 from clstm4d.errors import UserError
 
 from .metrics import dice_per_frame, drop_ignored, hd95_per_frame, temporal_consistency
 from .plots import plot_dice_per_frame, plot_volumes
 
-__all__ = ["dice_by_corruption", "evaluate_files", "evaluate_sequence", "parse_frames",
-           "write_evaluation", "write_frames_csv"]
+__all__ = ["EvaluationResult", "dice_by_degradation", "evaluate_files", "evaluate_sequence",
+           "parse_frames", "write_evaluation", "write_frames_csv"]
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate_sequence` measured on one sequence.
+
+    Attributes:
+        rows: one dict per scored frame (``frame``, ``degraded``, ``dice`` (mean over the
+            foreground classes), ``dice_<class>``, ``hd95_<class>``, ``volume_<class>``,
+            ``label_volume_<class>``, and ``degradation`` when the kinds were given): the
+            rows of ``frames.csv``.
+        frames: the scored frame indices, in order.
+        dice, dice_degraded, dice_clean: mean per-frame Dice over all scored frames, over the
+            degraded ones and over the others (NaN where there are none).
+        hd95: mean HD95 over frames and classes (NaN where undefined or not computed).
+        temporal: how smoothly the segmented volume changes, mean over the classes (see
+            :func:`~clstm4d.engine.evaluation.metrics.temporal_consistency`).
+        per_class: class name -> ``{"dice", "hd95", <temporal measures>}``.
+        class_names: class index -> name (foreground classes).
+        case: the datalist case evaluated (:func:`evaluate_files`), if any.
+        degraded: the frames reported as degraded.
+    """
+
+    rows: list[dict[str, Any]]
+    frames: list[int]
+    dice: float
+    dice_degraded: float
+    dice_clean: float
+    hd95: float
+    temporal: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    class_names: dict[int, str]
+    case: str | None = None
+    degraded: list[int] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including background."""
+        return len(self.class_names) + 1
+
+    def summary(self) -> dict[str, Any]:
+        """One flat dict (``summary.json``): ``frames`` (how many were scored),
+        ``scored_frames``, ``dice``, ``dice_degraded``, ``dice_clean``, ``hd95``, the temporal
+        measures, and per class ``dice_<class>``, ``hd95_<class>``, ``<measure>_<class>``."""
+        out: dict[str, Any] = {"frames": len(self.frames), "scored_frames": self.frames,
+                               "dice": self.dice, "dice_degraded": self.dice_degraded,
+                               "dice_clean": self.dice_clean, "hd95": self.hd95}
+        for name, values in self.per_class.items():
+            out[f"dice_{name}"], out[f"hd95_{name}"] = values["dice"], values["hd95"]
+        out.update(self.temporal)
+        for name, values in self.per_class.items():
+            out.update({f"{k}_{name}": v for k, v in values.items() if k in self.temporal})
+        return out
 
 
 def evaluate_sequence(
@@ -43,40 +98,39 @@ def evaluate_sequence(
     num_classes: int,
     *,
     spacing: Sequence[float] | None = None,
-    corrupted: Sequence[int] = (),
+    degraded: Sequence[int] = (),
     class_names: dict[int, str] | None = None,
     hd95: bool = True,
-    corruption: Sequence[str] = (),
+    degradation: Sequence[str] = (),
     frames: Sequence[int] | None = None,
     ignore_index: int | None = None,
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Compare a predicted label sequence with the truth, frame by frame.
 
     Args:
         pred, label: ``(t, *s)`` integer class maps.
         num_classes: ``k`` including background (the ``"ignore"`` class not counted).
         spacing: voxel size per spatial axis, so HD95 comes in physical units.
-        corrupted: frames to report separately (``dice_corrupted`` / ``dice_clean``).
+        degraded: frames to report separately (``dice_degraded`` / ``dice_clean``).
         class_names: index -> name for the per-class columns (default ``class1``, ...).
         hd95: compute the 95th-percentile Hausdorff distance (the slowest part).
-        corruption: the kind of each frame in ``corrupted`` (same order, e.g. a synthetic
-            case's ``meta["corruption"]``); rows then carry it (``""`` on clean frames) and
-            :func:`dice_by_corruption` groups them.
+        degradation: the kind of each frame in ``degraded`` (same order, e.g. a synthetic
+            case's ``meta["degradation"]``); rows then carry it (``""`` on clean frames) and
+            :func:`dice_by_degradation` groups them.
         frames: score only these frames (e.g. the annotated ones); ``None`` = all.
         ignore_index: label value whose voxels are left out of every measure.
 
     Returns:
-        ``{"frames": [one row per scored frame: frame, corrupted, dice (mean over foreground
-        classes), dice_<class>, hd95_<class>, volume_<class>, label_volume_<class>],
-        "summary": {frames (how many were scored), scored_frames, dice, dice_corrupted,
-        dice_clean, hd95, dice_<class>, temporal consistency measures over the scored frames
-        in order (see :func:`~clstm4d.engine.evaluation.metrics.temporal_consistency`)}}``.
+        An :class:`EvaluationResult`.
     """
     pred, label = np.asarray(pred), np.asarray(label)
     if pred.shape != label.shape:
         raise ValueError(
             f"prediction {pred.shape} and label {label.shape} must have the same shape (t, *s)"
         )
+    if degradation and len(degradation) != len(degraded):
+        raise ValueError(f"degradation needs one kind per degraded frame: {len(degraded)} "
+                         f"frames, {len(degradation)} kinds")
     scored = list(range(pred.shape[0])) if frames is None else parse_frames(
         frames, pred.shape[0])
     pred, label = drop_ignored(pred[scored], label[scored], ignore_index)  # (scored, *s)
@@ -84,42 +138,39 @@ def evaluate_sequence(
     dice = dice_per_frame(pred, label, num_classes).numpy()  # (scored, k-1)
     hd = (hd95_per_frame(pred, label, num_classes, spacing).numpy() if hd95
           else np.full_like(dice, np.nan))
+    kinds = dict(zip((int(f) for f in degraded), degradation, strict=False))
+    rows = _rows(pred, label, scored, dice, hd, names, spacing, {int(f) for f in degraded},
+                 kinds if degradation else None)
+    per_frame = dice.mean(1)
+    is_d = np.array([r["degraded"] for r in rows], bool)
+    temporal = temporal_consistency(pred, label, num_classes)
+    per_class = {name: {"dice": float(dice[:, j].mean()), "hd95": nanmean(hd[:, j]),
+                        **{key: values[j] for key, values in temporal.items()}}
+                 for j, name in enumerate(names.values())}
+    return EvaluationResult(
+        rows=rows, frames=scored, dice=float(per_frame.mean()),
+        dice_degraded=float(per_frame[is_d].mean()) if is_d.any() else float("nan"),
+        dice_clean=float(per_frame[~is_d].mean()) if (~is_d).any() else float("nan"),
+        hd95=nanmean(hd), temporal={key: nanmean(v) for key, v in temporal.items()},
+        per_class=per_class, class_names=names, degraded=sorted({int(f) for f in degraded}))
+
+
+def _rows(pred, label, scored, dice, hd, names, spacing, degraded, kinds):
+    """One row per scored frame (see :class:`EvaluationResult`)."""
     voxel = float(np.prod(spacing)) if spacing is not None else 1.0
-    corrupted_set = {int(f) for f in corrupted}
-    if corruption and len(corruption) != len(corrupted):
-        raise ValueError(f"corruption needs one kind per corrupted frame: {len(corrupted)} "
-                         f"frames, {len(corruption)} kinds")
-    kind_of = {int(f): str(k) for f, k in zip(corrupted, corruption, strict=False)}
     rows = []
     for i, f in enumerate(scored):
-        row: dict[str, Any] = {"frame": f, "corrupted": f in corrupted_set,
+        row: dict[str, Any] = {"frame": f, "degraded": f in degraded,
                                "dice": float(dice[i].mean())}
-        if corruption:
-            row["corruption"] = kind_of.get(f, "")
-        for j, k in enumerate(names):
-            row[f"dice_{names[k]}"] = float(dice[i, j])
-            row[f"hd95_{names[k]}"] = float(hd[i, j])
-            row[f"volume_{names[k]}"] = float((pred[i] == k).sum()) * voxel
-            row[f"label_volume_{names[k]}"] = float((label[i] == k).sum()) * voxel
+        if kinds is not None:
+            row["degradation"] = str(kinds.get(f, ""))
+        for j, (k, name) in enumerate(names.items()):
+            row[f"dice_{name}"] = float(dice[i, j])
+            row[f"hd95_{name}"] = float(hd[i, j])
+            row[f"volume_{name}"] = float((pred[i] == k).sum()) * voxel
+            row[f"label_volume_{name}"] = float((label[i] == k).sum()) * voxel
         rows.append(row)
-    per_frame = dice.mean(1)
-    is_c = np.array([r["corrupted"] for r in rows], bool)
-    summary: dict[str, Any] = {
-        "frames": len(scored),
-        "scored_frames": scored,
-        "dice": float(per_frame.mean()),
-        "dice_corrupted": float(per_frame[is_c].mean()) if is_c.any() else float("nan"),
-        "dice_clean": float(per_frame[~is_c].mean()) if (~is_c).any() else float("nan"),
-        "hd95": nanmean(hd),
-    }
-    for j, k in enumerate(names):
-        summary[f"dice_{names[k]}"] = float(dice[:, j].mean())
-        summary[f"hd95_{names[k]}"] = nanmean(hd[:, j])
-    for key, values in temporal_consistency(pred, label, num_classes).items():
-        summary[key] = nanmean(values)
-        for j, k in enumerate(names):
-            summary[f"{key}_{names[k]}"] = values[j]
-    return {"frames": rows, "summary": summary}
+    return rows
 
 
 def parse_frames(frames: str | Sequence[int], t: int | None = None,
@@ -149,17 +200,17 @@ def evaluate_files(pred: str | Path | Sequence[str | Path],
                    label: str | Path | Sequence[str | Path] | None = None, *,
                    datalist: str | Path | None = None, case: str | None = None,
                    frames: str | Sequence[int] | None = None,
-                   corrupted: str | Sequence[int] | None = None,
-                   num_classes: int | None = None, hd95: bool = True) -> dict[str, Any]:
+                   degraded: str | Sequence[int] | None = None,
+                   num_classes: int | None = None, hd95: bool = True) -> EvaluationResult:
     """Read a prediction and its reference and evaluate them (what ``clstm4d evaluate`` does).
 
     The reference is either ``label`` (file(s)) or the entry ``case`` of ``datalist``; from a
     datalist entry come its annotated frames (the frames scored unless ``frames`` is given,
-    which must then be annotated ones), its corrupted frames, the class names, the number of
+    which must then be annotated ones), its degraded frames, the class names, the number of
     classes and the ``"ignore"`` class.
 
     Returns:
-        :func:`evaluate_sequence`'s result plus ``num_classes``, ``class_names`` and ``case``.
+        :func:`evaluate_sequence`'s result, with ``case`` set.
     """
     paths = [pred] if isinstance(pred, (str, Path)) else list(pred)
     for f in paths + ([label] if isinstance(label, (str, Path)) else list(label or [])):
@@ -178,8 +229,8 @@ def evaluate_files(pred: str | Path | Sequence[str | Path],
         names = {k: v for k, v in dl.labels.items() if k and k != dl.ignore_index}
         ignore, case = dl.ignore_index, chosen.name
         num_classes = num_classes or dl.num_classes or None
-        if corrupted is None:
-            corrupted = chosen.meta.get("corrupted", [])
+        if degraded is None:
+            degraded = chosen.meta.get("degraded", [])
     else:
         reference, geometry = read_label(label if isinstance(label, (str, Path)) or
                                          len(label) != 1 else label[0])
@@ -196,19 +247,17 @@ def evaluate_files(pred: str | Path | Sequence[str | Path],
             raise UserError(f"--frames {unannotated}: not annotated in case '{case}' "
                             f"(annotated frames: {annotated})")
         scored = scored or annotated
-    if isinstance(corrupted, str):
-        corrupted = parse_frames(corrupted, t, "corrupted") if corrupted.strip() else []
-    corrupted = list(corrupted or [])
+    if isinstance(degraded, str):
+        degraded = parse_frames(degraded, t, "degraded") if degraded.strip() else []
+    degraded = list(degraded or [])
     if not num_classes:  # from the values: the largest class seen, ignore voxels aside
         _, kept = drop_ignored(prediction, reference, ignore)
         num_classes = int(max(prediction.max(), kept.max())) + 1
     k = max(num_classes, 2)
     result = evaluate_sequence(prediction, reference, k, spacing=geometry.spacing,
-                               corrupted=corrupted, class_names=names, hd95=hd95,
+                               degraded=degraded, class_names=names, hd95=hd95,
                                frames=scored, ignore_index=ignore)
-    names = {j: names.get(j, f"class{j}") for j in range(1, k)}
-    return {**result, "num_classes": k, "class_names": names, "case": case,
-            "corrupted": corrupted}
+    return dataclasses.replace(result, case=case)
 
 
 def _datalist_case(dl, name: str | None, path):
@@ -228,41 +277,38 @@ def _datalist_case(dl, name: str | None, path):
                     f"{', '.join(c.name for c in cases[:20])})")
 
 
-def write_evaluation(result: dict[str, Any], out: str | Path) -> list[Path]:
+def write_evaluation(result: EvaluationResult, out: str | Path) -> list[Path]:
     """Write ``frames.csv``, ``summary.json``, ``dice_per_frame.png`` and
     ``volume_per_frame.png`` for an :func:`evaluate_files` result into ``out``."""
     import json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_frames_csv(result["frames"], out / "frames.csv")]
-    summary = {key: (v if not isinstance(v, float) or np.isfinite(v) else None)
-               for key, v in result["summary"].items()}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    written = [write_frames_csv(result.rows, out / "frames.csv")]
+    atomic_write_text(out / "summary.json", json.dumps(json_finite(result.summary()), indent=2))
     written.append(out / "summary.json")
-    names = list(result["class_names"].values())
-    rows = result["frames"]
-    curves = {n: [r[f"dice_{n}"] for r in rows] for n in names}
+    names = list(result.class_names.values())
+    curves = {n: [r[f"dice_{n}"] for r in result.rows] for n in names}
     written.append(plot_dice_per_frame(curves, out / "dice_per_frame.png",
-                                       corrupted=result.get("corrupted", []), ylabel="Dice",
-                                       frames=[r["frame"] for r in rows]))
-    written.append(plot_volumes(rows, names, out / "volume_per_frame.png"))
+                                       degraded=result.degraded, ylabel="Dice",
+                                       frames=result.frames))
+    written.append(plot_volumes(result.rows, names, out / "volume_per_frame.png"))
     return written
 
 
-def dice_by_corruption(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+def dice_by_degradation(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Mean per-frame Dice of ``rows`` (from any number of sequences) grouped by their
-    ``"corruption"`` kind; ``"clean"`` for the frames without one.
+    ``"degradation"`` kind; ``"clean"`` for the frames without one.
 
     Examples:
-        >>> rows = [{"dice": 1.0, "corruption": ""}, {"dice": 0.5, "corruption": "snr"},
-        ...         {"dice": 0.7, "corruption": "snr"}]
-        >>> dice_by_corruption(rows)
+        >>> rows = [{"dice": 1.0, "degradation": ""}, {"dice": 0.5, "degradation": "snr"},
+        ...         {"dice": 0.7, "degradation": "snr"}]
+        >>> dice_by_degradation(rows)
         {'clean': 1.0, 'snr': 0.6}
     """
     groups: dict[str, list[float]] = {}
     for r in rows:
-        groups.setdefault(r.get("corruption") or "clean", []).append(r["dice"])
+        groups.setdefault(r.get("degradation") or "clean", []).append(r["dice"])
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
 

@@ -67,27 +67,27 @@ def _overlay(gray: np.ndarray, labels: np.ndarray | None, alpha: float = 0.45) -
 
 
 def plot_dice_per_frame(curves: Mapping[str, Sequence[float]], path: str | Path, *,
-                        corrupted: Sequence[int] = (), title: str = "Dice per frame",
+                        degraded: Sequence[int] = (), title: str = "Dice per frame",
                         ylabel: str = "Dice (mean over foreground classes)",
                         frames: Sequence[int] | None = None) -> Path:
-    """Line plot of one Dice curve per model, corrupted frames shaded.
+    """Line plot of one Dice curve per model, degraded frames shaded.
 
     Args:
         curves: model name -> Dice of each frame.
         path: the PNG to write.
-        corrupted: frame indices to shade.
+        degraded: frame indices to shade.
         frames: the frame index of each value (default 0, 1, ...), for curves scored on
             some frames only.
     """
     plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
-    for f in corrupted:
+    for f in degraded:
         ax.axvspan(f - 0.5, f + 0.5, color="0.85", lw=0)
     for name, values in curves.items():
         x = np.arange(len(values)) if frames is None else np.asarray(frames)
         ax.plot(x, values, marker="o", ms=3.5, label=name)
-    if len(corrupted):
-        ax.plot([], [], color="0.85", lw=8, label="corrupted frame")
+    if len(degraded):
+        ax.plot([], [], color="0.85", lw=8, label="degraded frame")
     ax.set_xlabel("frame")
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
@@ -125,22 +125,22 @@ def plot_volumes(rows: Sequence[Mapping[str, float]], class_names: Sequence[str]
 
 
 def overlay_montage(image, label, preds: Mapping[str, np.ndarray], path: str | Path, *,
-                    frames: Sequence[int] | None = None, corrupted: Sequence[int] = (),
+                    frames: Sequence[int] | None = None, degraded: Sequence[int] = (),
                     max_frames: int = 10) -> Path:
     """Rows: image, label, then each prediction (overlaid on the image); columns: frames.
 
     Args:
         image: ``(t, c, *s)``; label: ``(t, *s)`` or None; preds: name -> ``(t, *s)``.
         frames: which frames to show (default: up to ``max_frames`` evenly spaced, always
-            including the corrupted ones).
-        corrupted: frames whose column title is marked.
+            including the degraded ones).
+        degraded: frames whose column title is marked.
     """
     plt = _matplotlib()
     t = np.asarray(image).shape[0]
     if frames is None:
         frames = list(range(t)) if t <= max_frames else sorted(
-            set(np.linspace(0, t - 1, max_frames - len(corrupted)).round().astype(int).tolist())
-            | {int(c) for c in corrupted})
+            set(np.linspace(0, t - 1, max_frames - len(degraded)).round().astype(int).tolist())
+            | {int(c) for c in degraded})
     names = ["image", "label", *preds]
     gray, maps = _frames_2d(image, [label, *preds.values()])
     fig, axes = plt.subplots(len(names), len(frames), squeeze=False,
@@ -153,7 +153,7 @@ def overlay_montage(image, label, preds: Mapping[str, np.ndarray], path: str | P
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                mark = " (corrupted)" if f in set(corrupted) else ""
+                mark = " (degraded)" if f in set(degraded) else ""
                 ax.set_title(f"t={f}{mark}", fontsize=7, color="red" if mark else "black")
             if j == 0:
                 ax.set_ylabel(name, fontsize=8)
@@ -165,13 +165,13 @@ def overlay_montage(image, label, preds: Mapping[str, np.ndarray], path: str | P
 
 
 def write_gif(image, label, preds: Mapping[str, np.ndarray], path: str | Path, *,
-              corrupted: Sequence[int] = (), scale: int = 3, ms_per_frame: int = 350) -> Path:
+              degraded: Sequence[int] = (), scale: int = 3, ms_per_frame: int = 350) -> Path:
     """An animated GIF: per frame, panels image | label | each prediction side by side.
 
     Args:
         image: ``(t, c, *s)``; label: ``(t, *s)`` or None; preds: name -> ``(t, *s)``.
         scale: integer upscaling of every panel.
-        corrupted: frames marked "corrupted" in the caption.
+        degraded: frames marked "degraded" in the caption.
     """
     from PIL import Image, ImageDraw
 
@@ -189,9 +189,9 @@ def write_gif(image, label, preds: Mapping[str, np.ndarray], path: str | Path, *
         im = Image.fromarray(canvas)
         draw = ImageDraw.Draw(im)
         for i, name in enumerate(titles):
-            text = name if i else f"t={f}" + (" corrupted" if f in set(corrupted) else "")
+            text = name if i else f"t={f}" + (" degraded" if f in set(degraded) else "")
             draw.text((i * (w + 4) + 2, 2), text,
-                      fill=(200, 0, 0) if (i == 0 and f in set(corrupted)) else (0, 0, 0))
+                      fill=(200, 0, 0) if (i == 0 and f in set(degraded)) else (0, 0, 0))
         frames_out.append(im.convert("P", palette=Image.Palette.ADAPTIVE, colors=255))
     path = Path(path)
     frames_out[0].save(path, save_all=True, append_images=frames_out[1:], duration=ms_per_frame,

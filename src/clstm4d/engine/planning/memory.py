@@ -212,6 +212,105 @@ def _build_meta(key: str):
         return create_model(cfg.pop("name"), **cfg)
 
 
+class _Step:
+    """The sizes of one training step that the memory model counts from: the model (on the
+    meta device), the per-level maps of the folded batch and the bytes per element."""
+
+    def __init__(self, model, roi: tuple[int, ...], window: int, batch: int, precision: str,
+                 device: str):
+        self.tac = isinstance(model, TimeAsChannelsUNet)
+        self.unet = unet = model.unet if self.tac else model
+        self.model, self.device, self.const = model, device, CONSTANTS[device]
+        cfg = unet.config
+        self.folded = batch if self.tac else batch * window  # items of the per-frame network
+        self.sizes = [math.prod(s) for s in level_shapes(roi, unet.strides)]
+        self.elems = [self.folded * c * s
+                      for c, s in zip(unet.channels, self.sizes, strict=True)]  # E_l
+        self.low = low = precision != "fp32"
+        self.a = 2 if low else 4  # bytes of a convolution's input/output under this precision
+        norm = cfg["norm"]
+        # group_norm is on CUDA autocast's float32 list (not on CPU's): normalised maps fp32
+        norm32 = low and device == "cuda" and norm in ("instance", "group")
+        self.an = an = 4 if norm32 else self.a  # bytes of a normalised/activated map
+        per_unit = (0 if norm == "none" else an) + an  # norm input + activation output
+        if cfg["dropout"] > 0:  # the mask (float on CPU, bool on CUDA) + the dropped output
+            per_unit += (an if device == "cpu" else 1) + an
+        cast = 2 if norm32 else 0  # the low-precision copy a conv makes of an fp32 input
+        self.unit_pair = 2 * per_unit + cast  # two units; the second one's input is cast
+        self.chunkable = norm != "batch" and cfg["dropout"] == 0
+
+    def stages(self, lv: int) -> tuple[float, float, int]:
+        """Saved bytes of level ``lv``'s encoder and decoder stages, and (recomputed levels)
+        the largest recomputed piece with the gradient of the level's map."""
+        unet, a, e, folded = self.unet, self.a, self.elems[lv], self.folded
+        channels, sizes = unet.channels, self.sizes
+        inputs = folded * sizes[lv] * (unet.in_channels if lv == 0 else channels[lv - 1])
+        if lv == 0:
+            enc = self.unit_pair * e + inputs * a
+        else:  # int64 pooling indices + the pooled map (+ the float32 copy of the map
+            #     max_pool3d makes under CPU autocast, which lists it as a float32 op)
+            enc = self.unit_pair * e + inputs * (8 + a)
+            if self.low and self.device == "cpu" and unet.spatial_dims == 3:
+                enc += 4 * folded * sizes[lv - 1] * channels[lv - 1]
+        dec = (2 * a + self.unit_pair) * e if lv < len(channels) - 1 else 0  # concat + units
+        if lv not in unet.recompute_levels:
+            return enc, dec, 0
+        # only the stages' outputs stay; backward recomputes one piece
+        out = folded * sizes[0] * unet.out_channels * a if lv == 0 else self.an * e
+        kept = self.an * e + (out if dec else 0)
+        pieces = max(1, min(folded, e // CHUNK_ELEMENTS)) if self.chunkable else 1
+        share = -(-folded // pieces) / folded  # the largest piece of the n*t axis
+        # the piece's activations, and the gradient of the level's whole map
+        piece = max(int(stage * share) + a * e for stage in (enc, dec))
+        return kept, 0, piece
+
+    def recurrence(self, lv: int) -> tuple[float, int, float]:
+        """Saved bytes of the recurrence at level ``lv`` (0 where there is none), its
+        weights, and its backward-through-time workspace."""
+        unet, a, e = self.unet, self.a, self.elems[lv]
+        if str(lv) not in unet.recurrence:
+            return 0, 0, 0.0
+        directions = 2 if unet.bidirectional else 1
+        if lv in unet.recompute_levels:  # the output, and the float32 state every few frames
+            per_dir = a + 4 / RECOMPUTE_FRAMES
+        else:  # the activated gates (float32: the gate update runs in float32), the output
+            #     and the cell state / GRU candidate part (activation dtype)
+            per_dir = 4 * _GATES[unet.config["cell"]] + 2 * a
+        rnn = directions * per_dir * e
+        if unet.bidirectional:
+            rnn += 2 * a * e  # the two directions concatenated for the 1x1 merge
+        if unet.config.get("fusion") == "gated":  # the gate's input [x, y], its sigmoid, mix
+            rnn += 4 * a * e
+        if unet.channels[0] >= CHANNELS_LAST_MIN_WIDTH:
+            rnn += a * e  # its output copied back to the stages' channels-last layout
+        weights = sum(q.numel() for q in unet.recurrence[str(lv)].parameters())
+        # backward through time: float32 gradients of the whole sequence's maps and batched
+        # weight-gradient temporaries
+        workspace = self.const.recurrence * 4 * e + self.const.recurrence_weights * 4 * weights
+        return rnn, weights, workspace
+
+    def levels(self, gradients: int) -> tuple[list[int], int, int]:
+        """Saved bytes per level, the largest recomputed piece, and the peak during the
+        recurrence's backward (what is still saved then and the gradients so far)."""
+        per_level, recompute, recurrent = [], 0, -gradients
+        encoder_side = encoder_params = 0
+        for lv in range(len(self.elems)):
+            enc, dec, piece = self.stages(lv)
+            rnn, weights, workspace = self.recurrence(lv)
+            recompute = max(recompute, piece)
+            encoder_side += enc + rnn
+            encoder_params += sum(q.numel() for q in self.unet.encoder[lv].parameters())
+            if rnn:
+                # its backward runs once every decoder stage's has: what is still saved then
+                # is the encoder side up to its level, and the gradients of everything else
+                # (the last step's gradients were freed before the backward)
+                encoder_params += weights
+                recurrent = max(recurrent,
+                                int(encoder_side + workspace - 4 * encoder_params))
+            per_level.append(int(enc + dec + rnn))
+        return per_level, recompute, recurrent
+
+
 def memory_breakdown(model_config: Any, roi: int | Sequence[int], window: int, batch: int,
                      precision: str = "fp32", recompute: bool | None = None, *,
                      device: str = "cuda") -> MemoryEstimate:
@@ -219,120 +318,44 @@ def memory_breakdown(model_config: Any, roi: int | Sequence[int], window: int, b
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = "cuda" if str(device).startswith("cuda") else "cpu"
-    const = CONSTANTS[device]
     for name, v in (("window", window), ("batch", batch)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     model = meta_model(model_config, recompute)
-    tac = isinstance(model, TimeAsChannelsUNet)
-    unet = model.unet if tac else model
-    cfg = unet.config
-    d = unet.spatial_dims
-    roi = per_axis("roi", roi, d)
-    if tac and window != model.frames:
+    if model.frames is not None and window != model.frames:
         raise ValueError(f"the time-as-channels model is built for windows of "
                          f"{model.frames} frames, got window={window}")
-    folded = batch if tac else batch * window  # items of the per-frame network
-    shapes = level_shapes(roi, unet.strides)
-    sizes = [math.prod(s) for s in shapes]
-    channels = unet.channels
-    elems = [folded * c * s for c, s in zip(channels, sizes, strict=True)]  # E_l
-
-    low = precision != "fp32"
-    a = 2 if low else 4  # bytes of a convolution's input/output under this precision
-    norm = cfg["norm"]
-    # group_norm is on CUDA autocast's float32 list (not on CPU's): normalised maps stay fp32
-    norm32 = low and device == "cuda" and norm in ("instance", "group")
-    an = 4 if norm32 else a  # bytes of a normalised/activated map
-    per_unit = (0 if norm == "none" else an) + an  # norm input + activation output
-    if cfg["dropout"] > 0:  # the mask (float on CPU, bool on CUDA) + the dropped output
-        per_unit += (an if device == "cpu" else 1) + an
-    cast = 2 if norm32 else 0  # the low-precision copy a convolution makes of an fp32 input
-    unit_pair = 2 * per_unit + cast  # two units; the second one's input is cast
-    ckpt = unet.recompute_levels
-    chunkable = norm != "batch" and cfg["dropout"] == 0
-
-    params = list(model.parameters())
-    n_params = sum(p.numel() for p in params)
+    step = _Step(model, per_axis("roi", roi, getattr(model, "unet", model).spatial_dims),
+                 window, batch, precision, device)
+    const, unet, a = step.const, step.unet, step.a
+    n_params = sum(p.numel() for p in model.parameters())
     gradients = 4 * n_params
-    per_level = []
-    recompute = encoder_side = encoder_params = 0
-    recurrent = -gradients
-    for lv, e in enumerate(elems):
-        inputs = folded * sizes[lv] * (unet.in_channels if lv == 0 else channels[lv - 1])
-        if lv == 0:
-            enc = unit_pair * e + inputs * a
-        else:  # int64 pooling indices + the pooled map (+ the float32 copy of the map
-            #     max_pool3d makes under CPU autocast, which lists it as a float32 op)
-            enc = unit_pair * e + inputs * (8 + a)
-            if low and device == "cpu" and d == 3:
-                enc += 4 * folded * sizes[lv - 1] * channels[lv - 1]
-        dec = (2 * a + unit_pair) * e if lv < len(channels) - 1 else 0  # concat + units
-        if lv in ckpt:  # only the stages' outputs stay; backward recomputes one piece
-            out = folded * sizes[0] * unet.out_channels * a if lv == 0 else an * e
-            kept = an * e + (out if dec else 0)
-            pieces = max(1, min(folded, e // CHUNK_ELEMENTS)) if chunkable else 1
-            share = -(-folded // pieces) / folded  # the largest piece of the n*t axis
-            for stage in (enc, dec):
-                # the piece's activations, and the gradient of the level's whole map
-                recompute = max(recompute, int(stage * share) + a * e)
-            enc, dec = kept, 0
-        rnn = 0
-        if str(lv) in unet.recurrence:
-            directions = 2 if unet.bidirectional else 1
-            if lv in ckpt:  # the output, and the float32 state every few frames
-                per_dir = a + 4 / RECOMPUTE_FRAMES
-            else:  # the activated gates (float32: the gate update runs in float32), the
-                #     output and the cell state / GRU candidate part (activation dtype)
-                per_dir = 4 * _GATES[cfg["cell"]] + 2 * a
-            rnn = directions * per_dir * e
-            if unet.bidirectional:
-                rnn += 2 * a * e  # the two directions concatenated for the 1x1 merge
-            if cfg.get("fusion") == "gated":  # the gate's input [x, y], its sigmoid, the mix
-                rnn += 4 * a * e
-            if channels[0] >= CHANNELS_LAST_MIN_WIDTH:
-                rnn += a * e  # its output copied back to the stages' channels-last layout
-            weights = sum(q.numel() for q in unet.recurrence[str(lv)].parameters())
-            # backward through time: float32 gradients of the whole sequence's maps and
-            # batched weight-gradient temporaries
-            recurrent_ws = (const.recurrence * 4 * e
-                            + const.recurrence_weights * 4 * weights)
-        encoder_side += enc + rnn
-        encoder_params += sum(q.numel() for q in unet.encoder[lv].parameters())
-        if rnn:
-            # its backward runs once every decoder stage's has: what is still saved then is
-            # the encoder side up to its level, and the gradients of everything else (the
-            # last step's gradients were freed before the backward)
-            encoder_params += weights
-            recurrent = max(recurrent, int(encoder_side + recurrent_ws - 4 * encoder_params))
-        per_level.append(int(enc + dec + rnn))
-    logits = folded * sizes[0] * unet.out_channels
-    activations = sum(per_level) + LOSS_BYTES_PER_LOGIT * logits
-
-    if low:  # autocast's low-precision copies of the per-frame convolution weights, kept for
-        #      backward (the recurrence casts its weights itself and keeps no copy)
-        conv_weights = sum(p.numel() for name, p in model.named_parameters()
-                           if p.dim() > 2 and ".recurrence." not in f".{name}")
-        activations += 2 * conv_weights
+    per_level, piece, recurrent = step.levels(gradients)
+    activations = sum(per_level) + LOSS_BYTES_PER_LOGIT * step.folded * step.sizes[0] \
+        * unet.out_channels
+    if step.low:  # autocast's low-precision copies of the per-frame convolution weights,
+        #           kept for backward (the recurrence casts its weights itself, keeps none)
+        activations += 2 * sum(p.numel() for name, p in model.named_parameters()
+                               if p.dim() > 2 and ".recurrence." not in f".{name}")
     # the peaks above the persistent state: the end of the forward (the loss's temporaries,
     # the last step's gradients still alive), the start of the backward (those gradients
     # freed; the first activation gradients and the largest operation's workspace, or the
     # recomputed piece of a recomputed stage: level 0's decoder comes first and is the
     # largest), the recurrence's backward, the optimizer step
-    workspace = int(max(const.transient * a * max(elems), const.recompute * recompute))
-    phases = {"forward": activations + const.forward * a * max(elems),
-              "backward": activations - gradients + workspace, "recurrence": recurrent}
-    largest = max((p.numel() for p in params), default=0)
+    workspace = int(max(const.transient * a * max(step.elems), const.recompute * piece))
+    largest = max((p.numel() for p in model.parameters()), default=0)
     opt_ws = int(const.optimizer * 4 * (largest if device == "cpu" else n_params))
-    in_frames = folded if not tac else batch * window
-    batch_bytes = in_frames * math.prod(roi) * (4 * (unet.in_channels // (window if tac else 1))
-                                               + 8)
-    phases["optimizer"] = opt_ws
+    phases = {"forward": activations + const.forward * a * max(step.elems),
+              "backward": activations - gradients + workspace, "recurrence": recurrent,
+              "optimizer": opt_ws}
     phase = max(phases, key=phases.get)
+    per_frame = unet.in_channels // (window if step.tac else 1)
+    in_frames = step.folded if not step.tac else batch * window
+    batch_bytes = in_frames * math.prod(per_axis("roi", roi, unet.spatial_dims)) \
+        * (4 * per_frame + 8)
     # parameters, AdamW's moments and the gradients (kept from one step to the next until
     # the forward is done: fit sets them to None just before backward)
-    persistent = 4 * 4 * n_params
-    total = persistent + max(0, phases[phase]) + batch_bytes + const.fixed
+    total = 4 * 4 * n_params + max(0, phases[phase]) + batch_bytes + const.fixed
     return MemoryEstimate(
         total=int(total), parameters=4 * n_params, optimizer_state=8 * n_params,
         gradients=gradients, activations=int(activations), workspace=workspace,

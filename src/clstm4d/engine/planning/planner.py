@@ -136,77 +136,20 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
     Order: the largest roi first (up to ``median_shape``, shrinking the physically longest
     axis), with ``min(min_window, median_frames)`` frames and batch 1; then the window up to
     ``median_frames``; then the batch up to ``max_batch``. Strides and kernels follow the roi
-    and ``spacing`` (:func:`derive_strides_kernels`). Checkpointing is used only when it buys a
+    and ``spacing`` (:func:`derive_strides_kernels`). Recomputation is used only when it buys a
     larger roi or window, not for a larger batch (``recompute`` forces it on or off).
 
     Raises:
         UserError: when even the smallest sensible plan does not fit (saying what it needs).
     """
     device = "cuda" if str(device).startswith("cuda") else "cpu"
-    precision = _resolved_precision(precision, device)
-    d = len(median_shape)
-    spacing_used = [1.0] * d if spacing is None else [float(v) for v in spacing]
-    base = meta_model({"name": model, "spatial_dims": d, "in_channels": in_channels,
-                        "out_channels": out_channels}, None)
-    tac = isinstance(base, TimeAsChannelsUNet)
-    levels = len((base.unet if tac else base).channels)
-    limit = budget * (1 - MARGIN)
-    frames_cap = max(1, int(median_frames))
-    w0 = base.frames if tac else max(1, min(min_window, frames_cap))
-
-    def layout(roi):
-        strides, kernels = derive_strides_kernels(spacing_used, roi, levels)
-        return strides, kernels
-
-    def cost(roi, window, batch, ckpt):
-        strides, kernels = layout(roi)
-        mc = {"name": model, "spatial_dims": d, "in_channels": in_channels,
-              "out_channels": out_channels, "strides": strides, "kernel_sizes": kernels}
-        return estimate_memory(mc, roi, window, batch, precision, ckpt, device=device)
-
-    def multiples(roi):
-        strides, _ = layout(roi)
-        return [math.prod(s[a] for s in strides) for a in range(d)]
-
-    def round_up(roi):
-        m = multiples(roi)
-        return [-(-r // k) * k for r, k in zip(roi, m, strict=True)]
-
-    floor = [min(int(n), MIN_ROI) for n in median_shape]
-
-    def search(ckpt):
-        roi = round_up([int(n) for n in median_shape])
-        while cost(roi, w0, 1, ckpt) > limit:
-            m = multiples(roi)
-            # shrink the physically longest axis that can still shrink
-            axes = [a for a in range(d) if roi[a] > floor[a]]
-            if not axes:
-                return None
-            a = max(axes, key=lambda i: roi[i] * spacing_used[i])
-            step = max(m[a], int(0.1 * roi[a]) // m[a] * m[a])
-            roi[a] = max(floor[a], roi[a] - step)
-            roi = round_up(roi) if roi[a] >= m[a] else roi
-        window = w0
-        if not tac:
-            while window < frames_cap and cost(roi, window + 1, 1, ckpt) <= limit:
-                window += 1
-        batch = 1
-        while batch < max_batch and cost(roi, window, batch + 1, ckpt) <= limit:
-            batch += 1
-        return roi, window, batch
-
+    search = _Search(budget, model, median_shape, median_frames, spacing, in_channels,
+                     out_channels, device, _resolved_precision(precision, device), min_window)
     options = [False, True] if recompute is None else [bool(recompute)]
-    found = {ckpt: search(ckpt) for ckpt in options}
+    found = {ckpt: search.run(ckpt, max_batch) for ckpt in options}
     found = {k: v for k, v in found.items() if v is not None}
     if not found:
-        roi = floor
-        need = cost(roi, 1 if not tac else w0, 1, True if recompute is None
-                    else bool(recompute))
-        raise UserError(
-            f"--memory {budget / 2**30:.2f} GiB is too small: the smallest plan for model "
-            f"'{model}' (roi {fmt_shape(roi)}, window {1 if not tac else w0}, batch 1, "
-            f"recomputation, {precision}) needs about {need / (1 - MARGIN) / 2**30:.2f} GiB "
-            f"with the {100 * MARGIN:.0f}% margin")
+        raise search.too_small(True if recompute is None else bool(recompute))
 
     def key(ckpt):  # recomputation (slower) only for a larger roi or window
         roi, window, batch = found[ckpt]
@@ -214,19 +157,88 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
 
     ckpt = max(found, key=key)
     roi, window, batch = found[ckpt]
-    strides, kernels = layout(roi)
+    strides, kernels = search.layout(roi)
     notes = []
-    if tuple(roi) != tuple(round_up(list(median_shape))):
-        notes.append(f"the median case ({fmt_shape(median_shape)}) does not fit whole: patches of "
-                     f"{fmt_shape(roi)} are cut from it")
-    return Plan(model=model, spatial_dims=d, in_channels=in_channels,
+    if tuple(roi) != tuple(search.round_up(list(median_shape))):
+        notes.append(f"the median case ({fmt_shape(median_shape)}) does not fit whole: "
+                     f"patches of {fmt_shape(roi)} are cut from it")
+    return Plan(model=model, spatial_dims=search.d, in_channels=in_channels,
                 out_channels=out_channels, roi=list(roi), window=window, batch=batch,
                 strides=strides, kernel_sizes=kernels, recompute=ckpt,
-                precision=precision, device=device, budget=int(budget),
-                predicted=cost(roi, window, batch, ckpt),
-                spacing=None if spacing is None else list(spacing_used),
+                precision=search.precision, device=device, budget=int(budget),
+                predicted=search.cost(roi, window, batch, ckpt),
+                spacing=None if spacing is None else list(search.spacing),
                 spacing_rule=spacing_rule, median_shape=[int(n) for n in median_shape],
                 median_frames=int(median_frames), notes=notes)
+
+
+class _Search:
+    """The planner's search for one model and dataset shape: the cost of a candidate (roi,
+    window, batch, recomputation) and the roi -> window -> batch search under the budget."""
+
+    def __init__(self, budget, model, median_shape, median_frames, spacing, in_channels,
+                 out_channels, device, precision, min_window):
+        self.budget, self.model, self.device, self.precision = budget, model, device, precision
+        self.median_shape = [int(n) for n in median_shape]
+        self.d = d = len(median_shape)
+        self.spacing = [1.0] * d if spacing is None else [float(v) for v in spacing]
+        self.sizes = {"spatial_dims": d, "in_channels": in_channels,
+                      "out_channels": out_channels}
+        base = meta_model({"name": model, **self.sizes}, None)
+        self.tac = isinstance(base, TimeAsChannelsUNet)
+        self.levels = len((base.unet if self.tac else base).channels)
+        self.limit = budget * (1 - MARGIN)
+        self.frames_cap = max(1, int(median_frames))
+        self.w0 = base.frames if self.tac else max(1, min(min_window, self.frames_cap))
+        self.floor = [min(n, MIN_ROI) for n in self.median_shape]
+
+    def layout(self, roi):
+        return derive_strides_kernels(self.spacing, roi, self.levels)
+
+    def cost(self, roi, window, batch, ckpt) -> int:
+        strides, kernels = self.layout(roi)
+        mc = {"name": self.model, **self.sizes, "strides": strides, "kernel_sizes": kernels}
+        return estimate_memory(mc, roi, window, batch, self.precision, ckpt,
+                               device=self.device)
+
+    def multiples(self, roi) -> list[int]:
+        strides, _ = self.layout(roi)
+        return [math.prod(s[a] for s in strides) for a in range(self.d)]
+
+    def round_up(self, roi) -> list[int]:
+        return [-(-r // k) * k for r, k in zip(roi, self.multiples(roi), strict=True)]
+
+    def run(self, ckpt: bool, max_batch: int) -> tuple[list[int], int, int] | None:
+        """The largest roi, then window, then batch that fit (None: not even the floor)."""
+        roi = self.round_up(list(self.median_shape))
+        while self.cost(roi, self.w0, 1, ckpt) > self.limit:
+            m = self.multiples(roi)
+            # shrink the physically longest axis that can still shrink
+            axes = [a for a in range(self.d) if roi[a] > self.floor[a]]
+            if not axes:
+                return None
+            a = max(axes, key=lambda i: roi[i] * self.spacing[i])
+            step = max(m[a], int(0.1 * roi[a]) // m[a] * m[a])
+            roi[a] = max(self.floor[a], roi[a] - step)
+            roi = self.round_up(roi) if roi[a] >= m[a] else roi
+        window = self.w0
+        if not self.tac:
+            while window < self.frames_cap and \
+                    self.cost(roi, window + 1, 1, ckpt) <= self.limit:
+                window += 1
+        batch = 1
+        while batch < max_batch and self.cost(roi, window, batch + 1, ckpt) <= self.limit:
+            batch += 1
+        return roi, window, batch
+
+    def too_small(self, ckpt: bool) -> UserError:
+        window = 1 if not self.tac else self.w0
+        need = self.cost(self.floor, window, 1, ckpt)
+        return UserError(
+            f"--memory {self.budget / 2**30:.2f} GiB is too small: the smallest plan for model "
+            f"'{self.model}' (roi {fmt_shape(self.floor)}, window {window}, batch 1, "
+            f"recomputation, {self.precision}) needs about "
+            f"{need / (1 - MARGIN) / 2**30:.2f} GiB with the {100 * MARGIN:.0f}% margin")
 
 
 def plan_from_fingerprint(fp: dict[str, Any], budget: int, *, model: str = "tiny",
