@@ -13,10 +13,12 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(VENV)/bin/clstm4d bench

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from clstm4d.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from references import dice_reference  # noqa: E402
 
 SUBCOMMANDS = ["demo", "train", "predict", "evaluate", "synth", "plan", "bench"]
 
@@ -37,7 +41,14 @@ def test_train_writes_checkpoint_config_and_metrics(run):
     assert cfg["model"]["spatial_dims"] == 2 and cfg["model"]["out_channels"] == 3
     assert cfg["model_config"]["channels"] == [4, 8]
     rows = [json.loads(x) for x in (run["ckpt"] / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 3 and 0 <= rows[-1]["val_dice"] <= 1
+    assert rows[-1]["step"] == 3
+    # validation scored the validation case as `predict` segments it
+    from clstm4d.data import load_case, load_datalist
+    from clstm4d.engine.inference.predictor import Predictor
+
+    case = load_case(load_datalist(run["datalist"]).validation[0])
+    pred = Predictor.from_checkpoint(run["ckpt"]).predict_array(case.image, case.geometry)
+    assert rows[-1]["val_dice"] == pytest.approx(dice_reference(pred, case.label, 3), abs=1e-6)
     assert len(rows[-1]["val_dice_per_frame"]) == 6
 
 
@@ -72,7 +83,10 @@ def test_evaluate_writes_csv_and_plots(run, tmp_path, capsys):
     assert len(text) == 7 and "dice_class1" in text[0] and "hd95_class2" in text[0]
     assert (tmp_path / "ev" / "dice_per_frame.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert 0 <= summary["dice"] <= 1
+    from clstm4d.data import read_label
+
+    p, y = read_label(pred)[0], read_label(run["label"])[0]
+    assert summary["dice"] == pytest.approx(dice_reference(p, y, 3), abs=1e-6)
     # the label against itself is perfect
     assert main(["evaluate", "--pred", str(run["label"]), "--label", str(run["label"])]) == 0
     assert "Dice 1.0000" in capsys.readouterr().out
@@ -191,8 +205,12 @@ def test_demo_tiny(tmp_path, capsys):
     # evaluation scores every frame of the held-out sequence against the exact truth
     assert len((out / "frames_temporal.csv").read_text().splitlines()) == 1 + 6
     assert set(report["models"]) == {"temporal (ConvLSTM)", "per-frame"}
-    for m in report["models"].values():
-        assert 0 <= m["dice"] <= 1 and m["train_steps"] == 2
+    for name, m in report["models"].items():
+        slug = "temporal" if name.startswith("temporal") else "per_frame"
+        rows = (out / f"frames_{slug}.csv").read_text().splitlines()
+        column = rows[0].split(",").index("dice")
+        frames = [float(r.split(",")[column]) for r in rows[1:]]
+        assert m["dice"] == pytest.approx(np.mean(frames)) and m["train_steps"] == 2
         assert Path(m["checkpoint"], "model.safetensors").is_file()
         saved = json.loads(Path(m["checkpoint"], "config.json").read_text())
         assert saved["train"]["unlabelled_weight"] == 0.5
@@ -225,3 +243,31 @@ def test_python_dash_m_runs_the_same_command():
                           "--label", "missing.nii.gz"], capture_output=True, text=True, env=env)
     assert out.returncode == 2
     assert out.stderr.strip() == "clstm4d evaluate: error: file not found: missing.nii.gz"
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug: shapes (3,) and (4,)"),
+                                 RuntimeError("a bug in a kernel"), KeyError("missing")])
+def test_a_bug_keeps_its_traceback(run, tmp_path, monkeypatch, bug):
+    """Only user errors (UserError: ConfigError, DataError, CheckpointError, ...) and OSError
+    become one line; any other exception is a bug and leaves main() with its traceback."""
+    from clstm4d.engine.inference import predictor
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(predictor, "predict_sequence", broken)
+    with pytest.raises(type(bug)):
+        main(["predict", "--checkpoint", str(run["ckpt"]), "--input", str(run["image"]),
+              "--output", str(tmp_path / "o.nii.gz")])
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_data_errors_are_user_errors(tmp_path, capsys):
+    from clstm4d.errors import DataError, UserError
+
+    assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    rc = main(["train", "--datalist", str(bad), "--out", str(tmp_path / "r")])
+    assert "not valid JSON" in _one_error_line(capsys, rc)
+    assert not (tmp_path / "r").exists()

@@ -4,6 +4,8 @@ prediction, the memory model, the plan and the train-time guard."""
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ from clstm4d.data import write_synthetic_dataset
 from clstm4d.engine.run.checkpoint import Checkpoint
 from clstm4d.engine.run.config import Config
 from clstm4d.engine.training.train import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from references import dice_reference  # noqa: E402
 
 
 def _train_cfg(datalist, out, **model):
@@ -140,7 +145,8 @@ def test_training_resamples_cases_to_data_spacing(tmp_path, monkeypatch):
         return fit(model, dataset, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "fit", spy)
-    from clstm4d.data import load_datalist
+    from clstm4d.data import load_case, load_datalist
+    from clstm4d.engine.inference.predictor import Predictor
 
     data = write_synthetic_dataset(tmp_path / "data", cases=3, frames=3, size=16, spatial_dims=3,
                                    spacing=(1, 1, 2), validation=0.34)
@@ -150,7 +156,16 @@ def test_training_resamples_cases_to_data_spacing(tmp_path, monkeypatch):
     cfg.data.roi = [8]
     res = train(cfg)
     assert seen["shape"] == (3, 1, 16, 16, 16)
-    assert 0 <= seen["validate"]["val_dice"] <= 1
+    # validation predicted the case on its own (1, 1, 2) grid, as `predict` would
+    case = load_case(load_datalist(data).validation[0])
+    assert case.label.shape[1:] == (16, 16, 8)
+    with torch.random.fork_rng():  # the weights at that moment: before training
+        torch.manual_seed(cfg.train.seed)
+        fresh = Checkpoint.open(res.checkpoint).saved.model_spec.build()
+    pred = Predictor(fresh, Checkpoint.open(res.checkpoint).saved,
+                     device="cpu").predict_array(case.image, case.geometry)
+    assert seen["validate"]["val_dice"] == pytest.approx(dice_reference(pred, case.label, 3),
+                                                         abs=1e-6)
     run = Checkpoint.open(res.checkpoint).saved
     assert run.config.data.spacing == [1.0]
     cfg.data.spacing = [1.0, 1.0]

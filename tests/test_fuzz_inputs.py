@@ -36,7 +36,6 @@ EXAMPLES = 100  # per property (two properties)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
-OUTCOMES: dict[str, dict[str, int]] = {}  # property -> outcome -> count (reported at the end)
 
 SCALARS = (st.none() | st.booleans() | st.integers(-10**12, 10**12)
            | st.sampled_from([0, -1, 1, 2, 10**18, -(10**18)])
@@ -195,10 +194,9 @@ def _run(world, capsys, tmp_path, datalist_doc, config_doc, *, raw_config=None):
     return rc, err, written, out
 
 
-def _check(rc, err, written, out, mentions, prop):
+def _check(rc, err, written, out, mentions, outcomes):
     if rc == 0:
-        OUTCOMES.setdefault(prop, {}).setdefault("success", 0)
-        OUTCOMES[prop]["success"] += 1
+        outcomes["success"] += 1
         return
     assert rc == 2, (rc, err)
     lines = err.strip().splitlines()
@@ -207,13 +205,28 @@ def _check(rc, err, written, out, mentions, prop):
     assert any(m in lines[0] for m in mentions), (lines[0], sorted(mentions))
     assert not out.exists(), "a failed run left its folder"
     assert not written, f"a failed run wrote files: {sorted(written)}"
-    OUTCOMES.setdefault(prop, {}).setdefault("refused", 0)
-    OUTCOMES[prop]["refused"] += 1
+    outcomes["refused"] += 1
+
+
+def _both_outcomes(prop: str, outcomes: dict[str, int]) -> None:
+    """Every example ended in success or a clean refusal, and the mutations reached both
+    (neither all accepted nor all refused). With -s, prints the counts docs/reliability.md
+    quotes."""
+    ok, refused = outcomes["success"], outcomes["refused"]
+    print(f"fuzz {prop}: {ok + refused} examples: {ok} succeeded, {refused} refused with one "
+          "line naming the field")
+    assert ok > 0 and refused > 0, (prop, outcomes)
+
+
+def test_mutated_datalists_succeed_or_fail_cleanly(world, capsys, tmp_path):
+    outcomes = {"success": 0, "refused": 0}
+    _datalist_property(world, capsys, tmp_path, outcomes)
+    _both_outcomes("datalist", outcomes)
 
 
 @FUZZ
 @given(data=st.data())
-def test_mutated_datalists_succeed_or_fail_cleanly(world, capsys, tmp_path, data):
+def _datalist_property(world, capsys, tmp_path, outcomes, data):
     files = world["files"]
 
     def special(data, doc):  # point an entry's image or label at an odd file
@@ -238,7 +251,7 @@ def test_mutated_datalists_succeed_or_fail_cleanly(world, capsys, tmp_path, data
             mentions |= {Path(value).name, value}
     mentions |= {Path(v).name for v in files.values()} | {"case_00", "image", "label"}
     rc, err, written, out = _run(world, capsys, tmp_path, doc, world["config"])
-    _check(rc, err, written, out, mentions, "datalist")
+    _check(rc, err, written, out, mentions, outcomes)
 
 
 def _get_or_none(doc, path):
@@ -252,9 +265,15 @@ SIZE_KEYS = {("data", "batch_size"), ("data", "window"), ("data", "roi"),
              ("data", "num_workers"), ("train", "threads"), ("model", "channels")}
 
 
+def test_mutated_configs_succeed_or_fail_cleanly(world, capsys, tmp_path):
+    outcomes = {"success": 0, "refused": 0}
+    _config_property(world, capsys, tmp_path, outcomes)
+    _both_outcomes("config", outcomes)
+
+
 @FUZZ
 @given(data=st.data())
-def test_mutated_configs_succeed_or_fail_cleanly(world, capsys, tmp_path, data):
+def _config_property(world, capsys, tmp_path, outcomes, data):
     from clstm4d.engine.run.config import Config
 
     known = Config().to_dict()
@@ -292,7 +311,7 @@ def test_mutated_configs_succeed_or_fail_cleanly(world, capsys, tmp_path, data):
                 _set(doc, path[:2], 2)
     mentions = set().union(*map(_mentions, named)) | {"config", "section", "mapping"}
     rc, err, written, out = _run(world, capsys, tmp_path, world["doc"], doc, raw_config=raw)
-    _check(rc, err, written, out, mentions, "config")
+    _check(rc, err, written, out, mentions, outcomes)
 
 
 def _too_big(value) -> bool:
@@ -303,19 +322,6 @@ def _too_big(value) -> bool:
     if isinstance(value, list):
         return any(big(v) or isinstance(v, (list, dict)) for v in value) or len(value) > 4
     return big(value) or isinstance(value, (dict, str)) and len(value) > 64
-
-
-def test_fuzz_saw_both_outcomes():
-    """After the two properties (same session): every example ended in success or a clean
-    refusal, and the mutations reached both (neither all accepted nor all refused). With -s,
-    prints the counts that docs/reliability.md quotes."""
-    if len(OUTCOMES) < 2:
-        pytest.skip("the fuzz properties did not run in this session")
-    for prop, seen in OUTCOMES.items():
-        ok, refused = seen.get("success", 0), seen.get("refused", 0)
-        print(f"fuzz {prop}: {ok + refused} examples: {ok} succeeded, {refused} refused with "
-              "one line naming the field")
-        assert ok > 0 and refused > 0, (prop, seen)
 
 
 @pytest.mark.parametrize("override, message", [

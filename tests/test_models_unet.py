@@ -1,4 +1,5 @@
-"""TimeResolvedUNet: shapes, gradients, causality, streaming, recomputation, frame independence."""
+"""TimeResolvedUNet beyond the shared battery (test_models_battery.py): causality, the memory
+being used, recomputation, frame independence, layouts, fusion, errors."""
 
 import pytest
 import torch
@@ -22,33 +23,9 @@ def seq(spatial_dims, size, t=4, n=2, c=2, seed=1):
     return torch.randn(n, t, c, *size, generator=g)
 
 
-@pytest.mark.parametrize("spatial_dims,size", SIZES)
-@pytest.mark.parametrize("temporal,cell,bidirectional", [
-    ("bottleneck", "lstm", False), ("skips", "gru", False), ("none", "lstm", False),
-    ("bottleneck", "gru", True),
-])
-@pytest.mark.parametrize("t", [1, 3])
-def test_shapes_any_size_and_t(spatial_dims, size, temporal, cell, bidirectional, t):
-    net = make(spatial_dims, temporal=temporal, cell=cell, bidirectional=bidirectional)
-    y = net(seq(spatial_dims, size, t=t))
-    assert y.shape == (2, t, 3, *size)
-    assert torch.isfinite(y).all()
-
-
 def test_one_level_and_1d():
     net = make(1, channels=(5,), temporal="skips")
     assert net(seq(1, (7,), t=2)).shape == (2, 2, 3, 7)
-
-
-@pytest.mark.parametrize("temporal,cell,bidirectional,fusion", [
-    ("bottleneck", "lstm", True, "replace"), ("skips", "gru", False, "replace"),
-    ("none", "lstm", False, "replace"), ("skips", "lstm", True, "gated"),
-])
-def test_every_parameter_gets_a_gradient(temporal, cell, bidirectional, fusion):
-    net = make(2, temporal=temporal, cell=cell, bidirectional=bidirectional, fusion=fusion)
-    net(seq(2, (9, 12), t=3)).square().mean().backward()
-    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()]
-    assert not missing
 
 
 @pytest.mark.parametrize("temporal,cell,fusion", [("bottleneck", "lstm", "replace"),
@@ -77,26 +54,6 @@ def test_bidirectional_sees_the_future_and_refuses_streaming():
     assert not torch.allclose(net(x)[:, 0], net(x2)[:, 0])
     with pytest.raises(ValueError, match="streamable"):
         net(x, return_state=True)
-
-
-@pytest.mark.parametrize("spatial_dims,size", SIZES)
-@pytest.mark.parametrize("temporal,cell,fusion", [
-    ("bottleneck", "lstm", "replace"), ("skips", "gru", "replace"), ("skips", "lstm", "replace"),
-    ("none", "lstm", "replace"), ("skips", "gru", "gated"),
-])
-def test_streaming_in_chunks_equals_one_pass(spatial_dims, size, temporal, cell, fusion):
-    net = make(spatial_dims, temporal=temporal, cell=cell, fusion=fusion)
-    assert net.streamable
-    x = seq(spatial_dims, size, t=6)
-    whole, final = net(x, return_state=True)
-    outs, state = [], None
-    for a, b in [(0, 2), (2, 3), (3, 6)]:
-        y, state = net(x[:, a:b], state=state, return_state=True)
-        outs.append(y)
-    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=1e-5, atol=1e-5)
-    for s_chunk, s_whole in zip(torch.utils._pytree.tree_leaves(state),
-                                torch.utils._pytree.tree_leaves(final), strict=True):
-        torch.testing.assert_close(s_chunk, s_whole, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("temporal,cell,dropout,chunk", [

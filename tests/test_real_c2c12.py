@@ -8,10 +8,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from references import dice_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = Path(os.environ.get("CLSTM4D_C2C12", ROOT.parent / "shared" / "data" / "c2c12" /
@@ -42,10 +46,16 @@ def test_c2c12_tiff_round_trip_sparse_training_and_evaluation(tmp_path):
     assert case.labelled.tolist() == [f in (0, 5) for f in range(10)]
     np.testing.assert_array_equal(case.label[[0, 5]], raw["labels"][[0, 5]] > 0)
     summary = json.loads((tmp_path / "summary.json").read_text())
+    truth = (raw["labels"] > 0).astype(np.int64)
+    others = [f for f in range(10) if f not in (0, 5)]
     for name in ("temporal", "per-frame"):
         scores = summary["models"][name]
-        assert 0 <= scores["annotated"] <= 1 and 0 <= scores["other"] <= 1
         from clstm4d.data import read_label
 
         pred, _ = read_label(tmp_path / f"pred_{name}.tif")
         assert pred.shape == raw["labels"].shape  # every frame is segmented
+        # the reported scores are the Dice of the written predictions against the masks
+        assert scores["annotated"] == pytest.approx(
+            dice_reference(pred[[0, 5]], truth[[0, 5]], 2), abs=1e-6)
+        assert scores["other"] == pytest.approx(
+            dice_reference(pred[others], truth[others], 2), abs=1e-6)

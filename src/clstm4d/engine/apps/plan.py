@@ -143,13 +143,14 @@ def run_plan(*, memory: str | int | None = None, datalist: str | None = None,
         header = ["clstm4d plan: train with `clstm4d train --config " + out.name + "`", ""]
         header += plan.table().splitlines()
         text = "".join(f"# {line}\n".replace("# \n", "#\n") for line in header)
-        text += yaml.safe_dump(plan.config(None if fp is None else fp["datalist"]),
+        text += yaml.safe_dump(plan.config(None if fp is None else fp.datalist),
                                sort_keys=False, default_flow_style=None)
         atomic_write_text(out, text)
         written.append(out)
         if fp is not None:
             fp_path = out.parent / "fingerprint.json"
-            atomic_write_text(fp_path, json.dumps({**fp, "plan": plan.to_dict()}, indent=1))
+            atomic_write_text(fp_path, json.dumps({**fp.to_dict(), "plan": plan.to_dict()},
+                                                  indent=1))
             written.append(fp_path)
     return plan, written
 

@@ -4,7 +4,9 @@ spacing, shape, frames, channels, intensities and class voxels.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +15,61 @@ import numpy as np
 from clstm4d.data import load_case, load_datalist
 from clstm4d.errors import UserError
 
-__all__ = ["fingerprint"]
+__all__ = ["CaseFingerprint", "Fingerprint", "fingerprint"]
 
-def fingerprint(datalist: str | os.PathLike, *, progress: Any = None) -> dict[str, Any]:
+@dataclass
+class CaseFingerprint:
+    """One training case, summarised (see :func:`fingerprint`).
+
+    Attributes:
+        name, format: the case and its file format. spacing: voxel size per spatial axis
+        (arrays' axis order); spacing_stated: whether the file states it. shape: spatial
+        size. frames, channels: ``t`` and ``c``. intensity: per channel, statistics of all and
+        of the foreground voxels. class_voxels: label value -> voxels over the annotated
+        frames (empty without labels). labelled_frames: how many frames are annotated.
+    """
+
+    name: str
+    format: str
+    spacing: list[float]
+    spacing_stated: bool
+    shape: list[int]
+    frames: int
+    channels: int
+    intensity: dict[str, Any]
+    class_voxels: dict[str, int] = field(default_factory=dict)
+    labelled_frames: int = 0
+
+
+@dataclass
+class Fingerprint:
+    """A dataset's fingerprint: its training cases and what they share.
+
+    Attributes:
+        datalist: the datalist's absolute path. spatial_dims, channels: shared by every case.
+        labels: class index (as a string) -> name. num_classes: classes the model predicts
+        (background included, the ``"ignore"`` class not). cases: one
+        :class:`CaseFingerprint` each. notes: what the user should know (e.g. formats that
+        state no spacing).
+    """
+
+    datalist: str
+    spatial_dims: int
+    channels: int
+    labels: dict[str, str]
+    num_classes: int
+    cases: list[CaseFingerprint]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable (``fingerprint.json``)."""
+        return dataclasses.asdict(self)
+
+
+def fingerprint(datalist: str | os.PathLike, *, progress: Any = None) -> Fingerprint:
     """Read every training case once, one at a time (never all in memory), and record per
     case: spacing, spatial shape, frames, channels, intensity statistics and class voxel
     counts (labelled frames only, when the data says which are labelled).
-
-    Returns:
-        A JSON-serialisable dict: ``cases`` (one entry per case), ``spatial_dims``,
-        ``channels``, ``labels`` and ``notes`` (e.g. formats without a stated spacing).
 
     Raises:
         UserError: no training cases, or cases that disagree in channel count or spatial dims
@@ -30,44 +77,49 @@ def fingerprint(datalist: str | os.PathLike, *, progress: Any = None) -> dict[st
     """
     path = Path(datalist)
     dl = load_datalist(path, require="training")
-    cases, notes = [], []
-    first = None
+    cases: list[CaseFingerprint] = []
+    notes: list[str] = []
     for i, entry in enumerate(dl.training):
         case = load_case(entry)
-        image, label, g = case.image, case.label, case.geometry
-        if first is None:
-            first = (case.name, image.shape[1], image.ndim - 2)
-        elif image.ndim - 2 != first[2]:
-            raise UserError(f"case '{case.name}' has {image.ndim - 2} spatial dims, case "
-                            f"'{first[0]}' has {first[2]}: all training cases must agree")
-        elif image.shape[1] != first[1]:
-            raise UserError(f"case '{case.name}' has {image.shape[1]} channels per frame, case "
-                            f"'{first[0]}' has {first[1]}: all training cases must agree")
-        stated = g.space_unit is not None or g.format in ("nifti", "nifti-series")
-        if not stated:
-            notes.append(f"case '{case.name}' ({g.format}): the file states no voxel size; "
-                         f"{list(g.spacing)} (1 per voxel) is used")
-        entry_out = {
-            "name": case.name, "spacing": [round(v, 6) for v in g.spacing],
-            "spacing_stated": bool(stated), "shape": list(g.spatial_shape),
-            "frames": int(image.shape[0]), "channels": int(image.shape[1]),
-            "format": g.format, "intensity": _intensity(image, label),
-        }
-        if label is not None:
-            frames = getattr(case, "labelled", None)
-            lab = label if frames is None else label[np.asarray(frames, bool)]
-            values, counts = np.unique(lab, return_counts=True)
-            entry_out["class_voxels"] = {str(int(v)): int(n) for v, n in zip(values, counts,
-                                                                             strict=True)}
-            entry_out["labelled_frames"] = int(lab.shape[0])
-        cases.append(entry_out)
-        del case, image, label
+        if cases:
+            _check_agrees(case, cases[0])
+        cases.append(_case_fingerprint(case, notes))
+        del case
         if progress is not None:
-            progress(i + 1, len(dl.training), entry_out["name"])
-    return {"datalist": str(path.resolve()), "spatial_dims": first[2], "channels": first[1],
-            "labels": {str(k): v for k, v in sorted((dl.labels or {}).items())},
-            "num_classes": int(dl.num_classes),
-            "cases": cases, "notes": notes}
+            progress(i + 1, len(dl.training), cases[-1].name)
+    return Fingerprint(datalist=str(path.resolve()), spatial_dims=len(cases[0].shape),
+                       channels=cases[0].channels,
+                       labels={str(k): v for k, v in sorted((dl.labels or {}).items())},
+                       num_classes=int(dl.num_classes), cases=cases, notes=notes)
+
+
+def _check_agrees(case, first: CaseFingerprint) -> None:
+    dims, channels = case.image.ndim - 2, case.image.shape[1]
+    if dims != len(first.shape):
+        raise UserError(f"case '{case.name}' has {dims} spatial dims, case '{first.name}' has "
+                        f"{len(first.shape)}: all training cases must agree")
+    if channels != first.channels:
+        raise UserError(f"case '{case.name}' has {channels} channels per frame, case "
+                        f"'{first.name}' has {first.channels}: all training cases must agree")
+
+
+def _case_fingerprint(case, notes: list[str]) -> CaseFingerprint:
+    image, label, g = case.image, case.label, case.geometry
+    stated = g.space_unit is not None or g.format in ("nifti", "nifti-series")
+    if not stated:
+        notes.append(f"case '{case.name}' ({g.format}): the file states no voxel size; "
+                     f"{list(g.spacing)} (1 per voxel) is used")
+    out = CaseFingerprint(
+        name=case.name, format=g.format, spacing=[round(v, 6) for v in g.spacing],
+        spacing_stated=bool(stated), shape=list(g.spatial_shape), frames=int(image.shape[0]),
+        channels=int(image.shape[1]), intensity=_intensity(image, label))
+    if label is not None:
+        frames = getattr(case, "labelled", None)
+        lab = label if frames is None else label[np.asarray(frames, bool)]
+        values, counts = np.unique(lab, return_counts=True)
+        out.class_voxels = {str(int(v)): int(n) for v, n in zip(values, counts, strict=True)}
+        out.labelled_frames = int(lab.shape[0])
+    return out
 
 
 def _intensity(image: np.ndarray, label: np.ndarray | None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from clstm4d.data import target_shape
 from clstm4d.errors import ConfigError, UserError
 from clstm4d.models import TimeAsChannelsUNet
 
+from .fingerprint import Fingerprint
 from .memory import PRECISIONS, GiB, estimate_memory, meta_model
 from .topology import derive_strides_kernels, target_spacing
 
@@ -241,24 +242,24 @@ class _Search:
             f"{need / (1 - MARGIN) / 2**30:.2f} GiB with the {100 * MARGIN:.0f}% margin")
 
 
-def plan_from_fingerprint(fp: dict[str, Any], budget: int, *, model: str = "tiny",
+def plan_from_fingerprint(fp: Fingerprint, budget: int, *, model: str = "tiny",
                           device: str = "cuda", precision: str = "auto",
                           min_window: int = MIN_WINDOW, max_batch: int = MAX_BATCH) -> Plan:
     """:func:`make_plan` for a dataset: the target spacing from the cases' spacings, the
     median shape after resampling to it, the median frame count, channels and classes."""
-    spacings = [c["spacing"] for c in fp["cases"]]
+    spacings = [c.spacing for c in fp.cases]
     target = target_spacing(spacings)
-    shapes = [target_shape(c["shape"], c["spacing"], target.spacing) for c in fp["cases"]]
+    shapes = [target_shape(c.shape, c.spacing, target.spacing) for c in fp.cases]
     median = [int(np.median([s[a] for s in shapes])) for a in range(len(shapes[0]))]
-    frames = int(np.median([c["frames"] for c in fp["cases"]]))
-    classes = fp.get("num_classes") or 1 + max(
-        (int(k) for c in fp["cases"] for k in c.get("class_voxels", {})), default=1)
+    frames = int(np.median([c.frames for c in fp.cases]))
+    classes = fp.num_classes or 1 + max(
+        (int(k) for c in fp.cases for k in c.class_voxels), default=1)
     plan = make_plan(budget, model=model, median_shape=median, median_frames=frames,
                      spacing=target.spacing, spacing_rule=target.describe(),
-                     in_channels=int(fp["channels"]), out_channels=max(2, classes),
+                     in_channels=fp.channels, out_channels=max(2, classes),
                      device=device, precision=precision, min_window=min_window,
                      max_batch=max_batch)
-    plan.notes.extend(fp.get("notes", []))
+    plan.notes.extend(fp.notes)
     return plan
 
 
