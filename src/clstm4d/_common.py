@@ -77,14 +77,20 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any], owner: str | Non
 
 
 def per_axis(name: str, value: Any, spatial_dims: int, owner: str | None = None, *,
-             minimum: int = 1) -> tuple[int, ...]:
+             minimum: int = 1, error: type[Exception] | None = None) -> tuple[int, ...]:
     """One int for every axis, or one int per axis, as a tuple of ``spatial_dims`` ints each at
     least ``minimum``. A one-element sequence counts for every axis.
 
     Raises:
         ValueError: a sequence of another length; TypeError / ValueError (from
-            :func:`check_int`): an entry that is not an int >= ``minimum``.
+            :func:`check_int`): an entry that is not an int >= ``minimum``; ``error`` instead
+            of both when given (e.g. a ``ConfigError`` for a user's option).
     """
+    if error is not None:
+        try:
+            return per_axis(name, value, spatial_dims, owner, minimum=minimum)
+        except (TypeError, ValueError) as e:
+            raise error(str(e)) from None
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         values: Sequence[Any] = (value,) * spatial_dims
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):

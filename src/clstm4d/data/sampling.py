@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from clstm4d._common import per_axis
+
 from ._common import DataError
 from .datalist import Case, CaseData, load_case
 from .transforms import NORMALIZATIONS, Augment, Degrade, normalize_intensity
@@ -193,11 +195,11 @@ class PatchDataset(Dataset):
         d = len(spatial_shape)
         if self.roi is None:
             return tuple(spatial_shape)
-        roi = (int(self.roi),) * d if np.ndim(self.roi) == 0 else tuple(int(r) for r in self.roi)
-        if len(roi) != d or min(roi) < 1:
+        try:
+            return per_axis("roi", self.roi, d, "PatchDataset")
+        except (TypeError, ValueError):
             raise ValueError(f"PatchDataset: roi must be a positive int or {d} of them for "
-                             f"spatial shape {tuple(spatial_shape)}, got {self.roi!r}")
-        return roi
+                             f"spatial shape {tuple(spatial_shape)}, got {self.roi!r}") from None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from clstm4d._common import per_axis
+
 __all__ = [
     "ACTS", "CHUNK_ELEMENTS", "NORMS", "ConvUnit", "DecoderStage", "EncoderStage", "crop_to",
     "layer", "pad_to_multiple", "run_stage",
@@ -44,8 +46,8 @@ ACTS: dict[str, Callable[[], nn.Module]] = {
 
 
 def _axes(value: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
-    """One int for every axis, or one per axis, as a tuple (validated by the model)."""
-    return (int(value),) * spatial_dims if isinstance(value, int) else tuple(int(v) for v in value)
+    """One int for every axis, or one per axis, as a tuple."""
+    return per_axis("size", value, spatial_dims)
 
 
 def layer(kind: str, spatial_dims: int, *args, **kwargs) -> nn.Module:

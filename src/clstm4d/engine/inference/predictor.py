@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clstm4d._common import per_axis
 from clstm4d.data import (
     normalize_intensity,
     read_image,
@@ -88,9 +89,8 @@ class Predictor:
         given = {k: v for k, v in overrides.items() if v is not None}
         self.settings: PredictConfig = dataclasses.replace(run.config.predict, **given)
         if self.settings.roi is not None:
-            roi = self.settings.roi
-            roi = [roi] if isinstance(roi, int) else list(roi)
-            self.settings.roi = roi * self.spatial_dims if len(roi) == 1 else roi
+            self.settings.roi = list(per_axis("roi", self.settings.roi, self.spatial_dims,
+                                              error=ConfigError))
         if isinstance(device, torch.device):
             self.device = device
         else:

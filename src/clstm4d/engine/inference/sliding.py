@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from clstm4d._common import per_axis
 from clstm4d.engine.run.runtime import autocast
 from clstm4d.errors import ConfigError
 
@@ -162,9 +163,7 @@ def _window(roi: Sequence[int] | int | None, spatial: tuple[int, ...]) -> list[i
     """The sliding window per spatial axis, or None when one window covers the image."""
     if roi is None:
         return None
-    roi = [int(roi)] * len(spatial) if isinstance(roi, int) else [int(r) for r in roi]
-    if len(roi) != len(spatial):
-        raise ConfigError(f"roi needs one size per spatial axis ({len(spatial)}), got {roi}")
+    roi = list(per_axis("roi", roi, len(spatial), error=ConfigError))
     if all(r >= s for r, s in zip(roi, spatial, strict=True)):
         return None  # one window covers everything: no need to slide
     return roi

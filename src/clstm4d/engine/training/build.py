@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from clstm4d._common import per_axis
 from clstm4d.data import PatchDataset, ignore_index, load_case, load_datalist
 from clstm4d.engine.run.config import Config, ModelSpec, SavedRun, create
 from clstm4d.errors import ConfigError, UserError
@@ -91,9 +92,7 @@ def build_dataset(cfg: Config, cases, run: SavedRun):
     """The training :class:`~clstm4d.data.PatchDataset` for ``cfg.data``."""
     d = cfg.data
     dims = run.model_spec.spatial_dims
-    roi = None if d.roi is None else (d.roi * dims if len(d.roi) == 1 else d.roi)
-    if roi is not None and len(roi) != dims:
-        raise ConfigError(f"'data.roi' must have 1 or {dims} values (spatial axes), got {d.roi}")
+    roi = None if d.roi is None else per_axis("'data.roi'", d.roi, dims, error=ConfigError)
     try:
         return PatchDataset(cases, window=d.window, roi=roi, foreground_prob=d.foreground_prob,
                             seed=cfg.train.seed, augment=d.augment, normalize=d.normalize,
