@@ -18,7 +18,12 @@ from clstm4d.models import TimeAsChannelsUNet
 
 from .fingerprint import Fingerprint
 from .memory import PRECISIONS, GiB, estimate_memory, meta_model
-from .topology import derive_strides_kernels, target_spacing
+from .topology import (
+    MIN_POOLED_VOXELS,
+    POOL_SPACING_RATIO,
+    derive_strides_kernels,
+    target_spacing,
+)
 
 __all__ = ["MARGIN", "MAX_BATCH", "MIN_ROI", "MIN_WINDOW", "Plan", "capacity", "fmt_shape",
            "make_plan", "plan_from_fingerprint"]
@@ -160,7 +165,7 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
     roi, window, batch = found[ckpt]
     strides, kernels = search.layout(roi)
     notes = []
-    if tuple(roi) != tuple(search.round_up(list(median_shape))):
+    if list(roi) != search.median_shape:
         notes.append(f"the median case ({fmt_shape(median_shape)}) does not fit whole: "
                      f"patches of {fmt_shape(roi)} are cut from it")
     return Plan(model=model, spatial_dims=search.d, in_channels=in_channels,
@@ -190,6 +195,10 @@ class _Search:
         self.levels = len((base.unet if self.tac else base).channels)
         self.limit = budget * (1 - MARGIN)
         self.frames_cap = max(1, int(median_frames))
+        if self.tac and base.frames > self.frames_cap:
+            raise UserError(f"model '{model}' takes windows of exactly {base.frames} frames, "
+                            f"but the median sequence has {self.frames_cap}: choose a model "
+                            f"without a fixed window (e.g. tiny)")
         self.w0 = base.frames if self.tac else max(1, min(min_window, self.frames_cap))
         self.floor = [min(n, MIN_ROI) for n in self.median_shape]
 
@@ -206,12 +215,12 @@ class _Search:
         strides, _ = self.layout(roi)
         return [math.prod(s[a] for s in strides) for a in range(self.d)]
 
-    def round_up(self, roi) -> list[int]:
-        return [-(-r // k) * k for r, k in zip(roi, self.multiples(roi), strict=True)]
-
     def run(self, ckpt: bool, max_batch: int) -> tuple[list[int], int, int] | None:
-        """The largest roi, then window, then batch that fit (None: not even the floor)."""
-        roi = self.round_up(list(self.median_shape))
+        """The largest roi, then window, then batch that fit (None: not even the floor).
+
+        The roi starts at the median image (never larger along any axis: the network pads
+        a patch to its strides' multiple itself) and shrinks to multiples of the strides."""
+        roi = list(self.median_shape)
         while self.cost(roi, self.w0, 1, ckpt) > self.limit:
             m = self.multiples(roi)
             # shrink the physically longest axis that can still shrink
@@ -219,9 +228,8 @@ class _Search:
             if not axes:
                 return None
             a = max(axes, key=lambda i: roi[i] * self.spacing[i])
-            step = max(m[a], int(0.1 * roi[a]) // m[a] * m[a])
-            roi[a] = max(self.floor[a], roi[a] - step)
-            roi = self.round_up(roi) if roi[a] >= m[a] else roi
+            smaller = roi[a] - max(m[a], int(0.1 * roi[a]) // m[a] * m[a])
+            roi[a] = max(self.floor[a], smaller // m[a] * m[a] if smaller >= m[a] else smaller)
         window = self.w0
         if not self.tac:
             while window < self.frames_cap and \
@@ -250,6 +258,7 @@ def plan_from_fingerprint(fp: Fingerprint, budget: int, *, model: str = "tiny",
     spacings = [c.spacing for c in fp.cases]
     target = target_spacing(spacings)
     shapes = [target_shape(c.shape, c.spacing, target.spacing) for c in fp.cases]
+    _check_cases_fit(fp, shapes, target.spacing, model)
     median = [int(np.median([s[a] for s in shapes])) for a in range(len(shapes[0]))]
     frames = int(np.median([c.frames for c in fp.cases]))
     classes = fp.num_classes or 1 + max(
@@ -260,7 +269,35 @@ def plan_from_fingerprint(fp: Fingerprint, budget: int, *, model: str = "tiny",
                      device=device, precision=precision, min_window=min_window,
                      max_batch=max_batch)
     plan.notes.extend(fp.notes)
+    if not fp.validation:
+        few = len(fp.cases) <= 2
+        plan.notes.append(
+            "no validation: the datalist lists no validation cases, so train reports no "
+            "val_dice" + (f" (with {len(fp.cases)} training sequence"
+                          f"{'s' if len(fp.cases) > 1 else ''} none can be held out; "
+                          f"validating on a training case would only measure fit)" if few
+                          else "; move a case to 'validation' to validate"))
     return plan
+
+
+def _check_cases_fit(fp: Fingerprint, shapes: Sequence[Sequence[int]],
+                     spacing: Sequence[float], model: str) -> None:
+    """Refuse a dataset none of whose cases (resampled to ``spacing``) is large enough for
+    every pooling of ``model`` along its finest axes, naming the smallest case and the size
+    needed."""
+    base = meta_model({"name": model, "spatial_dims": fp.spatial_dims}, None)
+    levels = len(getattr(base, "unet", base).channels)
+    need = MIN_POOLED_VOXELS * 2 ** (levels - 1)
+    finest = min(spacing)
+    axes = [a for a, h in enumerate(spacing) if h <= POOL_SPACING_RATIO * finest]
+    if any(all(s[a] >= need for a in axes) for s in shapes):
+        return
+    i = min(range(len(shapes)), key=lambda j: math.prod(shapes[j]))
+    raise UserError(
+        f"no training case is large enough for model '{model}' ({levels - 1} poolings): it "
+        f"needs at least {need} voxels along axes {axes} at spacing {fmt_shape(spacing)}; "
+        f"the smallest case '{fp.cases[i].name}' is {fmt_shape(shapes[i])} after resampling "
+        f"(largest: {fmt_shape(max(shapes, key=math.prod))})")
 
 
 def capacity(budget: int, model: str, frames: int, spatial: Sequence[int], *,
