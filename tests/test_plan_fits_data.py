@@ -23,18 +23,18 @@ def test_roi_never_exceeds_the_image_along_any_axis(shape):
     for budget in (64 * MiB, 256 * MiB, 8 * 2**30):
         try:
             plan = make_plan(budget, model="tiny", median_shape=shape, median_frames=10,
-                             device="cpu")
+                             device="cpu", runtime=0)
         except UserError:
             continue
         assert all(r <= n for r, n in zip(plan.roi, shape, strict=True)), (budget, plan.roi)
     whole = make_plan(8 * 2**30, model="tiny", median_shape=shape, median_frames=10,
-                      device="cpu")
+                      device="cpu", runtime=0)
     assert whole.roi == shape  # the whole image when it fits: no padding beyond it
 
 
 def test_a_shrunk_roi_is_a_multiple_of_the_strides():
     plan = make_plan(40 * MiB, model="tiny", median_shape=[117, 234], median_frames=10,
-                     device="cpu")
+                     device="cpu", runtime=0)
     assert plan.roi != [117, 234]
     for r, n, mult in zip(plan.roi, [117, 234], [4, 4], strict=True):
         assert r == n or r % mult == 0
@@ -43,7 +43,7 @@ def test_a_shrunk_roi_is_a_multiple_of_the_strides():
 @pytest.mark.parametrize("frames, min_window", itertools.product([1, 2, 3, 9], [1, 4, 16]))
 def test_window_never_exceeds_the_median_frame_count(frames, min_window):
     plan = make_plan(8 * 2**30, model="tiny", median_shape=[32, 32], median_frames=frames,
-                     device="cpu", min_window=min_window)
+                     device="cpu", min_window=min_window, runtime=0)
     assert 1 <= plan.window <= frames
     assert plan.window == frames  # everything fits: the whole sequence
 
@@ -52,7 +52,7 @@ def test_a_fixed_window_longer_than_the_sequences_is_refused():
     with pytest.raises(UserError, match=r"model 'tac-tiny' takes windows of exactly 8 frames, "
                                         r"but the median sequence has 5"):
         make_plan(8 * 2**30, model="tac-tiny", median_shape=[32, 32], median_frames=5,
-                  device="cpu")
+                  device="cpu", runtime=0)
 
 
 def test_cases_too_small_for_the_strides_are_refused_naming_the_smallest(tmp_path):

@@ -189,6 +189,8 @@ def _cmd_train(args) -> int:
         print(f"trained {res.steps} steps in {res.seconds:.1f} s"
               + (f", loss {last['loss']:.4f}" if last.get("loss") is not None else "")
               + (f", val Dice {last['val_dice']:.3f}" if "val_dice" in last else "")
+              + (f", peak memory {last['peak_mb']:.0f} MiB (predicted "
+                 f"{last['predicted_peak_mb']:.0f})" if "peak_mb" in last else "")
               + f"; checkpoint {res.checkpoint}")
     return 0
 

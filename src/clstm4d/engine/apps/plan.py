@@ -26,6 +26,7 @@ from clstm4d.engine.planning.planner import (
     make_plan,
     plan_from_fingerprint,
 )
+from clstm4d.engine.planning.process import CaseSize, DataSizes
 from clstm4d.engine.run.config import create
 from clstm4d.engine.run.runtime import amp_dtype, available_memory, resolve_device
 from clstm4d.engine.training.losses import SequenceLoss
@@ -129,9 +130,12 @@ def run_plan(*, memory: str | int | None = None, datalist: str | None = None,
                                      max_batch=max_batch)
     else:
         frames, spatial = parse_shape(shape)
+        case = CaseSize(frames, 1, tuple(spatial), tuple(spatial))
         plan = make_plan(budget, model=model, median_shape=spatial, median_frames=frames,
                          device=dev.type, precision=precision, min_window=min_window,
-                         max_batch=max_batch)
+                         max_batch=max_batch, data=DataSizes([case], [case]))
+        plan.notes.append("the process is planned as holding one training and one "
+                          "validation sequence of this size")
     if measure_time:
         say("timing a short calibration step ...")
         plan.step_seconds = calibrate_step_seconds(

@@ -17,7 +17,8 @@ from clstm4d.errors import ConfigError, UserError
 from clstm4d.models import TimeAsChannelsUNet
 
 from .fingerprint import Fingerprint
-from .memory import PRECISIONS, GiB, estimate_memory, meta_model
+from .memory import PRECISIONS, GiB, MiB, meta_model
+from .process import CaseSize, DataSizes, ProcessEstimate, estimate_process
 from .topology import (
     MIN_POOLED_VOXELS,
     POOL_SPACING_RATIO,
@@ -25,7 +26,8 @@ from .topology import (
     target_spacing,
 )
 
-__all__ = ["MARGIN", "MAX_BATCH", "MIN_ROI", "MIN_WINDOW", "Plan", "capacity", "fmt_shape",
+__all__ = ["MARGIN", "MAX_BATCH", "MIN_ROI", "MIN_WINDOW", "Plan", "capacity", "fmt_memory",
+           "fmt_shape",
            "make_plan", "plan_from_fingerprint"]
 
 #: The fraction of the budget the planner leaves free: the memory model's largest measured
@@ -64,6 +66,7 @@ class Plan:
     median_frames: int = 0
     step_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def share(self) -> float:
@@ -84,7 +87,8 @@ class Plan:
                       "kernel_sizes": self.kernel_sizes},
             "data": {"datalist": datalist, "spacing": self.spacing, "roi": list(self.roi),
                      "window": self.window, "batch_size": self.batch},
-            "train": {"amp": amp, "recompute": self.recompute},
+            "train": {"amp": amp, "recompute": self.recompute,
+                      "memory": f"{max(1, self.budget // MiB)}MB"},
             "predict": {"roi": list(self.roi)},  # windows of the training patch
         }
 
@@ -103,11 +107,19 @@ class Plan:
                ("kernel sizes", str(self.kernel_sizes)),
                ("recompute activations", "on" if self.recompute else "off"),
                ("precision", self.precision),
-               ("predicted peak", f"{self.predicted / gib:.2f} GiB"),
+               ("predicted peak", f"{fmt_memory(self.predicted)} (the train process: "
+                                  f"{self._components()})"),
                ("budget", f"{self.budget / gib:.2f} GiB ({self.device}); "
                           f"{100 * self.share:.0f}% used, margin {100 * MARGIN:.0f}%"),
                ("predicted step time", time)]
         return out
+
+    def _components(self) -> str:
+        m = self.memory
+        if not m:
+            return "?"
+        parts = [("runtime", m["runtime"]), ("data", m["data"]), (m["phase"], m["peak"])]
+        return ", ".join(f"{name} {fmt_memory(b)}" for name, b in parts if b)
 
     def table(self) -> str:
         rows = self.rows()
@@ -123,6 +135,16 @@ def fmt_shape(values: Sequence[Any]) -> str:
     return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
+def fmt_memory(nbytes: float) -> str:
+    """Bytes in the largest binary unit that keeps the number at 1 or more (``"1.50 GiB"``,
+    ``"212 MiB"``, ``"800 KiB"``)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= scale:
+            value = nbytes / scale
+            return f"{value:.2f} {unit}" if unit == "GiB" else f"{value:.0f} {unit}"
+    return f"{int(nbytes)} B"
+
+
 def _resolved_precision(precision: str, device: str) -> str:
     if precision == "auto":
         return "bf16" if device == "cuda" else "fp32"
@@ -135,7 +157,8 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
               median_frames: int, spacing: Sequence[float] | None = None,
               spacing_rule: str = "", in_channels: int = 1, out_channels: int = 2,
               device: str = "cuda", precision: str = "auto", min_window: int = MIN_WINDOW,
-              max_batch: int = MAX_BATCH, recompute: bool | None = None) -> Plan:
+              max_batch: int = MAX_BATCH, recompute: bool | None = None,
+              data: DataSizes | None = None, runtime: int | None = None) -> Plan:
     """Choose roi, window, batch, strides, kernels, recomputation and precision so that the
     predicted peak of a training step stays within ``budget * (1 - MARGIN)``.
 
@@ -150,7 +173,8 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
     """
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     search = _Search(budget, model, median_shape, median_frames, spacing, in_channels,
-                     out_channels, device, _resolved_precision(precision, device), min_window)
+                     out_channels, device, _resolved_precision(precision, device), min_window,
+                     {"data": data, "runtime": runtime})
     options = [False, True] if recompute is None else [bool(recompute)]
     found = {ckpt: search.run(ckpt, max_batch) for ckpt in options}
     found = {k: v for k, v in found.items() if v is not None}
@@ -173,6 +197,7 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
                 strides=strides, kernel_sizes=kernels, recompute=ckpt,
                 precision=search.precision, device=device, budget=int(budget),
                 predicted=search.cost(roi, window, batch, ckpt),
+                memory=search.estimate(roi, window, batch, ckpt).to_dict(),
                 spacing=None if spacing is None else list(search.spacing),
                 spacing_rule=spacing_rule, median_shape=[int(n) for n in median_shape],
                 median_frames=int(median_frames), notes=notes)
@@ -183,7 +208,8 @@ class _Search:
     window, batch, recomputation) and the roi -> window -> batch search under the budget."""
 
     def __init__(self, budget, model, median_shape, median_frames, spacing, in_channels,
-                 out_channels, device, precision, min_window):
+                 out_channels, device, precision, min_window, process):
+        self.process = process  # estimate_process's data and runtime
         self.budget, self.model, self.device, self.precision = budget, model, device, precision
         self.median_shape = [int(n) for n in median_shape]
         self.d = d = len(median_shape)
@@ -205,11 +231,14 @@ class _Search:
     def layout(self, roi):
         return derive_strides_kernels(self.spacing, roi, self.levels)
 
-    def cost(self, roi, window, batch, ckpt) -> int:
+    def estimate(self, roi, window, batch, ckpt) -> ProcessEstimate:
         strides, kernels = self.layout(roi)
         mc = {"name": self.model, **self.sizes, "strides": strides, "kernel_sizes": kernels}
-        return estimate_memory(mc, roi, window, batch, self.precision, ckpt,
-                               device=self.device)
+        return estimate_process(mc, roi, window, batch, self.precision, ckpt,
+                                device=self.device, predict={"roi": roi}, **self.process)
+
+    def cost(self, roi, window, batch, ckpt) -> int:
+        return self.estimate(roi, window, batch, ckpt).total
 
     def multiples(self, roi) -> list[int]:
         strides, _ = self.layout(roi)
@@ -263,11 +292,16 @@ def plan_from_fingerprint(fp: Fingerprint, budget: int, *, model: str = "tiny",
     frames = int(np.median([c.frames for c in fp.cases]))
     classes = fp.num_classes or 1 + max(
         (int(k) for c in fp.cases for k in c.class_voxels), default=1)
+    data = DataSizes(
+        [CaseSize(c.frames, c.channels, tuple(s))
+         for c, s in zip(fp.cases, shapes, strict=True)],
+        [CaseSize(c.frames, c.channels, target_shape(c.shape, c.spacing, target.spacing),
+                  tuple(c.shape)) for c in fp.validation])
     plan = make_plan(budget, model=model, median_shape=median, median_frames=frames,
                      spacing=target.spacing, spacing_rule=target.describe(),
                      in_channels=fp.channels, out_channels=max(2, classes),
                      device=device, precision=precision, min_window=min_window,
-                     max_batch=max_batch)
+                     max_batch=max_batch, data=data)
     plan.notes.extend(fp.notes)
     if not fp.validation:
         few = len(fp.cases) <= 2

@@ -105,7 +105,10 @@ class TrainConfig:
     of the forward and compute it again in backward; same gradients, less memory).
     ``max_nonfinite_steps``: a step with a non-finite loss or gradient is skipped; this many in
     a row stop the run (0: never). ``dist_timeout``: seconds a ``torchrun`` rank waits for the
-    others in a collective before it fails (a rank that died or hangs).
+    others in a collective before it fails (a rank that died or hangs). ``memory``: the
+    budget the run was planned for (``"2GB"``, ``"800MB"``; ``clstm4d plan`` writes it): the
+    memory guard refuses a run whose predicted peak exceeds it (or the device's free memory,
+    whichever is less).
     """
 
     out: str = "runs/train"
@@ -132,6 +135,7 @@ class TrainConfig:
     dist_timeout: float = 1800.0
     progress: bool = True
     threads: int | None = None
+    memory: str | None = None
 
 
 @dataclass

@@ -29,7 +29,14 @@ from clstm4d._common import atomic_write_text
 from clstm4d.engine.run.checkpoint import save_checkpoint
 from clstm4d.engine.run.config import TrainConfig
 from clstm4d.engine.run.folders import RunFolder
-from clstm4d.engine.run.runtime import DistInfo, PeakMemory, amp_dtype, autocast, init_distributed
+from clstm4d.engine.run.runtime import (
+    DistInfo,
+    PeakMemory,
+    amp_dtype,
+    autocast,
+    init_distributed,
+    process_memory,
+)
 from clstm4d.errors import Preempted, UserError
 
 from .faults import NonFiniteSteps, StopOnSignal, decide_on_rank0, ignore_stop_signals
@@ -234,7 +241,7 @@ class _Loop:
         memory, every ``log_every`` steps a metrics row, validation when it is due."""
         cfg = self.cfg
         if step == self.start + 1 and self.predicted_peak is not None:
-            self.memory = self._first_step_memory()
+            self.memory = self._process_memory("first step")
         if finite:
             self.running += float(value)
             self.count += 1
@@ -251,7 +258,9 @@ class _Loop:
                 (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps):
             row = row or {"step": step, "seconds": round(seconds, 3)}
             row.update(self.validate(self.model))
-        if self.memory and step == self.start + 1:
+        if self.memory and step == cfg.steps:  # the whole run's peak, validation included
+            self.memory = self._process_memory("run")
+        if self.memory and step in (self.start + 1, cfg.steps):
             row = {**(row or {"step": step}), **self.memory}
         if row is not None:
             self._write(row)
@@ -264,11 +273,11 @@ class _Loop:
             self.bar.write(f"step {row['step']}: validation Dice {row['val_dice']:.4f}")
         log.info("step %d: %s", row["step"], row)
 
-    def _first_step_memory(self) -> dict[str, float]:
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        memory = first_step_memory(self.peak.so_far() + params, self.predicted_peak)
-        log.info("first step: peak memory %.0f MiB, predicted %.0f MiB", memory["peak_mb"],
-                 memory["predicted_peak_mb"])
+    def _process_memory(self, when: str) -> dict[str, float]:
+        """The process's peak memory so far (``process_memory``) next to the prediction."""
+        memory = first_step_memory(process_memory(self.device), self.predicted_peak)
+        log.info("%s: peak memory of the process %.0f MiB, predicted %.0f MiB", when,
+                 memory["peak_mb"], memory["predicted_peak_mb"])
         return memory
 
     # ------------------------------------------------------------------ checkpoints
@@ -352,9 +361,11 @@ def fit(
             per index, which ``PatchDataset`` is).
         dist_info, device: where this process runs; default: from the ``torchrun``
             environment and ``cfg.device``.
-        predicted_peak: the memory model's estimate of a step (bytes); after the first step
-            the measured peak (above the start, plus the parameters) is logged next to it
-            (``peak_mb`` and ``predicted_peak_mb`` in the metrics and ``state.json``).
+        predicted_peak: the process model's estimate of the run's peak (bytes); after the
+            first and after the last step (its validation included) the process's measured
+            peak (:func:`~clstm4d.engine.run.runtime.process_memory`: CPU peak resident set,
+            CUDA peak reserved plus context) is logged next to it (``peak_mb`` and
+            ``predicted_peak_mb`` in the metrics and ``state.json``).
 
     Returns:
         A :class:`TrainResult` (on ranks other than 0 ``checkpoint`` is None).
