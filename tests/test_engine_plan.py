@@ -243,7 +243,8 @@ def test_plan_for_thick_slices_keeps_z_unpooled_and_trains_as_is(thick_slices, t
 
     plan, written = run_plan(memory="1GB", datalist=str(thick_slices), model="tiny",
                              out=tmp_path / "plan.yaml", device="cpu", max_batch=2)
-    assert plan.step_seconds > 0 and "measured calibration" in plan.table()
+    assert plan.step_seconds > 0 and "calibrated on the real step and data" in plan.table()
+    assert plan.run_seconds > 200 * plan.step_seconds - 1e-9  # the default train.steps
     assert [p.name for p in written] == ["plan.yaml", "fingerprint.json"]
     assert plan.spacing == [1.0, 1.0, 5.0] and "percentile" in plan.spacing_rule
     assert plan.strides[0] == [2, 2, 1]  # z is 5x coarser: not pooled at level 0

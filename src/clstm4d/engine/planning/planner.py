@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 
 from clstm4d.data import target_shape
+from clstm4d.engine.run.config import TrainConfig
 from clstm4d.errors import ConfigError, UserError
 from clstm4d.models import TimeAsChannelsUNet
 
 from .fingerprint import Fingerprint
 from .memory import PRECISIONS, GiB, MiB, meta_model
 from .process import CaseSize, DataSizes, ProcessEstimate, estimate_process
+from .timing import StepTime
 from .topology import (
     MIN_POOLED_VOXELS,
     POOL_SPACING_RATIO,
@@ -66,6 +68,8 @@ class Plan:
     median_frames: int = 0
     step_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
+    validation_seconds: float | None = None
+    run_seconds: float | None = None
     memory: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -94,8 +98,10 @@ class Plan:
 
     def rows(self) -> list[tuple[str, str]]:
         gib = 2**30
-        time = ("not measured" if self.step_seconds is None
-                else f"{self.step_seconds:.2f} s (measured calibration, scaled by conv MACs)")
+        time = "not measured" if self.step_seconds is None else (
+            f"{self.step_seconds:.2f} s per step (calibrated on the real step and data); "
+            f"the run: {_fmt_seconds(self.run_seconds)} ({TrainConfig.steps} steps, the "
+            f"default train.steps, and {self.validation_seconds:.1f} s of validation)")
         out = [("model", self.model),
                ("target spacing", "off (each case on its own grid)" if self.spacing is None
                 else f"{fmt_shape(self.spacing)}  [{self.spacing_rule}]"),
@@ -135,6 +141,11 @@ def fmt_shape(values: Sequence[Any]) -> str:
     return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else (
+        f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
+
+
 def fmt_memory(nbytes: float) -> str:
     """Bytes in the largest binary unit that keeps the number at 1 or more (``"1.50 GiB"``,
     ``"212 MiB"``, ``"800 KiB"``)."""
@@ -158,14 +169,19 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
               spacing_rule: str = "", in_channels: int = 1, out_channels: int = 2,
               device: str = "cuda", precision: str = "auto", min_window: int = MIN_WINDOW,
               max_batch: int = MAX_BATCH, recompute: bool | None = None,
-              data: DataSizes | None = None, runtime: int | None = None) -> Plan:
+              data: DataSizes | None = None, runtime: int | None = None,
+              timer: StepTime | None = None, time_per_step: float | None = None) -> Plan:
     """Choose roi, window, batch, strides, kernels, recomputation and precision so that the
-    predicted peak of a training step stays within ``budget * (1 - MARGIN)``.
+    predicted peak of the ``train`` process (:func:`~.process.estimate_process`: runtime,
+    ``data``, the step, validation) stays within ``budget * (1 - MARGIN)``, and (with a
+    calibrated ``timer``) a step within ``time_per_step`` seconds.
 
-    Order: the largest roi first (up to ``median_shape``, shrinking the physically longest
-    axis), with ``min(min_window, median_frames)`` frames and batch 1; then the window up to
-    ``median_frames``; then the batch up to ``max_batch``. Strides and kernels follow the roi
-    and ``spacing`` (:func:`derive_strides_kernels`). Recomputation is used only when it buys a
+    Order: the largest roi first (up to ``median_shape``, never beyond it, shrinking the
+    physically longest axis), with ``min(min_window, median_frames)`` frames and batch 1; then
+    the window up to ``median_frames``; then the batch up to ``max_batch``: with a ``timer``
+    only while a larger batch shortens the time per epoch of data by 10% or more (its fixed
+    cost per step shared), without one while it fits. Strides and kernels follow the roi and
+    ``spacing`` (:func:`derive_strides_kernels`). Recomputation is used only when it buys a
     larger roi or window, not for a larger batch (``recompute`` forces it on or off).
 
     Raises:
@@ -175,6 +191,7 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
     search = _Search(budget, model, median_shape, median_frames, spacing, in_channels,
                      out_channels, device, _resolved_precision(precision, device), min_window,
                      {"data": data, "runtime": runtime})
+    search.timer, search.time_limit = timer, time_per_step
     options = [False, True] if recompute is None else [bool(recompute)]
     found = {ckpt: search.run(ckpt, max_batch) for ckpt in options}
     found = {k: v for k, v in found.items() if v is not None}
@@ -200,7 +217,8 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
                 memory=search.estimate(roi, window, batch, ckpt).to_dict(),
                 spacing=None if spacing is None else list(search.spacing),
                 spacing_rule=spacing_rule, median_shape=[int(n) for n in median_shape],
-                median_frames=int(median_frames), notes=notes)
+                median_frames=int(median_frames), notes=notes,
+                **search.times(roi, window, batch, ckpt))
 
 
 class _Search:
@@ -210,6 +228,8 @@ class _Search:
     def __init__(self, budget, model, median_shape, median_frames, spacing, in_channels,
                  out_channels, device, precision, min_window, process):
         self.process = process  # estimate_process's data and runtime
+        self.timer: StepTime | None = None
+        self.time_limit: float | None = None
         self.budget, self.model, self.device, self.precision = budget, model, device, precision
         self.median_shape = [int(n) for n in median_shape]
         self.d = d = len(median_shape)
@@ -240,6 +260,39 @@ class _Search:
     def cost(self, roi, window, batch, ckpt) -> int:
         return self.estimate(roi, window, batch, ckpt).total
 
+    def seconds(self, roi, window, batch, ckpt) -> float:
+        strides, kernels = self.layout(roi)
+        mc = {"name": self.model, **self.sizes, "strides": strides, "kernel_sizes": kernels}
+        return self.timer.step(mc, roi, window, batch, ckpt)
+
+    def fits(self, roi, window, batch, ckpt) -> bool:
+        """Within the memory budget (with the margin) and the time per step."""
+        if self.cost(roi, window, batch, ckpt) > self.limit:
+            return False
+        return self.time_limit is None or self.timer is None or \
+            self.seconds(roi, window, batch, ckpt) <= self.time_limit
+
+    def faster(self, roi, window, batch, ckpt) -> bool:
+        """Whether batch + 1 trains an epoch of data 10% faster than batch (always without
+        a timer: then the largest batch that fits)."""
+        if self.timer is None:
+            return True
+        now = self.seconds(roi, window, batch, ckpt) / batch
+        return self.seconds(roi, window, batch + 1, ckpt) / (batch + 1) <= 0.9 * now
+
+    def times(self, roi, window, batch, ckpt) -> dict[str, float | None]:
+        """The plan's predicted seconds: a step, a validation pass, the whole run (the
+        default train.steps and one validation at the end)."""
+        if self.timer is None:
+            return {}
+        strides, kernels = self.layout(roi)
+        mc = {"name": self.model, **self.sizes, "strides": strides, "kernel_sizes": kernels}
+        step = self.timer.step(mc, roi, window, batch, ckpt)
+        data = self.process["data"]
+        val = 0.0 if data is None else self.timer.validation(mc, data.validation, {"roi": roi})
+        return {"step_seconds": step, "validation_seconds": val,
+                "run_seconds": TrainConfig.steps * step + val}
+
     def multiples(self, roi) -> list[int]:
         strides, _ = self.layout(roi)
         return [math.prod(s[a] for s in strides) for a in range(self.d)]
@@ -250,7 +303,7 @@ class _Search:
         The roi starts at the median image (never larger along any axis: the network pads
         a patch to its strides' multiple itself) and shrinks to multiples of the strides."""
         roi = list(self.median_shape)
-        while self.cost(roi, self.w0, 1, ckpt) > self.limit:
+        while not self.fits(roi, self.w0, 1, ckpt):
             m = self.multiples(roi)
             # shrink the physically longest axis that can still shrink
             axes = [a for a in range(self.d) if roi[a] > self.floor[a]]
@@ -261,17 +314,22 @@ class _Search:
             roi[a] = max(self.floor[a], smaller // m[a] * m[a] if smaller >= m[a] else smaller)
         window = self.w0
         if not self.tac:
-            while window < self.frames_cap and \
-                    self.cost(roi, window + 1, 1, ckpt) <= self.limit:
+            while window < self.frames_cap and self.fits(roi, window + 1, 1, ckpt):
                 window += 1
         batch = 1
-        while batch < max_batch and self.cost(roi, window, batch + 1, ckpt) <= self.limit:
+        while batch < max_batch and self.fits(roi, window, batch + 1, ckpt) and \
+                self.faster(roi, window, batch, ckpt):
             batch += 1
         return roi, window, batch
 
     def too_small(self, ckpt: bool) -> UserError:
         window = 1 if not self.tac else self.w0
         need = self.cost(self.floor, window, 1, ckpt)
+        if need <= self.limit and self.time_limit is not None:
+            return UserError(
+                f"--time-per-step {self.time_limit:g} s is too short: the smallest plan for "
+                f"model '{self.model}' (roi {fmt_shape(self.floor)}, window {window}, batch 1) "
+                f"takes about {self.seconds(self.floor, window, 1, ckpt):.2f} s per step")
         return UserError(
             f"--memory {self.budget / 2**30:.2f} GiB is too small: the smallest plan for model "
             f"'{self.model}' (roi {fmt_shape(self.floor)}, window {window}, batch 1, "
@@ -281,7 +339,9 @@ class _Search:
 
 def plan_from_fingerprint(fp: Fingerprint, budget: int, *, model: str = "tiny",
                           device: str = "cuda", precision: str = "auto",
-                          min_window: int = MIN_WINDOW, max_batch: int = MAX_BATCH) -> Plan:
+                          min_window: int = MIN_WINDOW, max_batch: int = MAX_BATCH,
+                          timer: StepTime | None = None, time_per_step: float | None = None,
+                          recompute: bool | None = None) -> Plan:
     """:func:`make_plan` for a dataset: the target spacing from the cases' spacings, the
     median shape after resampling to it, the median frame count, channels and classes."""
     spacings = [c.spacing for c in fp.cases]
@@ -301,7 +361,8 @@ def plan_from_fingerprint(fp: Fingerprint, budget: int, *, model: str = "tiny",
                      spacing=target.spacing, spacing_rule=target.describe(),
                      in_channels=fp.channels, out_channels=max(2, classes),
                      device=device, precision=precision, min_window=min_window,
-                     max_batch=max_batch, data=data)
+                     max_batch=max_batch, data=data, timer=timer,
+                     time_per_step=time_per_step, recompute=recompute)
     plan.notes.extend(fp.notes)
     if not fp.validation:
         few = len(fp.cases) <= 2
