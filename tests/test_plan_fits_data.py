@@ -82,3 +82,35 @@ def test_one_sequence_plans_no_validation_and_says_so(tmp_path):
     assert plan.roi == [24, 24] and plan.window == 4
     note = [n for n in plan.notes if n.startswith("no validation")]
     assert note and "with 1 training sequence none can be held out" in note[0]
+
+
+# ------------------------------------------------------------------ time: batch and budget
+
+def _timer(fixed):
+    from clstm4d.engine.planning.timing import StepTime
+
+    return StepTime(rate=2e9, fixed=fixed, data=0.0)
+
+
+def test_the_batch_grows_only_while_an_epoch_gets_faster():
+    kw = dict(model="tiny", median_shape=[64, 64], median_frames=8, device="cpu", runtime=0)
+    # no fixed cost per step: a larger batch trains an epoch no faster, so it stays at 1
+    assert make_plan(8 * 2**30, timer=_timer(0.0), **kw).batch == 1
+    # a large fixed cost per step (a GPU's launches): sharing it pays, up to max_batch
+    assert make_plan(8 * 2**30, timer=_timer(100.0), **kw).batch == 8
+    assert make_plan(8 * 2**30, **kw).batch == 8  # without a timer: the largest that fits
+
+
+def test_a_time_budget_shrinks_the_plan_and_says_when_it_cannot():
+    kw = dict(model="tiny", median_shape=[96, 96], median_frames=8, device="cpu", runtime=0,
+              timer=_timer(0.0))
+    free = make_plan(8 * 2**30, **kw)
+    limit = free.step_seconds / 3
+    quick = make_plan(8 * 2**30, time_per_step=limit, **kw)
+    assert quick.step_seconds <= limit < free.step_seconds
+    assert quick.roi != free.roi and all(r <= n for r, n in zip(quick.roi, [96, 96],
+                                                                  strict=True))
+    assert quick.run_seconds >= 200 * quick.step_seconds  # the default train.steps
+    with pytest.raises(UserError, match=r"--time-per-step 1e-09 s is too short: the smallest "
+                                        r"plan .* takes about [\d.]+ s per step"):
+        make_plan(8 * 2**30, time_per_step=1e-9, **kw)
