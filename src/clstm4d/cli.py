@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -56,6 +57,32 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"{what} (refused by default); inputs are never replaced")
+
+
+@contextlib.contextmanager
+def _options_named(args, keys: dict[str, str]):
+    """Configuration errors about keys that a command-line option set (``keys``: option
+    dest -> ``section.key``) name the option (``--sw-batch-size``), not the key."""
+    from clstm4d.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as e:
+        msg = str(e)
+        for opt, key in keys.items():
+            if getattr(args, opt, None) is not None:
+                msg = msg.replace(f"'{key}'", f"--{opt.replace('_', '-')}")
+        if msg == str(e):
+            raise
+        raise ConfigError(msg) from None
+
+
+#: what to lower when a command runs out of memory
+_LOWER = {"train": "data.roi, data.window or data.batch_size (or set train.recompute)",
+          "predict": "--roi, --chunk or --sw-batch-size",
+          "evaluate": "the frames scored (--frames), or skip HD95 (--no-hd95)",
+          "demo": "--size, --window or --batch-size", "synth": "--size, --frames or --cases",
+          "plan": "--shape"}
 
 
 def _command(sub, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
@@ -177,8 +204,9 @@ def _cmd_train(args) -> int:
     from clstm4d.engine.run.config import load_config
     from clstm4d.engine.training.train import train
 
-    cfg = load_config(args.config, args.overrides,
-                      values={key: getattr(args, opt) for opt, key in _TRAIN_KEYS.items()})
+    with _options_named(args, _TRAIN_KEYS):
+        cfg = load_config(args.config, args.overrides,
+                          values={key: getattr(args, opt) for opt, key in _TRAIN_KEYS.items()})
     if args.print_config:
         print(cfg.to_json())
         return 0
@@ -224,12 +252,17 @@ def _add_predict(sub) -> None:
                        "--output folder")
 
 
+#: ``predict`` options that override one ``predict`` key of the checkpoint's configuration
+_PREDICT_OPTIONS = ("roi", "overlap", "chunk", "time_margin", "sw_batch_size")
+
+
 def _cmd_predict(args) -> int:
     from clstm4d.engine.inference.predictor import Predictor
 
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, device=args.device, amp=args.amp, roi=args.roi, overlap=args.overlap,
-        chunk=args.chunk, time_margin=args.time_margin, sw_batch_size=args.sw_batch_size)
+    with _options_named(args, {k: f"predict.{k}" for k in _PREDICT_OPTIONS}):
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint, device=args.device, amp=args.amp,
+            **{k: getattr(args, k) for k in _PREDICT_OPTIONS})
     t0 = time.perf_counter()
     written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite)
     print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "
@@ -488,10 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clstm4d {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (UserError, OSError) as e:
+    except (UserError, OSError, MemoryError) as e:
         if args.debug or os.environ.get("CLSTM4D_DEBUG"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, MemoryError):
+            msg = (f"out of memory ({msg if str(e).strip() else 'an allocation failed'}); "
+                   f"lower {_LOWER.get(args.command, 'the sizes')}")
         if isinstance(e, FileNotFoundError) and e.filename:
             msg = f"file not found: {e.filename}"
         print(f"clstm4d {args.command}: error: {msg}", file=sys.stderr)

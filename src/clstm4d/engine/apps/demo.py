@@ -114,6 +114,8 @@ def _train_child(cfg_dict: dict[str, Any], threads: int, queue) -> None:
                           "cpu": time.process_time() - cpu0}))
     except (UserError, OSError, Preempted) as e:  # the parent raises a user error
         queue.put(("user", str(e)))
+    except MemoryError as e:  # ... and this as a MemoryError, which the CLI explains
+        queue.put(("memory", f"while training: {e}" if str(e) else "while training"))
     except BaseException as e:
         queue.put(("error", f"{type(e).__name__}: {e}"))
         raise
@@ -142,6 +144,8 @@ def _train_isolated(cfg: Config, threads: int):
     proc.join()
     if status == "user":
         raise UserError(payload)
+    if status == "memory":
+        raise MemoryError(payload)
     if status != "ok":
         raise RuntimeError(f"training failed in the child process: {payload}")
     res = TrainResult(Path(payload["checkpoint"]), payload["steps"], payload["seconds"],

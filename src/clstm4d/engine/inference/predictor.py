@@ -44,7 +44,7 @@ from clstm4d.data import (
     write_label,
 )
 from clstm4d.engine.run.checkpoint import Checkpoint
-from clstm4d.engine.run.config import PredictConfig, SavedRun
+from clstm4d.engine.run.config import PredictConfig, SavedRun, check_values
 from clstm4d.engine.run.folders import check_label_outputs
 from clstm4d.engine.run.runtime import amp_dtype, resolve_device
 from clstm4d.errors import ConfigError, UserError
@@ -86,11 +86,11 @@ class Predictor:
             raise ConfigError(f"Predictor: unknown prediction setting(s) {unknown}; "
                               f"known: {list(OVERRIDABLE)}")
         self.run = run
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given = check_values("predict", {k: v for k, v in overrides.items() if v is not None})
         self.settings: PredictConfig = dataclasses.replace(run.config.predict, **given)
         if self.settings.roi is not None:
-            self.settings.roi = list(per_axis("roi", self.settings.roi, self.spatial_dims,
-                                              error=ConfigError))
+            self.settings.roi = list(per_axis("'predict.roi'", self.settings.roi,
+                                              self.spatial_dims, error=ConfigError))
         if isinstance(device, torch.device):
             self.device = device
         else:

@@ -31,7 +31,7 @@ from typing import Any
 from clstm4d.errors import ConfigError
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "ModelSpec", "PredictConfig", "SavedRun",
-           "TrainConfig", "load_config"]
+           "TrainConfig", "check_values", "load_config", "load_yaml"]
 
 
 @dataclass
@@ -242,9 +242,7 @@ class Config:
                 continue
             merged.setdefault(section, {})[_renamed(section, name)] = value
         kwargs = {s: _build(_SECTIONS[s], s, merged.get(s, {}), errors) for s in _SECTIONS}
-        if errors:
-            raise ConfigError(errors[0] if len(errors) == 1 else
-                              f"{len(errors)} configuration errors: " + "; ".join(errors))
+        _raise_all(errors)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -440,6 +438,32 @@ def _parse_override(item: str) -> tuple[str, Any]:
     except ConfigError:
         value = text
     return key.strip(), value
+
+
+def check_values(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``{key: value}`` of one section checked and converted as a configuration file's are
+    (type, range, choices); every problem in one :class:`ConfigError` naming
+    ``section.key``.
+
+    Examples:
+        >>> check_values("predict", {"roi": 32, "chunk": 4})
+        {'roi': [32], 'chunk': 4}
+        >>> check_values("predict", {"sw_batch_size": 0})
+        Traceback (most recent call last):
+        ...
+        clstm4d.errors.ConfigError: 'predict.sw_batch_size' must be >= 1, got 0
+    """
+    errors: list[str] = []
+    built = _build(_SECTIONS[section], section, values, errors)
+    _raise_all(errors)
+    return {k: getattr(built, k) for k in values}
+
+
+def _raise_all(errors: list[str]) -> None:
+    """One :class:`ConfigError` listing every problem found (none: nothing)."""
+    if errors:
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{len(errors)} configuration errors: " + "; ".join(errors))
 
 
 def _build(cls: type, section: str, values: dict[str, Any], errors: list[str]):
