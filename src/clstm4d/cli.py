@@ -289,7 +289,14 @@ def _add_evaluate(sub) -> None:
                         "entry's annotated frames with --datalist)")
     e.add_argument("--out", default=None, help="folder for frames.csv, summary.json and plots")
     e.add_argument("--num-classes", type=int, default=None,
-                   help="classes including background (default: max label + 1)")
+                   help="classes including background (default: the datalist's or the "
+                        "checkpoint's labels, else the largest value in the files + 1); a "
+                        "value outside the classes is refused")
+    e.add_argument("--checkpoint", default=None,
+                   help="take the classes and their names from this checkpoint's labels")
+    e.add_argument("--resample-to-label", action="store_true",
+                   help="resample a prediction on another voxel grid onto the label's "
+                        "(nearest neighbour) instead of refusing it")
     e.add_argument("--degraded", default=None,
                    help="comma-separated frames to report separately, e.g. 3,7 (default: "
                         "none, or the entry's \"degraded\" with --datalist)")
@@ -303,13 +310,19 @@ def _cmd_evaluate(args) -> int:
     res, written = run_evaluate(
         args.pred, args.label, datalist=args.datalist, case=args.case, frames=args.frames,
         degraded=args.degraded, num_classes=args.num_classes, hd95=not args.no_hd95,
+        checkpoint=args.checkpoint, resample_to_label=args.resample_to_label,
         out=args.out, overwrite=args.overwrite)
     print((f"case {res.case}  " if res.case else "")
-          + f"frames {len(res.frames)}  Dice {res.dice:.4f}  HD95 {res.hd95:.3f}  "
-          f"volume change error {res.temporal['volume_change_error']:.4f}  "
+          + f"frames {len(res.frames)}  Dice {res.dice:.4f}"
+          + (f"  HD95 {res.hd95:.3f} {res.unit}" if res.hd95_computed else "")
+          + f"  volume change error {res.temporal['volume_change_error']:.4f}  "
           f"consecutive-frame Dice {res.temporal['consecutive_dice']:.4f}"
           + (f"  Dice degraded {res.dice_degraded:.4f}" if res.degraded else ""))
+    print("per class Dice: " + "  ".join(f"{name} {v['dice']:.4f}"
+                                         for name, v in res.per_class.items()))
     print("per frame Dice:", " ".join(f"{r['frame']}:{r['dice']:.3f}" for r in res.rows))
+    for line in res.notes():
+        print(f"note: {line}")
     if written:
         print(f"wrote {written[0]}, " + ", ".join(p.name for p in written[1:]))
     return 0

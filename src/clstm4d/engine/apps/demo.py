@@ -256,13 +256,13 @@ def _evaluate(results: dict[str, Any], test_cases, dl, out: Path
             ev = evaluate_sequence(pred, c.label, dl.num_classes, spacing=c.geometry.spacing,
                                    degraded=c.meta.get("degraded", []),
                                    degradation=c.meta.get("degradation", []),
-                                   class_names=class_names)
+                                   class_names=class_names, unit=c.geometry.space_unit)
             per_case.append({"case": c.name, **ev.summary()})
             frames_all += [{"case": c.name, **row} for row in ev.rows]
             if c is test_cases[0]:
                 showcase["preds"][name] = pred
                 showcase["curves"][name] = [row["dice"] for row in ev.rows]
-        write_frames_csv(frames_all, out / f"frames_{r['slug']}.csv")
+        write_frames_csv(frames_all, out / f"frames_{r['slug']}.csv", ev.units())
         models[name] = _model_entry(r, per_case, frames_all, time.perf_counter() - t_eval)
     return models, showcase
 
@@ -275,9 +275,9 @@ def _model_entry(r: dict[str, Any], per_case: list[dict[str, Any]],
     return {
         "model": r["predictor"].run.model_spec.to_dict(),
         "parameters": int(sum(p.numel() for p in r["predictor"].model.parameters())),
-        "dice": float(dice.mean()),
-        "dice_degraded": float(dice[corr].mean()) if corr.any() else float("nan"),
-        "dice_clean": float(dice[~corr].mean()) if (~corr).any() else float("nan"),
+        "dice": nanmean(dice),
+        "dice_degraded": nanmean(dice[corr]),
+        "dice_clean": nanmean(dice[~corr]),
         "dice_by_degradation": dice_by_degradation(frames_all),
         "hd95": nanmean(c["hd95"] for c in per_case),
         "volume_change_error": nanmean(c["volume_change_error"] for c in per_case),
