@@ -54,6 +54,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable; values are parsed as YAML)")
 
 
+def _add_threads_progress(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads ({default}); more threads than free cores are "
+                        "warned about: on a busy machine they slow each other down")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress at all (otherwise a bar on a terminal, and a line about "
+                        "every minute in a redirected log)")
+
+
 def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"{what} (refused by default); inputs are never replaced")
@@ -122,9 +131,7 @@ def _add_demo(sub) -> None:
     d.add_argument("--window", type=int, default=default.window,
                    help="frames per training sample")
     d.add_argument("--seed", type=int, default=default.seed, help="seed for data and training")
-    d.add_argument("--threads", type=int, default=default.threads,
-                   help="torch CPU threads (default: half the cores, 1 to 4)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads_progress(d, "default: half the cores, 1 to 4")
     d.add_argument("--degrade", default=default.degrade, metavar="KIND[=S],...",
                    help="degradation families of the data's degraded frames (partial ones at "
                         "strength 0.5, full ones at 1; see clstm4d synth --help)")
@@ -163,7 +170,7 @@ _TRAIN_KEYS = {"datalist": "data.datalist", "out": "train.out", "model": "model.
                "steps": "train.steps", "batch_size": "data.batch_size", "lr": "train.lr",
                "amp": "train.amp", "device": "train.device",
                "recompute": "train.recompute",
-               "checkpoint_every": "train.checkpoint_every"}
+               "checkpoint_every": "train.checkpoint_every", "threads": "train.threads"}
 
 
 def _add_train(sub) -> None:
@@ -188,6 +195,7 @@ def _add_train(sub) -> None:
                         "checkpointing; train.recompute)")
     t.add_argument("--checkpoint-every", type=int, help="save every N steps "
                    "(train.checkpoint_every)")
+    _add_threads_progress(t, "train.threads; default: torch's choice, the cores")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue exactly from a checkpoint (default: the latest in --out)")
     _add_overwrite_arg(t, "start again from step 0 in an --out that holds a run (without it "
@@ -204,9 +212,10 @@ def _cmd_train(args) -> int:
     from clstm4d.engine.run.config import load_config
     from clstm4d.engine.training.train import train
 
+    values = {key: getattr(args, opt) for opt, key in _TRAIN_KEYS.items()}
+    values["train.progress"] = False if args.no_progress else None
     with _options_named(args, _TRAIN_KEYS):
-        cfg = load_config(args.config, args.overrides,
-                          values={key: getattr(args, opt) for opt, key in _TRAIN_KEYS.items()})
+        cfg = load_config(args.config, args.overrides, values=values)
     if args.print_config:
         print(cfg.to_json())
         return 0
@@ -250,6 +259,7 @@ def _add_predict(sub) -> None:
                    help="mixed precision (default: the checkpoint's predict.amp, auto)")
     _add_overwrite_arg(p, "replace an existing --output file, or write into a non-empty "
                        "--output folder")
+    _add_threads_progress(p, "default: torch's choice, the cores")
 
 
 #: ``predict`` options that override one ``predict`` key of the checkpoint's configuration
@@ -258,13 +268,19 @@ _PREDICT_OPTIONS = ("roi", "overlap", "chunk", "time_margin", "sw_batch_size")
 
 def _cmd_predict(args) -> int:
     from clstm4d.engine.inference.predictor import Predictor
+    from clstm4d.engine.run.progress import check_threads
+    from clstm4d.errors import ConfigError
 
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args.threads)
     with _options_named(args, {k: f"predict.{k}" for k in _PREDICT_OPTIONS}):
         predictor = Predictor.from_checkpoint(
             args.checkpoint, device=args.device, amp=args.amp,
             **{k: getattr(args, k) for k in _PREDICT_OPTIONS})
     t0 = time.perf_counter()
-    written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite)
+    written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite,
+                                     progress=not args.no_progress)
     print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "
           f"in {time.perf_counter() - t0:.1f} s -> "
           f"{written[0] if len(written) == 1 else f'{len(written)} files in {args.output}'}")

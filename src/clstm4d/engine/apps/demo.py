@@ -34,6 +34,7 @@ from clstm4d.engine.evaluation.plots import overlay_montage, plot_dice_per_frame
 from clstm4d.engine.inference.predictor import Predictor
 from clstm4d.engine.run.config import Config
 from clstm4d.engine.run.folders import OutputFolder
+from clstm4d.engine.run.progress import check_threads
 from clstm4d.engine.training.loop import TrainResult
 from clstm4d.engine.training.train import train
 from clstm4d.errors import Preempted, UserError
@@ -105,7 +106,7 @@ def default_threads() -> int:
 def _train_child(cfg_dict: dict[str, Any], threads: int, queue) -> None:
     """Train in a child process; send back the result (or the error message)."""
     try:
-        torch.set_num_threads(threads)
+        check_threads(threads, warn=False)  # the parent has warned
         cpu0 = time.process_time()
         # the demo owns its run folders: a second demo trains them again from step 0
         res = train(Config.from_dict(cfg_dict), progress_validation=False, overwrite=True)
@@ -166,7 +167,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
     with OutputFolder(opts.out, "demo", overwrite=opts.overwrite):
         t0 = time.perf_counter()
         _resolve(opts)
-        torch.set_num_threads(opts.threads or default_threads())
+        check_threads(opts.threads or default_threads())
         out = Path(opts.out)
         datalist_path, labelled = _write_data(opts, out, say)
         dl = load_datalist(datalist_path)
@@ -190,6 +191,8 @@ def _resolve(opts: DemoOptions) -> None:
     for key, value in DIMS_DEFAULTS[opts.dims].items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
+    if opts.threads is not None and opts.threads < 1:
+        raise UserError(f"demo: --threads must be >= 1, got {opts.threads}")
     if min(opts.steps, opts.cases, opts.test, opts.batch_size) < 1 or opts.frames < 2:
         raise UserError("demo: steps, cases, test and batch size must be >= 1, frames >= 2")
     if opts.labelled_frames is not None and not 1 <= opts.labelled_frames <= opts.frames:
