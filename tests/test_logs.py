@@ -156,6 +156,10 @@ def test_predict_shows_progress_per_sequence_on_a_terminal(monkeypatch):
     tty.truncate()
     Predictor(model, run, device="cpu").predict_array(image, progress=False)
     assert tty.getvalue() == ""
+    log = io.StringIO()  # a redirected log: nothing (an error after it stays one line)
+    monkeypatch.setattr(sys, "stderr", log)
+    Predictor(model, run, device="cpu").predict_array(image, progress=True)
+    assert log.getvalue() == ""
 
 
 @pytest.mark.slow

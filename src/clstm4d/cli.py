@@ -59,8 +59,8 @@ def _add_threads_progress(p: argparse.ArgumentParser, default: str) -> None:
                    help=f"torch CPU threads ({default}); more threads than free cores are "
                         "warned about: on a busy machine they slow each other down")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress at all (otherwise a bar on a terminal, and a line about "
-                        "every minute in a redirected log)")
+                   help="no progress at all (otherwise a bar on a terminal; in a redirected "
+                        "log, training writes a line about every minute)")
 
 
 def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:

@@ -53,12 +53,13 @@ class Progress:
     """Progress of ``total`` steps: a ``tqdm`` bar when ``stream`` is a terminal; else (a log
     file, a pipe) one line at the first step, then at most one every ``every_seconds``, and
     one at the last step: the step, the values given (``loss=...``), the time per step and the
-    time left. ``enabled=False`` shows nothing. A context manager (closed on the way out,
-    also when an exception passes, so the bar never redraws after a final message)."""
+    time left (``log_lines=False``: nothing in a log). ``enabled=False`` shows nothing. A
+    context manager (closed on the way out, also when an exception passes, so the bar never
+    redraws after a final message)."""
 
     def __init__(self, total: int, *, desc: str, unit: str = "step", initial: int = 0,
                  enabled: bool = True, stream: TextIO | None = None,
-                 every_seconds: float | None = None,
+                 every_seconds: float | None = None, log_lines: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.total, self.desc, self.unit = int(total), desc, unit
         self.n = self.first = int(initial)
@@ -66,8 +67,9 @@ class Progress:
         self.every = LOG_SECONDS if every_seconds is None else float(every_seconds)
         self.clock, self.t0, self.last = clock, clock(), None
         self.bar = None
-        self.lines = enabled and not on_terminal(self.stream)
-        if enabled and not self.lines:
+        terminal = on_terminal(self.stream)
+        self.lines = enabled and log_lines and not terminal
+        if enabled and terminal:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit,
