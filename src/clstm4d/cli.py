@@ -94,6 +94,25 @@ _LOWER = {"train": "data.roi, data.window or data.batch_size (or set train.recom
           "plan": "--shape"}
 
 
+def _out_of_memory(e: BaseException) -> str | None:
+    """What ran out, when ``e`` says an allocation failed (``MemoryError``, torch's CPU
+    allocator, CUDA out of memory); else None."""
+    import re
+
+    from clstm4d._common import human_bytes
+
+    if isinstance(e, MemoryError):
+        return str(e).strip() or "an allocation failed"
+    text = str(e)
+    if not (type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
+            or "not enough memory" in text):
+        return None
+    size = re.search(r"tried to allocate (\d+) bytes", text)
+    if size:
+        return f"could not allocate {human_bytes(int(size.group(1)))}"
+    return " ".join(text.split())[:200]
+
+
 def _command(sub, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help=help, description=description)
@@ -550,13 +569,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clstm4d {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (UserError, OSError, MemoryError) as e:
-        if args.debug or os.environ.get("CLSTM4D_DEBUG"):
-            raise
+    except (UserError, OSError, MemoryError, RuntimeError) as e:
+        memory = None if isinstance(e, (UserError, OSError)) else _out_of_memory(e)
+        if args.debug or os.environ.get("CLSTM4D_DEBUG") or (
+                memory is None and not isinstance(e, (UserError, OSError))):
+            raise  # a RuntimeError that is not about memory is a bug: its traceback
         msg = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, MemoryError):
-            msg = (f"out of memory ({msg if str(e).strip() else 'an allocation failed'}); "
-                   f"lower {_LOWER.get(args.command, 'the sizes')}")
+        if memory is not None:
+            msg = f"out of memory ({memory}); lower {_LOWER.get(args.command, 'the sizes')}"
         if isinstance(e, FileNotFoundError) and e.filename:
             msg = f"file not found: {e.filename}"
         print(f"clstm4d {args.command}: error: {msg}", file=sys.stderr)
