@@ -60,7 +60,7 @@ def _add_threads_progress(p: argparse.ArgumentParser, default: str) -> None:
                         "warned about: on a busy machine they slow each other down")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress at all (otherwise a bar on a terminal; in a redirected "
-                        "log, training writes a line about every minute)")
+                        "log, training writes about a dozen lines: step, loss, s/step, ETA)")
 
 
 def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
