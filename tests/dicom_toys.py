@@ -51,13 +51,15 @@ def write_series(folder, image, *, spacing=(0.8, 0.7), slice_gap=2.5, frame_ms=4
                  origin=(-20.0, 10.0, 5.0), orientation=(0, 1, 0, 0, 0, -1),
                  temporal=("TemporalPositionIdentifier", "TriggerTime", "AcquisitionTime"),
                  seed=0, series=None, study=None, frame_of_reference=None, series_number=1,
-                 rescale=(1.0, 0.0), jitter_ms=0.0, compress=None):
-    """Write ``image (t, z, rows, cols)`` (uint16 stored values) as single-frame files.
+                 rescale=(1.0, 0.0), jitter_ms=0.0, compress=None, prefix="IM",
+                 photometric="MONOCHROME2"):
+    """Write ``image (t, z, rows, cols)`` (uint16 stored values; ``(..., 3)`` uint8 for
+    ``photometric`` RGB or YBR_FULL) as single-frame files.
 
     ``spacing`` is (row spacing, column spacing) = Pixel Spacing; ``temporal`` the tags to
     write; ``rescale`` (slope, intercept); ``jitter_ms`` shifts each slice's trigger times;
-    ``compress`` a transfer syntax UID to compress with (pydicom's own encoders).
-    Returns the files in (t, z) order."""
+    ``compress`` a transfer syntax UID to compress with (pydicom's own encoders); ``prefix``
+    starts every file name. Returns the files in (t, z) order."""
     from pydicom.uid import generate_uid
 
     folder = Path(folder)
@@ -75,7 +77,7 @@ def write_series(folder, image, *, spacing=(0.8, 0.7), slice_gap=2.5, frame_ms=4
         for k in range(z):
             ds = _base(MR, study, series, frame_of_reference, series_number)
             ds.InstanceNumber = int(numbers[i * z + k])
-            ds.Rows, ds.Columns = image.shape[2:]
+            ds.Rows, ds.Columns = image.shape[2:4]
             ds.PixelSpacing = [spacing[0], spacing[1]]
             ds.SliceThickness = slice_gap
             ds.ImageOrientationPatient = [float(v) for v in orientation]
@@ -91,10 +93,16 @@ def write_series(folder, image, *, spacing=(0.8, 0.7), slice_gap=2.5, frame_ms=4
                     "%H%M%S.%f")
             if rescale != (1.0, 0.0):
                 ds.RescaleSlope, ds.RescaleIntercept = rescale
-            ds.PixelData = np.ascontiguousarray(image[i, k], dtype=np.uint16).tobytes()
+            if photometric == "MONOCHROME2":
+                ds.PixelData = np.ascontiguousarray(image[i, k], dtype=np.uint16).tobytes()
+            else:  # colour, 8 bits, interleaved samples
+                ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, photometric
+                ds.PlanarConfiguration = 0
+                ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+                ds.PixelData = np.ascontiguousarray(image[i, k], dtype=np.uint8).tobytes()
             if compress is not None:
                 ds.compress(compress)
-            path = folder / f"IM{names[i * z + k]:04d}"
+            path = folder / f"{prefix}{names[i * z + k]:04d}"
             ds.save_as(path, enforce_file_format=True)
             files.append(path)
     return files
@@ -105,3 +113,12 @@ def toy_image(t=4, z=3, rows=12, cols=10, seed=0):
     row and column (so any reordering shows)."""
     ti, zi, ri, ci = np.meshgrid(*(np.arange(n) for n in (t, z, rows, cols)), indexing="ij")
     return (1000 * ti + 100 * zi + 3 * ri + ci + 1).astype(np.uint16)
+
+
+def rgb_to_ybr_full(rgb):
+    """DICOM YBR_FULL (PS3.3 C.7.6.3.1.2, BT.601 full range) of RGB values, rounded."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
+    return np.clip(np.round(np.stack([y, cb, cr], -1)), 0, 255).astype(np.uint8)

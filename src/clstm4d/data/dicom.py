@@ -262,7 +262,7 @@ def _check_one_series(datasets) -> None:
         by_series[str(ds.get("SeriesInstanceUID", "?"))].append((p, ds))
     if len(by_series) > 1:
         parts = []
-        for uid, items in by_series.items():
+        for uid, items in sorted(by_series.items()):
             ds = items[0][1]
             parts.append(f"{uid} (Series Number {ds.get('SeriesNumber', '?')}, "
                          f"{str(ds.get('SeriesDescription', '')) or 'no description'!r}, "
