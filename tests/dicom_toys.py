@@ -122,3 +122,45 @@ def rgb_to_ybr_full(rgb):
     cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
     cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
     return np.clip(np.round(np.stack([y, cb, cr], -1)), 0, 255).astype(np.uint8)
+
+
+def write_enhanced(path, image, *, spacing=(0.8, 0.7), slice_gap=2.5, frame_ms=40.0,
+                   origin=(-20.0, 10.0, 5.0), orientation=(1, 0, 0, 0, 1, 0), seed=0):
+    """Write ``image (t, z, rows, cols)`` as one enhanced MR multi-frame file, its frames
+    stored in shuffled order, each with its plane position, Temporal Position Index and
+    Nominal Cardiac Trigger Delay Time in the per-frame functional groups. Returns the file
+    and the storage order (frame number -> (t, z))."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(seed)
+    t, z = image.shape[:2]
+    ds = _base(ENHANCED_MR, generate_uid(), generate_uid(), generate_uid())
+    ds.InstanceNumber, ds.ContentDate, ds.ContentTime = 1, "20260101", "120000"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = *image.shape[2:4], t * z
+    _, _, normal = orientation_frame(orientation)
+    shared = Dataset()
+    measures, plane = Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = list(spacing), slice_gap
+    plane.ImageOrientationPatient = [float(v) for v in orientation]
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([plane])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    order = [(i, k) for i in range(t) for k in range(z)]
+    order = [order[j] for j in rng.permutation(len(order))]
+    items = []
+    for i, k in order:
+        item, pos, content, cardiac = Dataset(), Dataset(), Dataset(), Dataset()
+        pos.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * slice_gap * normal]
+        content.TemporalPositionIndex = i + 1
+        cardiac.NominalCardiacTriggerDelayTime = i * frame_ms
+        item.PlanePositionSequence = Sequence([pos])
+        item.FrameContentSequence = Sequence([content])
+        item.CardiacSynchronizationSequence = Sequence([cardiac])
+        items.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(items)
+    ds.PixelData = np.ascontiguousarray(np.stack([image[i, k] for i, k in order]),
+                                        dtype=np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path), order

@@ -22,6 +22,7 @@ from dicom_toys import (  # noqa: E402
     orientation_frame,
     rgb_to_ybr_full,
     toy_image,
+    write_enhanced,
     write_series,
 )
 
@@ -85,6 +86,45 @@ def test_series_3d_t_order_spacing_interval_and_positions(tmp_path):
     again, _ = read_image(list(reversed(files)))
     np.testing.assert_array_equal(again, got)
     np.testing.assert_allclose(nifti_geometry(g).affine[:2], -g.affine[:2])
+
+
+def test_enhanced_multiframe_3d_t_in_shuffled_frame_order(tmp_path):
+    """An enhanced MR file whose frames are stored shuffled: arranged by the per-frame plane
+    positions and Temporal Position Index; interval from the trigger delay times."""
+    image = toy_image(t=3, z=2)
+    path, _ = write_enhanced(tmp_path / "enh.dcm", image, spacing=(0.8, 0.7), slice_gap=2.5)
+    got, g = read_image(path)
+    np.testing.assert_array_equal(got, _expected(image))
+    assert g.spacing == pytest.approx((0.7, 0.8, 2.5)) and g.time_interval == pytest.approx(0.04)
+    assert g.origin == pytest.approx((-20.0, 10.0, 5.0))
+
+
+def test_example_rt_dose_frames_are_slices():
+    """pydicom's RT Dose: its frames step along the Grid Frame Offset Vector, so they are the
+    slices of one volume, not time points."""
+    path = get_testdata_file("rtdose.dcm", download=False)
+    image, g = read_image(path)
+    ds = pydicom.dcmread(path)
+    assert image.shape == (1, 1, 10, 10, 15) and g.time_interval is None
+    assert g.spacing == pytest.approx((10.0, 10.0, 5.0))
+    assert g.origin == pytest.approx([float(v) for v in ds.ImagePositionPatient])
+    np.testing.assert_array_equal(image[0, 0], np.transpose(ds.pixel_array, (2, 1, 0)))
+
+
+def test_segmentation_of_an_enhanced_volume_maps_to_its_source_frames(tmp_path):
+    hd = pytest.importorskip("highdicom")
+    from clstm4d.data import write_segmentation
+
+    image = toy_image(t=1, z=3)
+    path, order = write_enhanced(tmp_path / "enh.dcm", image, seed=4)
+    got, g = read_image(path)
+    labels = (got[:, 0] % 3).astype(np.int64)  # (1, cols, rows, z)
+    write_segmentation(labels, g, tmp_path / "seg.dcm", {0: "bg", 1: "a", 2: "b"})
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    for number, (_, k) in enumerate(order, start=1):  # source frame `number` is slice k
+        back = seg.get_pixels_by_source_frame(sop, [number], combine_segments=True)[0]
+        np.testing.assert_array_equal(back, labels[0, :, :, k].T)
 
 
 @pytest.mark.parametrize("temporal, jitter", [

@@ -176,6 +176,42 @@ def _enhanced_frames(path: Path, ds) -> list[_Frame]:
     return out
 
 
+#: Frame Increment Pointer values: frames over time, or the slices of one volume
+_TIME_POINTERS = {0x00181063, 0x00181065}  # Frame Time, Frame Time Vector
+_SLICE_POINTER = 0x3004000C  # Grid Frame Offset Vector (RT Dose)
+
+
+def _frame_axis(path, ds) -> str:
+    """``"t"`` when the frames of a multi-frame file without plane positions are time points
+    (Frame Increment Pointer absent, or Frame Time / Frame Time Vector), ``"z"`` when they are
+    slices (Grid Frame Offset Vector); anything else is refused."""
+    pointers = ds.get("FrameIncrementPointer")
+    if pointers is None:
+        return "t"
+    pointers = {int(p) for p in (pointers if isinstance(pointers, list) else [pointers])}
+    if pointers & _TIME_POINTERS:
+        return "t"
+    if _SLICE_POINTER in pointers and ds.get("GridFrameOffsetVector"):
+        return "z"
+    names = ", ".join(f"({p >> 16:04X},{p & 0xFFFF:04X})" for p in sorted(pointers))
+    raise DataError(f"the frames of this multi-frame file step along {names} (Frame Increment "
+                    "Pointer), neither time nor slices; not read as a cine", path)
+
+
+def _grid_frames(path, ds) -> list[_Frame]:
+    """The frames of a volume stored with a Grid Frame Offset Vector: slices along the normal
+    from Image Position (Patient), at one time point."""
+    single = _single_frame(path, ds)
+    if single.position is None or single.orientation is None:
+        raise DataError("Grid Frame Offset Vector without Image Position / Orientation "
+                        "(Patient): cannot place the slices", path)
+    normal = np.cross(single.orientation[:3], single.orientation[3:])
+    offsets = np.asarray([float(v) for v in ds.GridFrameOffsetVector])
+    return [_Frame(path, i, single.sop, single.sop_class, single.shape,
+                   single.position + (o - offsets[0]) * normal, single.orientation,
+                   single.pixel_spacing) for i, o in enumerate(offsets)]
+
+
 def _shape(ds, path) -> tuple[int, int, int]:
     try:
         return int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1))
@@ -202,15 +238,18 @@ def read_dicom(path_or_paths, label: bool = False) -> tuple[np.ndarray, Geometry
                         "NRRD or TIFF", _first_path(path_or_paths))
     datasets = _load(path_or_paths)
     single = len(datasets) == 1 and int(datasets[0][1].get("NumberOfFrames", 1) or 1) > 1
-    if single and not _has_plane_positions(datasets[0][1]):
+    if single and not _has_plane_positions(datasets[0][1]) and _frame_axis(*datasets[0]) == "t":
         return _read_cine_file(*datasets[0])
     frames = []
     for path, ds in datasets:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            if not _has_plane_positions(ds):
+            if _has_plane_positions(ds):
+                frames.extend(_enhanced_frames(path, ds))
+            elif single:  # frames are the slices of one volume (Grid Frame Offset Vector)
+                frames.extend(_grid_frames(path, ds))
+            else:
                 raise DataError("a multi-frame file without plane positions (a cine) is read on "
                                 "its own, not as part of a folder or list of files", path)
-            frames.extend(_enhanced_frames(path, ds))
         else:
             frames.append(_single_frame(path, ds))
     grid, info = arrange(frames)
