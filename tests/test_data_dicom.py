@@ -125,6 +125,10 @@ def test_segmentation_of_an_enhanced_volume_maps_to_its_source_frames(tmp_path):
     for number, (_, k) in enumerate(order, start=1):  # source frame `number` is slice k
         back = seg.get_pixels_by_source_frame(sop, [number], combine_segments=True)[0]
         np.testing.assert_array_equal(back, labels[0, :, :, k].T)
+    write_segmentation(labels, g, tmp_path / "again.dcm", {0: "bg", 1: "a", 2: "b"})
+    again = pydicom.dcmread(tmp_path / "again.dcm", stop_before_pixels=True)
+    assert again.SOPInstanceUID != seg.SOPInstanceUID  # a new instance every time
+    assert again.SeriesInstanceUID != seg.SeriesInstanceUID
 
 
 @pytest.mark.parametrize("temporal, jitter", [

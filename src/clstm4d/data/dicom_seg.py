@@ -77,9 +77,13 @@ def write_segmentation(labels: np.ndarray, geometry: Geometry, out: str | os.Pat
     if found or not names:
         raise DataError(f"labels hold values {found} that no class names; classes: {names}",
                         out)
+    import highdicom as hd
+
     info = geometry.header["dicom"]
     planes = _planes(labels, geometry.spatial_dims)  # (t, z, rows, cols)
-    parts = [_one_time_point(row, planes[i], names, info) for i, row in enumerate(info["grid"])]
+    uids = (hd.UID(), hd.UID())  # series, instance: new for every Segmentation written
+    parts = [_one_time_point(row, planes[i], names, info, uids)
+             for i, row in enumerate(info["grid"])]
     seg = parts[0] if len(parts) == 1 else _join(parts)
     with atomic_file(out) as tmp:
         seg.save_as(tmp)
@@ -115,7 +119,7 @@ def _descriptions(names):
         for number, name in enumerate((names[k] for k in sorted(names)), start=1)], ours
 
 
-def _one_time_point(row, planes, names, info):
+def _one_time_point(row, planes, names, info, uids):
     """The Segmentation of one time point: ``row`` its sources per slice, ``planes (z, rows,
     cols)`` its class values."""
     import highdicom as hd
@@ -136,21 +140,10 @@ def _one_time_point(row, planes, names, info):
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=planes,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=_uid("series", info),
-        series_number=int(info.get("series_number", 0) or 0) + 1000,
-        sop_instance_uid=_uid("sop", info), instance_number=1, manufacturer="clstm4d",
+        segment_descriptions=descriptions, series_instance_uid=uids[0], series_number=1000,
+        sop_instance_uid=uids[1], instance_number=1, manufacturer="clstm4d",
         manufacturer_model_name="clstm4d", software_versions=ours, device_serial_number="0",
         series_description="clstm4d segmentation", omit_empty_frames=False)
-
-
-def _uid(kind, info):
-    """One new UID per written Segmentation, shared by its time points' parts."""
-    import highdicom as hd
-
-    key = f"_new_{kind}_uid"
-    if key not in info:
-        info[key] = hd.UID()
-    return info[key]
 
 
 def _join(parts):
