@@ -261,3 +261,30 @@ def test_labels_are_not_read_from_dicom(tmp_path):
     write_series(tmp_path / "s", toy_image(t=2, z=1))
     with pytest.raises(DataError, match="labels are not read from DICOM"):
         read_label(tmp_path / "s")
+
+
+def test_a_datalist_case_with_a_dicom_image_and_a_nifti_label(tmp_path):
+    """Training reads DICOM too: the label written as NIfTI over the DICOM grid (RAS) is on
+    the image's grid (LPS); a label on another grid is still refused."""
+    import json
+
+    from clstm4d.data import load_case, load_datalist, write_label
+
+    image = toy_image(t=3, z=2)
+    write_series(tmp_path / "dcm", image)
+    got, g = read_image(tmp_path / "dcm")
+    labels = (got[:, 0] % 2).astype(np.int64)
+    write_label(labels, g, tmp_path / "lab.nii.gz")
+    shifted = nifti_geometry(g)
+    shifted.affine[0, 3] += 5.0
+    write_label(labels, shifted, tmp_path / "off.nii.gz")
+    entry = {"image": "dcm", "label": "lab.nii.gz"}
+    (tmp_path / "d.json").write_text(json.dumps({
+        "labels": {"0": "background", "1": "a"}, "spatial_dims": 3,
+        "training": [entry, {**entry, "label": "off.nii.gz", "name": "off"}]}))
+    good, bad = load_datalist(tmp_path / "d.json").training
+    case = load_case(good)
+    np.testing.assert_array_equal(case.image, got)
+    np.testing.assert_array_equal(case.label, labels)
+    with pytest.raises(DataError, match="grid"):
+        load_case(bad)

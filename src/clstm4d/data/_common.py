@@ -90,9 +90,24 @@ class Geometry:
 
     def same_grid(self, other: Geometry) -> bool:
         """Whether ``other`` has the same spatial shape and voxel-to-world affine (within
-        :data:`clstm4d._common.GRID_ATOL`): the one test of "same grid" everywhere."""
-        return (tuple(self.spatial_shape) == tuple(other.spatial_shape)
-                and same_affine(self.affine, other.affine))
+        :data:`clstm4d._common.GRID_ATOL`): the one test of "same grid" everywhere. Affines in
+        RAS (NIfTI) and LPS (DICOM, NRRD) are compared in one frame."""
+        if tuple(self.spatial_shape) != tuple(other.spatial_shape):
+            return False
+        if {self._frame, other._frame} == {"RAS", "LPS"}:
+            return same_affine(self.ras_affine(), other.ras_affine())
+        return same_affine(self.affine, other.affine)
+
+    @property
+    def _frame(self) -> str:
+        space = self.space.upper()
+        return {"RAS": "RAS", "LPS": "LPS", "LEFT-POSTERIOR-SUPERIOR": "LPS"}.get(space, space)
+
+    def ras_affine(self) -> np.ndarray:
+        """The affine in RAS world coordinates (LPS ones turned: x and y negated)."""
+        if self._frame == "LPS":
+            return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine
+        return self.affine
 
     @property
     def direction(self) -> np.ndarray:

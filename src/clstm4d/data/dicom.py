@@ -568,9 +568,7 @@ def to_grey(image: np.ndarray, name: str = "image") -> np.ndarray:
 def nifti_geometry(geometry: Geometry) -> Geometry:
     """The NIfTI geometry of a DICOM image's grid: the same voxels, the affine from LPS to RAS
     (so a label map written with it lies over the images in any viewer)."""
-    affine = geometry.affine.copy()
-    if geometry.space == "LPS":
-        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    affine = geometry.ras_affine().copy()
     return Geometry(format="nifti", spatial_shape=geometry.spatial_shape, frames=geometry.frames,
                     channels=geometry.channels, affine=affine, space="RAS",
                     space_unit=geometry.space_unit, time_interval=geometry.time_interval,
