@@ -33,11 +33,13 @@ def _expected(image):
     return out[..., 0] if image.shape[1] == 1 else out
 
 
-def test_example_ultrasound_cine_frames_spacing_interval_and_colour():
+def test_example_ultrasound_cine_frames_spacing_interval_and_colour(caplog):
     """pydicom's ultrasound cine (30 frames, JPEG baseline, YBR_FULL_422): frames over time,
-    spacing from the ultrasound region (cm -> mm), Frame Time 33.333 ms, colour as RGB."""
+    spacing from the ultrasound region (cm -> mm), Frame Time 33.333 ms, colour as RGB. Its
+    region reaches past the 320x240 image (x up to 595): a warning says so."""
     path = get_testdata_file("examples_ybr_color.dcm", download=False)
     image, g = read_image(path)
+    assert "reaches past the 320x240 image" in caplog.text
     assert image.shape == (30, 3, 320, 240) and g.format == "dicom"
     assert g.time_interval == pytest.approx(0.033333) and g.time_unit == "s"
     assert g.spacing == pytest.approx((0.5104970559477806,) * 2) and g.space_unit == "mm"

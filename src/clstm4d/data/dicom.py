@@ -384,9 +384,17 @@ def _read_cine_file(path: Path, ds) -> tuple[np.ndarray, Geometry]:
 def _cine_spacing(ds) -> tuple[tuple[float, float], str | None]:
     """(row spacing, column spacing) in mm of a cine without plane positions: the first
     ultrasound region with physical units in cm, else Pixel Spacing / Imager Pixel Spacing."""
-    for region in ds.get("SequenceOfUltrasoundRegions", []) or []:
+    regions = list(ds.get("SequenceOfUltrasoundRegions", []) or [])
+    regions.sort(key=lambda r: r.get("RegionSpatialFormat") != 1)  # 2D tissue regions first
+    for region in regions:
         units = (region.get("PhysicalUnitsXDirection"), region.get("PhysicalUnitsYDirection"))
         if units == (3, 3) and region.get("PhysicalDeltaX") and region.get("PhysicalDeltaY"):
+            x1, y1 = region.get("RegionLocationMaxX1"), region.get("RegionLocationMaxY1")
+            if (x1 or 0) >= int(ds.Columns) or (y1 or 0) >= int(ds.Rows):
+                log.warning("%s: the ultrasound region (to x %s, y %s) reaches past the %dx%d "
+                            "image (resized after acquisition?); its physical deltas are used "
+                            "as the pixel size all the same", ds.filename, x1, y1,
+                            int(ds.Columns), int(ds.Rows))
             return (10.0 * abs(float(region.PhysicalDeltaY)),
                     10.0 * abs(float(region.PhysicalDeltaX))), "mm"
     for key in ("PixelSpacing", "ImagerPixelSpacing"):
