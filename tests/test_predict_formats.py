@@ -164,3 +164,18 @@ def test_grey_on_colour_and_bad_numpy_options(ck, tmp_path, capsys):
                str(tmp_path / "z.nii.gz"), "--axes", "TYX"])
     assert "apply to NumPy (.npy/.npz) inputs only" in _one_error_line(capsys, rc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npy", "rgb.npy", "scan.nii.gz"]
+
+
+def test_missing_pydicom_or_highdicom_is_one_line_with_the_install_command(
+        ck, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("pydicom")
+    write_series(tmp_path / "dcm", toy_image(t=2, z=1))
+    run = ["predict", "--checkpoint", str(ck[2]), "--input", str(tmp_path / "dcm")]
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # import highdicom raises ImportError
+    rc = main([*run, "--output", str(tmp_path / "seg.dcm")])
+    assert "needs highdicom, which is not installed: pip install 'clstm4d[dicom]'" in (
+        _one_error_line(capsys, rc))
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    rc = main([*run, "--output", str(tmp_path / "seg.nii.gz")])
+    assert "needs pydicom, which is not installed" in _one_error_line(capsys, rc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dcm"]

@@ -36,7 +36,7 @@ import numpy as np
 
 from ._common import DataError, Geometry, full_suffix
 
-__all__ = ["DICOM_SUFFIXES", "is_dicom", "read_dicom", "to_grey", "nifti_geometry"]
+__all__ = ["DICOM_SUFFIXES", "is_dicom", "nifti_geometry", "read_dicom", "require", "to_grey"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,17 @@ TEMPORAL = (("TemporalPositionIdentifier", "Temporal Position Identifier (0020,0
 _INSTALL = "pip install 'clstm4d[dicom]'"
 #: slice positions closer than this (mm) along the normal are the same position
 _POSITION_TOL = 1e-3
+
+
+def require(module: str, path=None):
+    """Import ``module`` (pydicom, highdicom) or say in one line how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"reading and writing DICOM needs {module.split('.')[0]}, which is not "
+                        f"installed: {_INSTALL}", path) from None
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
@@ -269,7 +280,7 @@ def _first_path(path_or_paths):
 
 def _load(path_or_paths) -> list[tuple[Path, object]]:
     """(path, dataset) of every DICOM file named, one series, pixel data not yet decoded."""
-    import pydicom
+    pydicom = require("pydicom", _first_path(path_or_paths))
     from pydicom.errors import InvalidDicomError
 
     if isinstance(path_or_paths, (str, os.PathLike)):

@@ -25,6 +25,7 @@ import numpy as np
 from clstm4d._common import atomic_file
 
 from ._common import DataError, Geometry
+from .dicom import require
 
 __all__ = ["write_segmentation", "check_segmentation_output"]
 
@@ -39,6 +40,7 @@ def check_segmentation_output(geometry: Geometry, out: str | os.PathLike) -> Non
         raise DataError(f"a DICOM Segmentation (.dcm) references its source DICOM images, and "
                         f"this input is {geometry.format} ({source}); write NIfTI (--output "
                         "seg.nii.gz) or predict from the DICOM series", out)
+    require("highdicom", out)
     info = geometry.header["dicom"]
     if info["frame_of_reference"] is None and len(info["grid"]) * len(info["grid"][0]) > 1:
         raise DataError(f"a DICOM Segmentation of several frames needs a Frame of Reference UID "
