@@ -113,20 +113,27 @@ def test_example_rt_dose_frames_are_slices():
     np.testing.assert_array_equal(image[0, 0], np.transpose(ds.pixel_array, (2, 1, 0)))
 
 
-def test_segmentation_of_an_enhanced_volume_maps_to_its_source_frames(tmp_path):
+@pytest.mark.parametrize("t", [1, 3])
+def test_segmentation_of_an_enhanced_file_maps_to_its_source_frames(tmp_path, t):
+    """Each frame of the SEG refers to exactly the source frame (time point and slice) it
+    segments, also when the positions repeat over time."""
     hd = pytest.importorskip("highdicom")
     from clstm4d.data import write_segmentation
 
-    image = toy_image(t=1, z=3)
+    image = toy_image(t=t, z=3)
     path, order = write_enhanced(tmp_path / "enh.dcm", image, seed=4)
     got, g = read_image(path)
-    labels = (got[:, 0] % 3).astype(np.int64)  # (1, cols, rows, z)
+    labels = (got[:, 0] % 3).astype(np.int64)  # (t, cols, rows, z)
     write_segmentation(labels, g, tmp_path / "seg.dcm", {0: "bg", 1: "a", 2: "b"})
     seg = hd.seg.segread(tmp_path / "seg.dcm")
     sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
-    for number, (_, k) in enumerate(order, start=1):  # source frame `number` is slice k
+    for number, (i, k) in enumerate(order, start=1):  # source frame `number`: (time i, slice k)
         back = seg.get_pixels_by_source_frame(sop, [number], combine_segments=True)[0]
-        np.testing.assert_array_equal(back, labels[0, :, :, k].T)
+        np.testing.assert_array_equal(back, labels[i, :, :, k].T)
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        (ref,) = item.DerivationImageSequence[0].SourceImageSequence
+        assert order[int(ref.ReferencedFrameNumber) - 1][0] + 1 == item.FrameContentSequence[
+            0].get("TemporalPositionIndex", 1)
     write_segmentation(labels, g, tmp_path / "again.dcm", {0: "bg", 1: "a", 2: "b"})
     again = pydicom.dcmread(tmp_path / "again.dcm", stop_before_pixels=True)
     assert again.SOPInstanceUID != seg.SOPInstanceUID  # a new instance every time

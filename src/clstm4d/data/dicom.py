@@ -36,7 +36,8 @@ import numpy as np
 
 from ._common import DataError, Geometry, full_suffix
 
-__all__ = ["DICOM_SUFFIXES", "is_dicom", "nifti_geometry", "read_dicom", "require", "to_grey"]
+__all__ = ["DICOM_SUFFIXES", "functional_group", "is_dicom", "nifti_geometry", "read_dicom",
+           "require", "to_grey"]
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def _first(seq_owner, name):
     return seq[0] if seq else None
 
 
-def _group(ds, frame, name):
+def functional_group(ds, frame, name):
     """Functional group ``name`` of an enhanced multi-frame file, per frame or shared."""
     per = ds.get("PerFrameFunctionalGroupsSequence")
     item = _first(per[frame], name) if per is not None and frame < len(per) else None
@@ -164,7 +165,7 @@ def _enhanced_frames(path: Path, ds) -> list[_Frame]:
     """The frames of a multi-frame file whose frames carry plane positions."""
     out = []
     for i in range(int(ds.NumberOfFrames)):
-        pos, ori, meas, content, cardiac, value = (_group(ds, i, name) for name in (
+        pos, ori, meas, content, cardiac, value = (functional_group(ds, i, name) for name in (
             "PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
             "FrameContentSequence", "CardiacSynchronizationSequence",
             "PixelValueTransformationSequence"))
@@ -231,7 +232,7 @@ def _shape(ds, path) -> tuple[int, int, int]:
 
 
 def _has_plane_positions(ds) -> bool:
-    return _group(ds, 0, "PlanePositionSequence") is not None
+    return functional_group(ds, 0, "PlanePositionSequence") is not None
 
 
 # --------------------------------------------------------------------------------- reading

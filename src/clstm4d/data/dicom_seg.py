@@ -6,8 +6,9 @@ Shape legend: ``t`` time points, ``z`` slice positions, ``s`` / ``*s`` spatial a
 The Segmentation references the source series and every source instance: each of its frames
 names, in its Derivation Image Sequence, the source instance (and frame) it segments; every
 class but the background is one segment, labelled with the class name. highdicom builds one
-Segmentation per time point (it maps frames to sources by plane position, which a cine repeats);
-for several time points their frames are joined into one instance whose Frame Content
+Segmentation per time point (it maps frames to sources by plane position, which a cine repeats;
+over a multi-frame source each frame's reference is then narrowed to the frame of its time
+point); for several time points their frames are joined into one instance whose Frame Content
 Sequence carries the Temporal Position Index (1-based, in the reader's time order) as a third
 dimension index, next to the segment number and the plane position. highdicom and pydicom are
 imported inside the functions that use them.
@@ -25,7 +26,7 @@ import numpy as np
 from clstm4d._common import atomic_file
 
 from ._common import DataError, Geometry
-from .dicom import require
+from .dicom import functional_group, require
 
 __all__ = ["write_segmentation", "check_segmentation_output"]
 
@@ -47,10 +48,6 @@ def check_segmentation_output(geometry: Geometry, out: str | os.PathLike) -> Non
                         f"in the source, and {Path(geometry.sources[0]).name} (a cine without "
                         "patient coordinates) has none (highdicom); write NIfTI "
                         "(--output seg.nii.gz) instead", out)
-    if info["multiframe"] and len(info["grid"]) > 1:
-        raise DataError("a DICOM Segmentation over a multi-frame (enhanced) cine is not written "
-                        "(highdicom maps its frames by plane position, which repeat over time); "
-                        "write NIfTI (--output seg.nii.gz) instead", out)
 
 
 def write_segmentation(labels: np.ndarray, geometry: Geometry, out: str | os.PathLike,
@@ -133,19 +130,64 @@ def _one_time_point(row, planes, names, info, uids):
     planes = numbers[planes]  # class value -> segment number
     paths = list(dict.fromkeys(path for path, _, _ in row))  # single-frame files: one a slice
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
-    if info["multiframe"]:  # one source file: the array follows its frame order
+    spatial = {}
+    if info["multiframe"] and len(info["grid"]) > 1:  # this time point's frames of the file
+        spatial = _planes_of(sources[0], row)
+    elif info["multiframe"]:  # one source file, one time point: its frame order
         pixel = np.zeros((int(sources[0].NumberOfFrames),) + planes.shape[1:], planes.dtype)
         for (_, frame, _), plane in zip(row, planes, strict=True):
             pixel[frame] = plane
         planes = pixel
     descriptions, ours = _descriptions(names)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=planes,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=uids[0], series_number=1000,
         sop_instance_uid=uids[1], instance_number=1, manufacturer="clstm4d",
         manufacturer_model_name="clstm4d", software_versions=ours, device_serial_number="0",
-        series_description="clstm4d segmentation", omit_empty_frames=False)
+        series_description="clstm4d segmentation", omit_empty_frames=False, **spatial)
+    if spatial:
+        _reference_own_frames(seg, sources[0], row)
+    return seg
+
+
+def _position(source, frame) -> tuple:
+    item = functional_group(source, frame, "PlanePositionSequence")
+    return tuple(np.round(np.asarray(item.ImagePositionPatient, float), 3).tolist())
+
+
+def _planes_of(source, row) -> dict:
+    """highdicom's plane positions, orientation and pixel measures of one time point's frames
+    of a multi-frame source, in ``row`` (slice) order."""
+    import highdicom as hd
+
+    patient = hd.CoordinateSystemNames.PATIENT
+    first = row[0][1]
+    orientation = functional_group(source, first, "PlaneOrientationSequence")
+    measures = functional_group(source, first, "PixelMeasuresSequence")
+    return {
+        "plane_positions": [hd.PlanePositionSequence(patient, list(_position(source, f)))
+                            for _, f, _ in row],
+        "plane_orientation": hd.PlaneOrientationSequence(
+            patient, [float(v) for v in orientation.ImageOrientationPatient]),
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=[float(v) for v in measures.PixelSpacing],
+            slice_thickness=float(measures.get("SliceThickness") or 1.0))}
+
+
+def _reference_own_frames(seg, source, row) -> None:
+    """highdicom refers each frame to every source frame at its position, i.e. at every time
+    point; keep the one of this time point."""
+    from pydicom.sequence import Sequence
+
+    frame_at = {_position(source, f): f + 1 for _, f, _ in row}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        position = tuple(np.round(np.asarray(
+            item.PlanePositionSequence[0].ImagePositionPatient, float), 3).tolist())
+        derivation = item.DerivationImageSequence[0]
+        derivation.SourceImageSequence = Sequence(
+            [ref for ref in derivation.SourceImageSequence
+             if int(ref.ReferencedFrameNumber) == frame_at[position]])
 
 
 def _join(parts):
@@ -171,12 +213,26 @@ def _join(parts):
     dim.DimensionDescriptionLabel = "Temporal Position Index"
     seg.DimensionIndexSequence.append(dim)
     seg.PerFrameFunctionalGroupsSequence = Sequence(items)
-    seg.SourceImageSequence = Sequence([i for p in parts for i in p.SourceImageSequence])
+    seg.SourceImageSequence = _unique(i for p in parts for i in p.SourceImageSequence)
     series = seg.ReferencedSeriesSequence[0]
-    series.ReferencedInstanceSequence = Sequence(
-        [i for p in parts for i in p.ReferencedSeriesSequence[0].ReferencedInstanceSequence])
+    series.ReferencedInstanceSequence = _unique(
+        i for p in parts for i in p.ReferencedSeriesSequence[0].ReferencedInstanceSequence)
     bits = np.packbits(np.concatenate(frames).astype(bool).ravel(), bitorder="little")
     data = bits.tobytes()
     seg.PixelData = data + b"\0" * (len(data) % 2)
     seg.NumberOfFrames = len(items)
     return seg
+
+
+def _unique(items):
+    """A Sequence of the items, each source instance (and frame) once (a multi-frame source is
+    referenced by every time point)."""
+    from pydicom.sequence import Sequence
+
+    seen, out = set(), []
+    for item in items:
+        key = (item.ReferencedSOPInstanceUID, str(item.get("ReferencedFrameNumber", "")))
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return Sequence(out)
