@@ -107,9 +107,12 @@ def test_bad_dicom_folders_are_one_line(ck, tmp_path, capsys):
     write_series(tmp_path / "two", toy_image(t=2, z=1), series="1.2.3.4")
     write_series(tmp_path / "two", toy_image(t=2, z=1), series="1.2.3.5", prefix="B")
     write_series(tmp_path / "untimed", toy_image(t=2, z=1), temporal=())
+    write_series(tmp_path / "sizes", toy_image(t=2, z=1), series="9.9")
+    write_series(tmp_path / "sizes", toy_image(t=1, z=1, rows=8), series="9.9", prefix="B")
     out = tmp_path / "out" / "seg.dcm"
     for folder, expected in (("two", "2 series in one input: 1.2.3.4"),
-                             ("untimed", "cannot order 2 frames in time")):
+                             ("untimed", "cannot order 2 frames in time"),
+                             ("sizes", "frames of different sizes: 8x10")):
         rc = main(["predict", "--checkpoint", str(ck[2]), "--input", str(tmp_path / folder),
                    "--output", str(out)])
         assert expected in _one_error_line(capsys, rc)
