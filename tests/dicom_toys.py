@@ -125,18 +125,20 @@ def rgb_to_ybr_full(rgb):
 
 
 def write_enhanced(path, image, *, spacing=(0.8, 0.7), slice_gap=2.5, frame_ms=40.0,
-                   origin=(-20.0, 10.0, 5.0), orientation=(1, 0, 0, 0, 1, 0), seed=0):
+                   origin=(-20.0, 10.0, 5.0), orientation=(1, 0, 0, 0, 1, 0), seed=0,
+                   uids=None, first_time=0):
     """Write ``image (t, z, rows, cols)`` as one enhanced MR multi-frame file, its frames
     stored in shuffled order, each with its plane position, Temporal Position Index and
-    Nominal Cardiac Trigger Delay Time in the per-frame functional groups. Returns the file
-    and the storage order (frame number -> (t, z))."""
+    Nominal Cardiac Trigger Delay Time in the per-frame functional groups. ``uids``: (study,
+    series, frame of reference) to share with other files; ``first_time`` the time index of
+    ``image[0]``. Returns the file and the storage order (frame number -> (t, z))."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
     from pydicom.uid import generate_uid
 
     rng = np.random.default_rng(seed)
     t, z = image.shape[:2]
-    ds = _base(ENHANCED_MR, generate_uid(), generate_uid(), generate_uid())
+    ds = _base(ENHANCED_MR, *(uids or (generate_uid(), generate_uid(), generate_uid())))
     ds.InstanceNumber, ds.ContentDate, ds.ContentTime = 1, "20260101", "120000"
     ds.Rows, ds.Columns, ds.NumberOfFrames = *image.shape[2:4], t * z
     _, _, normal = orientation_frame(orientation)
@@ -153,8 +155,8 @@ def write_enhanced(path, image, *, spacing=(0.8, 0.7), slice_gap=2.5, frame_ms=4
     for i, k in order:
         item, pos, content, cardiac = Dataset(), Dataset(), Dataset(), Dataset()
         pos.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * slice_gap * normal]
-        content.TemporalPositionIndex = i + 1
-        cardiac.NominalCardiacTriggerDelayTime = i * frame_ms
+        content.TemporalPositionIndex = first_time + i + 1
+        cardiac.NominalCardiacTriggerDelayTime = (first_time + i) * frame_ms
         item.PlanePositionSequence = Sequence([pos])
         item.FrameContentSequence = Sequence([content])
         item.CardiacSynchronizationSequence = Sequence([cardiac])
@@ -162,5 +164,6 @@ def write_enhanced(path, image, *, spacing=(0.8, 0.7), slice_gap=2.5, frame_ms=4
     ds.PerFrameFunctionalGroupsSequence = Sequence(items)
     ds.PixelData = np.ascontiguousarray(np.stack([image[i, k] for i, k in order]),
                                         dtype=np.uint16).tobytes()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return Path(path), order

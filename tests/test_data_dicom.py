@@ -101,6 +101,23 @@ def test_enhanced_multiframe_3d_t_in_shuffled_frame_order(tmp_path):
     assert g.origin == pytest.approx((-20.0, 10.0, 5.0))
 
 
+def test_a_folder_of_enhanced_files_one_per_time_point(tmp_path):
+    """Enhanced files of one series, one volume each (one of them a single frame): arranged
+    like the frames of one file."""
+    image = toy_image(t=3, z=2)
+    uids = ("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    for i in (2, 0, 1):
+        write_enhanced(tmp_path / "s" / f"t{i}.dcm", image[i:i + 1], uids=uids, first_time=i,
+                       seed=i)
+    write_enhanced(tmp_path / "one" / "a.dcm", image[:1, :1], uids=uids)
+    write_enhanced(tmp_path / "one" / "b.dcm", image[1:2, :1], uids=uids, first_time=1)
+    got, g = read_image(tmp_path / "s")
+    np.testing.assert_array_equal(got, _expected(image))
+    assert g.time_interval == pytest.approx(0.04)
+    got, _ = read_image(tmp_path / "one")  # NumberOfFrames 1: positions still per frame
+    np.testing.assert_array_equal(got, _expected(image[:2, :1]))
+
+
 def test_example_rt_dose_frames_are_slices():
     """pydicom's RT Dose: its frames step along the Grid Frame Offset Vector, so they are the
     slices of one volume, not time points."""

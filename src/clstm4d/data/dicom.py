@@ -254,14 +254,13 @@ def read_dicom(path_or_paths, label: bool = False) -> tuple[np.ndarray, Geometry
         return _read_cine_file(*datasets[0])
     frames = []
     for path, ds in datasets:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            if _has_plane_positions(ds):
-                frames.extend(_enhanced_frames(path, ds))
-            elif single:  # frames are the slices of one volume (Grid Frame Offset Vector)
-                frames.extend(_grid_frames(path, ds))
-            else:
-                raise DataError("a multi-frame file without plane positions (a cine) is read on "
-                                "its own, not as part of a folder or list of files", path)
+        if _has_plane_positions(ds):  # enhanced files, also of one frame each
+            frames.extend(_enhanced_frames(path, ds))
+        elif single:  # frames are the slices of one volume (Grid Frame Offset Vector)
+            frames.extend(_grid_frames(path, ds))
+        elif int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise DataError("a multi-frame file without plane positions (a cine) is read on "
+                            "its own, not as part of a folder or list of files", path)
         else:
             frames.append(_single_frame(path, ds))
     grid, info = arrange(frames)
