@@ -314,3 +314,28 @@ def test_a_datalist_case_with_a_dicom_image_and_a_nifti_label(tmp_path):
     np.testing.assert_array_equal(case.label, labels)
     with pytest.raises(DataError, match="grid"):
         load_case(bad)
+
+
+def test_a_file_no_installed_decoder_can_read_names_the_other_decoders():
+    """pydicom's 12-bit JPEG Extended example: pillow cannot decode it."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGExtended12Bit
+
+    if not get_decoder(JPEGExtended12Bit).missing_dependencies:
+        pytest.skip("every decoder plugin is installed here")
+    path = get_testdata_file("JPEG-lossy.dcm", download=False)
+    try:
+        read_image(path)
+    except DataError as e:
+        assert "JPEG Extended (Process 2 and 4)" in str(e) and "pylibjpeg-libjpeg" in str(e)
+        assert "\n" not in str(e)
+    else:
+        pytest.skip("a decoder for it is installed here")
+
+
+def test_damaged_headers_are_data_errors():
+    """pydicom's odd examples: an invalid Number of Frames, no SOP Instance UID."""
+    with pytest.raises(DataError, match=r"Number of Frames \(0028,0008\) is '1A'"):
+        read_image(get_testdata_file("badVR.dcm", download=False))
+    image, g = read_image(get_testdata_file("liver_1frame.dcm", download=False))
+    assert image.shape[0] == 1 and g.space == "LPS"  # enhanced, Number of Frames absent

@@ -155,7 +155,7 @@ def functional_group(ds, frame, name):
 
 def _single_frame(path: Path, ds) -> _Frame:
     spacing = _floats(ds.get("PixelSpacing"), 2)
-    return _Frame(path, None, str(ds.SOPInstanceUID), str(ds.SOPClassUID), _shape(ds, path),
+    return _Frame(path, None, *_uids(ds), _shape(ds, path),
                   _floats(ds.get("ImagePositionPatient"), 3),
                   _floats(ds.get("ImageOrientationPatient"), 6),
                   tuple(spacing) if spacing is not None else None, _times(ds))
@@ -164,7 +164,7 @@ def _single_frame(path: Path, ds) -> _Frame:
 def _enhanced_frames(path: Path, ds) -> list[_Frame]:
     """The frames of a multi-frame file whose frames carry plane positions."""
     out = []
-    for i in range(int(ds.NumberOfFrames)):
+    for i in range(_frame_count(ds)):
         pos, ori, meas, content, cardiac, value = (functional_group(ds, i, name) for name in (
             "PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
             "FrameContentSequence", "CardiacSynchronizationSequence",
@@ -181,7 +181,7 @@ def _enhanced_frames(path: Path, ds) -> list[_Frame]:
         rescale = None
         if value is not None and value.get("RescaleSlope") is not None:
             rescale = (float(value.RescaleSlope), float(value.get("RescaleIntercept", 0.0)))
-        out.append(_Frame(path, i, str(ds.SOPInstanceUID), str(ds.SOPClassUID), _shape(ds, path),
+        out.append(_Frame(path, i, *_uids(ds), _shape(ds, path),
                           _floats(pos.get("ImagePositionPatient"), 3) if pos else None,
                           _floats(ori.get("ImageOrientationPatient"), 6) if ori else None,
                           tuple(spacing) if spacing is not None else None, times, rescale))
@@ -224,6 +224,23 @@ def _grid_frames(path, ds) -> list[_Frame]:
                    single.pixel_spacing) for i, o in enumerate(offsets)]
 
 
+def _frame_count(ds) -> int:
+    """Number of Frames (1 when absent)."""
+    value = ds.get("NumberOfFrames")
+    try:
+        return max(int(value), 1) if value not in (None, "") else 1
+    except (TypeError, ValueError):
+        raise DataError(f"Number of Frames (0028,0008) is {value!r}, not a number",
+                        ds.filename) from None
+
+
+def _uids(ds) -> tuple[str, str]:
+    """SOP Instance UID and SOP Class UID (from the file meta when the dataset lacks them)."""
+    meta = getattr(ds, "file_meta", None) or {}
+    return (str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID", "")),
+            str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID", "")))
+
+
 def _shape(ds, path) -> tuple[int, int, int]:
     try:
         return int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1))
@@ -249,7 +266,7 @@ def read_dicom(path_or_paths, label: bool = False) -> tuple[np.ndarray, Geometry
         raise DataError("labels are not read from DICOM; give the reference labels as NIfTI, "
                         "NRRD or TIFF", _first_path(path_or_paths))
     datasets = _load(path_or_paths)
-    single = len(datasets) == 1 and int(datasets[0][1].get("NumberOfFrames", 1) or 1) > 1
+    single = len(datasets) == 1 and _frame_count(datasets[0][1]) > 1
     if single and not _has_plane_positions(datasets[0][1]) and _frame_axis(*datasets[0]) == "t":
         return _read_cine_file(*datasets[0])
     frames = []
@@ -258,7 +275,7 @@ def read_dicom(path_or_paths, label: bool = False) -> tuple[np.ndarray, Geometry
             frames.extend(_enhanced_frames(path, ds))
         elif single:  # frames are the slices of one volume (Grid Frame Offset Vector)
             frames.extend(_grid_frames(path, ds))
-        elif int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        elif _frame_count(ds) > 1:
             raise DataError("a multi-frame file without plane positions (a cine) is read on "
                             "its own, not as part of a folder or list of files", path)
         else:
@@ -363,8 +380,11 @@ def _decoded(ds, path) -> np.ndarray:
     try:
         arr = ds.pixel_array  # YBR is converted to RGB
     except Exception as e:  # pydicom raises several types for damaged or odd pixel data
-        raise DataError(f"cannot decode the pixel data ({syntax.name}; {type(e).__name__}: {e})",
-                        path) from e
+        first = " ".join(line.strip() for line in str(e).splitlines())[:300]
+        others = (f"; other decoders: {'; '.join(decoder.missing_dependencies)}"
+                  if decoder is not None and decoder.missing_dependencies else "")
+        raise DataError(f"cannot decode the pixel data ({syntax.name}; {type(e).__name__}: "
+                        f"{first}){others}", path) from e
     if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
     if arr.ndim == 2 + (int(ds.get("SamplesPerPixel", 1)) > 1):
@@ -380,10 +400,10 @@ def _read_cine_file(path: Path, ds) -> tuple[np.ndarray, Geometry]:
     spacing, unit = _cine_spacing(ds)
     affine = np.diag([spacing[1], spacing[0], 1.0, 1.0])  # (col, row) axes
     interval = _cine_interval(ds)
-    sop = str(ds.SOPInstanceUID)
+    sop, sop_class = _uids(ds)
     header = {"dicom": {"grid": [[(str(path), i, sop)] for i in range(arr.shape[0])],
                         "temporal_key": "frame order", "multiframe": True,
-                        "sop_class": str(ds.SOPClassUID),
+                        "sop_class": sop_class,
                         "frame_of_reference": str(ds.get("FrameOfReferenceUID", "")) or None}}
     geometry = Geometry(format="dicom", spatial_shape=image.shape[2:], frames=image.shape[0],
                         channels=image.shape[1], affine=affine, space="", space_unit=unit,
