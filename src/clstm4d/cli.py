@@ -241,10 +241,19 @@ def _add_predict(sub) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder, its model.safetensors, or a training run folder")
     p.add_argument("--input", required=True, nargs="+",
-                   help="one 4D file (NIfTI/TIFF), or the per-frame files of one sequence "
-                        "or their folder")
+                   help="one 4D file (NIfTI/TIFF/.npy/.npz), or the per-frame files of one "
+                        "sequence or their folder; DICOM: one multi-frame file, or the files "
+                        "of one series or their folder")
     p.add_argument("--output", required=True,
-                   help="output file (single-file formats) or folder (per-frame series)")
+                   help="output file (single-file formats) or folder (per-frame series); for "
+                        "DICOM input seg.dcm (a DICOM Segmentation) or seg.nii.gz")
+    p.add_argument("--grey", action="store_true",
+                   help="colour (RGB) input: segment its luminance (for a grey-scale model)")
+    p.add_argument("--axes", help="NumPy input: axis order, letters T C Z Y X, e.g. TZYX "
+                   "(default: a sidecar JSON, else (t, c, *s) or (t, *s))")
+    p.add_argument("--spacing", type=float, nargs="+",
+                   help="NumPy input: voxel size per spatial axis in the array's order (one "
+                   "value for all; default: a sidecar JSON, else 1)")
     p.add_argument("--roi", type=int, nargs="+", help="sliding-window size per spatial axis "
                    "(one value for all); default: the checkpoint's predict.roi (whole frames)")
     p.add_argument("--overlap", type=float, help="window overlap fraction (default 0.25)")
@@ -280,7 +289,8 @@ def _cmd_predict(args) -> int:
             **{k: getattr(args, k) for k in _PREDICT_OPTIONS})
     t0 = time.perf_counter()
     written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, grey=args.grey,
+                                     axes=args.axes, spacing=args.spacing)
     print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "
           f"in {time.perf_counter() - t0:.1f} s -> "
           f"{written[0] if len(written) == 1 else f'{len(written)} files in {args.output}'}")
