@@ -49,6 +49,8 @@ class ModelConfig:
     temporal: str | None = None
     cell: str | None = None
     bidirectional: bool | None = None
+    #: frames of memory of ``cell: attention`` (only with that cell)
+    bank: int | None = None
     #: per-level, per-axis pooling strides (L - 1 entries) and conv kernels (L entries), in
     #: the arrays' axis order; each entry an int (all axes) or one int per axis
     strides: list[int | list[int]] | None = None

@@ -1,0 +1,202 @@
+"""Memory attention: a temporal block that attends over a bounded bank of past frames'
+features (the memory attention of SAM2 / MedSAM2), a drop-in for the UNet's ConvLSTM/ConvGRU.
+
+Shape legend: ``n`` batch, ``t`` frames of this call, ``m`` frames in the bank (``<= bank``),
+``c`` channels, ``*s`` spatial axes of the level, ``q`` = ``prod(s)`` query tokens per frame,
+``p`` memory tokens per frame (``prod(s // pool)``), ``e`` heads, ``d`` = ``c / e`` channels
+per head.
+
+For frame ``j`` with features ``x_j`` (``(n, c, *s)``), ``u_j = LayerNorm(x_j)`` per voxel and
+``ū_j`` its average over ``pool`` windows (the memory tokens)::
+
+    Q_j = rope(u_j Wq)       K_i = rope(ū_i Wk) + E_k[j - i]       V_i = ū_i Wv + E_v[j - i]
+    h_j = x_j + softmax(Q_j K^T / sqrt(d)) V Wo      over the tokens of frames
+                                                     i = j - bank .. j (those that exist)
+    y_j = h_j + W2 gelu(W1 LayerNorm(h_j))
+
+``rope`` rotates pairs of channels by angles proportional to the token's coordinate along each
+spatial axis (axial rotary encoding, in the level's voxels; a pooled token sits at its
+window's centre), so that ``Q K^T`` depends on the relative position of query and memory
+token: the block is translation equivariant and takes any spatial size. ``E_k``, ``E_v``
+(``bank + 1`` learnt vectors) encode the relative time ``j - i``. The block is causal; its
+state is the bank: the keys and values (before ``E``) of the last ``min(bank, frames seen)``
+frames, so it never holds more than ``bank`` frames however long the sequence, and running a
+sequence in chunks with the state carried computes the one-pass output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clstm4d._common import check_int, per_axis
+
+__all__ = ["HEAD_CHANNELS", "MemoryAttention"]
+
+#: channels per attention head (fewer heads when a level is narrower or not a multiple)
+HEAD_CHANNELS = 32
+#: wavelengths of the rotary encoding run from 2*pi up to 2*pi*ROPE_BASE voxels
+ROPE_BASE = 100.0
+_POOLS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _heads(channels: int) -> int:
+    heads = max(1, channels // HEAD_CHANNELS)
+    while channels % heads:
+        heads -= 1
+    return heads
+
+
+class MemoryAttention(nn.Module):
+    r"""Causal attention of every frame over its own and the last ``bank`` frames' features.
+
+    See the module docstring for the equations.
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        channels: ``c`` (input and output).
+        bank: how many past frames the memory holds (>= 1). Default 8.
+        pool: memory tokens are averaged over windows of this size (per axis or one int;
+            must divide the spatial sizes). Default 1.
+
+    Shape:
+        ``(n, t, c, *s)`` -> ``(n, t, c, *s)``; the state is ``(keys, values)``, each
+        ``(n, m, p, c)`` with ``m <= bank``.
+
+    Examples:
+        >>> block = MemoryAttention(2, channels=8, bank=3)
+        >>> x = torch.randn(1, 5, 8, 6, 6)
+        >>> y, (k, v) = block(x)
+        >>> tuple(y.shape), tuple(k.shape)    # the bank holds the last 3 frames
+        ((1, 5, 8, 6, 6), (1, 3, 36, 8))
+        >>> a, state = block(x[:, :2])
+        >>> b, _ = block(x[:, 2:], state)
+        >>> torch.allclose(torch.cat([a, b], 1), y, atol=1e-5)
+        True
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, bank: int = 8,
+                 pool: int | Sequence[int] = 1) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.spatial_dims = spatial_dims
+        self.channels = check_int("channels", channels, 1, owner)
+        self.bank = check_int("bank", bank, 1, owner)
+        self.pool = per_axis("pool", pool, spatial_dims, owner)
+        self.heads = _heads(channels)
+        d = channels // self.heads
+        # per axis: an even number of each head's channels rotate; the rest are not encoded
+        self.rotary = 2 * (d // (2 * spatial_dims))
+        self.norm = nn.LayerNorm(channels)
+        self.q = nn.Linear(channels, channels, bias=False)
+        self.kv = nn.Linear(channels, 2 * channels, bias=False)
+        self.out = nn.Linear(channels, channels)
+        self.time_k = nn.Parameter(torch.zeros(self.bank + 1, channels))
+        self.time_v = nn.Parameter(torch.zeros(self.bank + 1, channels))
+        self.mlp = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, 2 * channels),
+                                 nn.GELU(), nn.Linear(2 * channels, channels))
+        nn.init.normal_(self.time_k, std=0.02)
+        nn.init.normal_(self.time_v, std=0.02)
+
+    def extra_repr(self) -> str:
+        return (f"spatial_dims={self.spatial_dims}, channels={self.channels}, bank={self.bank}, "
+                f"pool={self.pool}, heads={self.heads}")
+
+    def _rope(self, x: Tensor, size: Sequence[int], step: Sequence[int]) -> Tensor:
+        """Rotate ``x`` ``(..., tokens, e, d)`` by the tokens' coordinates on a grid of ``size``
+        whose tokens are ``step`` voxels apart (centred in their windows)."""
+        r = self.rotary
+        if r == 0:
+            return x
+        freqs = ROPE_BASE ** (-torch.arange(0, r, 2, device=x.device, dtype=torch.float32) / r)
+        coords = torch.meshgrid(*[(torch.arange(n, device=x.device, dtype=torch.float32) + 0.5)
+                                  * k - 0.5 for n, k in zip(size, step, strict=True)],
+                                indexing="ij")
+        angles = torch.cat([c.reshape(-1, 1) * freqs for c in coords], 1)  # (tokens, D*r/2)
+        cos, sin = (f(angles).to(x.dtype)[:, None] for f in (torch.cos, torch.sin))  # (tok,1,.)
+        rot = self.spatial_dims * r
+        a, b = x[..., :rot:2], x[..., 1:rot:2]  # the pairs that rotate
+        turned = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+        return torch.cat([turned, x[..., rot:]], -1)
+
+    def _memory(self, u: Tensor, size: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Keys and values ``(n, t, p, c)`` of the normalised frames ``u`` ``(n, t, q, c)``."""
+        n, t, q, c = u.shape
+        if math.prod(self.pool) > 1:
+            grid = u.transpose(2, 3).reshape(n * t, c, *size)  # (n*t, c, *s)
+            grid = _POOLS[self.spatial_dims](grid, self.pool, self.pool)  # (n*t, c, *p)
+            pooled = list(grid.shape[2:])
+            u = grid.flatten(2).transpose(1, 2).unflatten(0, (n, t))  # (n, t, p, c)
+        else:
+            pooled = list(size)
+        k, v = self.kv(u).chunk(2, -1)  # (n, t, p, c) each
+        k = self._rope(k.unflatten(-1, (self.heads, -1)), pooled, self.pool).flatten(-2)
+        return k, v
+
+    def _check_state(self, state: Any, n: int, p: int) -> tuple[Tensor, Tensor] | None:
+        if state is None:
+            return None
+        ok = (isinstance(state, tuple) and len(state) == 2
+              and all(isinstance(s, Tensor) and s.dim() == 4 for s in state)
+              and state[0].shape == state[1].shape and state[0].shape[0] == n
+              and state[0].shape[2:] == (p, self.channels) and state[0].shape[1] <= self.bank)
+        if not ok:
+            raise ValueError(
+                f"{type(self).__name__}: state must be the (keys, values) pair a previous call "
+                f"returned for the same batch and spatial size: ({n}, <= {self.bank}, {p}, "
+                f"{self.channels}) each, got "
+                f"{[tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__ for s in state]}"
+                if isinstance(state, (tuple, list)) else
+                f"{type(self).__name__}: state must be a (keys, values) pair, got "
+                f"{type(state).__name__}")
+        return state
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Attend from every frame of ``x`` over the bank and the frames up to it.
+
+        Args:
+            x: ``(n, t, c, *s)``.
+            state: the ``(keys, values)`` bank a previous call returned (None: no past).
+
+        Returns:
+            ``(y, state)``: ``y`` ``(n, t, c, *s)`` and the bank after the last frame.
+        """
+        n, t, c = x.shape[:3]
+        size = list(x.shape[3:])
+        if any(s % k for s, k in zip(size, self.pool, strict=True)):
+            raise ValueError(f"{type(self).__name__}: spatial size {tuple(size)} is not a "
+                             f"multiple of pool={self.pool}")
+        tokens = x.flatten(3).transpose(2, 3)  # (n, t, q, c)
+        u = self.norm(tokens)
+        k, v = self._memory(u, size)  # (n, t, p, c)
+        past = self._check_state(state, n, k.shape[2])
+        if past is not None:  # the bank first, in order: frame index = position in (m + t)
+            k = torch.cat([past[0].to(k.dtype), k], 1)
+            v = torch.cat([past[1].to(v.dtype), v], 1)
+        m = k.shape[1] - t
+        queries = self._rope(self.q(u).unflatten(-1, (self.heads, -1)), size, (1,) * len(size))
+        queries = queries.permute(0, 1, 3, 2, 4)  # (n, t, e, q, d)
+        time_k, time_v = self.time_k.to(k.dtype), self.time_v.to(v.dtype)
+        outs = []
+        for j in range(t):  # frame m + j of the bank-plus-chunk attends over the last bank + 1
+            hi = m + j + 1
+            lo = max(0, hi - self.bank - 1)
+            ago = torch.arange(hi - lo - 1, -1, -1, device=x.device)  # j - i per frame
+            keys = (k[:, lo:hi] + time_k[ago][:, None]).flatten(1, 2)  # (n, L*p, c)
+            values = (v[:, lo:hi] + time_v[ago][:, None]).flatten(1, 2)
+            keys, values = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                            for z in (keys, values))  # (n, e, L*p, d)
+            q_j = queries[:, j].to(values.dtype)
+            outs.append(F.scaled_dot_product_attention(q_j, keys.to(values.dtype), values))
+        a = torch.stack(outs, 1).transpose(2, 3).flatten(-2)  # (n, t, q, c)
+        h = tokens + self.out(a).to(tokens.dtype)
+        y = h + self.mlp(h).to(h.dtype)
+        y = y.transpose(2, 3).unflatten(3, size)  # (n, t, c, *s)
+        keep = max(0, k.shape[1] - self.bank)  # a copy: the bank must not pin the whole k
+        return y, (k[:, keep:].clone(), v[:, keep:].clone())
