@@ -212,6 +212,11 @@ def _saved_bytes(model_config, roi, t, n, bf16=False):
     ({"name": "tiny", "bidirectional": True, "strides": [[2, 2, 1], 2],
       "kernel_sizes": [[3, 3, 1], 3, 3]}, (16, 16, 8), 3, 1, False),
     ({"name": "tac-tiny", "spatial_dims": 2, "frames": 4}, (32, 32), 4, 2, False),
+    ({"name": "tiny", "spatial_dims": 2, "cell": "attention", "bank": 2}, (32, 32), 6, 1,
+     False),  # memory attention: keys of at most bank + 1 frames per query frame
+    ({"name": "tiny", "spatial_dims": 2, "temporal": "skips", "cell": "attention"}, (32, 32),
+     4, 2, True),  # pooled memory above the bottleneck, bf16
+    ({"name": "tiny", "cell": "attention", "bank": 3}, (16, 16, 16), 5, 1, False),
     ({"name": "tiny", "spatial_dims": 2, "norm": "batch"}, (32, 32), 3, 2, False),
     ({"name": "tiny", "spatial_dims": 2, "norm": "none", "dropout": 0.2}, (32, 32), 3, 2,
      False),

@@ -6,22 +6,27 @@ Shape legend: ``n`` batch, ``t`` frames of this call, ``m`` frames in the bank (
 ``p`` memory tokens per frame (``prod(s // pool)``), ``e`` heads, ``d`` = ``c / e`` channels
 per head.
 
-For frame ``j`` with features ``x_j`` (``(n, c, *s)``), ``u_j = LayerNorm(x_j)`` per voxel and
-``ū_j`` its average over ``pool`` windows (the memory tokens)::
+Frame by frame, with ``x_j`` (``(n, c, *s)``) the features of frame ``j``, ``u_j =
+LayerNorm(x_j)`` per voxel, ``pool(.)`` the average over ``pool`` windows (the memory tokens)
+and ``B`` the bank (the memory keys and values of the last ``bank`` frames)::
 
-    Q_j = rope(u_j Wq)       K_i = rope(ū_i Wk) + E_k[j - i]       V_i = ū_i Wv + E_v[j - i]
-    h_j = x_j + softmax(Q_j K^T / sqrt(d)) V Wo      over the tokens of frames
-                                                     i = j - bank .. j (those that exist)
+    Q = rope(u_j Wq)     own keys/values:  rope(pool(u_j) Wk) + E_k[0],  pool(u_j) Wv + E_v[0]
+                         bank frame i:     K_i + E_k[j - i],             V_i + E_v[j - i]
+    h_j = x_j + softmax(Q K^T / sqrt(d)) V Wo            (over the own and the bank's tokens)
     y_j = h_j + W2 gelu(W1 LayerNorm(h_j))
+    K_j, V_j = rope(pool(LayerNorm'(y_j)) Wk'), pool(LayerNorm'(y_j)) Wv'  -> pushed into B
 
-``rope`` rotates pairs of channels by angles proportional to the token's coordinate along each
-spatial axis (axial rotary encoding, in the level's voxels; a pooled token sits at its
-window's centre), so that ``Q K^T`` depends on the relative position of query and memory
-token: the block is translation equivariant and takes any spatial size. ``E_k``, ``E_v``
-(``bank + 1`` learnt vectors) encode the relative time ``j - i``. The block is causal; its
-state is the bank: the keys and values (before ``E``) of the last ``min(bank, frames seen)``
-frames, so it never holds more than ``bank`` frames however long the sequence, and running a
-sequence in chunks with the state carried computes the one-pass output.
+As in SAM2's memory encoder, the bank holds what each frame concluded (its output), not its
+raw features, so what the block inferred (e.g. which object is which) can be carried on
+beyond ``bank`` frames, frame to frame, while the attention itself looks back at most
+``bank`` frames. ``rope`` rotates pairs of channels by angles proportional to the token's
+coordinate along each spatial axis (axial rotary encoding, in the level's voxels; a pooled
+token sits at its window's centre), so that ``Q K^T`` depends on the relative position of
+query and memory token: the block is translation equivariant and takes any spatial size.
+``E_k``, ``E_v`` (``bank + 1`` learnt vectors) encode the relative time ``j - i``. The block
+is causal; its state is the bank (at most ``bank`` frames of ``p`` tokens however long the
+sequence), and running a sequence in chunks with the state carried computes the one-pass
+output.
 """
 
 from __future__ import annotations
@@ -95,6 +100,8 @@ class MemoryAttention(nn.Module):
         self.norm = nn.LayerNorm(channels)
         self.q = nn.Linear(channels, channels, bias=False)
         self.kv = nn.Linear(channels, 2 * channels, bias=False)
+        self.memory_norm = nn.LayerNorm(channels)
+        self.memory = nn.Linear(channels, 2 * channels, bias=False)
         self.out = nn.Linear(channels, channels)
         self.time_k = nn.Parameter(torch.zeros(self.bank + 1, channels))
         self.time_v = nn.Parameter(torch.zeros(self.bank + 1, channels))
@@ -124,8 +131,9 @@ class MemoryAttention(nn.Module):
         turned = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
         return torch.cat([turned, x[..., rot:]], -1)
 
-    def _memory(self, u: Tensor, size: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """Keys and values ``(n, t, p, c)`` of the normalised frames ``u`` ``(n, t, q, c)``."""
+    def _keys(self, u: Tensor, size: Sequence[int], proj: nn.Linear) -> tuple[Tensor, Tensor]:
+        """Keys (rotated) and values ``(n, t, p, c)`` of normalised frames ``u``
+        ``(n, t, q, c)``, averaged over ``pool`` windows first."""
         n, t, q, c = u.shape
         if math.prod(self.pool) > 1:
             grid = u.transpose(2, 3).reshape(n * t, c, *size)  # (n*t, c, *s)
@@ -134,31 +142,33 @@ class MemoryAttention(nn.Module):
             u = grid.flatten(2).transpose(1, 2).unflatten(0, (n, t))  # (n, t, p, c)
         else:
             pooled = list(size)
-        k, v = self.kv(u).chunk(2, -1)  # (n, t, p, c) each
+        k, v = proj(u).chunk(2, -1)  # (n, t, p, c) each
         k = self._rope(k.unflatten(-1, (self.heads, -1)), pooled, self.pool).flatten(-2)
         return k, v
 
-    def _check_state(self, state: Any, n: int, p: int) -> tuple[Tensor, Tensor] | None:
+    def _check_state(self, state: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The bank from ``state`` (an empty one when None), in ``like``'s dtype."""
+        n, _, p, c = like.shape
         if state is None:
-            return None
+            empty = like.new_zeros(n, 0, p, c)
+            return empty, empty
         ok = (isinstance(state, tuple) and len(state) == 2
               and all(isinstance(s, Tensor) and s.dim() == 4 for s in state)
               and state[0].shape == state[1].shape and state[0].shape[0] == n
-              and state[0].shape[2:] == (p, self.channels) and state[0].shape[1] <= self.bank)
+              and state[0].shape[2:] == (p, c) and state[0].shape[1] <= self.bank)
         if not ok:
+            got = ([tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__ for s in state]
+                   if isinstance(state, (tuple, list)) else type(state).__name__)
             raise ValueError(
-                f"{type(self).__name__}: state must be the (keys, values) pair a previous call "
-                f"returned for the same batch and spatial size: ({n}, <= {self.bank}, {p}, "
-                f"{self.channels}) each, got "
-                f"{[tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__ for s in state]}"
-                if isinstance(state, (tuple, list)) else
-                f"{type(self).__name__}: state must be a (keys, values) pair, got "
-                f"{type(state).__name__}")
-        return state
+                f"{type(self).__name__}: state must be the (keys, values) bank a previous call "
+                f"returned for the same batch and spatial size: two tensors of shape ({n}, "
+                f"<= {self.bank}, {p}, {c}), got {got}")
+        return state[0].to(like.dtype), state[1].to(like.dtype)
 
     def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Attend from every frame of ``x`` over the bank and the frames up to it.
+        """Attend from every frame of ``x`` over its own features and the bank, frame by frame,
+        pushing each frame's output into the bank.
 
         Args:
             x: ``(n, t, c, *s)``.
@@ -167,36 +177,31 @@ class MemoryAttention(nn.Module):
         Returns:
             ``(y, state)``: ``y`` ``(n, t, c, *s)`` and the bank after the last frame.
         """
-        n, t, c = x.shape[:3]
         size = list(x.shape[3:])
         if any(s % k for s, k in zip(size, self.pool, strict=True)):
             raise ValueError(f"{type(self).__name__}: spatial size {tuple(size)} is not a "
                              f"multiple of pool={self.pool}")
         tokens = x.flatten(3).transpose(2, 3)  # (n, t, q, c)
         u = self.norm(tokens)
-        k, v = self._memory(u, size)  # (n, t, p, c)
-        past = self._check_state(state, n, k.shape[2])
-        if past is not None:  # the bank first, in order: frame index = position in (m + t)
-            k = torch.cat([past[0].to(k.dtype), k], 1)
-            v = torch.cat([past[1].to(v.dtype), v], 1)
-        m = k.shape[1] - t
         queries = self._rope(self.q(u).unflatten(-1, (self.heads, -1)), size, (1,) * len(size))
-        queries = queries.permute(0, 1, 3, 2, 4)  # (n, t, e, q, d)
-        time_k, time_v = self.time_k.to(k.dtype), self.time_v.to(v.dtype)
+        own_k, own_v = self._keys(u, size, self.kv)  # (n, t, p, c): each frame's own
+        bank_k, bank_v = self._check_state(state, own_k)  # (n, m, p, c)
+        time_k, time_v = self.time_k.to(own_k.dtype), self.time_v.to(own_v.dtype)
         outs = []
-        for j in range(t):  # frame m + j of the bank-plus-chunk attends over the last bank + 1
-            hi = m + j + 1
-            lo = max(0, hi - self.bank - 1)
-            ago = torch.arange(hi - lo - 1, -1, -1, device=x.device)  # j - i per frame
-            keys = (k[:, lo:hi] + time_k[ago][:, None]).flatten(1, 2)  # (n, L*p, c)
-            values = (v[:, lo:hi] + time_v[ago][:, None]).flatten(1, 2)
-            keys, values = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-                            for z in (keys, values))  # (n, e, L*p, d)
-            q_j = queries[:, j].to(values.dtype)
-            outs.append(F.scaled_dot_product_attention(q_j, keys.to(values.dtype), values))
-        a = torch.stack(outs, 1).transpose(2, 3).flatten(-2)  # (n, t, q, c)
-        h = tokens + self.out(a).to(tokens.dtype)
-        y = h + self.mlp(h).to(h.dtype)
-        y = y.transpose(2, 3).unflatten(3, size)  # (n, t, c, *s)
-        keep = max(0, k.shape[1] - self.bank)  # a copy: the bank must not pin the whole k
-        return y, (k[:, keep:].clone(), v[:, keep:].clone())
+        for j in range(x.shape[1]):
+            ago = torch.arange(bank_k.shape[1], -1, -1, device=x.device)  # m .. 1, 0 (own)
+            keys, values = (torch.cat([b, o[:, j:j + 1]], 1) + e[ago][:, None]  # (n, m+1, p, c)
+                            for b, o, e in ((bank_k, own_k, time_k), (bank_v, own_v, time_v)))
+            keys, values = (z.flatten(1, 2).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                            for z in (keys, values))  # (n, e, (m+1)*p, d)
+            a = F.scaled_dot_product_attention(queries[:, j].transpose(1, 2).to(values.dtype),
+                                               keys.to(values.dtype), values)  # (n, e, q, d)
+            h = tokens[:, j] + self.out(a.transpose(1, 2).flatten(-2)).to(tokens.dtype)
+            y = h + self.mlp(h).to(h.dtype)  # (n, q, c)
+            outs.append(y)
+            # the bank keeps what this frame concluded (its output), the last `bank` frames
+            mem_k, mem_v = self._keys(self.memory_norm(y)[:, None], size, self.memory)
+            bank_k = torch.cat([bank_k, mem_k.to(bank_k.dtype)], 1)[:, -self.bank:]
+            bank_v = torch.cat([bank_v, mem_v.to(bank_v.dtype)], 1)[:, -self.bank:]
+        y = torch.stack(outs, 1).transpose(2, 3).unflatten(3, size)  # (n, t, c, *s)
+        return y, (bank_k, bank_v)
