@@ -120,8 +120,9 @@ class MemoryAttention(nn.Module):
         r = self.rotary
         if r == 0:
             return x
-        freqs = ROPE_BASE ** (-torch.arange(0, r, 2, device=x.device, dtype=torch.float32) / r)
-        coords = torch.meshgrid(*[(torch.arange(n, device=x.device, dtype=torch.float32) + 0.5)
+        exact = torch.float64 if x.dtype == torch.float64 else torch.float32  # the angles'
+        freqs = ROPE_BASE ** (-torch.arange(0, r, 2, device=x.device, dtype=exact) / r)
+        coords = torch.meshgrid(*[(torch.arange(n, device=x.device, dtype=exact) + 0.5)
                                   * k - 0.5 for n, k in zip(size, step, strict=True)],
                                 indexing="ij")
         angles = torch.cat([c.reshape(-1, 1) * freqs for c in coords], 1)  # (tokens, D*r/2)
@@ -204,4 +205,4 @@ class MemoryAttention(nn.Module):
             bank_k = torch.cat([bank_k, mem_k.to(bank_k.dtype)], 1)[:, -self.bank:]
             bank_v = torch.cat([bank_v, mem_v.to(bank_v.dtype)], 1)[:, -self.bank:]
         y = torch.stack(outs, 1).transpose(2, 3).unflatten(3, size)  # (n, t, c, *s)
-        return y, (bank_k, bank_v)
+        return y, (bank_k.clone(), bank_v.clone())  # copies: exactly `bank` frames' storage

@@ -171,6 +171,7 @@ def _renamed(section: str, key: str) -> str:
 _RANGES: dict[str, tuple] = {
     "model.spatial_dims": (1, 3, True, True), "model.in_channels": (1, None, True, True),
     "model.out_channels": (2, None, True, True), "model.channels": (1, None, True, True),
+    "model.bank": (1, None, True, True),
     "data.window": (1, None, True, True), "data.roi": (1, None, True, True),
     "data.spacing": (0, None, False, True), "data.batch_size": (1, None, True, True),
     "data.foreground_prob": (0, 1, True, True), "data.num_workers": (0, None, True, True),
