@@ -124,7 +124,7 @@ def cue(args, name: str, seed: int) -> dict:
     from clstm4d.data import write_synthetic_dataset
 
     task = cue_task(args)
-    make_case, families = ((data.make_cue_shapes_case, ("tuning", "held-out"))
+    make_case, families = ((getattr(data, "make_cue_shapes_case", None), ("tuning", "held-out"))
                            if task == "cue-shapes" else (data.make_cue_track_case, ("discs",)))
     kw = {"shapes": "tuning"} if task == "cue-shapes" else {}
     folder = Path(args.out) / "data" / task
@@ -137,11 +137,23 @@ def cue(args, name: str, seed: int) -> dict:
                                      window=16, roi=None, foreground_prob=0.0, degrade=False)
     out = {"task": task, "train_cpu_seconds": cpu, "train_seconds": seconds}
     for family in families:
-        kw = {"shapes": family} if task == "cue-shapes" else {}
+        out[family] = _identity(predictor, test_cases(args, folder, family, make_case))
+    return out
+
+
+def test_cases(args, folder: Path, family: str, make_case) -> list:
+    """The held-out cue sequences of ``family``, drawn once and kept in ``folder`` (so that
+    every run, and a data generator of another version, scores the same sequences)."""
+    path = folder / f"test_{family}.npz"
+    if not path.is_file():
+        kw = {"shapes": family} if family != "discs" else {}
         cases = [make_case((1, i), 16, args.cue_size, 2, cue_frames=CUE_FRAMES, **kw)
                  for i in range(args.cue_test)]
-        out[family] = _identity(predictor, cases)
-    return out
+        np.savez_compressed(path, image=np.stack([c.image for c in cases]),
+                            label=np.stack([c.label for c in cases]))
+    z = np.load(path)
+    return [SimpleNamespace(image=z["image"][i], label=z["label"][i], name=f"{family}_{i}")
+            for i in range(len(z["label"]))]
 
 
 def c2c12(args, name: str, seed: int) -> dict:
