@@ -237,6 +237,8 @@ def _stat(values) -> str:
     values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
         return "-"
+    if all(float(v).is_integer() for v in values) and len(set(values)) == 1:
+        return f"{int(values[0])}"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
@@ -254,7 +256,7 @@ COLUMNS = {
               ("first 3", lambda r: r["first3"]), ("last 3", lambda r: r["last3"])],
     "cost": [(f"{d} {k}", lambda r, d=d, k=k: r[d][k]) for d in ("2d", "3d")
              for k in ("parameters", "step_seconds", "ratio_to_convlstm", "peak_mib",
-                       "model_mib", "state_kib_64")],
+                       "model_mib", "state_kib_8", "state_kib_64")],
 }
 
 
@@ -311,7 +313,10 @@ def main() -> None:
                 folder = cue_task(args) if task == "cue" else task
                 path = Path(args.out) / "results" / folder / f"{name}_s{seed}.json"
                 if not path.is_file() and not args.report:
-                    common.save_result(path, globals()[task](args, name, seed))
+                    result = globals()[task](args, name, seed)
+                    result["settings"] = {k: v for k, v in vars(args).items()
+                                          if k not in ("out", "report", "only", "seeds")}
+                    common.save_result(path, result)
                 if path.is_file():
                     results.setdefault(task, {}).setdefault(name, {})[seed] = \
                         json.loads(path.read_text())
