@@ -285,6 +285,26 @@ def test_plan_order_roi_then_window_then_batch():
                            device="cpu") > (1 - MARGIN) * 300 * 2**20
 
 
+def test_memory_attention_costs_grow_with_its_bank_and_window_not_beyond():
+    """The cost model counts the attention's keys of at most bank + 1 frames per frame: its
+    memory and work grow with the bank, and with the window only linearly once the window
+    is longer than the bank."""
+    from clstm4d.engine.planning.memory import estimate_memory, step_macs
+
+    def cost(bank, window):
+        cfg = {"name": "tiny", "spatial_dims": 2, "cell": "attention", "bank": bank}
+        return (estimate_memory(cfg, (64, 64), window, 2, device="cpu"),
+                step_macs(cfg, (64, 64), window, 2))
+
+    for i in range(2):  # memory, work
+        assert cost(2, 8)[i] < cost(4, 8)[i] < cost(8, 8)[i]
+        # once the bank is full every frame attends over bank + 1 frames: equal increments
+        step = cost(2, 16)[i] - cost(2, 8)[i]
+        assert cost(2, 24)[i] - cost(2, 16)[i] == pytest.approx(step, rel=1e-3)
+        # ... while a bank of 8 still fills during the first 8 frames: the next 8 cost more
+        assert cost(8, 16)[i] - cost(8, 8)[i] > (cost(8, 8)[i] - cost(8, 1)[i]) * 8 / 7
+
+
 def test_plan_errors_name_what_is_wrong(tmp_path, capsys):
     from clstm4d.cli import main
 

@@ -441,4 +441,19 @@ def step_macs(model_config: Any, roi: Sequence[int], window: int, batch: int,
         forward += macs
         if level in unet.recompute_levels:
             recomputed += macs
+    if unet.config["cell"] == "attention":
+        for level in map(int, unet.recurrence):
+            macs = _attention_macs(unet, level, sizes, batch, window)
+            forward += macs
+            recomputed += macs if level in unet.recompute_levels else 0
     return 3 * forward + recomputed
+
+
+def _attention_macs(unet, level: int, sizes: Sequence[int], batch: int, window: int) -> float:
+    """Multiply-accumulates of one forward of the memory attention at ``level``: per query
+    token its projections, output and MLP (6 c^2); per memory token its keys and values, own
+    and for the bank (4 c^2); and the attention itself (2 c per query and key token: the
+    frame's own tokens and the bank's, at most ``bank`` frames)."""
+    c, q, p = unet.channels[level], sizes[level], sizes[-1]
+    attended = sum(min(j + 1, unet.config["bank"] + 1) for j in range(window))
+    return batch * (window * (6 * c * c * q + 4 * c * c * p) + 2 * c * q * p * attended)
