@@ -49,6 +49,7 @@ from clstm4d.engine.run.folders import check_label_outputs
 from clstm4d.engine.run.runtime import amp_dtype, resolve_device
 from clstm4d.errors import ConfigError, UserError
 
+from .onnx_model import is_onnx, load_onnx
 from .sliding import predict_sequence
 
 __all__ = ["Predictor"]
@@ -103,7 +104,12 @@ class Predictor:
                         device: str | torch.device | None = None, amp: str | None = None,
                         **overrides: Any) -> Predictor:
         """Rebuild the model saved in ``checkpoint`` (a checkpoint folder, its
-        ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor."""
+        ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor.
+        An ``.onnx`` file (``clstm4d export --format onnx``) runs with onnxruntime
+        (:mod:`~clstm4d.engine.inference.onnx_model`) through the same windows and chunks."""
+        if is_onnx(checkpoint):
+            model, run = load_onnx(checkpoint)
+            return cls(model, run, device=device, amp=amp, **overrides)
         opened = Checkpoint.open(checkpoint)
         return cls(opened.build_model(), opened.saved, device=device, amp=amp, **overrides)
 
