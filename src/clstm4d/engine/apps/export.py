@@ -9,12 +9,12 @@ whole sequence would only ever take the number of frames it was traced with, and
 inside the module would be baked in as constant zeros. So the export is one step of ``f``
 frames (default 1) with the recurrent state as explicit inputs and outputs (see
 :mod:`clstm4d.engine.inference.onnx_model` for the layout and the metadata); batch and spatial
-sizes stay dynamic. The TorchScript-based exporter (``dynamo=False``) is used: it exports
-these networks correctly in about a second (the dynamo exporter took about 30 s per model).
-Every export is checked before it is written: onnxruntime runs it on a batch of 2, at
-another spatial size than the traced one, over two steps with the state carried, and must
-give PyTorch's logits. A bidirectional model has no streaming step (every frame depends on
-later frames) and is refused; a fixed-window model is exported as its window, without state.
+sizes stay dynamic. The TorchScript-based exporter (``dynamo=False``) is used; the
+recurrence is built with its autograd-op backend for it (same weights). Every export is
+checked before it is written: onnxruntime runs it on a batch of 2, at another spatial size
+than the traced one, over two steps with the state carried, and must give PyTorch's logits.
+A bidirectional model has no streaming step (every frame depends on later frames) and is
+refused; a fixed-window model is exported as its window, without state.
 
 **MONAI bundle.** ``configs/metadata.json``, ``configs/inference.json`` (the network as
 ``_target_: clstm4d.models.<Class>`` with its arguments, the weights loaded from

@@ -106,10 +106,12 @@ class Predictor:
         """Rebuild the model saved in ``checkpoint`` (a checkpoint folder, its
         ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor.
         An ``.onnx`` file (``clstm4d export --format onnx``) runs with onnxruntime
-        (:mod:`~clstm4d.engine.inference.onnx_model`) through the same windows and chunks."""
+        (:mod:`~clstm4d.engine.inference.onnx_model`) through the same windows and chunks;
+        the rest (blending, resampling) then runs on the CPU unless ``device`` says
+        otherwise."""
         if is_onnx(checkpoint):
             model, run = load_onnx(checkpoint)
-            return cls(model, run, device=device, amp=amp, **overrides)
+            return cls(model, run, device=device or "cpu", amp=amp, **overrides)
         opened = Checkpoint.open(checkpoint)
         return cls(opened.build_model(), opened.saved, device=device, amp=amp, **overrides)
 
