@@ -126,7 +126,9 @@ def test_cli_export_then_predict_with_onnx_writes_pytorchs_labels(exported, tmp_
 
 
 def test_fixed_window_model_exports_its_window_and_bidirectional_is_refused(tmp_path, capsys):
-    ck = _checkpoint(tmp_path / "tac", name="tac-tiny", spatial_dims=2, frames=3)
+    # batch norm and dropout: an export must not leave the model in training mode
+    ck = _checkpoint(tmp_path / "tac", name="tac-tiny", spatial_dims=2, frames=3, norm="batch",
+                     dropout=0.2)
     out = export_onnx(ck, tmp_path / "tac.onnx")
     kw = {"device": "cpu", "roi": [8, 8]}
     image = _image((7, 1, 10, 9))  # 3 windows, the last one padded

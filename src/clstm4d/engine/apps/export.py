@@ -96,10 +96,12 @@ def _flatten(state: Any) -> list[torch.Tensor]:
 
 def _traceable(opened: Checkpoint) -> torch.nn.Module:
     """The checkpoint's model, built with the recurrence's autograd-op backend (the fused
-    one is a custom autograd function that tracing cannot see through)."""
+    one is a custom autograd function that tracing cannot see through) and without
+    activation recomputation (a training-time saving)."""
     spec = opened.saved.model_spec
-    if "backend" in spec.options:
-        spec = dataclasses.replace(spec, options={**spec.options, "backend": "reference"})
+    inference = {"backend": "reference", "recompute": False}
+    spec = dataclasses.replace(spec, options={
+        **spec.options, **{k: v for k, v in inference.items() if k in spec.options}})
     model = spec.build()
     opened.load_weights(model)
     return model.eval()
@@ -227,7 +229,8 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, frames
     _refuse(model, frames)
     spec, layout = _step_spec(model, frames)
     with atomic_file(out) as tmp:
-        _trace(_Step(model, layout), spec, model, tmp)
+        # eval: the exporter restores the wrapper's mode afterwards, and so the model's
+        _trace(_Step(model, layout).eval(), spec, model, tmp)
         _label(tmp, spec, json.dumps(opened.saved.to_dict()))
         _verify(tmp, model, spec)
     return out
