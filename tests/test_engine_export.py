@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,8 +153,8 @@ def test_bad_onnx_inputs_are_one_line_and_write_nothing(exported, tmp_path, caps
     src = write_image(_image((3, 1, 8, 8)), Geometry.default("nifti", (8, 8), 3),
                       tmp_path / "scan.nii.gz")[0]
     other = tmp_path / "other.onnx"  # an ONNX model, but not a clstm4d export
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore")
+    with warnings.catch_warnings():  # the exporter's deprecation and tracer warnings
+        warnings.simplefilter("ignore")
         torch.onnx.export(torch.nn.Conv2d(1, 2, 3), (torch.zeros(1, 1, 8, 8),), str(other),
                           dynamo=False)
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
