@@ -1,4 +1,4 @@
-"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, bench.
+"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, export, bench.
 
 ``main(argv) -> int`` is the console script (and ``python -m clstm4d``). Each command has a
 parser builder (``_add_<command>``) and a handler that parses, calls one engine function and
@@ -239,7 +239,8 @@ def _add_predict(sub) -> None:
                  "carried between chunks. The output is written in the input's format and "
                  "geometry.")
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint folder, its model.safetensors, or a training run folder")
+                   help="checkpoint folder, its model.safetensors, a training run folder, or "
+                        "an ONNX export (model.onnx; runs with onnxruntime)")
     p.add_argument("--input", required=True, nargs="+",
                    help="one 4D file (NIfTI/TIFF/.npy/.npz), or the per-frame files of one "
                         "sequence or their folder; DICOM: one multi-frame file, or the files "
@@ -487,6 +488,36 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ export
+
+def _add_export(sub) -> None:
+    p = _command(sub, "export", _cmd_export, "export a trained model (ONNX, MONAI bundle)",
+                 "onnx: one streaming step (frames and the recurrent state in, logits and the "
+                 "new state out; dynamic batch and spatial size), run by `clstm4d predict "
+                 "--checkpoint model.onnx` with onnxruntime; bidirectional models are refused. "
+                 "monai-bundle: a folder that `python -m monai.bundle run` runs.")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder, its model.safetensors, or a training run folder")
+    p.add_argument("--format", required=True, choices=("onnx", "monai-bundle"))
+    p.add_argument("--out", required=True,
+                   help="the .onnx file (onnx) or the bundle folder (monai-bundle)")
+    p.add_argument("--frames", type=int, default=1,
+                   help="onnx: frames per exported step (prediction chunks must be a "
+                        "multiple of it)")
+    _add_overwrite_arg(p, "replace an existing --out")
+
+
+def _cmd_export(args) -> int:
+    from clstm4d.engine.apps.export import run_export
+
+    t0 = time.perf_counter()
+    out = run_export(args.checkpoint, args.format, args.out, frames=args.frames,
+                     overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} as {args.format} in {time.perf_counter() - t0:.1f} s "
+          f"-> {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------ bench
 
 def _add_bench(sub) -> None:
@@ -522,7 +553,7 @@ def _cmd_bench(args) -> int:
 # ------------------------------------------------------------------------------ main
 
 _COMMANDS = (_add_demo, _add_train, _add_predict, _add_evaluate, _add_synth, _add_plan,
-             _add_bench)
+             _add_export, _add_bench)
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -54,6 +54,7 @@ from clstm4d.engine.run.progress import Progress
 from clstm4d.engine.run.runtime import amp_dtype, resolve_device
 from clstm4d.errors import ConfigError, UserError
 
+from .onnx_model import is_onnx, load_onnx
 from .sliding import predict_sequence
 
 __all__ = ["Predictor"]
@@ -108,7 +109,14 @@ class Predictor:
                         device: str | torch.device | None = None, amp: str | None = None,
                         **overrides: Any) -> Predictor:
         """Rebuild the model saved in ``checkpoint`` (a checkpoint folder, its
-        ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor."""
+        ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor.
+        An ``.onnx`` file (``clstm4d export --format onnx``) runs with onnxruntime
+        (:mod:`~clstm4d.engine.inference.onnx_model`) through the same windows and chunks;
+        the rest (blending, resampling) then runs on the CPU unless ``device`` says
+        otherwise."""
+        if is_onnx(checkpoint):
+            model, run = load_onnx(checkpoint)
+            return cls(model, run, device=device or "cpu", amp=amp, **overrides)
         opened = Checkpoint.open(checkpoint)
         return cls(opened.build_model(), opened.saved, device=device, amp=amp, **overrides)
 
