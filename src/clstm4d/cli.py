@@ -1,4 +1,4 @@
-"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, bench.
+"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, export, bench.
 
 ``main(argv) -> int`` is the console script (and ``python -m clstm4d``). Each command has a
 parser builder (``_add_<command>``) and a handler that parses, calls one engine function and
@@ -258,12 +258,22 @@ def _add_predict(sub) -> None:
                  "carried between chunks. The output is written in the input's format and "
                  "geometry.")
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint folder, its model.safetensors, or a training run folder")
+                   help="checkpoint folder, its model.safetensors, a training run folder, or "
+                        "an ONNX export (model.onnx; runs with onnxruntime)")
     p.add_argument("--input", required=True, nargs="+",
-                   help="one 4D file (NIfTI/TIFF), or the per-frame files of one sequence "
-                        "or their folder")
+                   help="one 4D file (NIfTI/TIFF/.npy/.npz), or the per-frame files of one "
+                        "sequence or their folder; DICOM: one multi-frame file, or the files "
+                        "of one series or their folder")
     p.add_argument("--output", required=True,
-                   help="output file (single-file formats) or folder (per-frame series)")
+                   help="output file (single-file formats) or folder (per-frame series); for "
+                        "DICOM input seg.dcm (a DICOM Segmentation) or seg.nii.gz")
+    p.add_argument("--grey", action="store_true",
+                   help="colour (RGB) input: segment its luminance (for a grey-scale model)")
+    p.add_argument("--axes", help="NumPy input: axis order, letters T C Z Y X, e.g. TZYX "
+                   "(default: a sidecar JSON, else (t, c, *s) or (t, *s))")
+    p.add_argument("--spacing", type=float, nargs="+",
+                   help="NumPy input: voxel size per spatial axis in the array's order (one "
+                   "value for all; default: a sidecar JSON, else 1)")
     p.add_argument("--roi", type=int, nargs="+", help="sliding-window size per spatial axis "
                    "(one value for all); default: the checkpoint's predict.roi (whole frames)")
     p.add_argument("--overlap", type=float, help="window overlap fraction (default 0.25)")
@@ -299,7 +309,8 @@ def _cmd_predict(args) -> int:
             **{k: getattr(args, k) for k in _PREDICT_OPTIONS})
     t0 = time.perf_counter()
     written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, grey=args.grey,
+                                     axes=args.axes, spacing=args.spacing)
     print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "
           f"in {time.perf_counter() - t0:.1f} s -> "
           f"{written[0] if len(written) == 1 else f'{len(written)} files in {args.output}'}")
@@ -496,6 +507,36 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ export
+
+def _add_export(sub) -> None:
+    p = _command(sub, "export", _cmd_export, "export a trained model (ONNX, MONAI bundle)",
+                 "onnx: one streaming step (frames and the recurrent state in, logits and the "
+                 "new state out; dynamic batch and spatial size), run by `clstm4d predict "
+                 "--checkpoint model.onnx` with onnxruntime; bidirectional models are refused. "
+                 "monai-bundle: a folder that `python -m monai.bundle run` runs.")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder, its model.safetensors, or a training run folder")
+    p.add_argument("--format", required=True, choices=("onnx", "monai-bundle"))
+    p.add_argument("--out", required=True,
+                   help="the .onnx file (onnx) or the bundle folder (monai-bundle)")
+    p.add_argument("--frames", type=int, default=1,
+                   help="onnx: frames per exported step (prediction chunks must be a "
+                        "multiple of it)")
+    _add_overwrite_arg(p, "replace an existing --out")
+
+
+def _cmd_export(args) -> int:
+    from clstm4d.engine.apps.export import run_export
+
+    t0 = time.perf_counter()
+    out = run_export(args.checkpoint, args.format, args.out, frames=args.frames,
+                     overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} as {args.format} in {time.perf_counter() - t0:.1f} s "
+          f"-> {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------ bench
 
 def _add_bench(sub) -> None:
@@ -531,7 +572,7 @@ def _cmd_bench(args) -> int:
 # ------------------------------------------------------------------------------ main
 
 _COMMANDS = (_add_demo, _add_train, _add_predict, _add_evaluate, _add_synth, _add_plan,
-             _add_bench)
+             _add_export, _add_bench)
 
 
 def _build_parser() -> argparse.ArgumentParser:

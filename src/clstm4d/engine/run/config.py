@@ -50,6 +50,8 @@ class ModelConfig:
     temporal: str | None = None
     cell: str | None = None
     bidirectional: bool | None = None
+    #: frames of memory of ``cell: attention`` (only with that cell)
+    bank: int | None = None
     #: per-level, per-axis pooling strides (L - 1 entries) and conv kernels (L entries), in
     #: the arrays' axis order; each entry an int (all axes) or one int per axis
     strides: list[int | list[int]] | None = None
@@ -170,6 +172,7 @@ def _renamed(section: str, key: str) -> str:
 _RANGES: dict[str, tuple] = {
     "model.spatial_dims": (1, 3, True, True), "model.in_channels": (1, None, True, True),
     "model.out_channels": (2, None, True, True), "model.channels": (1, None, True, True),
+    "model.bank": (1, None, True, True),
     "data.window": (1, None, True, True), "data.roi": (1, None, True, True),
     "data.spacing": (0, None, False, True), "data.batch_size": (1, None, True, True),
     "data.foreground_prob": (0, 1, True, True), "data.num_workers": (0, None, True, True),
