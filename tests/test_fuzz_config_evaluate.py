@@ -56,6 +56,8 @@ def number_text(draw, kind, low, high, low_in):
     v = draw(st.floats(low, hi, allow_nan=False, exclude_min=not low_in, exclude_max=True))
     if v == 0 and not low_in:
         v = 1e-3
+    if 0 < v < 1e-12:  # subnormal and tiny values: write them as they are
+        v = 1e-12
     style = draw(st.sampled_from(["e", "E", "nodot", "g", "repr"]))
     if style == "nodot":
         exp = math.floor(math.log10(v)) if v > 0 else 0
