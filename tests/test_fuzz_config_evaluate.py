@@ -66,7 +66,10 @@ def number_text(draw, kind, low, high, low_in):
             return float(f"{mant}e{exp}"), f"{mant}e{exp}"  # 1e-3: the README's own example
         style = "repr"
     text = {"e": f"{v:.3e}", "E": f"{v:.2E}", "g": f"{v:g}", "repr": repr(v)}[style]
-    return float(text), text
+    value = float(text)
+    if value < low or (value == low and not low_in) or (high is not None and value >= high):
+        text, value = repr(v), v  # rounded out of range (0.99999 -> 1.0): write it exactly
+    return value, text
 
 
 JUNK = ["fast", "1e", "e5", "1.2.3", "'1e-3'", "yes", "-1", ".nan", ".inf", "[1, 2]", "{}"]
