@@ -59,8 +59,8 @@ def _add_threads_progress(p: argparse.ArgumentParser, default: str) -> None:
                    help=f"torch CPU threads ({default}); more threads than free cores are "
                         "warned about: on a busy machine they slow each other down")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress at all (otherwise a bar on a terminal, and a line about "
-                        "every minute in a redirected log)")
+                   help="no progress at all (otherwise a bar on a terminal; in a redirected "
+                        "log, training writes about a dozen lines: step, loss, s/step, ETA)")
 
 
 def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -92,6 +92,25 @@ _LOWER = {"train": "data.roi, data.window or data.batch_size (or set train.recom
           "evaluate": "the frames scored (--frames), or skip HD95 (--no-hd95)",
           "demo": "--size, --window or --batch-size", "synth": "--size, --frames or --cases",
           "plan": "--shape"}
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """What ran out, when ``e`` says an allocation failed (``MemoryError``, torch's CPU
+    allocator, CUDA out of memory); else None."""
+    import re
+
+    from clstm4d._common import human_bytes
+
+    if isinstance(e, MemoryError):
+        return str(e).strip() or "an allocation failed"
+    text = str(e)
+    if not (type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
+            or "not enough memory" in text):
+        return None
+    size = re.search(r"tried to allocate (\d+) bytes", text)
+    if size:
+        return f"could not allocate {human_bytes(int(size.group(1)))}"
+    return " ".join(text.split())[:200]
 
 
 def _command(sub, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
@@ -591,13 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clstm4d {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (UserError, OSError, MemoryError) as e:
-        if args.debug or os.environ.get("CLSTM4D_DEBUG"):
-            raise
+    except (UserError, OSError, MemoryError, RuntimeError) as e:
+        memory = None if isinstance(e, (UserError, OSError)) else _out_of_memory(e)
+        if args.debug or os.environ.get("CLSTM4D_DEBUG") or (
+                memory is None and not isinstance(e, (UserError, OSError))):
+            raise  # a RuntimeError that is not about memory is a bug: its traceback
         msg = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, MemoryError):
-            msg = (f"out of memory ({msg if str(e).strip() else 'an allocation failed'}); "
-                   f"lower {_LOWER.get(args.command, 'the sizes')}")
+        if memory is not None:
+            msg = f"out of memory ({memory}); lower {_LOWER.get(args.command, 'the sizes')}"
         if isinstance(e, FileNotFoundError) and e.filename:
             msg = f"file not found: {e.filename}"
         print(f"clstm4d {args.command}: error: {msg}", file=sys.stderr)

@@ -198,8 +198,8 @@ class Predictor:
                 ``predictor.predict_array(cine, spacing=(1.5, 1.5))``.
             name: how errors name this image.
             return_probs: also return the class probabilities ``(t, k, *s)`` float32.
-            progress: show the frames done (a bar on a terminal, a line now and then in a
-                log; :class:`~clstm4d.engine.run.progress.Progress`).
+            progress: show the frames done on a terminal (a bar; nothing in a redirected
+                log: :class:`~clstm4d.engine.run.progress.Progress`).
 
         Returns:
             Labels ``(t, *s)`` (``uint8``, or ``int64`` beyond 255 classes) on the image's grid,
@@ -219,7 +219,8 @@ class Predictor:
                 # one time chunk's probabilities onto the image's grid, frame by frame
                 return torch.from_numpy(resample_image(p.numpy(), grid))
 
-        with Progress(len(x), desc=f"predict {name}", unit="frame", enabled=progress) as bar:
+        with Progress(len(x), desc=f"predict {name}", unit="frame", enabled=progress,
+                      log_lines=False) as bar:  # a bar on a terminal, nothing in a log
             out = predict_sequence(self.model, x, roi=s.roi, overlap=s.overlap, chunk=s.chunk,
                                    time_margin=s.time_margin, sw_batch_size=s.sw_batch_size,
                                    mode=s.mode, device=self.device, amp_dtype=self.amp_dtype,
