@@ -48,8 +48,9 @@ from clstm4d.data import (
     write_segmentation,
 )
 from clstm4d.engine.run.checkpoint import Checkpoint
-from clstm4d.engine.run.config import PredictConfig, SavedRun
+from clstm4d.engine.run.config import PredictConfig, SavedRun, check_values
 from clstm4d.engine.run.folders import check_label_outputs, check_outputs
+from clstm4d.engine.run.progress import Progress
 from clstm4d.engine.run.runtime import amp_dtype, resolve_device
 from clstm4d.errors import ConfigError, UserError
 
@@ -90,11 +91,11 @@ class Predictor:
             raise ConfigError(f"Predictor: unknown prediction setting(s) {unknown}; "
                               f"known: {list(OVERRIDABLE)}")
         self.run = run
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given = check_values("predict", {k: v for k, v in overrides.items() if v is not None})
         self.settings: PredictConfig = dataclasses.replace(run.config.predict, **given)
         if self.settings.roi is not None:
-            self.settings.roi = list(per_axis("roi", self.settings.roi, self.spatial_dims,
-                                              error=ConfigError))
+            self.settings.roi = list(per_axis("'predict.roi'", self.settings.roi,
+                                              self.spatial_dims, error=ConfigError))
         if isinstance(device, torch.device):
             self.device = device
         else:
@@ -172,7 +173,8 @@ class Predictor:
     # ------------------------------------------------------------------ prediction
     def predict_array(self, image: np.ndarray, geometry: Any = None, *,
                       spacing: float | Sequence[float] | None = None, name: str = "input",
-                      return_probs: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                      return_probs: bool = False, progress: bool = False
+                      ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Segment every frame of ``image (t, c, *s)``: a NumPy array in memory, or one read
         with :func:`~clstm4d.data.read_image`.
 
@@ -188,6 +190,8 @@ class Predictor:
                 ``predictor.predict_array(cine, spacing=(1.5, 1.5))``.
             name: how errors name this image.
             return_probs: also return the class probabilities ``(t, k, *s)`` float32.
+            progress: show the frames done (a bar on a terminal, a line now and then in a
+                log; :class:`~clstm4d.engine.run.progress.Progress`).
 
         Returns:
             Labels ``(t, *s)`` (``uint8``, or ``int64`` beyond 255 classes) on the image's grid,
@@ -207,14 +211,17 @@ class Predictor:
                 # one time chunk's probabilities onto the image's grid, frame by frame
                 return torch.from_numpy(resample_image(p.numpy(), grid))
 
-        out = predict_sequence(self.model, x, roi=s.roi, overlap=s.overlap, chunk=s.chunk,
-                               time_margin=s.time_margin, sw_batch_size=s.sw_batch_size,
-                               mode=s.mode, device=self.device, amp_dtype=self.amp_dtype,
-                               return_probs=return_probs, chunk_probs=back)
+        with Progress(len(x), desc=f"predict {name}", unit="frame", enabled=progress) as bar:
+            out = predict_sequence(self.model, x, roi=s.roi, overlap=s.overlap, chunk=s.chunk,
+                                   time_margin=s.time_margin, sw_batch_size=s.sw_batch_size,
+                                   mode=s.mode, device=self.device, amp_dtype=self.amp_dtype,
+                                   return_probs=return_probs, chunk_probs=back,
+                                   progress=bar.update)
         return (out[0].numpy(), out[1].numpy()) if return_probs else out.numpy()
 
     def predict_file(self, input: str | os.PathLike | Sequence[str | os.PathLike],
-                     output: str | os.PathLike, *, overwrite: bool = False, grey: bool = False,
+                     output: str | os.PathLike, *, overwrite: bool = False,
+                     progress: bool = False, grey: bool = False,
                      **array_options: Any) -> list[Path]:
         """Read a sequence, segment it and write the labels in its format and geometry.
 
@@ -226,6 +233,7 @@ class Predictor:
                 (segments named after the checkpoint's labels), ``.nii.gz`` a NIfTI label map.
             overwrite: replace an existing output file (or write into a non-empty output
                 folder). An output that is one of the inputs is refused even so.
+            progress: show the frames done (see :meth:`predict_array`).
             grey: turn a colour (RGB) image into one luminance channel first
                 (:func:`~clstm4d.data.to_grey`), for a grey-scale model on colour cine.
             array_options: NumPy inputs: ``axes``, ``spacing``, ``time_interval`` (see
@@ -257,7 +265,7 @@ class Predictor:
             check_label_outputs(geometry, output, inputs=paths, overwrite=overwrite)
         if grey:
             image = to_grey(image, str(paths[0]))
-        labels = self.predict_array(image, geometry, name=str(paths[0]))
+        labels = self.predict_array(image, geometry, name=str(paths[0]), progress=progress)
         if segmentation:
             return [write_segmentation(labels, geometry, output, self.class_names)]
         return write_label(labels, geometry, output)
