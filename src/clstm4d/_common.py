@@ -23,6 +23,7 @@ import contextlib
 import math
 import numbers
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,7 +34,7 @@ import numpy as np
 
 __all__ = ["GRID_ATOL", "GRID_RTOL", "atomic_dir", "atomic_file", "atomic_write_text",
            "check_choice", "check_int", "check_spatial_dims", "json_finite", "nanmean",
-           "per_axis", "same_affine"]
+           "per_axis", "remove_stale_temporaries", "same_affine"]
 
 #: Two grids are the same when their ``(4, 4)`` affines agree within these tolerances
 #: (``numpy.allclose``): 1e-3 (mm) absolute covers the float32 rounding of spacings, origins
@@ -117,15 +118,84 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (True when that cannot be told)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _naming(error: OSError, tmp: Path | None, final: Path) -> OSError:
+    """``error`` as raised while writing ``final`` through the temporary ``tmp``: the same
+    type and errno, naming the file under ``final`` (what the user asked for), not the
+    temporary one."""
+    if error.errno is None:
+        return error
+    name = final
+    if error.filename is not None and tmp is not None:
+        try:
+            name = final / Path(os.fsdecode(error.filename)).relative_to(tmp)
+        except ValueError:  # not under tmp: tmp itself, or another file
+            name = final if Path(os.fsdecode(error.filename)) == tmp else error.filename
+    try:
+        return type(error)(error.errno, error.strerror or str(error), os.fspath(name))
+    except TypeError:  # an OSError subclass with another constructor
+        return error
+
+
+def _temp_pattern(final: Path) -> re.Pattern:
+    """The names :func:`atomic_file` and :func:`atomic_dir` give their temporaries for
+    ``final``: ``.tmp-<pid>-<random>-<name>`` and ``.<name>.<pid>.<random>.tmp|old``."""
+    name = re.escape(final.name)
+    return re.compile(rf"^(?:\.tmp-(?P<f>\d+)-[^-]+-{name}"
+                      rf"|\.{name}\.(?P<d>\d+)\.[^.]+\.(?P<kind>tmp|old))$")
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that an atomic write of ``final`` left behind when its process
+    was killed (the process named in the temporary's name is gone); returns them.
+
+    A folder that :func:`atomic_dir` had moved aside (``.old``) while ``final`` is missing is
+    put back under ``final`` first: the kill came between its two renames.
+    """
+    final = Path(final)
+    try:
+        names = os.listdir(final.parent)
+    except OSError:
+        return []
+    pattern, removed = _temp_pattern(final), []
+    for name in sorted(names, key=lambda n: n.endswith(".old")):  # .tmp first, then .old
+        m = pattern.match(name)
+        if m is None or _pid_alive(int(m.group("f") or m.group("d"))):
+            continue
+        stale = final.parent / name
+        if m.group("kind") == "old" and (stale / final.name).exists() and not final.exists():
+            os.replace(stale / final.name, final)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; when the block ends without an error, flush it
     to disk (``fsync``) and rename it onto ``final``.
 
     The temporary name ends with ``final``'s name, so libraries that pick the format from the
-    extension (``.nii.gz``) see the right one. A crash or an error leaves no half-written file
-    under the final name (``os.replace`` is atomic on one file system), and the temporary file
-    is removed.
+    extension (``.nii.gz``) see the right one, and holds the writer's process id, so that the
+    temporaries of a killed run are removed by the next write of ``final``
+    (:func:`remove_stale_temporaries`). A crash or an error leaves no half-written file under
+    the final name (``os.replace`` is atomic on one file system), and the temporary file is
+    removed. An ``OSError`` (a full disk, a read-only folder) names ``final``.
 
     Examples:
         >>> import tempfile, pathlib
@@ -137,17 +207,23 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
         >>> tmpdir.cleanup()
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix="-" + final.name)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final)
+        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".tmp-{os.getpid()}-",
+                                    suffix="-" + final.name)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         _fsync(tmp)
         _umask_mode(tmp, 0o666)
         os.replace(tmp, final)
+    except OSError as e:
+        raise _naming(e, tmp, final) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -156,32 +232,69 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def _move_into(tmp: Path, final: Path, replace: bool) -> None:
+    """Put the finished folder ``tmp`` in place of (``replace``) or into ``final``."""
+    if not final.exists():
+        os.replace(tmp, final)
+    elif replace:
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".old",
+                                    dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:  # final holds other files to keep: each file goes in whole, one at a time
+        for f in sorted(tmp.rglob("*")):
+            target = final / f.relative_to(tmp)
+            if f.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                os.replace(f, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a new temporary folder beside ``final``; when the block ends without an error,
-    flush its files to disk and rename it onto ``final`` (an existing ``final`` is moved
-    aside first and removed after, so at no moment is there no folder ``final``, nor a
-    half-written one). On an error the temporary folder is removed.
+    flush its files to disk and rename it onto ``final``, so that a killed run leaves either
+    the whole set of files under ``final`` or none of them.
+
+    Args:
+        final: the folder.
+        replace: an existing ``final`` is moved aside first and removed after, so at no
+            moment is there no folder ``final``, nor a half-written one. ``False``: an existing
+            ``final`` holds files to keep (e.g. the user's, with ``--overwrite``): the new
+            files are moved into it one by one, each complete (the set is then not atomic).
+
+    On an error the temporary folder is removed; temporaries of a killed earlier run are
+    removed on entry (:func:`remove_stale_temporaries`). An ``OSError`` names ``final``.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path((tmpdir := tempfile.TemporaryDirectory()).name)
+        >>> with atomic_dir(d / "set") as tmp:
+        ...     _ = (tmp / "a.txt").write_text("a"), (tmp / "b.txt").write_text("b")
+        >>> sorted(p.name for p in d.iterdir()), sorted(p.name for p in (d / "set").iterdir())
+        (['set'], ['a.txt', 'b.txt'])
+        >>> tmpdir.cleanup()
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp",
+                                    dir=final.parent))
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync(f)
         _umask_mode(tmp, 0o777)
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old",
-                                        dir=final.parent))
-            os.replace(final, old / final.name)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _move_into(tmp, final, replace)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _naming(e, tmp, final) from e
         raise
 
 

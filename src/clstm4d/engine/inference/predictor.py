@@ -104,7 +104,7 @@ class Predictor:
                         **overrides: Any) -> Predictor:
         """Rebuild the model saved in ``checkpoint`` (a checkpoint folder, its
         ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor."""
-        opened = Checkpoint.open(checkpoint)
+        opened = Checkpoint.open(checkpoint, weights_only=True)
         return cls(opened.build_model(), opened.saved, device=device, amp=amp, **overrides)
 
     # ------------------------------------------------------------------ what the model takes
