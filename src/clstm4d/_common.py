@@ -6,7 +6,9 @@
   :func:`atomic_file`, :func:`atomic_write_text`, :func:`atomic_dir` (temporary sibling,
   ``fsync``, rename);
 - NaN-safe summaries: :func:`nanmean`, :func:`json_finite`;
-- the one tolerance by which two voxel grids count as the same: :func:`same_affine`.
+- the one tolerance by which two voxel grids count as the same: :func:`same_affine`;
+- the memory the machine can still give, and one check of a size against it:
+  :func:`available_host_memory`, :func:`check_host_memory`.
 
 Examples:
     >>> per_axis("roi", 32, 3, "plan")
@@ -34,7 +36,8 @@ import numpy as np
 
 __all__ = ["GRID_ATOL", "GRID_RTOL", "atomic_dir", "atomic_file", "atomic_write_text",
            "check_choice", "check_int", "check_spatial_dims", "json_finite", "nanmean",
-           "per_axis", "remove_stale_temporaries", "same_affine"]
+           "per_axis", "remove_stale_temporaries", "same_affine", "available_host_memory",
+           "check_host_memory", "fmt_bytes"]
 
 #: Two grids are the same when their ``(4, 4)`` affines agree within these tolerances
 #: (``numpy.allclose``): 1e-3 (mm) absolute covers the float32 rounding of spacings, origins
@@ -323,3 +326,39 @@ def same_affine(a: Any, b: Any) -> bool:
     :data:`GRID_ATOL` / :data:`GRID_RTOL`)."""
     return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), atol=GRID_ATOL,
                             rtol=GRID_RTOL))
+
+
+# ------------------------------------------------------------------------------ memory
+
+def available_host_memory() -> int:
+    """Bytes of memory the operating system can still give (``MemAvailable`` on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): cannot tell
+        return 2**62
+
+
+def fmt_bytes(n: float) -> str:
+    """``n`` bytes in the largest unit that keeps it >= 1 (B, KiB, MiB, GiB, TiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_host_memory(nbytes: float, what: str, error: type[Exception] = MemoryError) -> None:
+    """Raise ``error`` (one line: ``what`` needs about ``nbytes``, the machine has ...) when
+    ``nbytes`` exceed :func:`available_host_memory`: a guard before an allocation that would
+    otherwise make the kernel kill the process, or the machine."""
+    budget = available_host_memory()
+    if nbytes > budget:
+        raise error(f"{what} needs about {fmt_bytes(nbytes)} of memory, and this machine has "
+                    f"{fmt_bytes(budget)} available")

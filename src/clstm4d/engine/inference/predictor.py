@@ -37,11 +37,12 @@ import torch
 
 from clstm4d._common import per_axis
 from clstm4d.data import (
+    check_resample_memory,
     normalize_intensity,
     read_image,
     resample_image,
     target_shape,
-    write_label,
+    write_result,
 )
 from clstm4d.engine.run.checkpoint import Checkpoint
 from clstm4d.engine.run.config import PredictConfig, SavedRun
@@ -122,10 +123,16 @@ class Predictor:
         return self.run.model_spec.out_channels
 
     def model_shape(self, image_shape: Sequence[int], geometry: Any = None,
-                    name: str = "input") -> tuple[int, ...]:
+                    name: str = "input", frames: int = 1) -> tuple[int, ...]:
         """The spatial shape the model sees for an image of spatial shape ``image_shape``:
         resampled to the training spacing (``data.spacing``) when it is set and the geometry
-        says where the voxels lie; else the image's own."""
+        says where the voxels lie; else the image's own.
+
+        Raises:
+            DataError: before anything is resampled, when ``frames`` frames at that shape
+                would not fit in the memory the machine has (an input at a much coarser
+                spacing than the model's), naming both spacings and the shape.
+        """
         target = self.run.config.data.spacing
         image_shape = tuple(int(n) for n in image_shape)
         if target is None:
@@ -135,9 +142,13 @@ class Predictor:
                         "spacing %s already (not resampled)", name, target)
             return image_shape
         try:
-            return target_shape(image_shape, geometry.spacing, target)
+            target_shape(image_shape, geometry.spacing, target)
         except ValueError as e:
             raise ConfigError(f"checkpoint's {e}") from None
+        # the resampled input (and its normalised copy) and the class probabilities
+        per_voxel = 4 * (2 * self.in_channels + self.num_classes)
+        return check_resample_memory(image_shape, geometry.spacing, target, frames, per_voxel,
+                                     name)
 
     def prepare(self, image: np.ndarray, name: str = "input",
                 geometry: Any = None) -> torch.Tensor:
@@ -158,7 +169,8 @@ class Predictor:
                 f"{name} has {image.shape[1]} channel(s) per frame but the model expects "
                 f"{self.in_channels} (in_channels)"
             )
-        image = resample_image(image, self.model_shape(image.shape[2:], geometry, name))
+        shape = self.model_shape(image.shape[2:], geometry, name, frames=image.shape[0])
+        image = resample_image(image, shape)
         x = normalize_intensity(image, self.run.config.data.normalize)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
@@ -202,7 +214,9 @@ class Predictor:
 
         Args:
             input: one 4D file (NIfTI, TIFF), a folder of per-frame files, or their list.
-            output: a file for single-file formats, a folder for per-frame series.
+            output: a file (its extension chooses the format: ``.nii.gz``, ``.nii``, ``.tif``,
+                ``.tiff``, converting from the input's when they differ; no extension: the
+                input's), or a folder for per-frame series (see :mod:`clstm4d.data.output`).
             overwrite: replace an existing output file (or write into a non-empty output
                 folder). An output that is one of the inputs is refused even so.
 
@@ -221,6 +235,6 @@ class Predictor:
             if not Path(f).exists():
                 raise UserError(f"input not found: {f}")
         image, geometry = read_image(paths[0] if len(paths) == 1 else paths, self.spatial_dims)
-        check_label_outputs(geometry, output, inputs=paths, overwrite=overwrite)
+        resolved = check_label_outputs(geometry, output, inputs=paths, overwrite=overwrite)
         labels = self.predict_array(image, geometry, name=str(paths[0]))
-        return write_label(labels, geometry, output)
+        return write_result(labels, geometry, resolved=resolved)
