@@ -170,9 +170,28 @@ class Predictor:
                 f"{self.in_channels} (in_channels)"
             )
         shape = self.model_shape(image.shape[2:], geometry, name, frames=image.shape[0])
+        self._check_not_too_small(shape, name)
         image = resample_image(image, shape)
         x = normalize_intensity(image, self.run.config.data.normalize)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+    def _check_not_too_small(self, shape: Sequence[int], name: str) -> None:
+        """Refuse a frame so small that the coarsest level of a UNet with instance
+        normalisation holds one voxel (no statistics to normalise with)."""
+        strides = getattr(self.model, "strides", None)
+        if strides is None or self.run.model_spec.options.get("norm", "instance") != "instance":
+            return
+        from clstm4d.models.unet import total_strides
+
+        roi = self.settings.roi or [1] * len(shape)  # windows are padded up to the roi
+        total = total_strides(strides, len(shape))
+        seen = [max(int(n), int(r)) for n, r in zip(shape, roi, strict=True)]
+        if np.prod([-(-n // p) for n, p in zip(seen, total, strict=True)]) <= 1:
+            raise UserError(
+                f"{name}: frames of {'x'.join(map(str, shape))} voxels (at the model's grid) "
+                f"are too small for this model: its pooling ({'x'.join(map(str, total))} in "
+                "all) leaves one voxel at its coarsest level; it needs more than "
+                f"{'x'.join(map(str, total))} voxels along at least one axis")
 
     # ------------------------------------------------------------------ prediction
     def predict_array(self, image: np.ndarray, geometry: Any = None, *, name: str = "input",
