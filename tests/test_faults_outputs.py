@@ -286,12 +286,11 @@ def test_an_input_far_coarser_than_the_model_is_refused_before_resampling(tmp_pa
 def test_a_frame_too_small_for_the_model_is_one_line(ck, tmp_path, capsys):
     """Regression (found by tests/test_fuzz_outputs.py): a 1x1 frame reached the instance
     normalisation of the coarsest level with one voxel: a ValueError traceback."""
-    tiny = write_image(np.ones((2, 1, 1, 1), np.float32), Geometry.default("nifti", (1, 1), 2),
+    tiny = write_image(np.ones((1, 1, 1, 1), np.float32), Geometry.default("nifti", (1, 1), 1),
                        tmp_path / "tiny.nii.gz")[0]
     rc = _predict(ck, tiny, tmp_path / "seg.nii.gz")
     _one_line(capsys, rc, str(tiny), "too small for this model")
-    assert _predict(ck, tiny, tmp_path / "seg.nii.gz", "--roi", "4") == 0  # windows padded
-    capsys.readouterr()
+    assert not (tmp_path / "seg.nii.gz").exists()
 
 
 def test_synth_of_absurd_sizes_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -183,9 +183,11 @@ class Predictor:
             return
         from clstm4d.models.unet import total_strides
 
-        roi = self.settings.roi or [1] * len(shape)  # windows are padded up to the roi
+        roi = self.settings.roi
         total = total_strides(strides, len(shape))
-        seen = [max(int(n), int(r)) for n, r in zip(shape, roi, strict=True)]
+        seen = [int(n) for n in shape]  # whole frames, or windows padded up to the roi
+        if roi is not None and any(r < n for r, n in zip(roi, seen, strict=True)):
+            seen = [max(n, int(r)) for n, r in zip(seen, roi, strict=True)]
         if np.prod([-(-n // p) for n, p in zip(seen, total, strict=True)]) <= 1:
             raise UserError(
                 f"{name}: frames of {'x'.join(map(str, shape))} voxels (at the model's grid) "
