@@ -373,6 +373,10 @@ def test_predict_and_synth_on_a_full_disk_or_read_only_folder_are_one_line(
         _one_line(capsys, rc, "Permission denied", str(locked / "seg.nii.gz"))
         rc = main(["synth", "--out", str(locked / "synth"), "--cases", "2", "--size", "16"])
         _one_line(capsys, rc, "Permission denied", str(locked / "synth"))
+        rc = main(["evaluate", "--pred", str(_labels(tmp_path)[0]), "--label",
+                   str(_labels(tmp_path)[1]), "--out", str(locked / "eval")])
+        _one_line(capsys, rc, "Permission denied", str(locked / "eval"))
+        assert not (locked / "eval").exists() and not _hidden(locked)
     finally:
         locked.chmod(0o755)
 
