@@ -28,6 +28,9 @@ from clstm4d.engine.run.checkpoint import save_checkpoint
 from clstm4d.engine.run.config import Config, ModelSpec, SavedRun
 from clstm4d.models import create_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_guards import _refused as _one_line  # noqa: E402  (exit 2, one line, the words)
+
 
 def _checkpoint(folder: Path, **data) -> Path:
     """An untrained 2D model saved as a checkpoint (prediction needs no training)."""
@@ -56,15 +59,6 @@ def _predict(ck, inputs, output, *extra):
     inputs = inputs if isinstance(inputs, list) else [inputs]
     return main(["predict", "--checkpoint", str(ck), "--input", *map(str, inputs),
                  "--output", str(output), *extra])
-
-
-def _one_line(capsys, rc, *words):
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
-    return err
 
 
 def _hidden(folder: Path) -> list[str]:
@@ -273,11 +267,17 @@ def test_an_input_far_coarser_than_the_model_is_refused_before_resampling(tmp_pa
     image = np.random.default_rng(0).random((4, 1, 16, 12), dtype=np.float32)
     scan = write_image(image, Geometry.default("nifti", (16, 12), 4, spacing=(8.0, 8.0)),
                        tmp_path / "scan.nii.gz")[0]
+    from clstm4d.data import make_synthetic_case, resample_case
+    from clstm4d.errors import DataError
+
+    case = make_synthetic_case(0, frames=4, size=16, name="p01")
     monkeypatch.setattr(_common, "available_host_memory", lambda: 2 * 2**20, raising=False)
     rc = _predict(ck, scan, tmp_path / "out" / "seg.nii.gz")
     _one_line(capsys, rc, str(scan), "spacing 0.25x0.25", "input's is 8x8", "512x384",
               "available")
     assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="case 'p01'.*spacing 0.05x0.05"):  # train's data.spacing
+        resample_case(case, 0.05)
     monkeypatch.undo()
     assert _predict(ck, scan, tmp_path / "out" / "seg.nii.gz") == 0  # fits the real machine
     capsys.readouterr()
