@@ -344,7 +344,7 @@ def _read_only(monkeypatch, folder: Path) -> None:
     monkeypatch.setattr(_common.tempfile, "mkdtemp", refuse(_common.tempfile.mkdtemp))
 
 
-def test_predict_and_synth_on_a_full_disk_or_read_only_folder_are_one_line(
+def test_full_disk_or_read_only_folder_is_one_line_naming_the_file(
         ck, scan, tmp_path, capsys, monkeypatch):
     """Regression (issue 17): errors of a full disk named the temporary file, not the one
     the user asked for."""
@@ -365,6 +365,8 @@ def test_predict_and_synth_on_a_full_disk_or_read_only_folder_are_one_line(
     monkeypatch.undo()
     assert not out.exists() and not _hidden(tmp_path / "out")
     assert not list((tmp_path / "synth").rglob("*.nii.gz"))
+    assert main(["synth", "--out", str(tmp_path / "data"), "--cases", "2", "--frames", "3",
+                 "--size", "16", "--validation", "0"]) == 0
     locked = tmp_path / "locked"
     locked.mkdir()
     _read_only(monkeypatch, locked)
@@ -377,6 +379,10 @@ def test_predict_and_synth_on_a_full_disk_or_read_only_folder_are_one_line(
                    str(_labels(tmp_path)[1]), "--out", str(locked / "eval")])
         _one_line(capsys, rc, "Permission denied", str(locked / "eval"))
         assert not (locked / "eval").exists() and not _hidden(locked)
+        rc = main(["train", "--datalist", str(tmp_path / "data" / "datalist.json"), "--out",
+                   str(locked / "run"), "--steps", "1", "--set", "model.channels=[2, 4]",
+                   "--set", "data.window=2", "--set", "train.progress=false"])
+        _one_line(capsys, rc, "Permission denied", str(locked / "run"))
     finally:
         locked.chmod(0o755)
 
