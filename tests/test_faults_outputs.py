@@ -197,6 +197,17 @@ def test_temporaries_of_a_killed_write_are_removed_by_the_next(tmp_path):
     (old / "run" / "kept.txt").write_text("earlier")
     assert _common.remove_stale_temporaries(tmp_path / "run") == [old]
     assert (tmp_path / "run" / "kept.txt").read_text() == "earlier" and not old.exists()
+    # a run folder: every stale checkpoint temporary, whatever its step, when the run opens
+    from clstm4d.engine.run.folders import RunFolder
+
+    ckdir = tmp_path / "run" / "checkpoints"
+    for name in (f".step_000006.{dead}.abcd1234.tmp", f".tmp-{dead}-abcd1234-latest.json"):
+        (ckdir / name).mkdir(parents=True) if name.endswith(".tmp") else (ckdir / name).touch()
+    folder = RunFolder(tmp_path / "run", overwrite=True)
+    folder.check()
+    folder.open()
+    folder.close()
+    assert not list(ckdir.iterdir())
 
 
 def _labels(tmp_path):

@@ -152,34 +152,37 @@ def _naming(error: OSError, tmp: Path | None, final: Path) -> OSError:
         return error
 
 
-def _temp_pattern(final: Path) -> re.Pattern:
-    """The names :func:`atomic_file` and :func:`atomic_dir` give their temporaries for
-    ``final``: ``.tmp-<pid>-<random>-<name>`` and ``.<name>.<pid>.<random>.tmp|old``."""
-    name = re.escape(final.name)
-    return re.compile(rf"^(?:\.tmp-(?P<f>\d+)-[^-]+-{name}"
-                      rf"|\.{name}\.(?P<d>\d+)\.[^.]+\.(?P<kind>tmp|old))$")
+#: the names :func:`atomic_file` and :func:`atomic_dir` give their temporaries of ``name``:
+#: ``.tmp-<pid>-<random>-<name>`` and ``.<name>.<pid>.<random>.tmp|old`` (mkstemp's random
+#: part has neither ``-`` nor ``.``)
+_TEMPORARY = re.compile(r"^(?:\.tmp-(?P<f>\d+)-[^-.]+-(?P<fname>.+)"
+                        r"|\.(?P<dname>.+)\.(?P<d>\d+)\.[^-.]+\.(?P<kind>tmp|old))$")
 
 
-def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(final: str | os.PathLike, *, every: bool = False) -> list[Path]:
     """Remove the temporaries that an atomic write of ``final`` left behind when its process
     was killed (the process named in the temporary's name is gone); returns them.
 
     A folder that :func:`atomic_dir` had moved aside (``.old``) while ``final`` is missing is
-    put back under ``final`` first: the kill came between its two renames.
+    put back under ``final`` first: the kill came between its two renames. ``every``: ``final``
+    is a folder, and the stale temporaries of every name in it are removed.
     """
     final = Path(final)
+    folder = final if every else final.parent
     try:
-        names = os.listdir(final.parent)
+        names = os.listdir(folder)
     except OSError:
         return []
-    pattern, removed = _temp_pattern(final), []
+    removed = []
     for name in sorted(names, key=lambda n: n.endswith(".old")):  # .tmp first, then .old
-        m = pattern.match(name)
-        if m is None or _pid_alive(int(m.group("f") or m.group("d"))):
+        m = _TEMPORARY.match(name)
+        target = m and (m.group("fname") or m.group("dname"))
+        if not target or (not every and target != final.name) or _pid_alive(
+                int(m.group("f") or m.group("d"))):
             continue
-        stale = final.parent / name
-        if m.group("kind") == "old" and (stale / final.name).exists() and not final.exists():
-            os.replace(stale / final.name, final)
+        stale, target = folder / name, folder / target
+        if m.group("kind") == "old" and (stale / target.name).exists() and not target.exists():
+            os.replace(stale / target.name, target)
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:

@@ -41,7 +41,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from clstm4d._common import atomic_write_text
+from clstm4d._common import atomic_write_text, remove_stale_temporaries
 from clstm4d.errors import UserError
 
 from .checkpoint import Checkpoint
@@ -462,13 +462,16 @@ class RunFolder:
         return self._resume_from
 
     def open(self) -> None:
-        """Create and lock the folder, record it as a training run's, and (starting again
-        with ``overwrite``) delete its old checkpoints."""
+        """Create and lock the folder, remove the temporaries a killed run left in it, record
+        it as a training run's, and (starting again with ``overwrite``) delete its old
+        checkpoints."""
         import shutil
 
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:
+            for folder in (self.path, self.checkpoints):  # what a killed run left half-written
+                remove_stale_temporaries(folder, every=True)
             if self.resume is None and self.CHECKPOINTS in self.folder.own and self.overwrite:
                 shutil.rmtree(self.checkpoints)
             self.folder.record(planned=self.ENTRIES)
