@@ -261,6 +261,12 @@ def test_zero_frames_are_refused_at_the_reader_and_train_leaves_no_folder(ck, tm
     rc = _predict(ck, empty, tmp_path / "out" / "seg.nii.gz")
     _one_line(capsys, rc, str(empty), "no frames")
     assert not (tmp_path / "out").exists()
+    flat = tmp_path / "flat.nii.gz"  # and an empty spatial axis
+    nib.save(nib.Nifti1Image(np.zeros((16, 0, 1, 3), np.float32), np.eye(4)), str(flat))
+    from clstm4d.errors import DataError
+
+    with pytest.raises(DataError, match="empty spatial axis"):
+        read_label(flat)
     assert main(["synth", "--out", str(tmp_path / "data"), "--cases", "2", "--frames", "3",
                  "--size", "16", "--validation", "0"]) == 0
     shutil.copy(empty, tmp_path / "data" / "imagesTr" / "case_001.nii.gz")
