@@ -119,6 +119,14 @@ def test_a_3d_conversion_round_trip_keeps_voxels_spacing_and_interval(tmp_path):
     back, gn = read_label(nii)
     np.testing.assert_array_equal(back, labels)
     np.testing.assert_allclose(gn.affine, np.diag([0.5, 1.0, 2.5, 1.0]))
+    # an NRRD series (LPS world) as one NIfTI (RAS): every voxel at the same point in space
+    gs = Geometry.default("nrrd-series", (5, 6, 7), 3, spacing=(0.5, 1.0, 2.5),
+                          origin=(10.0, 20.0, 5.0))
+    frames = write_label(labels, gs, tmp_path / "series")
+    got, gn = read_label(write_result(read_label(frames)[0], read_label(frames)[1],
+                                      tmp_path / "c.nii.gz")[0])
+    np.testing.assert_array_equal(got, labels)
+    np.testing.assert_allclose(gn.affine, np.diag([-1.0, -1.0, 1.0, 1.0]) @ gs.affine)
 
 
 def test_an_extension_of_no_supported_format_is_refused_in_one_line(ck, scan, tmp_path,

@@ -128,7 +128,8 @@ def resolve_output(geometry: Geometry, output: str | os.PathLike, *,
     if folder or not suffix:
         if not folder and not series:  # the input's format under the name given
             src = full_suffix(geometry.sources[0]) if geometry.sources else ""
-            path = path.with_name(path.name + (src if src in OUTPUT_SUFFIXES else ".nii.gz"))
+            own = {"nifti": ".nii.gz", "tiff": ".tif"}[geometry.format]
+            path = path.with_name(path.name + (src if src in OUTPUT_SUFFIXES else own))
         target, axes = geometry, None
     elif suffix in OUTPUT_SUFFIXES:
         fmt = OUTPUT_SUFFIXES[suffix]
