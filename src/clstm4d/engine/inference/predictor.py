@@ -145,8 +145,10 @@ class Predictor:
             target_shape(image_shape, geometry.spacing, target)
         except ValueError as e:
             raise ConfigError(f"checkpoint's {e}") from None
-        # the resampled input (and its normalised copy) and the class probabilities
-        per_voxel = 4 * (2 * self.in_channels + self.num_classes)
+        # float32: the resampled input and its normalised copy (every frame), the class
+        # probabilities of one time chunk and their copy resampled back
+        chunk = min(frames, self.settings.chunk or frames)
+        per_voxel = 8 * self.in_channels + 8 * self.num_classes * chunk / frames
         return check_resample_memory(image_shape, geometry.spacing, target, frames, per_voxel,
                                      name)
 
