@@ -58,7 +58,7 @@ def scan(tmp_path):
 def _predict(ck, inputs, output, *extra):
     inputs = inputs if isinstance(inputs, list) else [inputs]
     return main(["predict", "--checkpoint", str(ck), "--input", *map(str, inputs),
-                 "--output", str(output), *extra])
+                 "--output", str(output), "--no-progress", *extra])
 
 
 def _hidden(folder: Path) -> list[str]:
@@ -165,7 +165,7 @@ def test_a_killed_series_leaves_every_frame_or_none_and_the_next_run_cleans_up(c
                          tmp_path / "series")
     out = tmp_path / "segs"
     argv = ["predict", "--checkpoint", str(ck), "--input", str(tmp_path / "series"),
-            "--output", str(out)]
+            "--output", str(out), "--no-progress"]
     proc = subprocess.run([sys.executable, "-c", _KILL_AT_THIRD_FRAME, *argv],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr

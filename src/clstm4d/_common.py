@@ -5,7 +5,8 @@
 - writes that never leave a half-written file or folder under its final name:
   :func:`atomic_file`, :func:`atomic_write_text`, :func:`atomic_dir` (temporary sibling,
   ``fsync``, rename);
-- NaN-safe summaries: :func:`nanmean`, :func:`json_finite`;
+- NaN-safe summaries: :func:`nanmean`, :func:`json_finite`; sizes for people:
+  :func:`human_bytes`;
 - the one tolerance by which two voxel grids count as the same: :func:`same_affine`;
 - the memory the machine can still give, and one check of a size against it:
   :func:`available_host_memory`, :func:`check_host_memory`.
@@ -35,9 +36,9 @@ from typing import Any
 import numpy as np
 
 __all__ = ["GRID_ATOL", "GRID_RTOL", "atomic_dir", "atomic_file", "atomic_write_text",
-           "check_choice", "check_int", "check_spatial_dims", "json_finite", "nanmean",
-           "per_axis", "remove_stale_temporaries", "same_affine", "available_host_memory",
-           "check_host_memory", "fmt_bytes"]
+           "available_host_memory", "check_choice", "check_host_memory", "check_int",
+           "check_spatial_dims", "human_bytes", "json_finite", "nanmean", "per_axis",
+           "remove_stale_temporaries", "same_affine"]
 
 #: Two grids are the same when their ``(4, 4)`` affines agree within these tolerances
 #: (``numpy.allclose``): 1e-3 (mm) absolute covers the float32 rounding of spacings, origins
@@ -324,6 +325,27 @@ def json_finite(obj: Any) -> Any:
     return obj
 
 
+def human_bytes(n: float, *, round_up: bool = False, sep: str = " ") -> str:
+    """``n`` bytes in the largest binary unit that keeps the number >= 1, to three significant
+    digits (``round_up``: rounded up, e.g. for a budget that must be at least ``n``; with
+    ``sep=""`` the text is what ``--memory`` reads).
+
+    Examples:
+        >>> human_bytes(1.5 * 2**30), human_bytes(5_300_000), human_bytes(512)
+        ('1.5 GiB', '5.05 MiB', '512 B')
+        >>> human_bytes(5_300_000, round_up=True, sep="")
+        '5.06MiB'
+    """
+    n = float(n)
+    unit, scale = next(((u, s) for u, s in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20),
+                                            ("KiB", 2**10)) if abs(n) >= s), ("B", 1))
+    value = n / scale
+    if round_up and value:
+        digits = 2 - math.floor(math.log10(abs(value)))
+        value = math.ceil(value * 10**digits) / 10**digits
+    return f"{value:.3g}{sep}{unit}"
+
+
 def same_affine(a: Any, b: Any) -> bool:
     """Whether two ``(4, 4)`` voxel-to-world affines describe the same grid (within
     :data:`GRID_ATOL` / :data:`GRID_RTOL`)."""
@@ -348,20 +370,11 @@ def available_host_memory() -> int:
         return 2**62
 
 
-def fmt_bytes(n: float) -> str:
-    """``n`` bytes in the largest unit that keeps it >= 1 (B, KiB, MiB, GiB, TiB)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def check_host_memory(nbytes: float, what: str, error: type[Exception] = MemoryError) -> None:
     """Raise ``error`` (one line: ``what`` needs about ``nbytes``, the machine has ...) when
     ``nbytes`` exceed :func:`available_host_memory`: a guard before an allocation that would
     otherwise make the kernel kill the process, or the machine."""
     budget = available_host_memory()
     if nbytes > budget:
-        raise error(f"{what} needs about {fmt_bytes(nbytes)} of memory, and this machine has "
-                    f"{fmt_bytes(budget)} available")
+        raise error(f"{what} needs about {human_bytes(nbytes)} of memory, and this machine has "
+                    f"{human_bytes(budget)} available")

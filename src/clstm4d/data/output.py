@@ -11,6 +11,8 @@
   after the input.
 - ``seg.nrrd`` / ``seg.seg.nrrd``: one NRRD frame, for a one-frame NRRD input (NRRD results of
   longer sequences are a folder of frames).
+- ``seg.dcm``: a DICOM Segmentation over a DICOM input (:mod:`.dicom_seg`); over DICOM images
+  ``.nii.gz`` is their NIfTI label map. ``seg.npy`` / ``seg.npz``: for a NumPy input only.
 - any other extension is refused in one line.
 
 A per-frame series is written into a temporary folder and renamed into place as a whole
@@ -30,13 +32,17 @@ import numpy as np
 from clstm4d._common import atomic_dir
 
 from ._common import DataError, Geometry, full_suffix
+from .dicom_seg import check_segmentation_output, write_segmentation
 from .io import NRRD_SUFFIXES, output_files, write_label
 
 __all__ = ["OUTPUT_SUFFIXES", "ResolvedOutput", "convert_geometry", "resolve_output",
            "write_result"]
 
 #: output extension -> the single-file format written
-OUTPUT_SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".tif": "tiff", ".tiff": "tiff"}
+OUTPUT_SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".tif": "tiff", ".tiff": "tiff",
+                   ".npy": "numpy", ".npz": "numpy", ".dcm": "dicom-seg"}
+#: what an output without extension gets, by the input's format
+_OWN_SUFFIX = {"nifti": ".nii.gz", "tiff": ".tif", "numpy": ".npy", "dicom": ".nii.gz"}
 _LPS = {"LPS", "left-posterior-superior"}
 _NIFTI_UNITS = {"mm": "mm", "micron": "micron", "um": "micron", "\u00b5m": "micron",
                 "meter": "meter", "m": "meter"}
@@ -46,12 +52,13 @@ _NIFTI_UNITS = {"mm": "mm", "micron": "micron", "um": "micron", "\u00b5m": "micr
 class ResolvedOutput:
     """A result's destination: write the labels permuted by ``axes`` (``None``: as they are)
     with ``geometry`` to ``path`` (a file, or the folder of a series); ``files`` are the files
-    that gives."""
+    that gives; ``segmentation``: a DICOM Segmentation over the source images."""
 
     geometry: Geometry
     path: Path
     axes: tuple[int, ...] | None
     files: list[Path]
+    segmentation: bool = False
 
     @property
     def series(self) -> bool:
@@ -105,6 +112,20 @@ def convert_geometry(geometry: Geometry, fmt: str) -> tuple[Geometry, tuple[int,
     return converted, axes
 
 
+def _target(geometry: Geometry, fmt: str, output, option: str
+            ) -> tuple[Geometry, tuple[int, ...] | None]:
+    """The geometry to write format ``fmt`` with, and the axes permutation (see
+    :func:`convert_geometry`)."""
+    if fmt == geometry.format or geometry.format in ("dicom", "numpy"):
+        # the writer's own; over DICOM images NIfTI, over NumPy arrays .npy/.npz: the
+        # writer's checks (``output_files``) refuse other extensions in one line
+        return geometry, None
+    if fmt == "numpy":
+        raise _refuse(output, f"NumPy results (.npy, .npz) are for NumPy inputs, and this "
+                      f"input is {geometry.format}", option)
+    return convert_geometry(geometry, fmt)
+
+
 def _refuse(output, why: str, option: str) -> DataError:
     known = ", ".join(OUTPUT_SUFFIXES)
     return DataError(f"{option} {output}: {why}; write one of {known}, or no extension for "
@@ -128,13 +149,14 @@ def resolve_output(geometry: Geometry, output: str | os.PathLike, *,
     if folder or not suffix:
         if not folder and not series:  # the input's format under the name given
             src = full_suffix(geometry.sources[0]) if geometry.sources else ""
-            own = {"nifti": ".nii.gz", "tiff": ".tif"}[geometry.format]
-            path = path.with_name(path.name + (src if src in OUTPUT_SUFFIXES else own))
+            own = src if OUTPUT_SUFFIXES.get(src) == geometry.format else ""
+            path = path.with_name(path.name + (own or _OWN_SUFFIX[geometry.format]))
         target, axes = geometry, None
+    elif OUTPUT_SUFFIXES.get(suffix) == "dicom-seg":
+        check_segmentation_output(geometry, text)
+        return ResolvedOutput(geometry, path, None, [path], segmentation=True)
     elif suffix in OUTPUT_SUFFIXES:
-        fmt = OUTPUT_SUFFIXES[suffix]
-        target, axes = ((geometry, None) if fmt == geometry.format
-                        else convert_geometry(geometry, fmt))
+        target, axes = _target(geometry, OUTPUT_SUFFIXES[suffix], text, option)
     elif suffix in NRRD_SUFFIXES:
         if geometry.format != "nrrd-series" or geometry.frames != 1:
             raise _refuse(text, f"one NRRD file holds one frame (this is a {geometry.frames}-"
@@ -149,9 +171,11 @@ def resolve_output(geometry: Geometry, output: str | os.PathLike, *,
 
 
 def write_result(labels: np.ndarray, geometry: Geometry, output: str | os.PathLike | None = None,
-                 *, resolved: ResolvedOutput | None = None) -> list[Path]:
+                 *, resolved: ResolvedOutput | None = None,
+                 class_names: dict[int, str] | None = None) -> list[Path]:
     """Write a label map ``(t, *s)`` of an image with ``geometry`` to ``output`` in the format
     its extension names (:func:`resolve_output`, or ``resolved`` from it); returns the files.
+    ``class_names``: the segment names of a DICOM Segmentation.
 
     A per-frame series goes into a temporary folder first and is renamed into place whole
     (into an existing non-empty folder, given with ``--overwrite``, each frame moves in
@@ -159,6 +183,8 @@ def write_result(labels: np.ndarray, geometry: Geometry, output: str | os.PathLi
     returned.
     """
     out = resolved or resolve_output(geometry, output)
+    if out.segmentation:
+        return [write_segmentation(labels, geometry, out.path, class_names)]
     if out.axes is not None:
         labels = np.transpose(labels, (0, *(1 + a for a in out.axes)))
     if out.series and out.files[0].parent == out.path:  # the frames of a folder

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clstm4d._common import check_host_memory, fmt_bytes
+from clstm4d._common import check_host_memory, human_bytes
 from clstm4d.errors import ConfigError
 
 from ._common import DataError, Geometry
@@ -90,7 +90,7 @@ def check_resample_memory(shape: Sequence[int], spacing: Sequence[float],
         voxels * bytes_per_voxel,
         f"{name}: at the model's voxel spacing {_fmt(target)} (the input's is "
         f"{_fmt(spacing)}) its {frames} frame(s) of {_fmt(shape)} voxels become {_fmt(new)} "
-        f"voxels each ({fmt_bytes(4 * voxels)} per channel as float32); resample or crop it "
+        f"voxels each ({human_bytes(4 * voxels)} per channel as float32); resample or crop it "
         "nearer the model's spacing first. It", error=DataError)
     return new
 
