@@ -53,6 +53,7 @@ from clstm4d.engine.run.progress import Progress
 from clstm4d.engine.run.runtime import amp_dtype, resolve_device
 from clstm4d.errors import ConfigError, UserError
 
+from .onnx_model import is_onnx, load_onnx
 from .sliding import predict_sequence
 
 __all__ = ["Predictor"]
@@ -107,7 +108,14 @@ class Predictor:
                         device: str | torch.device | None = None, amp: str | None = None,
                         **overrides: Any) -> Predictor:
         """Rebuild the model saved in ``checkpoint`` (a checkpoint folder, its
-        ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor."""
+        ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor.
+        An ``.onnx`` file (``clstm4d export --format onnx``) runs with onnxruntime
+        (:mod:`~clstm4d.engine.inference.onnx_model`) through the same windows and chunks;
+        the rest (blending, resampling) then runs on the CPU unless ``device`` says
+        otherwise."""
+        if is_onnx(checkpoint):
+            model, run = load_onnx(checkpoint)
+            return cls(model, run, device=device or "cpu", amp=amp, **overrides)
         opened = Checkpoint.open(checkpoint, weights_only=True)
         return cls(opened.build_model(), opened.saved, device=device, amp=amp, **overrides)
 
@@ -223,8 +231,8 @@ class Predictor:
                 ``predictor.predict_array(cine, spacing=(1.5, 1.5))``.
             name: how errors name this image.
             return_probs: also return the class probabilities ``(t, k, *s)`` float32.
-            progress: show the frames done (a bar on a terminal, a line now and then in a
-                log; :class:`~clstm4d.engine.run.progress.Progress`).
+            progress: show the frames done on a terminal (a bar; nothing in a redirected
+                log: :class:`~clstm4d.engine.run.progress.Progress`).
 
         Returns:
             Labels ``(t, *s)`` (``uint8``, or ``int64`` beyond 255 classes) on the image's grid,
@@ -244,7 +252,8 @@ class Predictor:
                 # one time chunk's probabilities onto the image's grid, frame by frame
                 return torch.from_numpy(resample_image(p.numpy(), grid))
 
-        with Progress(len(x), desc=f"predict {name}", unit="frame", enabled=progress) as bar:
+        with Progress(len(x), desc=f"predict {name}", unit="frame", enabled=progress,
+                      log_lines=False) as bar:  # a bar on a terminal, nothing in a log
             out = predict_sequence(self.model, x, roi=s.roi, overlap=s.overlap, chunk=s.chunk,
                                    time_margin=s.time_margin, sw_batch_size=s.sw_batch_size,
                                    mode=s.mode, device=self.device, amp_dtype=self.amp_dtype,
