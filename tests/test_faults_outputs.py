@@ -308,6 +308,20 @@ def test_an_input_far_coarser_than_the_model_is_refused_before_resampling(tmp_pa
     capsys.readouterr()
 
 
+def test_readers_refuse_a_file_larger_than_memory_before_reading_it(tmp_path, monkeypatch):
+    from clstm4d.errors import DataError
+
+    image = np.ones((3, 1, 8, 8, 4), np.float32)
+    files = [write_image(image, Geometry.default(fmt, (8, 8, 4), 3), tmp_path / name)[0]
+             for fmt, name in (("nifti", "a.nii.gz"), ("tiff", "a.tif"),
+                               ("nrrd-series", "series"))]
+    monkeypatch.setattr(_common, "available_host_memory", lambda: 1024)
+    for f in files:
+        with pytest.raises(DataError, match=r"reading its \(.*\) voxels needs about .* and this "
+                                            r"machine has 1 KiB available"):
+            read_image(f)
+
+
 def test_a_frame_too_small_for_the_model_is_one_line(ck, tmp_path, capsys):
     """Regression (found by tests/test_fuzz_outputs.py): a 1x1 frame reached the instance
     normalisation of the coarsest level with one voxel: a ValueError traceback."""

@@ -292,8 +292,9 @@ def _check_not_empty(array, geometry):
 
 def _check_fits(shape, bytes_per_voxel, path):
     """Refuse, before reading, a file whose data would not fit in the machine's memory."""
+    shape = tuple(int(n) for n in shape)
     voxels = float(np.prod(shape, dtype=np.float64))
-    check_host_memory(voxels * bytes_per_voxel, f"{path}: reading its {tuple(shape)} voxels",
+    check_host_memory(voxels * bytes_per_voxel, f"{path}: reading its {shape} voxels",
                       error=DataError)
 
 
@@ -565,6 +566,12 @@ def _read_nrrd(path, label):
 
     if not path.exists():
         raise DataError("file not found", path)
+    try:
+        sizes = nrrd.read_header(str(path)).get("sizes")
+    except Exception:  # the read below names what is wrong
+        sizes = None
+    if sizes is not None:  # the file's own type (up to 8 bytes) and the converted copy
+        _check_fits(sizes, 16 if label else 12, path)
     try:
         data, header = nrrd.read(str(path))
     except Exception as e:
