@@ -426,11 +426,17 @@ def test_full_disk_or_read_only_folder_is_one_line_naming_the_file(
         locked.chmod(0o755)
 
 
-def test_a_damaged_input_is_one_line(ck, scan, tmp_path, capsys):
+def test_a_damaged_or_unreadable_input_is_one_line(ck, scan, tmp_path, capsys):
     cut = tmp_path / "cut.nii.gz"
     cut.write_bytes(scan.read_bytes()[:200])
     text = tmp_path / "notes.tif"
     text.write_text("not a TIFF")
-    for bad in (cut, text):
+    bads = [cut, text]
+    if os.geteuid() != 0:  # root reads any file: unreadable only for others
+        locked = tmp_path / "locked.nii.gz"
+        shutil.copy(scan, locked)
+        locked.chmod(0)
+        bads.append(locked)
+    for bad in bads:
         _one_line(capsys, _predict(ck, bad, tmp_path / "o.nii.gz"), str(bad))
     assert not (tmp_path / "o.nii.gz").exists()
