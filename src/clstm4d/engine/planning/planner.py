@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from clstm4d._common import human_bytes
 from clstm4d.data import target_shape
 from clstm4d.engine.run.config import TrainConfig
 from clstm4d.errors import ConfigError, UserError
@@ -28,8 +29,7 @@ from .topology import (
     target_spacing,
 )
 
-__all__ = ["MARGIN", "MAX_BATCH", "MIN_ROI", "MIN_WINDOW", "Plan", "capacity", "fmt_memory",
-           "fmt_shape",
+__all__ = ["MARGIN", "MAX_BATCH", "MIN_ROI", "MIN_WINDOW", "Plan", "capacity", "fmt_shape",
            "make_plan", "plan_from_fingerprint"]
 
 #: The fraction of the budget the planner leaves free: the memory model's largest measured
@@ -97,7 +97,6 @@ class Plan:
         }
 
     def rows(self) -> list[tuple[str, str]]:
-        gib = 2**30
         time = "not measured" if self.step_seconds is None else (
             f"{self.step_seconds:.2f} s per step (calibrated on the real step and data); "
             f"the run: {_fmt_seconds(self.run_seconds)} ({TrainConfig.steps} steps, the "
@@ -113,9 +112,9 @@ class Plan:
                ("kernel sizes", str(self.kernel_sizes)),
                ("recompute activations", "on" if self.recompute else "off"),
                ("precision", self.precision),
-               ("predicted peak", f"{fmt_memory(self.predicted)} (the train process: "
+               ("predicted peak", f"{human_bytes(self.predicted)} (the train process: "
                                   f"{self._components()})"),
-               ("budget", f"{self.budget / gib:.2f} GiB ({self.device}); "
+               ("budget", f"{human_bytes(self.budget)} ({self.device}); "
                           f"{100 * self.share:.0f}% used, margin {100 * MARGIN:.0f}%"),
                ("predicted step time", time)]
         return out
@@ -125,7 +124,7 @@ class Plan:
         if not m:
             return "?"
         parts = [("runtime", m["runtime"]), ("data", m["data"]), (m["phase"], m["peak"])]
-        return ", ".join(f"{name} {fmt_memory(b)}" for name, b in parts if b)
+        return ", ".join(f"{name} {human_bytes(b)}" for name, b in parts if b)
 
     def table(self) -> str:
         rows = self.rows()
@@ -144,16 +143,6 @@ def fmt_shape(values: Sequence[Any]) -> str:
 def _fmt_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else (
         f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
-
-
-def fmt_memory(nbytes: float) -> str:
-    """Bytes in the largest binary unit that keeps the number at 1 or more (``"1.50 GiB"``,
-    ``"212 MiB"``, ``"800 KiB"``)."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(nbytes) >= scale:
-            value = nbytes / scale
-            return f"{value:.2f} {unit}" if unit == "GiB" else f"{value:.0f} {unit}"
-    return f"{int(nbytes)} B"
 
 
 def _resolved_precision(precision: str, device: str) -> str:
@@ -323,18 +312,20 @@ class _Search:
         return roi, window, batch
 
     def too_small(self, ckpt: bool) -> UserError:
-        window = 1 if not self.tac else self.w0
+        window = self.w0  # the smallest candidate the search tries
         need = self.cost(self.floor, window, 1, ckpt)
         if need <= self.limit and self.time_limit is not None:
             return UserError(
                 f"--time-per-step {self.time_limit:g} s is too short: the smallest plan for "
                 f"model '{self.model}' (roi {fmt_shape(self.floor)}, window {window}, batch 1) "
                 f"takes about {self.seconds(self.floor, window, 1, ckpt):.2f} s per step")
+        need = need / (1 - MARGIN)
         return UserError(
-            f"--memory {self.budget / 2**30:.2f} GiB is too small: the smallest plan for model "
+            f"--memory {human_bytes(self.budget)} is too small: the smallest plan for model "
             f"'{self.model}' (roi {fmt_shape(self.floor)}, window {window}, batch 1, "
-            f"recomputation, {self.precision}) needs about "
-            f"{need / (1 - MARGIN) / 2**30:.2f} GiB with the {100 * MARGIN:.0f}% margin")
+            f"recomputation, {self.precision}) needs about {human_bytes(need)} with the "
+            f"{100 * MARGIN:.0f}% margin: give --memory "
+            f"{human_bytes(need, round_up=True, sep='')} or more")
 
 
 def plan_from_fingerprint(fp: Fingerprint, budget: int, *, model: str = "tiny",
@@ -408,8 +399,9 @@ def capacity(budget: int, model: str, frames: int, spatial: Sequence[int], *,
                               device=device, precision=precision, min_window=w, max_batch=1,
                               recompute=ckpt)
                 rows.append({"recompute": ckpt, "window": w, "roi": p.roi,
-                             "predicted_gib": round(p.predicted / GiB, 2)})
+                             "predicted_gib": round(p.predicted / GiB, 2),
+                             "predicted_bytes": p.predicted})
             except UserError:
                 rows.append({"recompute": ckpt, "window": w, "roi": None,
-                             "predicted_gib": None})
+                             "predicted_gib": None, "predicted_bytes": None})
     return rows

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from clstm4d._common import per_axis
+from clstm4d._common import human_bytes, per_axis
 from clstm4d.engine.planning.memory import MiB, parse_memory
-from clstm4d.engine.planning.planner import fmt_memory, fmt_shape
+from clstm4d.engine.planning.planner import fmt_shape
 from clstm4d.engine.planning.process import CaseSize, DataSizes, ProcessEstimate, estimate_process
 from clstm4d.engine.planning.topology import check_strides_for_roi
 from clstm4d.engine.run.runtime import amp_dtype, available_memory, precision_of, process_memory
@@ -87,9 +87,9 @@ def check_training_memory(cfg: Any, run: Any, cases: Sequence[Any], device: Any,
             f"this run would not fit: model '{spec.name}' with roi {fmt_shape(roi)}, window "
             f"{window}, batch {cfg.data.batch_size}, {precision}, recompute "
             f"{'on' if spec.options.get('recompute') else 'off'} needs about "
-            f"{fmt_memory(est.total)} ({est.describe()}), and {what} has "
-            f"{fmt_memory(budget)}; run `clstm4d plan --datalist {cfg.data.datalist} --memory "
-            f"{max(1, budget // MiB)}MB` or lower data.roi, data.window or data.batch_size "
+            f"{human_bytes(est.total)} ({est.describe()}), and {what} has "
+            f"{human_bytes(budget)}; run `clstm4d plan --datalist {cfg.data.datalist} --memory "
+            f"{human_bytes(budget, sep='')}` or lower data.roi, data.window or data.batch_size "
             f"(or set train.recompute), or pass --force to start anyway")
     return est
 
