@@ -63,8 +63,10 @@ class ProcessConstants:
     scale: float
 
 
-#: CPU: least squares over the training split of ``benchmarks/bench_plan_cli.py`` (the table
-#: in docs/benchmarks.md). CUDA: ``runtime`` is a typical context of a recent driver, the
+#: CPU: the runtime as measured by two plans of 1 x 1 x 4 mm data (torch 2.13, MONAI 1.6);
+#: ``benchmarks/bench_plan_cli.py`` refits both constants on a training split of its matrix
+#: (452 MiB and 1.016 there; held-out ratios 0.99-1.01, docs/benchmarks.md). It depends on
+#: the installed libraries. CUDA: ``runtime`` is a typical context of a recent driver, the
 #: rest as on CPU; not measured on a GPU yet (``benchmarks/gpu_check.py`` records it).
 PROCESS_CONSTANTS = {
     "cpu": ProcessConstants(runtime=460 * MiB, inference=5.0, scale=1.0),
