@@ -365,7 +365,8 @@ def test_guard_stops_an_over_budget_run_and_force_overrides(aniso_data, tmp_path
     monkeypatch.setattr(guard, "available_memory", lambda device: 5 * 2**20)
     cfg = _train_cfg(aniso_data, tmp_path / "run")
     with pytest.raises(UserError, match=r"this run would not fit: .*roi 16 x 16 x 8, window 3, "
-                                        r"batch 1.*cpu has 0.00 GiB free; run `clstm4d plan"):
+                                        r"batch 1.*cpu has 5 MiB free; run `clstm4d plan "
+                                        r".*--memory 5MiB`"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing started
     res = train(cfg, force=True)
