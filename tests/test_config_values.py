@@ -43,6 +43,10 @@ def test_scientific_notation_is_a_number_in_yaml_and_in_set(tmp_path, text, valu
     assert loaded.train.lr == value and loaded.train.dist_timeout == 1000.0
     # strings that only look like numbers stay strings where a string is expected
     assert Config.from_dict(None, ["data.datalist=1e-3x"]).data.datalist == "1e-3x"
+    # an integral number in scientific notation is a count; a fraction is not
+    assert Config.from_dict(None, ["train.steps=1e3"]).train.steps == 1000
+    with pytest.raises(ConfigError, match="'train.steps' must be an integer, got 2.5"):
+        Config.from_dict(None, ["train.steps=2.5e0"])
 
 
 def test_every_type_error_is_reported_at_once_each_naming_its_key(tmp_path, capsys):

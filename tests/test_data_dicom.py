@@ -339,3 +339,24 @@ def test_damaged_headers_are_data_errors():
         read_image(get_testdata_file("badVR.dcm", download=False))
     image, g = read_image(get_testdata_file("liver_1frame.dcm", download=False))
     assert image.shape[0] == 1 and g.space == "LPS"  # enhanced, Number of Frames absent
+
+
+def test_every_example_file_of_pydicom_reads_or_is_one_data_error():
+    """The files pydicom ships (odd ones included): an image, or a DataError, never another
+    exception (which the CLI would show as a traceback)."""
+    import os
+    import warnings
+
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    read = refused = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for root, _, names in os.walk(folder):
+            for name in sorted(n for n in names if n.endswith(".dcm")):
+                try:
+                    read_image(Path(root) / name)
+                    read += 1
+                except DataError as e:
+                    assert "\n" not in str(e), name
+                    refused += 1
+    assert read > 40 and refused > 15  # the examples hold both kinds

@@ -49,6 +49,12 @@ def test_progress_is_a_bar_on_a_terminal_and_a_few_lines_in_a_log():
         "train: step 1/200 (0%)", "train: step 61/200 (30%)", "train: step 121/200 (60%)",
         "train: step 181/200 (90%)", "train: step 200/200 (100%)"]
     assert "loss 0.1, 1.00 s/step, ETA 3m19s" in lines[0] and "done in 3m20s" in lines[-1]
+    # a slow run (a busy machine: 10 s a step) still logs about a dozen lines, not one a minute
+    slow, clock = io.StringIO(), iter(10.0 * i for i in range(1000)).__next__
+    with Progress(400, desc="train", stream=slow, every_seconds=60, clock=clock) as p:
+        for _ in range(400):
+            p.update()
+    assert len(slow.getvalue().splitlines()) == 11  # step 1, every 40 steps, step 400
     tty = Terminal()
     with Progress(3, desc="train", stream=tty) as p:
         for _ in range(3):
@@ -156,6 +162,10 @@ def test_predict_shows_progress_per_sequence_on_a_terminal(monkeypatch):
     tty.truncate()
     Predictor(model, run, device="cpu").predict_array(image, progress=False)
     assert tty.getvalue() == ""
+    log = io.StringIO()  # a redirected log: nothing (an error after it stays one line)
+    monkeypatch.setattr(sys, "stderr", log)
+    Predictor(model, run, device="cpu").predict_array(image, progress=True)
+    assert log.getvalue() == ""
 
 
 @pytest.mark.slow

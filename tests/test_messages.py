@@ -91,6 +91,11 @@ def test_running_out_of_memory_is_one_line_saying_what_to_lower(saved, tmp_path,
     def fail(*args, **kwargs):
         raise MemoryError()
 
+    def torch_fails(*args, **kwargs):  # what torch's CPU allocator raises
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 1200000000 bytes. "
+                           "Error code 12 (Cannot allocate memory)")
+
     monkeypatch.setattr(ev, "evaluate_sequence", fail)
     monkeypatch.setattr(predictor, "predict_sequence", fail)
     if command == "evaluate":
@@ -100,6 +105,10 @@ def test_running_out_of_memory_is_one_line_saying_what_to_lower(saved, tmp_path,
                 "--output", str(tmp_path / "o.nii.gz")]
     err = one_error_line(capsys, main(argv))
     assert "out of memory (an allocation failed); lower" in err and lower in err, err
+    monkeypatch.setattr(ev, "evaluate_sequence", torch_fails)
+    monkeypatch.setattr(predictor, "predict_sequence", torch_fails)
+    err = one_error_line(capsys, main(argv))
+    assert "out of memory (could not allocate 1.12 GiB); lower" in err and lower in err, err
 
 
 def test_the_demo_reports_a_training_process_out_of_memory_as_one_line(monkeypatch):

@@ -1,4 +1,4 @@
-"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, bench.
+"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, export, bench.
 
 ``main(argv) -> int`` is the console script (and ``python -m clstm4d``). Each command has a
 parser builder (``_add_<command>``) and a handler that parses, calls one engine function and
@@ -59,8 +59,8 @@ def _add_threads_progress(p: argparse.ArgumentParser, default: str) -> None:
                    help=f"torch CPU threads ({default}); more threads than free cores are "
                         "warned about: on a busy machine they slow each other down")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress at all (otherwise a bar on a terminal, and a line about "
-                        "every minute in a redirected log)")
+                   help="no progress at all (otherwise a bar on a terminal; in a redirected "
+                        "log, training writes about a dozen lines: step, loss, s/step, ETA)")
 
 
 def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -92,6 +92,25 @@ _LOWER = {"train": "data.roi, data.window or data.batch_size (or set train.recom
           "evaluate": "the frames scored (--frames), or skip HD95 (--no-hd95)",
           "demo": "--size, --window or --batch-size", "synth": "--size, --frames or --cases",
           "plan": "--shape"}
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """What ran out, when ``e`` says an allocation failed (``MemoryError``, torch's CPU
+    allocator, CUDA out of memory); else None."""
+    import re
+
+    from clstm4d._common import human_bytes
+
+    if isinstance(e, MemoryError):
+        return str(e).strip() or "an allocation failed"
+    text = str(e)
+    if not (type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
+            or "not enough memory" in text):
+        return None
+    size = re.search(r"tried to allocate (\d+) bytes", text)
+    if size:
+        return f"could not allocate {human_bytes(int(size.group(1)))}"
+    return " ".join(text.split())[:200]
 
 
 def _command(sub, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
@@ -239,7 +258,8 @@ def _add_predict(sub) -> None:
                  "carried between chunks. The output is written in the input's format and "
                  "geometry.")
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint folder, its model.safetensors, or a training run folder")
+                   help="checkpoint folder, its model.safetensors, a training run folder, or "
+                        "an ONNX export (model.onnx; runs with onnxruntime)")
     p.add_argument("--input", required=True, nargs="+",
                    help="one 4D file (NIfTI/TIFF/.npy/.npz), or the per-frame files of one "
                         "sequence or their folder; DICOM: one multi-frame file, or the files "
@@ -487,6 +507,36 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ export
+
+def _add_export(sub) -> None:
+    p = _command(sub, "export", _cmd_export, "export a trained model (ONNX, MONAI bundle)",
+                 "onnx: one streaming step (frames and the recurrent state in, logits and the "
+                 "new state out; dynamic batch and spatial size), run by `clstm4d predict "
+                 "--checkpoint model.onnx` with onnxruntime; bidirectional models are refused. "
+                 "monai-bundle: a folder that `python -m monai.bundle run` runs.")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder, its model.safetensors, or a training run folder")
+    p.add_argument("--format", required=True, choices=("onnx", "monai-bundle"))
+    p.add_argument("--out", required=True,
+                   help="the .onnx file (onnx) or the bundle folder (monai-bundle)")
+    p.add_argument("--frames", type=int, default=1,
+                   help="onnx: frames per exported step (prediction chunks must be a "
+                        "multiple of it)")
+    _add_overwrite_arg(p, "replace an existing --out")
+
+
+def _cmd_export(args) -> int:
+    from clstm4d.engine.apps.export import run_export
+
+    t0 = time.perf_counter()
+    out = run_export(args.checkpoint, args.format, args.out, frames=args.frames,
+                     overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} as {args.format} in {time.perf_counter() - t0:.1f} s "
+          f"-> {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------ bench
 
 def _add_bench(sub) -> None:
@@ -522,7 +572,7 @@ def _cmd_bench(args) -> int:
 # ------------------------------------------------------------------------------ main
 
 _COMMANDS = (_add_demo, _add_train, _add_predict, _add_evaluate, _add_synth, _add_plan,
-             _add_bench)
+             _add_export, _add_bench)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -560,14 +610,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clstm4d {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (UserError, OSError, MemoryError) as e:
-        if args.debug or os.environ.get("CLSTM4D_DEBUG"):
-            raise
+    except (UserError, OSError, MemoryError, RuntimeError) as e:
+        memory = None if isinstance(e, (UserError, OSError)) else _out_of_memory(e)
+        if args.debug or os.environ.get("CLSTM4D_DEBUG") or (
+                memory is None and not isinstance(e, (UserError, OSError))):
+            raise  # a RuntimeError that is not about memory is a bug: its traceback
         msg = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, MemoryError):
-            msg = (f"out of memory ({msg if str(e).strip() else 'an allocation failed'}); "
-                   f"lower {_LOWER.get(args.command, 'the sizes')}")
+        if memory is not None:
+            msg = f"out of memory ({memory}); lower {_LOWER.get(args.command, 'the sizes')}"
         if isinstance(e, FileNotFoundError) and e.filename:
             msg = f"file not found: {e.filename}"
+        elif isinstance(e, OSError) and e.filename and e.strerror:  # full disk, read-only
+            msg = f"{e.strerror}: {e.filename}"
         print(f"clstm4d {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -222,11 +222,11 @@ class _Recurrence(nn.Module):
         else:
             y, state = self.rnn(x, state)  # (n, t, D*c, *s)
         if self.proj is not None:
-            y = self.proj(y.flatten(0, 1)).unflatten(0, y.shape[:2])  # (n, t, c, *s)
+            y = self.proj(y.flatten(0, 1)).unflatten(0, (-1, y.shape[1]))  # (n, t, c, *s)
         if self.gate is not None:  # per frame and voxel: how much of the memory to take
             y = y.to(x.dtype)
             g = torch.sigmoid(self.gate(torch.cat([x, y], 2).flatten(0, 1)))  # (n*t, c, *s)
-            y = torch.lerp(x, y, g.unflatten(0, y.shape[:2]).to(y.dtype))
+            y = torch.lerp(x, y, g.unflatten(0, (-1, y.shape[1])).to(y.dtype))
         return y, state
 
 
@@ -447,7 +447,7 @@ class TimeResolvedUNet(nn.Module):
         for level, stage in enumerate(self.encoder):
             h = stage(h, level in ckpt, self._chunkable)  # (n*t, c_level, *s_level)
             if str(level) in self.recurrence:
-                seq = h.unflatten(0, (n, t)).contiguous()  # (n, t, c_level, *s_level)
+                seq = h.unflatten(0, (-1, t)).contiguous()  # (n, t, c_level, *s_level)
                 seq, st = self.recurrence[str(level)](seq, states[len(new_states)])
                 new_states.append(st)
                 h = seq.flatten(0, 1).contiguous(memory_format=layout)
@@ -458,7 +458,7 @@ class TimeResolvedUNet(nn.Module):
         for j in reversed(range(len(self.decoder))):  # the head runs inside the last stage
             h = self.decoder[j](h, skips.pop(), j in ckpt, self._chunkable,
                                 head=self.head if j == 0 else None)
-        logits = crop_to(h, size).unflatten(0, (n, t)).contiguous()  # (n, t, k, *s)
+        logits = crop_to(h, size).unflatten(0, (-1, t)).contiguous()  # (n, t, k, *s)
         if return_state:
             return logits, tuple(new_states)
         return logits

@@ -514,7 +514,8 @@ def _check_range(key: str, value: Any) -> None:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a simple type hint; ints are accepted where floats are."""
+    """Check ``value`` against a simple type hint; ints are accepted where floats are, and
+    floats with an integral value (``1e4``) where ints are."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -546,6 +547,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return float(value)
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if hint is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        value = int(value)  # `steps: 1e4` (YAML reads a float) means 10000 steps
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"'{key}' must be an integer, got {value!r}")
     if not isinstance(value, hint):

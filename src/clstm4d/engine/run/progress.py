@@ -51,14 +51,16 @@ def _duration(seconds: float) -> str:
 
 class Progress:
     """Progress of ``total`` steps: a ``tqdm`` bar when ``stream`` is a terminal; else (a log
-    file, a pipe) one line at the first step, then at most one every ``every_seconds``, and
-    one at the last step: the step, the values given (``loss=...``), the time per step and the
-    time left. ``enabled=False`` shows nothing. A context manager (closed on the way out,
-    also when an exception passes, so the bar never redraws after a final message)."""
+    file, a pipe) one line at the first step, then at most one every ``every_seconds`` (and
+    a tenth of the steps, see :meth:`_due`), and one at the last step: the step, the values
+    given (``loss=...``), the time per step and the
+    time left (``log_lines=False``: nothing in a log). ``enabled=False`` shows nothing. A
+    context manager (closed on the way out, also when an exception passes, so the bar never
+    redraws after a final message)."""
 
     def __init__(self, total: int, *, desc: str, unit: str = "step", initial: int = 0,
                  enabled: bool = True, stream: TextIO | None = None,
-                 every_seconds: float | None = None,
+                 every_seconds: float | None = None, log_lines: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.total, self.desc, self.unit = int(total), desc, unit
         self.n = self.first = int(initial)
@@ -66,8 +68,9 @@ class Progress:
         self.every = LOG_SECONDS if every_seconds is None else float(every_seconds)
         self.clock, self.t0, self.last = clock, clock(), None
         self.bar = None
-        self.lines = enabled and not on_terminal(self.stream)
-        if enabled and not self.lines:
+        terminal = on_terminal(self.stream)
+        self.lines = enabled and log_lines and not terminal
+        if enabled and terminal:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit,
@@ -82,8 +85,15 @@ class Progress:
             self.bar.update(n)
         elif self.lines:
             now = self.clock()
-            if self.last is None or now - self.last >= self.every or self.n >= self.total:
+            if self.last is None or self.n >= self.total or self._due(now):
                 self._line(now, values)
+
+    def _due(self, now: float) -> bool:
+        """A line every ``every_seconds`` once a tenth of the steps is done since the last one
+        (so a run's log holds about a dozen), and every ten times ``every_seconds`` anyway."""
+        waited = now - self.last
+        return (waited >= self.every and self.n - self.last_n >= -(-self.total // 10)) or \
+            waited >= 10 * self.every
 
     def _line(self, now: float, values: dict[str, Any]) -> None:
         done, elapsed = self.n - self.first, now - self.t0
@@ -94,7 +104,7 @@ class Progress:
                  f"({100 * self.n // max(1, self.total)}%)",
                  *(f"{k} {v}" for k, v in values.items()), f"{rate:.2f} s/{self.unit}", left]
         self.write(", ".join(parts))
-        self.last = now
+        self.last, self.last_n = now, self.n
 
     def write(self, message: str) -> None:
         """A line of its own (above the bar on a terminal)."""
