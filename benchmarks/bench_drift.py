@@ -1,0 +1,184 @@
+"""Drift over long sequences: does a temporal model's Dice fall over a sequence 2-4x longer
+than its training window, where a per-frame model's does not?
+
+Each variant trains at the same budget (same data, steps, batch, window, learning rate, seed)
+and predicts long sequences with the state carried from chunk to chunk (``predict.chunk``).
+For every test sequence it records the per-frame Dice (foreground classes) and the ratio of
+predicted to true foreground area, then reports the mean Dice over the first and the last
+quarter of the frames, the *decline* (first quarter minus last quarter; positive = falls),
+the least-squares slope per 10 frames, and the area ratio in both quarters (a model whose
+state drifts shows a ratio moving away from 1).
+
+Data (``--data``):
+
+- ``c2c12``: the real phase-contrast time-lapse in ``../shared/data/c2c12`` (10 frames of
+  234x234, cells vs background): trained on the left half of the field (random 64^2 crops,
+  windows of ``--window`` frames), tested on the right half played forward, backward and
+  forward again (frames 0..9, 8..0, 1..9: 28 real frames with exact masks, 3.5x a window of
+  8; each frame is real, only the order is constructed);
+- ``synthetic``: the chamber task (beating chamber + drifting blobs, default dropout and
+  occlusion frames) in 2D 64^2, trained on 16-frame sequences in windows of ``--window``,
+  tested on ``--test-frames``-frame sequences (default 32, 4x a window of 8); the quarters
+  count clean frames only.
+
+    nice -n 10 python benchmarks/bench_drift.py --out /tmp/drift --data c2c12
+    nice -n 10 python benchmarks/bench_drift.py --out /tmp/drift-synth --data synthetic
+    python benchmarks/bench_drift.py --out /tmp/drift --data c2c12 --report
+
+Prints a table and one JSON line per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _temporal as common  # noqa: E402
+
+DEFAULT_VARIANTS = {
+    "per-frame": ["model.temporal=none"],
+    "bottleneck": ["model.temporal=bottleneck"],
+    "skips": ["model.temporal=skips"],
+}
+C2C12_FILE = Path("shared", "data", "c2c12", "c2c12_phase_10frames.npz")
+_ROOT = Path(__file__).resolve().parents[1]
+C2C12 = next((p / C2C12_FILE for p in _ROOT.parents if (p / C2C12_FILE).is_file()),
+             _ROOT.parent / C2C12_FILE)
+PING_PONG = list(range(10)) + list(range(8, -1, -1)) + list(range(1, 10))  # 28 frames
+
+
+def c2c12_data(args):
+    """(training datalist of the left half, [the right half played 0..9..0..9])."""
+    from clstm4d.data import CaseData, Geometry, save_datalist, write_image, write_label
+
+    z = np.load(args.c2c12)
+    image = z["images"].astype(np.float32)[:, None]  # (t, 1, y, x)
+    label = (z["labels"] > 0).astype(np.int64)  # (t, y, x)
+    half = image.shape[-1] // 2
+    folder = Path(args.out) / "train"
+    path = folder / "datalist.json"
+    if not path.is_file():
+        geometry = Geometry.default("nifti", image.shape[2:3] + (half,), image.shape[0])
+        img = write_image(image[..., :half], geometry, folder / "left.nii.gz")[0]
+        lab = write_label(label[..., :half], geometry, folder / "left_label.nii.gz")[0]
+        save_datalist(path, training=[{"name": "c2c12_left", "image": img, "label": lab}],
+                      labels={0: "background", 1: "cell"}, spatial_dims=2)
+    order = PING_PONG
+    right_img, right_lab = image[order][..., half:], label[order][..., half:]
+    geometry = Geometry.default("nifti", right_lab.shape[1:], right_lab.shape[0])
+    return path, [CaseData(right_img, right_lab, geometry, {"degraded": []}, "right")], 2
+
+
+def synthetic_data(args):
+    from clstm4d.data import make_synthetic_case, write_synthetic_dataset
+
+    folder = Path(args.out) / "train"
+    path = folder / "datalist.json"
+    if not path.is_file():
+        write_synthetic_dataset(folder, cases=args.cases, frames=16, size=args.size,
+                                spatial_dims=2, seed=args.seed, validation=0.0)
+    test = [make_synthetic_case((args.seed + 1, i), args.test_frames, args.size, 2)
+            for i in range(args.test)]
+    return path, test, 3
+
+
+def quarters(values: np.ndarray, keep: np.ndarray) -> tuple[float, float]:
+    """Mean of ``values`` ``(t,)`` over the kept frames of the first and the last quarter."""
+    t = len(values)
+    q = max(1, t // 4)
+    first, last = np.arange(t) < q, np.arange(t) >= t - q
+    return float(values[first & keep].mean()), float(values[last & keep].mean())
+
+
+def evaluate(predictor, cases, k: int) -> dict:
+    from clstm4d.engine.evaluation.metrics import dice_per_frame
+
+    rows = []
+    for c in cases:
+        pred = predictor.predict_array(c.image, name=c.name)
+        dice = dice_per_frame(pred, c.label, k).mean(1).numpy()  # (t,)
+        area = (pred > 0).reshape(len(pred), -1).sum(1) / np.maximum(
+            (c.label > 0).reshape(len(pred), -1).sum(1), 1)  # (t,)
+        keep = np.ones(len(dice), bool)
+        keep[list(c.meta.get("degraded", []))] = False
+        d0, d1 = quarters(dice, keep)
+        a0, a1 = quarters(area, keep)
+        t = np.flatnonzero(keep)
+        slope = float(np.polyfit(t, dice[keep], 1)[0] * 10)
+        rows.append({"dice": dice.round(4).tolist(), "area_ratio": area.round(3).tolist(),
+                     "first": d0, "last": d1, "slope10": slope, "area_first": a0,
+                     "area_last": a1})
+    out = {key: float(np.mean([r[key] for r in rows]))
+           for key in ("first", "last", "slope10", "area_first", "area_last")}
+    out["decline"] = out["first"] - out["last"]
+    out["dice_per_frame"] = np.mean([r["dice"] for r in rows], 0).round(4).tolist()
+    out["area_ratio_per_frame"] = np.mean([r["area_ratio"] for r in rows], 0).round(3).tolist()
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_arguments(p)
+    p.add_argument("--data", default="c2c12", choices=("c2c12", "synthetic"))
+    p.add_argument("--c2c12", default=str(C2C12), help="the c2c12 .npz")
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--cases", type=int, default=24, help="training sequences (synthetic)")
+    p.add_argument("--test", type=int, default=8, help="test sequences (synthetic)")
+    p.add_argument("--test-frames", type=int, default=32, help="test frames (synthetic)")
+    p.add_argument("--roi", type=int, default=None,
+                   help="training patch (default: 64 for c2c12, whole frames for synthetic)")
+    args = p.parse_args(argv)
+    chosen = common.variants(args, DEFAULT_VARIANTS)
+    datalist, test, k = c2c12_data(args) if args.data == "c2c12" else synthetic_data(args)
+    roi = args.roi if args.roi is not None else (64 if args.data == "c2c12" else None)
+    results_dir = Path(args.out) / "results"
+    for name, overrides in chosen.items():
+        result_path = results_dir / f"{common.slug(name)}.json"
+        if args.report or (args.only and name not in args.only) or result_path.is_file():
+            continue
+        base = common.base_config(args, datalist, Path(args.out) / "runs" / common.slug(name),
+                                  window=args.window, roi=roi, foreground_prob=0.5)
+        predictor, seconds, cpu = common.train_variant(base, overrides)
+        result = evaluate(predictor, test, k)
+        result.update(name=name, overrides=overrides, steps=args.steps, window=args.window,
+                      test_frames=len(test[0].label), train_cpu_seconds=round(cpu, 1))
+        common.save_result(result_path, result)
+    report(args, common.load_results(results_dir, chosen))
+
+
+def report(args, results: dict) -> None:
+    if not results:
+        return
+    base = next(iter(results.values()))
+    print(f"drift, {args.data}: trained on windows of {base['window']} frames, "
+          f"{base['steps']} steps, seed {args.seed}; tested on {base['test_frames']} frames "
+          f"(state carried); Dice over the first / last quarter, decline = first - last, "
+          f"slope of Dice per 10 frames, predicted / true area")
+    head = (f"{'variant':<24} {'first':>6} {'last':>6} {'decline':>8} {'vs base':>8} "
+            f"{'slope10':>8} {'area 1st':>8} {'area last':>9}")
+    print(head)
+    print("-" * len(head))
+    for name, r in results.items():
+        print(f"{name:<24} {r['first']:>6.3f} {r['last']:>6.3f} {r['decline']:>+8.3f} "
+              f"{r['decline'] - base['decline']:>+8.3f} {r['slope10']:>+8.3f} "
+              f"{r['area_first']:>8.2f} {r['area_last']:>9.2f}")
+    for name, r in results.items():
+        print(json.dumps({"bench": "drift", "data": args.data, "variant": name,
+                          "overrides": r["overrides"], "seed": args.seed,
+                          **{key: round(r[key], 4) for key in
+                             ("first", "last", "decline", "slope10", "area_first",
+                              "area_last")},
+                          "decline_vs_first_variant": round(r["decline"] - base["decline"], 4),
+                          "steps": r["steps"], "window": r["window"],
+                          "test_frames": r["test_frames"],
+                          "train_cpu_seconds": r["train_cpu_seconds"]}))
+
+
+if __name__ == "__main__":
+    main()
