@@ -53,7 +53,8 @@ PING_PONG = list(range(10)) + list(range(8, -1, -1)) + list(range(1, 10))  # 28 
 
 
 def c2c12_data(args):
-    """(training datalist of the left half, [the right half played 0..9..0..9])."""
+    """(training datalist of the left half, test groups of the right half: ``forward``
+    (frames 0..9) and ``ping-pong`` (0..9, 8..0, 1..9))."""
     from clstm4d.data import CaseData, Geometry, save_datalist, write_image, write_label
 
     z = np.load(args.c2c12)
@@ -68,10 +69,12 @@ def c2c12_data(args):
         lab = write_label(label[..., :half], geometry, folder / "left_label.nii.gz")[0]
         save_datalist(path, training=[{"name": "c2c12_left", "image": img, "label": lab}],
                       labels={0: "background", 1: "cell"}, spatial_dims=2)
-    order = PING_PONG
-    right_img, right_lab = image[order][..., half:], label[order][..., half:]
-    geometry = Geometry.default("nifti", right_lab.shape[1:], right_lab.shape[0])
-    return path, [CaseData(right_img, right_lab, geometry, {"degraded": []}, "right")], 2
+    groups = {}
+    for name, order in (("forward", list(range(10))), ("ping-pong", PING_PONG)):
+        right_img, right_lab = image[order][..., half:], label[order][..., half:]
+        geometry = Geometry.default("nifti", right_lab.shape[1:], right_lab.shape[0])
+        groups[name] = [CaseData(right_img, right_lab, geometry, {"degraded": []}, name)]
+    return path, groups, 2
 
 
 def synthetic_data(args):
@@ -84,7 +87,7 @@ def synthetic_data(args):
                                 spatial_dims=2, seed=args.seed, validation=0.0)
     test = [make_synthetic_case((args.seed + 1, i), args.test_frames, args.size, 2)
             for i in range(args.test)]
-    return path, test, 3
+    return path, {f"{args.test_frames} frames": test}, 3
 
 
 def quarters(values: np.ndarray, keep: np.ndarray) -> tuple[float, float]:
@@ -95,7 +98,11 @@ def quarters(values: np.ndarray, keep: np.ndarray) -> tuple[float, float]:
     return float(values[first & keep].mean()), float(values[last & keep].mean())
 
 
-def evaluate(predictor, cases, k: int) -> dict:
+def evaluate(predictor, groups: dict, k: int) -> dict:
+    return {name: _evaluate(predictor, cases, k) for name, cases in groups.items()}
+
+
+def _evaluate(predictor, cases, k: int) -> dict:
     from clstm4d.engine.evaluation.metrics import dice_per_frame
 
     rows = []
@@ -118,6 +125,7 @@ def evaluate(predictor, cases, k: int) -> dict:
     out["decline"] = out["first"] - out["last"]
     out["dice_per_frame"] = np.mean([r["dice"] for r in rows], 0).round(4).tolist()
     out["area_ratio_per_frame"] = np.mean([r["area_ratio"] for r in rows], 0).round(3).tolist()
+    out["frames"] = len(rows[0]["dice"])
     return out
 
 
@@ -142,12 +150,13 @@ def main(argv=None) -> None:
         result_path = results_dir / f"{common.slug(name)}.json"
         if args.report or (args.only and name not in args.only) or result_path.is_file():
             continue
-        base = common.base_config(args, datalist, Path(args.out) / "runs" / common.slug(name),
-                                  window=args.window, roi=roi, foreground_prob=0.5)
+        run = Path(args.out) / "runs" / common.slug(name)
+        base = common.base_config(args, datalist, run, window=args.window, roi=roi,
+                                  foreground_prob=0.5)
         predictor, seconds, cpu = common.train_variant(base, overrides)
-        result = evaluate(predictor, test, k)
-        result.update(name=name, overrides=overrides, steps=args.steps, window=args.window,
-                      test_frames=len(test[0].label), train_cpu_seconds=round(cpu, 1))
+        result = {"groups": evaluate(predictor, test, k), "name": name,
+                  "overrides": overrides, "steps": args.steps, "window": args.window,
+                  "train_cpu_seconds": round(cpu, 1)}
         common.save_result(result_path, result)
     report(args, common.load_results(results_dir, chosen))
 
@@ -155,29 +164,35 @@ def main(argv=None) -> None:
 def report(args, results: dict) -> None:
     if not results:
         return
-    base = next(iter(results.values()))
-    print(f"drift, {args.data}: trained on windows of {base['window']} frames, "
-          f"{base['steps']} steps, seed {args.seed}; tested on {base['test_frames']} frames "
-          f"(state carried); Dice over the first / last quarter, decline = first - last, "
-          f"slope of Dice per 10 frames, predicted / true area")
-    head = (f"{'variant':<24} {'first':>6} {'last':>6} {'decline':>8} {'vs base':>8} "
-            f"{'slope10':>8} {'area 1st':>8} {'area last':>9}")
+    first = next(iter(results.values()))
+    print(f"drift, {args.data}: trained on windows of {first['window']} frames, "
+          f"{first['steps']} steps, seed {args.seed}; state carried over the whole test "
+          f"sequence; Dice over its first / last quarter, decline = first - last (and its "
+          f"difference to {next(iter(results))}'s), slope of Dice per 10 frames, predicted / "
+          f"true area")
+    head = (f"{'variant':<26} {'test (frames)':<16} {'first':>6} {'last':>6} {'decline':>8} "
+            f"{'vs base':>8} {'slope10':>8} {'area 1st':>8} {'area last':>9}")
     print(head)
     print("-" * len(head))
-    for name, r in results.items():
-        print(f"{name:<24} {r['first']:>6.3f} {r['last']:>6.3f} {r['decline']:>+8.3f} "
-              f"{r['decline'] - base['decline']:>+8.3f} {r['slope10']:>+8.3f} "
-              f"{r['area_first']:>8.2f} {r['area_last']:>9.2f}")
-    for name, r in results.items():
-        print(json.dumps({"bench": "drift", "data": args.data, "variant": name,
-                          "overrides": r["overrides"], "seed": args.seed,
+    lines = []
+    for group in first["groups"]:
+        base = first["groups"][group]["decline"]
+        for name, res in results.items():
+            r = res["groups"][group]
+            print(f"{name:<26} {group + ' (' + str(r['frames']) + ')':<16} {r['first']:>6.3f} "
+                  f"{r['last']:>6.3f} {r['decline']:>+8.3f} {r['decline'] - base:>+8.3f} "
+                  f"{r['slope10']:>+8.3f} {r['area_first']:>8.2f} {r['area_last']:>9.2f}")
+            lines.append({"bench": "drift", "data": args.data, "test": group, "variant": name,
+                          "overrides": res["overrides"], "seed": args.seed,
                           **{key: round(r[key], 4) for key in
                              ("first", "last", "decline", "slope10", "area_first",
                               "area_last")},
-                          "decline_vs_first_variant": round(r["decline"] - base["decline"], 4),
-                          "steps": r["steps"], "window": r["window"],
-                          "test_frames": r["test_frames"],
-                          "train_cpu_seconds": r["train_cpu_seconds"]}))
+                          "decline_vs_first_variant": round(r["decline"] - base, 4),
+                          "frames": r["frames"], "steps": res["steps"],
+                          "window": res["window"],
+                          "train_cpu_seconds": res["train_cpu_seconds"]})
+    for line in lines:
+        print(json.dumps(line))
 
 
 if __name__ == "__main__":
