@@ -7,7 +7,12 @@ For every test sequence it records the per-frame Dice (foreground classes) and t
 predicted to true foreground area, then reports the mean Dice over the first and the last
 quarter of the frames, the *decline* (first quarter minus last quarter; positive = falls),
 the least-squares slope per 10 frames, and the area ratio in both quarters (a model whose
-state drifts shows a ratio moving away from 1).
+state drifts shows a ratio moving away from 1). Two diagnostics: ``reset``, the decline when
+the state is started afresh every ``--window`` frames (never older than in training: if the
+state drifted with age, this would remove the decline), and what the memory changes: the
+voxels predicted with the state carried but not on each frame alone (``added``, per frame),
+the share of them that is foreground (``true``) and the share the model itself predicted in
+one of the 3 frames before (``stale``: memory keeping old foreground).
 
 Data (``--data``):
 
@@ -98,16 +103,38 @@ def quarters(values: np.ndarray, keep: np.ndarray) -> tuple[float, float]:
     return float(values[first & keep].mean()), float(values[last & keep].mean())
 
 
-def evaluate(predictor, groups: dict, k: int) -> dict:
-    return {name: _evaluate(predictor, cases, k) for name, cases in groups.items()}
+def evaluate(predictor, groups: dict, k: int, window: int) -> dict:
+    return {name: _evaluate(predictor, cases, k, window) for name, cases in groups.items()}
 
 
-def _evaluate(predictor, cases, k: int) -> dict:
+def _in_pieces(predictor, image: np.ndarray, frames: int) -> np.ndarray:
+    """Prediction with the state started afresh every ``frames`` frames."""
+    return np.concatenate([predictor.predict_array(image[s:s + frames])
+                           for s in range(0, len(image), frames)])
+
+
+def _memory_effect(pred, alone, label) -> dict:
+    """What the memory changes: the voxels the model predicts with its state carried but not
+    on each frame alone (``added``), the share of them that is foreground now (``added_true``)
+    and the share that the model predicted in one of the 3 frames before (``added_stale``)."""
+    added, true, stale = 0, 0, 0
+    for f in range(1, len(pred)):
+        extra = (pred[f] > 0) & ~(alone[f] > 0)
+        added += int(extra.sum())
+        true += int((extra & (label[f] > 0)).sum())
+        stale += int((extra & (pred[max(0, f - 3):f] > 0).any(0)).sum())
+    return {"added_per_frame": added / max(len(pred) - 1, 1),
+            "added_true": true / max(added, 1), "added_stale": stale / max(added, 1)}
+
+
+def _evaluate(predictor, cases, k: int, window: int) -> dict:
     from clstm4d.engine.evaluation.metrics import dice_per_frame
 
     rows = []
     for c in cases:
         pred = predictor.predict_array(c.image, name=c.name)
+        reset = dice_per_frame(_in_pieces(predictor, c.image, window), c.label, k).mean(1).numpy()
+        alone = _in_pieces(predictor, c.image, 1)
         dice = dice_per_frame(pred, c.label, k).mean(1).numpy()  # (t,)
         area = (pred > 0).reshape(len(pred), -1).sum(1) / np.maximum(
             (c.label > 0).reshape(len(pred), -1).sum(1), 1)  # (t,)
@@ -117,11 +144,14 @@ def _evaluate(predictor, cases, k: int) -> dict:
         a0, a1 = quarters(area, keep)
         t = np.flatnonzero(keep)
         slope = float(np.polyfit(t, dice[keep], 1)[0] * 10)
+        r0, r1 = quarters(reset, keep)
         rows.append({"dice": dice.round(4).tolist(), "area_ratio": area.round(3).tolist(),
                      "first": d0, "last": d1, "slope10": slope, "area_first": a0,
-                     "area_last": a1})
+                     "area_last": a1, "decline_reset": r0 - r1,
+                     **_memory_effect(pred, alone, c.label)})
     out = {key: float(np.mean([r[key] for r in rows]))
-           for key in ("first", "last", "slope10", "area_first", "area_last")}
+           for key in ("first", "last", "slope10", "area_first", "area_last", "decline_reset",
+                       "added_per_frame", "added_true", "added_stale")}
     out["decline"] = out["first"] - out["last"]
     out["dice_per_frame"] = np.mean([r["dice"] for r in rows], 0).round(4).tolist()
     out["area_ratio_per_frame"] = np.mean([r["area_ratio"] for r in rows], 0).round(3).tolist()
@@ -154,7 +184,7 @@ def main(argv=None) -> None:
         base = common.base_config(args, datalist, run, window=args.window, roi=roi,
                                   foreground_prob=0.5)
         predictor, seconds, cpu = common.train_variant(base, overrides)
-        result = {"groups": evaluate(predictor, test, k), "name": name,
+        result = {"groups": evaluate(predictor, test, k, args.window), "name": name,
                   "overrides": overrides, "steps": args.steps, "window": args.window,
                   "train_cpu_seconds": round(cpu, 1)}
         common.save_result(result_path, result)
@@ -171,7 +201,8 @@ def report(args, results: dict) -> None:
           f"difference to {next(iter(results))}'s), slope of Dice per 10 frames, predicted / "
           f"true area")
     head = (f"{'variant':<26} {'test (frames)':<16} {'first':>6} {'last':>6} {'decline':>8} "
-            f"{'vs base':>8} {'slope10':>8} {'area 1st':>8} {'area last':>9}")
+            f"{'vs base':>8} {'slope10':>8} {'area 1st':>8} {'area last':>9} {'reset':>7} "
+            f"{'added':>6} {'true':>5} {'stale':>5}")
     print(head)
     print("-" * len(head))
     lines = []
@@ -181,12 +212,15 @@ def report(args, results: dict) -> None:
             r = res["groups"][group]
             print(f"{name:<26} {group + ' (' + str(r['frames']) + ')':<16} {r['first']:>6.3f} "
                   f"{r['last']:>6.3f} {r['decline']:>+8.3f} {r['decline'] - base:>+8.3f} "
-                  f"{r['slope10']:>+8.3f} {r['area_first']:>8.2f} {r['area_last']:>9.2f}")
+                  f"{r['slope10']:>+8.3f} {r['area_first']:>8.2f} {r['area_last']:>9.2f} "
+                  f"{r['decline_reset']:>+7.3f} {r['added_per_frame']:>6.0f} "
+                  f"{r['added_true']:>5.2f} {r['added_stale']:>5.2f}")
             lines.append({"bench": "drift", "data": args.data, "test": group, "variant": name,
                           "overrides": res["overrides"], "seed": args.seed,
                           **{key: round(r[key], 4) for key in
                              ("first", "last", "decline", "slope10", "area_first",
-                              "area_last")},
+                              "area_last", "decline_reset", "added_per_frame", "added_true",
+                              "added_stale")},
                           "decline_vs_first_variant": round(r["decline"] - base, 4),
                           "frames": r["frames"], "steps": res["steps"],
                           "window": res["window"],

@@ -144,16 +144,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--size", type=int, default=48)
+    p.add_argument("--size", type=int, default=40)
     p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--cases", type=int, default=48, help="training sequences")
+    p.add_argument("--cases", type=int, default=32, help="training sequences")
     p.add_argument("--test", type=int, default=12, help="test sequences per family set")
     p.add_argument("--objects", default="2-4")
     p.add_argument("--train-shapes", default="tuning")
     p.add_argument("--tests", nargs="+", default=list(TESTS), choices=list(TESTS),
                    help="test sets to score (tuning runs: --tests tuning, so that the held-out "
                         "family is not even looked at while choosing settings)")
-    p.set_defaults(steps=600, lr=3e-3, batch=4)
+    p.set_defaults(steps=400, lr=3e-3, batch=4)
     args = p.parse_args(argv)
     chosen = common.variants(args, DEFAULT_VARIANTS)
     results_dir = Path(args.out) / "results"
