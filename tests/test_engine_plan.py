@@ -212,6 +212,11 @@ def _saved_bytes(model_config, roi, t, n, bf16=False):
     ({"name": "tiny", "bidirectional": True, "strides": [[2, 2, 1], 2],
       "kernel_sizes": [[3, 3, 1], 3, 3]}, (16, 16, 8), 3, 1, False),
     ({"name": "tac-tiny", "spatial_dims": 2, "frames": 4}, (32, 32), 4, 2, False),
+    ({"name": "tiny", "spatial_dims": 2, "cell": "attention", "bank": 2}, (32, 32), 6, 1,
+     False),  # memory attention: keys of at most bank + 1 frames per query frame
+    ({"name": "tiny", "spatial_dims": 2, "temporal": "skips", "cell": "attention"}, (32, 32),
+     4, 2, True),  # pooled memory above the bottleneck, bf16
+    ({"name": "tiny", "cell": "attention", "bank": 3}, (16, 16, 16), 5, 1, False),
     ({"name": "tiny", "spatial_dims": 2, "norm": "batch"}, (32, 32), 3, 2, False),
     ({"name": "tiny", "spatial_dims": 2, "norm": "none", "dropout": 0.2}, (32, 32), 3, 2,
      False),
@@ -280,6 +285,26 @@ def test_plan_order_roi_then_window_then_batch():
                            device="cpu") > (1 - MARGIN) * 300 * 2**20
 
 
+def test_memory_attention_costs_grow_with_its_bank_and_window_not_beyond():
+    """The cost model counts the attention's keys of at most bank + 1 frames per frame: its
+    memory and work grow with the bank, and with the window only linearly once the window
+    is longer than the bank."""
+    from clstm4d.engine.planning.memory import estimate_memory, step_macs
+
+    def cost(bank, window):
+        cfg = {"name": "tiny", "spatial_dims": 2, "cell": "attention", "bank": bank}
+        return (estimate_memory(cfg, (64, 64), window, 2, device="cpu"),
+                step_macs(cfg, (64, 64), window, 2))
+
+    for i in range(2):  # memory, work
+        assert cost(2, 8)[i] < cost(4, 8)[i] < cost(8, 8)[i]
+        # once the bank is full every frame attends over bank + 1 frames: equal increments
+        step = cost(2, 16)[i] - cost(2, 8)[i]
+        assert cost(2, 24)[i] - cost(2, 16)[i] == pytest.approx(step, rel=1e-3)
+        # ... while a bank of 8 still fills during the first 8 frames: the next 8 cost more
+        assert cost(8, 16)[i] - cost(8, 8)[i] > (cost(8, 8)[i] - cost(8, 1)[i]) * 8 / 7
+
+
 def test_plan_errors_name_what_is_wrong(tmp_path, capsys):
     from clstm4d.cli import main
 
@@ -340,7 +365,8 @@ def test_guard_stops_an_over_budget_run_and_force_overrides(aniso_data, tmp_path
     monkeypatch.setattr(guard, "available_memory", lambda device: 5 * 2**20)
     cfg = _train_cfg(aniso_data, tmp_path / "run")
     with pytest.raises(UserError, match=r"this run would not fit: .*roi 16 x 16 x 8, window 3, "
-                                        r"batch 1.*cpu has 0.00 GiB free; run `clstm4d plan"):
+                                        r"batch 1.*cpu has 5 MiB free; run `clstm4d plan "
+                                        r".*--memory 5MiB`"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing started
     res = train(cfg, force=True)

@@ -93,10 +93,11 @@ def test_sigterm_from_outside_to_the_cli_exits_75_and_resume_continues(tmp_path)
     root = tmp_path
     assert main(["synth", "--out", str(root / "data"), "--cases", "2", "--frames", "4",
                  "--size", "16", "--validation", "0"]) == 0
+    # progress on, as a job runs it: the log is redirected, so lines and no redraws (issue 17)
     common = ["train", "--datalist", str(root / "data" / "datalist.json"), "--out",
               str(root / "run"), "--batch-size", "1", "--set", "data.window=2", "--set",
-              "train.progress=false", "--set", "model.channels=[2, 4]", "--set",
-              "train.log_every=1", "--set", "train.threads=1"]
+              "model.channels=[2, 4]", "--set", "train.log_every=1", "--set",
+              "train.threads=1"]
     env = {**os.environ, "PYTHONPATH": str(TESTS.parent / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "clstm4d", *common, "--steps", "100000"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -112,13 +113,15 @@ def test_sigterm_from_outside_to_the_cli_exits_75_and_resume_continues(tmp_path)
     last = err.strip().splitlines()[-1]
     assert last.startswith("clstm4d train: stopped by SIGTERM after step ") and "Traceback" \
         not in err, err
+    # regression (issue 17): the last line was a progress redraw; now no redraws at all
+    assert "\r" not in err and err.startswith("train: step 1/100000 (0%), loss "), err
     step = int(last.split("after step ")[1].split(";")[0])
     ck = Checkpoint.open(root / "run").path
     assert Checkpoint.open(ck).state["step"] == step and ck.name == f"step_{step:06d}"
     assert _rows(root / "run")[-1]["step"] == step
     assert not (root / "run" / LOCK).exists()
     # the same command with --resume continues from there
-    assert main([*common, "--steps", str(step + 2), "--resume"]) == 0
+    assert main([*common, "--steps", str(step + 2), "--resume", "--no-progress"]) == 0
     assert [r["step"] for r in _rows(root / "run")] == list(range(1, step + 3))
 
 

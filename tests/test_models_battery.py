@@ -116,6 +116,9 @@ class TestTimeResolvedUNet(SequenceModelBattery):
         {"id": "skips-lstm-gated-bidirectional", "temporal": "skips", "cell": "lstm",
          "bidirectional": True, "fusion": "gated"},
         {"id": "skips-gru-gated", "temporal": "skips", "cell": "gru", "fusion": "gated"},
+        {"id": "bottleneck-attention", "temporal": "bottleneck", "cell": "attention"},
+        {"id": "skips-attention-bank2-gated", "temporal": "skips", "cell": "attention",
+         "bank": 2, "fusion": "gated"},
     ]
 
     def make(self, spatial_dims, variant, seed=0):

@@ -5,7 +5,8 @@
 - writes that never leave a half-written file or folder under its final name:
   :func:`atomic_file`, :func:`atomic_write_text`, :func:`atomic_dir` (temporary sibling,
   ``fsync``, rename);
-- NaN-safe summaries: :func:`nanmean`, :func:`json_finite`;
+- NaN-safe summaries: :func:`nanmean`, :func:`json_finite`; sizes for people:
+  :func:`human_bytes`;
 - the one tolerance by which two voxel grids count as the same: :func:`same_affine`.
 
 Examples:
@@ -32,8 +33,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["GRID_ATOL", "GRID_RTOL", "atomic_dir", "atomic_file", "atomic_write_text",
-           "check_choice", "check_int", "check_spatial_dims", "json_finite", "nanmean",
-           "per_axis", "same_affine"]
+           "check_choice", "check_int", "check_spatial_dims", "human_bytes", "json_finite",
+           "nanmean", "per_axis", "same_affine"]
 
 #: Two grids are the same when their ``(4, 4)`` affines agree within these tolerances
 #: (``numpy.allclose``): 1e-3 (mm) absolute covers the float32 rounding of spacings, origins
@@ -203,6 +204,27 @@ def json_finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_finite(v) for v in obj]
     return obj
+
+
+def human_bytes(n: float, *, round_up: bool = False, sep: str = " ") -> str:
+    """``n`` bytes in the largest binary unit that keeps the number >= 1, to three significant
+    digits (``round_up``: rounded up, e.g. for a budget that must be at least ``n``; with
+    ``sep=""`` the text is what ``--memory`` reads).
+
+    Examples:
+        >>> human_bytes(1.5 * 2**30), human_bytes(5_300_000), human_bytes(512)
+        ('1.5 GiB', '5.05 MiB', '512 B')
+        >>> human_bytes(5_300_000, round_up=True, sep="")
+        '5.06MiB'
+    """
+    n = float(n)
+    unit, scale = next(((u, s) for u, s in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20),
+                                            ("KiB", 2**10)) if abs(n) >= s), ("B", 1))
+    value = n / scale
+    if round_up and value:
+        digits = 2 - math.floor(math.log10(abs(value)))
+        value = math.ceil(value * 10**digits) / 10**digits
+    return f"{value:.3g}{sep}{unit}"
 
 
 def same_affine(a: Any, b: Any) -> bool:

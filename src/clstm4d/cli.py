@@ -1,4 +1,4 @@
-"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, bench.
+"""The ``clstm4d`` command: demo, train, predict, evaluate, synth, plan, export, bench.
 
 ``main(argv) -> int`` is the console script (and ``python -m clstm4d``). Each command has a
 parser builder (``_add_<command>``) and a handler that parses, calls one engine function and
@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -53,9 +54,63 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable; values are parsed as YAML)")
 
 
+def _add_threads_progress(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads ({default}); more threads than free cores are "
+                        "warned about: on a busy machine they slow each other down")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress at all (otherwise a bar on a terminal; in a redirected "
+                        "log, training writes about a dozen lines: step, loss, s/step, ETA)")
+
+
 def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"{what} (refused by default); inputs are never replaced")
+
+
+@contextlib.contextmanager
+def _options_named(args, keys: dict[str, str]):
+    """Configuration errors about keys that a command-line option set (``keys``: option
+    dest -> ``section.key``) name the option (``--sw-batch-size``), not the key."""
+    from clstm4d.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as e:
+        msg = str(e)
+        for opt, key in keys.items():
+            if getattr(args, opt, None) is not None:
+                msg = msg.replace(f"'{key}'", f"--{opt.replace('_', '-')}")
+        if msg == str(e):
+            raise
+        raise ConfigError(msg) from None
+
+
+#: what to lower when a command runs out of memory
+_LOWER = {"train": "data.roi, data.window or data.batch_size (or set train.recompute)",
+          "predict": "--roi, --chunk or --sw-batch-size",
+          "evaluate": "the frames scored (--frames), or skip HD95 (--no-hd95)",
+          "demo": "--size, --window or --batch-size", "synth": "--size, --frames or --cases",
+          "plan": "--shape"}
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """What ran out, when ``e`` says an allocation failed (``MemoryError``, torch's CPU
+    allocator, CUDA out of memory); else None."""
+    import re
+
+    from clstm4d._common import human_bytes
+
+    if isinstance(e, MemoryError):
+        return str(e).strip() or "an allocation failed"
+    text = str(e)
+    if not (type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
+            or "not enough memory" in text):
+        return None
+    size = re.search(r"tried to allocate (\d+) bytes", text)
+    if size:
+        return f"could not allocate {human_bytes(int(size.group(1)))}"
+    return " ".join(text.split())[:200]
 
 
 def _command(sub, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
@@ -95,9 +150,7 @@ def _add_demo(sub) -> None:
     d.add_argument("--window", type=int, default=default.window,
                    help="frames per training sample")
     d.add_argument("--seed", type=int, default=default.seed, help="seed for data and training")
-    d.add_argument("--threads", type=int, default=default.threads,
-                   help="torch CPU threads (default: half the cores, 1 to 4)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads_progress(d, "default: half the cores, 1 to 4")
     d.add_argument("--degrade", default=default.degrade, metavar="KIND[=S],...",
                    help="degradation families of the data's degraded frames (partial ones at "
                         "strength 0.5, full ones at 1; see clstm4d synth --help)")
@@ -136,7 +189,7 @@ _TRAIN_KEYS = {"datalist": "data.datalist", "out": "train.out", "model": "model.
                "steps": "train.steps", "batch_size": "data.batch_size", "lr": "train.lr",
                "amp": "train.amp", "device": "train.device",
                "recompute": "train.recompute",
-               "checkpoint_every": "train.checkpoint_every"}
+               "checkpoint_every": "train.checkpoint_every", "threads": "train.threads"}
 
 
 def _add_train(sub) -> None:
@@ -161,6 +214,7 @@ def _add_train(sub) -> None:
                         "checkpointing; train.recompute)")
     t.add_argument("--checkpoint-every", type=int, help="save every N steps "
                    "(train.checkpoint_every)")
+    _add_threads_progress(t, "train.threads; default: torch's choice, the cores")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue exactly from a checkpoint (default: the latest in --out)")
     _add_overwrite_arg(t, "start again from step 0 in an --out that holds a run (without it "
@@ -177,8 +231,10 @@ def _cmd_train(args) -> int:
     from clstm4d.engine.run.config import load_config
     from clstm4d.engine.training.train import train
 
-    cfg = load_config(args.config, args.overrides,
-                      values={key: getattr(args, opt) for opt, key in _TRAIN_KEYS.items()})
+    values = {key: getattr(args, opt) for opt, key in _TRAIN_KEYS.items()}
+    values["train.progress"] = False if args.no_progress else None
+    with _options_named(args, _TRAIN_KEYS):
+        cfg = load_config(args.config, args.overrides, values=values)
     if args.print_config:
         print(cfg.to_json())
         return 0
@@ -202,12 +258,22 @@ def _add_predict(sub) -> None:
                  "carried between chunks. The output is written in the input's format and "
                  "geometry.")
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint folder, its model.safetensors, or a training run folder")
+                   help="checkpoint folder, its model.safetensors, a training run folder, or "
+                        "an ONNX export (model.onnx; runs with onnxruntime)")
     p.add_argument("--input", required=True, nargs="+",
-                   help="one 4D file (NIfTI/TIFF), or the per-frame files of one sequence "
-                        "or their folder")
+                   help="one 4D file (NIfTI/TIFF/.npy/.npz), or the per-frame files of one "
+                        "sequence or their folder; DICOM: one multi-frame file, or the files "
+                        "of one series or their folder")
     p.add_argument("--output", required=True,
-                   help="output file (single-file formats) or folder (per-frame series)")
+                   help="output file (single-file formats) or folder (per-frame series); for "
+                        "DICOM input seg.dcm (a DICOM Segmentation) or seg.nii.gz")
+    p.add_argument("--grey", action="store_true",
+                   help="colour (RGB) input: segment its luminance (for a grey-scale model)")
+    p.add_argument("--axes", help="NumPy input: axis order, letters T C Z Y X, e.g. TZYX "
+                   "(default: a sidecar JSON, else (t, c, *s) or (t, *s))")
+    p.add_argument("--spacing", type=float, nargs="+",
+                   help="NumPy input: voxel size per spatial axis in the array's order (one "
+                   "value for all; default: a sidecar JSON, else 1)")
     p.add_argument("--roi", type=int, nargs="+", help="sliding-window size per spatial axis "
                    "(one value for all); default: the checkpoint's predict.roi (whole frames)")
     p.add_argument("--overlap", type=float, help="window overlap fraction (default 0.25)")
@@ -222,16 +288,29 @@ def _add_predict(sub) -> None:
                    help="mixed precision (default: the checkpoint's predict.amp, auto)")
     _add_overwrite_arg(p, "replace an existing --output file, or write into a non-empty "
                        "--output folder")
+    _add_threads_progress(p, "default: torch's choice, the cores")
+
+
+#: ``predict`` options that override one ``predict`` key of the checkpoint's configuration
+_PREDICT_OPTIONS = ("roi", "overlap", "chunk", "time_margin", "sw_batch_size")
 
 
 def _cmd_predict(args) -> int:
     from clstm4d.engine.inference.predictor import Predictor
+    from clstm4d.engine.run.progress import check_threads
+    from clstm4d.errors import ConfigError
 
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, device=args.device, amp=args.amp, roi=args.roi, overlap=args.overlap,
-        chunk=args.chunk, time_margin=args.time_margin, sw_batch_size=args.sw_batch_size)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args.threads)
+    with _options_named(args, {k: f"predict.{k}" for k in _PREDICT_OPTIONS}):
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint, device=args.device, amp=args.amp,
+            **{k: getattr(args, k) for k in _PREDICT_OPTIONS})
     t0 = time.perf_counter()
-    written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite)
+    written = predictor.predict_file(args.input, args.output, overwrite=args.overwrite,
+                                     progress=not args.no_progress, grey=args.grey,
+                                     axes=args.axes, spacing=args.spacing)
     print(f"segmented {args.input[0] if len(args.input) == 1 else f'{len(args.input)} files'} "
           f"in {time.perf_counter() - t0:.1f} s -> "
           f"{written[0] if len(written) == 1 else f'{len(written)} files in {args.output}'}")
@@ -256,7 +335,14 @@ def _add_evaluate(sub) -> None:
                         "entry's annotated frames with --datalist)")
     e.add_argument("--out", default=None, help="folder for frames.csv, summary.json and plots")
     e.add_argument("--num-classes", type=int, default=None,
-                   help="classes including background (default: max label + 1)")
+                   help="classes including background (default: the datalist's or the "
+                        "checkpoint's labels, else the largest value in the files + 1); a "
+                        "value outside the classes is refused")
+    e.add_argument("--checkpoint", default=None,
+                   help="take the classes and their names from this checkpoint's labels")
+    e.add_argument("--resample-to-label", action="store_true",
+                   help="resample a prediction on another voxel grid onto the label's "
+                        "(nearest neighbour) instead of refusing it")
     e.add_argument("--degraded", default=None,
                    help="comma-separated frames to report separately, e.g. 3,7 (default: "
                         "none, or the entry's \"degraded\" with --datalist)")
@@ -270,13 +356,19 @@ def _cmd_evaluate(args) -> int:
     res, written = run_evaluate(
         args.pred, args.label, datalist=args.datalist, case=args.case, frames=args.frames,
         degraded=args.degraded, num_classes=args.num_classes, hd95=not args.no_hd95,
+        checkpoint=args.checkpoint, resample_to_label=args.resample_to_label,
         out=args.out, overwrite=args.overwrite)
     print((f"case {res.case}  " if res.case else "")
-          + f"frames {len(res.frames)}  Dice {res.dice:.4f}  HD95 {res.hd95:.3f}  "
-          f"volume change error {res.temporal['volume_change_error']:.4f}  "
+          + f"frames {len(res.frames)}  Dice {res.dice:.4f}"
+          + (f"  HD95 {res.hd95:.3f} {res.unit}" if res.hd95_computed else "")
+          + f"  volume change error {res.temporal['volume_change_error']:.4f}  "
           f"consecutive-frame Dice {res.temporal['consecutive_dice']:.4f}"
           + (f"  Dice degraded {res.dice_degraded:.4f}" if res.degraded else ""))
+    print("per class Dice: " + "  ".join(f"{name} {v['dice']:.4f}"
+                                         for name, v in res.per_class.items()))
     print("per frame Dice:", " ".join(f"{r['frame']}:{r['dice']:.3f}" for r in res.rows))
+    for line in res.notes():
+        print(f"note: {line}")
     if written:
         print(f"wrote {written[0]}, " + ", ".join(p.name for p in written[1:]))
     return 0
@@ -441,6 +533,36 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ export
+
+def _add_export(sub) -> None:
+    p = _command(sub, "export", _cmd_export, "export a trained model (ONNX, MONAI bundle)",
+                 "onnx: one streaming step (frames and the recurrent state in, logits and the "
+                 "new state out; dynamic batch and spatial size), run by `clstm4d predict "
+                 "--checkpoint model.onnx` with onnxruntime; bidirectional models are refused. "
+                 "monai-bundle: a folder that `python -m monai.bundle run` runs.")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder, its model.safetensors, or a training run folder")
+    p.add_argument("--format", required=True, choices=("onnx", "monai-bundle"))
+    p.add_argument("--out", required=True,
+                   help="the .onnx file (onnx) or the bundle folder (monai-bundle)")
+    p.add_argument("--frames", type=int, default=1,
+                   help="onnx: frames per exported step (prediction chunks must be a "
+                        "multiple of it)")
+    _add_overwrite_arg(p, "replace an existing --out")
+
+
+def _cmd_export(args) -> int:
+    from clstm4d.engine.apps.export import run_export
+
+    t0 = time.perf_counter()
+    out = run_export(args.checkpoint, args.format, args.out, frames=args.frames,
+                     overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} as {args.format} in {time.perf_counter() - t0:.1f} s "
+          f"-> {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------ bench
 
 def _add_bench(sub) -> None:
@@ -476,7 +598,7 @@ def _cmd_bench(args) -> int:
 # ------------------------------------------------------------------------------ main
 
 _COMMANDS = (_add_demo, _add_train, _add_predict, _add_evaluate, _add_synth, _add_plan,
-             _add_bench)
+             _add_export, _add_bench)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -514,10 +636,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clstm4d {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (UserError, OSError) as e:
-        if args.debug or os.environ.get("CLSTM4D_DEBUG"):
-            raise
+    except (UserError, OSError, MemoryError, RuntimeError) as e:
+        memory = None if isinstance(e, (UserError, OSError)) else _out_of_memory(e)
+        if args.debug or os.environ.get("CLSTM4D_DEBUG") or (
+                memory is None and not isinstance(e, (UserError, OSError))):
+            raise  # a RuntimeError that is not about memory is a bug: its traceback
         msg = " ".join(str(e).split()) or type(e).__name__
+        if memory is not None:
+            msg = f"out of memory ({memory}); lower {_LOWER.get(args.command, 'the sizes')}"
         if isinstance(e, FileNotFoundError) and e.filename:
             msg = f"file not found: {e.filename}"
         print(f"clstm4d {args.command}: error: {msg}", file=sys.stderr)

@@ -1,10 +1,12 @@
 """Data: 4D image I/O with geometry, datalists, synthetic 4D data and patch sampling.
 
-Arrays are numpy: images ``(t, c, *s)`` float32, labels ``(t, *s)`` int64. nibabel, pynrrd
-and tifffile are imported only by the functions that read or write their formats.
+Arrays are numpy: images ``(t, c, *s)`` float32, labels ``(t, *s)`` int64. nibabel, pynrrd,
+tifffile, pydicom and highdicom are imported only by the functions that read or write their
+formats.
 """
 
 from ._common import DataError, Geometry
+from .arrays import array_geometry
 from .datalist import (
     Case,
     CaseData,
@@ -17,6 +19,8 @@ from .datalist import (
     spread_frames,
     validate_datalist,
 )
+from .dicom import to_grey
+from .dicom_seg import check_segmentation_output, write_segmentation
 from .io import (
     detect_format,
     output_files,
@@ -50,7 +54,7 @@ __all__ = [
     "Case", "CaseData", "Datalist", "datalist_from_folder", "load_case", "load_datalist",
     "save_datalist", "validate_datalist", "ignore_index", "spread_frames",
     "detect_format", "output_files", "output_path", "read_image", "read_label", "write_image",
-    "write_label",
+    "write_label", "array_geometry", "to_grey", "check_segmentation_output", "write_segmentation",
     "PatchDataset", "crop_or_pad",
     "resample_case", "resample_image", "resample_label", "resampled_geometry", "target_shape",
     "CLASS_NAMES", "CUE_CLASS_NAMES", "design_check",

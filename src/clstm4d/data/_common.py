@@ -23,17 +23,21 @@ class Geometry:
     """Everything needed to write a result back over the source it was read from.
 
     The returned arrays have layout ``(t, c, *s)``; the spatial axes keep the file's voxel order
-    (NIfTI and NRRD: ``(x, y, z)`` as stored, i.e. ``i, j, k``; TIFF: ``(z, y, x)``).
+    (NIfTI and NRRD: ``(x, y, z)`` as stored, i.e. ``i, j, k``; TIFF: ``(z, y, x)``; DICOM:
+    ``(column, row, slice)``; NumPy: the array's own order).
 
     Args:
         format: ``"nifti"`` (one 4D file), ``"nifti-series"`` / ``"nrrd-series"`` (one 3D file
-            per frame) or ``"tiff"`` (an ImageJ hyperstack).
+            per frame), ``"tiff"`` (an ImageJ hyperstack), ``"dicom"`` (a DICOM cine:
+            :mod:`clstm4d.data.dicom`) or ``"numpy"`` (``.npy``/``.npz``:
+            :mod:`clstm4d.data.arrays`).
         spatial_shape: spatial size of the returned arrays.
         frames: number of frames ``t``.
         channels: number of image channels ``c``.
         affine: ``(4, 4)`` map from voxel indices of the returned spatial axes (padded with
             zeros to 3) to world coordinates in ``space``.
-        space: world frame: ``"RAS"`` for NIfTI, the NRRD ``space`` field, ``""`` for TIFF.
+        space: world frame: ``"RAS"`` for NIfTI, the NRRD ``space`` field, ``"LPS"`` for DICOM
+            (``""`` for a cine without patient coordinates), ``""`` for TIFF and NumPy.
         space_unit: e.g. ``"mm"`` or ``"micron"``; ``None`` when the file has none.
         time_interval: seconds (or ``time_unit``) between frames; ``None`` when unknown.
         time_unit: ``"s"``, ``"ms"``, ``"us"`` or ``None``.
@@ -59,7 +63,7 @@ class Geometry:
     sources: tuple[str, ...] = ()
     header: dict[str, Any] = field(default_factory=dict)
 
-    FORMATS = ("nifti", "nifti-series", "nrrd-series", "tiff")
+    FORMATS = ("nifti", "nifti-series", "nrrd-series", "tiff", "dicom", "numpy")
 
     def __post_init__(self):
         if self.format not in self.FORMATS:
@@ -86,9 +90,24 @@ class Geometry:
 
     def same_grid(self, other: Geometry) -> bool:
         """Whether ``other`` has the same spatial shape and voxel-to-world affine (within
-        :data:`clstm4d._common.GRID_ATOL`): the one test of "same grid" everywhere."""
-        return (tuple(self.spatial_shape) == tuple(other.spatial_shape)
-                and same_affine(self.affine, other.affine))
+        :data:`clstm4d._common.GRID_ATOL`): the one test of "same grid" everywhere. Affines in
+        RAS (NIfTI) and LPS (DICOM, NRRD) are compared in one frame."""
+        if tuple(self.spatial_shape) != tuple(other.spatial_shape):
+            return False
+        if {self._frame, other._frame} == {"RAS", "LPS"}:
+            return same_affine(self.ras_affine(), other.ras_affine())
+        return same_affine(self.affine, other.affine)
+
+    @property
+    def _frame(self) -> str:
+        space = self.space.upper()
+        return {"RAS": "RAS", "LPS": "LPS", "LEFT-POSTERIOR-SUPERIOR": "LPS"}.get(space, space)
+
+    def ras_affine(self) -> np.ndarray:
+        """The affine in RAS world coordinates (LPS ones turned: x and y negated)."""
+        if self._frame == "LPS":
+            return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine
+        return self.affine
 
     @property
     def direction(self) -> np.ndarray:

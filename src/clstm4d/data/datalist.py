@@ -38,6 +38,8 @@ import numpy as np
 from clstm4d._common import atomic_file, check_spatial_dims
 
 from ._common import DataError, Geometry, full_suffix
+from .arrays import NUMPY_SUFFIXES
+from .dicom import DICOM_SUFFIXES, is_dicom
 from .io import FRAME_SUFFIXES, frame_files, natural_key, read_image, read_label
 
 __all__ = ["Case", "CaseData", "Datalist", "load_datalist", "save_datalist", "load_case",
@@ -191,7 +193,10 @@ def _resolve(value, root: Path, where: str, key: str, json_path) -> Path | list[
             try:
                 return frame_files(path, label=key != "image")
             except DataError:
-                raise DataError(f"{where}: {key!r} folder has no NIfTI/NRRD frame files",
+                if key == "image" and is_dicom(path):
+                    return path  # a DICOM series: read_image reads the folder
+                raise DataError(f"{where}: {key!r} folder has no NIfTI/NRRD frame files"
+                                f"{' or DICOM files' if key == 'image' else ''}",
                                 path) from None
         return path
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
@@ -645,7 +650,7 @@ def validate_datalist(datalist: Datalist | str | os.PathLike,
     return problems
 
 
-_CASE_SUFFIXES = FRAME_SUFFIXES + (".tif", ".tiff")
+_CASE_SUFFIXES = FRAME_SUFFIXES + (".tif", ".tiff") + DICOM_SUFFIXES + NUMPY_SUFFIXES
 
 
 def _case_entries(folder: Path) -> dict[str, Path]:

@@ -1,7 +1,9 @@
 """Read and write image/label sequences with their geometry.
 
 Formats: one 4D NIfTI file (``x, y, z, t[, c]``); a series of one 3D file per frame (NIfTI or
-NRRD, labels as 3D Slicer ``.seg.nrrd``); an ImageJ TIFF hyperstack (``TZCYX``). Images come
+NRRD, labels as 3D Slicer ``.seg.nrrd``); an ImageJ TIFF hyperstack (``TZCYX``); DICOM cine
+(read only: :mod:`.dicom`; labels over it are written as NIfTI, or as a DICOM Segmentation by
+:mod:`.dicom_seg`); NumPy ``.npy``/``.npz`` (:mod:`.arrays`). Images come
 back as ``(t, c, *s)`` float32, labels as ``(t, *s)`` int64, with a :class:`Geometry` that the
 writers use to put results back in the same format, grid and units. Writers are atomic.
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from clstm4d._common import atomic_file, check_spatial_dims
 
+from . import arrays, dicom
 from ._common import DataError, Geometry, full_suffix
 
 __all__ = ["read_image", "read_label", "write_image", "write_label", "detect_format",
@@ -41,12 +44,15 @@ def detect_format(path_or_paths: PathLike | Sequence[PathLike]) -> str:
     """Name the format of a file or a per-frame list of files.
 
     Returns:
-        ``"nifti"``, ``"tiff"``, ``"nifti-series"`` or ``"nrrd-series"`` (a single NRRD file is
-        a series of one frame).
+        ``"nifti"``, ``"tiff"``, ``"nifti-series"``, ``"nrrd-series"`` (a single NRRD file is
+        a series of one frame), ``"dicom"`` (a DICOM file or a list of them; also a file
+        without a suffix that starts like one) or ``"numpy"``.
 
     Examples:
         >>> detect_format("a.nii.gz"), detect_format(["f0.nrrd", "f1.nrrd"])
         ('nifti', 'nrrd-series')
+        >>> detect_format("cine.dcm"), detect_format("cine.npz")
+        ('dicom', 'numpy')
     """
     if isinstance(path_or_paths, (str, os.PathLike)):
         suffix = full_suffix(path_or_paths)
@@ -56,17 +62,26 @@ def detect_format(path_or_paths: PathLike | Sequence[PathLike]) -> str:
             return "tiff"
         if suffix in NRRD_SUFFIXES:
             return "nrrd-series"
+        if suffix in arrays.NUMPY_SUFFIXES:
+            return "numpy"
+        if suffix in dicom.DICOM_SUFFIXES or dicom.is_dicom(path_or_paths):
+            return "dicom"
         raise DataError(f"unknown file type {suffix!r}; expected one of "
-                        f"{NIFTI_SUFFIXES + NRRD_SUFFIXES + TIFF_SUFFIXES}", path_or_paths)
+                        f"{NIFTI_SUFFIXES + NRRD_SUFFIXES + TIFF_SUFFIXES} or "
+                        f"{dicom.DICOM_SUFFIXES + arrays.NUMPY_SUFFIXES}", path_or_paths)
     paths = list(path_or_paths)
     if not paths:
         raise DataError("empty list of frame files")
     kinds = {detect_format(p) for p in paths}
+    if kinds == {"dicom"}:
+        return "dicom"
     if len(kinds) > 1:
         raise DataError(f"a frame series mixes formats {sorted(kinds)}", paths[0])
     kind = kinds.pop()
-    if kind == "tiff":
-        raise DataError("TIFF is read as one hyperstack file, not a list of frames", paths[0])
+    if kind in ("tiff", "numpy"):
+        raise DataError(f"{'TIFF' if kind == 'tiff' else 'NumPy'} is read as one "
+                        f"{'hyperstack ' if kind == 'tiff' else ''}file, not a list of frames",
+                        paths[0])
     return "nifti-series" if kind == "nifti" else kind
 
 
@@ -95,14 +110,19 @@ def frame_files(folder: PathLike, label: bool = False) -> list[Path]:
 
 
 def read_image(path_or_paths: PathLike | Sequence[PathLike],
-               spatial_dims: int | None = None) -> tuple[np.ndarray, Geometry]:
+               spatial_dims: int | None = None, **array_options: Any
+               ) -> tuple[np.ndarray, Geometry]:
     """Read an image sequence.
 
     Args:
         path_or_paths: one 4D NIfTI / TIFF file, or per-frame 3D files (NIfTI or NRRD): a
-            list of them, or their folder (see :func:`frame_files`).
+            list of them, or their folder (see :func:`frame_files`); a DICOM cine (one
+            multi-frame file, or the files of one series: a list or their folder; see
+            :mod:`clstm4d.data.dicom`); a NumPy ``.npy`` / ``.npz`` (:mod:`clstm4d.data.arrays`).
         spatial_dims: 2 or 3 to force the number of spatial axes: trailing size-1 axes are
             dropped (a 2D+t NIfTI is stored as ``x, y, 1, t``) or added; ``None`` keeps the file's.
+        array_options: for NumPy files only: ``axes`` (e.g. ``"TZYX"``), ``spacing``,
+            ``time_interval`` (see :func:`clstm4d.data.arrays.read_array`).
 
     Returns:
         ``(image, geometry)`` with image ``(t, c, *s)`` float32.
@@ -117,19 +137,20 @@ def read_image(path_or_paths: PathLike | Sequence[PathLike],
         ((3, 1, 6, 5), (1.5, 1.5), 0.1)
         >>> tmpdir.cleanup()
     """
-    array, geometry = _read(path_or_paths, spatial_dims, label=False)
+    array, geometry = _read(path_or_paths, spatial_dims, label=False, **array_options)
     return array, geometry
 
 
 def read_label(path_or_paths: PathLike | Sequence[PathLike],
-               spatial_dims: int | None = None) -> tuple[np.ndarray, Geometry]:
+               spatial_dims: int | None = None, **array_options: Any
+               ) -> tuple[np.ndarray, Geometry]:
     """Read a label sequence: like :func:`read_image` but returns ``(t, *s)`` int64.
 
     Values must be finite integers; 3D Slicer ``.seg.nrrd`` files are read as label maps
     (overlapping-segment files with several layers are merged when no voxel belongs to two
     segments, otherwise a :class:`DataError` says so).
     """
-    array, geometry = _read(path_or_paths, spatial_dims, label=True)
+    array, geometry = _read(path_or_paths, spatial_dims, label=True, **array_options)
     if array.shape[1] != 1:
         raise DataError(f"a label map has one channel, this file has {array.shape[1]}",
                         geometry.sources[0])
@@ -197,7 +218,9 @@ def output_path(geometry: Geometry, folder: PathLike, name: str) -> Path:
     folder = Path(folder)
     if geometry.format.endswith("-series"):
         return folder / name
-    default = {"nifti": ".nii.gz", "tiff": ".tif"}[geometry.format]
+    if geometry.format == "dicom":  # labels over DICOM images: NIfTI (or a DICOM-SEG, apart)
+        return folder / (name + ".nii.gz")
+    default = {"nifti": ".nii.gz", "tiff": ".tif", "numpy": ".npy"}[geometry.format]
     suffix = full_suffix(geometry.sources[0]) if geometry.sources else default
     return folder / (name + (suffix or default))
 
@@ -217,12 +240,25 @@ def output_files(geometry: Geometry, out: PathLike | Sequence[PathLike],
 
 # --------------------------------------------------------------------------------- dispatch
 
-def _read(path_or_paths, spatial_dims, label):
+def _read(path_or_paths, spatial_dims, label, **array_options):
     check_spatial_dims(spatial_dims, allow_none=True)
-    if isinstance(path_or_paths, (str, os.PathLike)) and Path(path_or_paths).is_dir():
-        path_or_paths = frame_files(path_or_paths, label)
-    fmt = detect_format(path_or_paths)
-    if fmt == "nifti":
+    one = isinstance(path_or_paths, (str, os.PathLike))
+    if one and Path(path_or_paths).is_dir():
+        fmt = "dicom" if _is_dicom_folder(Path(path_or_paths)) else None
+        if fmt is None:
+            path_or_paths = frame_files(path_or_paths, label)
+    else:
+        fmt = None
+    fmt = fmt or detect_format(path_or_paths)
+    if array_options and fmt != "numpy":
+        raise DataError(f"{sorted(array_options)} apply to NumPy (.npy/.npz) inputs only; this "
+                        f"input is {fmt} and carries its own geometry",
+                        path_or_paths if one else list(path_or_paths)[0])
+    if fmt == "dicom":
+        array, geometry = dicom.read_dicom(path_or_paths, label)
+    elif fmt == "numpy":
+        array, geometry = arrays.read_array(Path(path_or_paths), spatial_dims, **array_options)
+    elif fmt == "nifti":
         array, geometry = _read_nifti(Path(path_or_paths), label)
     elif fmt == "tiff":
         array, geometry = _read_tiff(Path(path_or_paths), label)
@@ -240,6 +276,13 @@ def _read(path_or_paths, spatial_dims, label):
             raise DataError(f"image has {int(bad.sum())} NaN/inf values (first in frame {t})",
                             _frame_source(geometry, t))
     return array, geometry
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    """A folder of DICOM files (and no NIfTI/NRRD frames)."""
+    if any(full_suffix(p) in FRAME_SUFFIXES for p in folder.iterdir()):
+        return False
+    return dicom.is_dicom(folder)
 
 
 def _frame_source(geometry, t):
@@ -301,7 +344,10 @@ def _outputs(geometry, out, frames, label):
     if not series:
         if is_dir or out.is_dir():
             src = Path(geometry.sources[0]).name if geometry.sources else "output"
+            if geometry.format in ("dicom", "numpy"):
+                return [output_path(geometry, out, Path(src).stem)]
             return [out / _renamed(src, geometry.format, label)]
+        _check_suffix(geometry, out)
         return [out]
     names = [Path(s).name for s in geometry.sources]
     if len(names) != frames or len(set(names)) != frames:
@@ -325,7 +371,9 @@ def _write(array, geometry, out, label):
                          f"geometry (t={geometry.frames}, spatial {geometry.spatial_shape})")
     array = _file_shape_array(array, geometry)
     paths = _outputs(geometry, out, t, label)
-    if geometry.format == "nifti":
+    if geometry.format in ("dicom", "numpy"):
+        _write_other(array, geometry, paths[0], label)
+    elif geometry.format == "nifti":
         _write_nifti(array, geometry, paths[0], label)
     elif geometry.format == "tiff":
         _write_tiff(array, geometry, paths[0], label)
@@ -336,6 +384,27 @@ def _write(array, geometry, out, label):
         for i, p in enumerate(paths):
             _write_nrrd(array[i], geometry, p, label)
     return paths
+
+
+def _check_suffix(geometry, path):
+    """Outputs over DICOM images are NIfTI; over NumPy arrays ``.npy`` / ``.npz``."""
+    suffix = full_suffix(path)
+    if geometry.format == "numpy" and suffix not in arrays.NUMPY_SUFFIXES:
+        raise DataError(f"the result for a NumPy input is written as .npy or .npz, not "
+                        f"{suffix or 'a name without a suffix'}", path)
+    if geometry.format == "dicom" and suffix not in NIFTI_SUFFIXES:
+        raise DataError(f"over DICOM images, results are written as NIfTI (.nii.gz) or, for "
+                        f"labels, as a DICOM Segmentation (.dcm: predict --output seg.dcm); "
+                        f"not {suffix or 'a name without a suffix'}", path)
+
+
+def _write_other(array, geometry, path, label):
+    """DICOM geometry: NIfTI over the same voxels; NumPy: ``.npy`` / ``.npz``."""
+    _check_suffix(geometry, path)
+    if geometry.format == "numpy":
+        arrays.write_array(array, path, label)
+    else:
+        _write_nifti(array, dicom.nifti_geometry(geometry), path, label)
 
 
 # --------------------------------------------------------------------------------- NIfTI

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from clstm4d._common import check_choice, check_int, check_spatial_dims
 from clstm4d.models.blocks import (
@@ -40,6 +41,7 @@ from clstm4d.models.blocks import (
     layer,
     pad_to_multiple,
 )
+from clstm4d.models.memattn import MemoryAttention
 from clstm4d.nn import ConvGRU, ConvLSTM
 
 __all__ = ["TimeResolvedUNet"]
@@ -57,6 +59,10 @@ RECOMPUTE_MIN_SHARE = 1 / 8
 CHANNELS_LAST_MIN_WIDTH = 32
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 CELLS = {"lstm": ConvLSTM, "gru": ConvGRU}
+#: ``cell=`` choices: the recurrent cells, and memory attention over a bank of past frames
+TEMPORAL_CELLS = (*CELLS, "attention")
+#: the bank of ``cell="attention"`` when ``bank`` is not given
+DEFAULT_BANK = 8
 
 
 def _positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
@@ -159,10 +165,33 @@ def check_sequence_input(owner: str, x: Tensor, spatial_dims: int, in_channels: 
                          f"{tuple(x.shape)}")
 
 
+def check_memory(owner: str, temporal: str, cell: Any, bidirectional: Any, bank: Any
+                 ) -> int | None:
+    """Validate ``cell`` and ``bank`` against the placement; returns the bank (None unless
+    ``cell="attention"``). Messages name the option and what is allowed."""
+    check_choice("cell", cell, TEMPORAL_CELLS, owner)
+    if cell != "attention":
+        if bank is not None:
+            raise ValueError(f"{owner}: bank={bank!r} is an option of cell='attention' only "
+                             f"(cell={cell!r} keeps its memory in its state); leave it out")
+        return None
+    if temporal == "none":
+        raise ValueError(f"{owner}: cell='attention' needs a place: temporal='bottleneck' or "
+                         "'skips' (temporal='none' has no temporal block)")
+    if bidirectional:
+        raise ValueError(f"{owner}: bidirectional=True is not available with cell='attention' "
+                         "(memory attention is causal: it attends over past frames only); use "
+                         "cell='lstm' or 'gru' for a bidirectional model")
+    bank = DEFAULT_BANK if bank is None else bank
+    return _positive_int(owner, "bank", bank)
+
+
 class _Recurrence(nn.Module):
-    """A one-layer ConvLSTM/ConvGRU keeping the width; a 1x1 convolution folds the two
-    directions back to ``channels`` when bidirectional. Under autocast its convolutions run
-    in the autocast dtype and its state in float32 (see :class:`clstm4d.ConvLSTM`).
+    """The temporal block of one level, keeping the width: a one-layer ConvLSTM/ConvGRU (a 1x1
+    convolution folds the two directions back to ``channels`` when bidirectional) or
+    :class:`~clstm4d.models.memattn.MemoryAttention` over a bank of past frames (``pool``: its
+    memory tokens' window). Under autocast the convolutions run in the autocast dtype and the
+    recurrent state in float32 (see :class:`clstm4d.ConvLSTM`).
 
     Shape:
         ``(n, t, c, *s)`` -> ``(n, t, c, *s)``.
@@ -171,25 +200,30 @@ class _Recurrence(nn.Module):
     def __init__(self, spatial_dims: int, channels: int, cell: str,
                  kernel_size: int | tuple[int, ...],
                  bidirectional: bool, recompute: bool, backend: str = "auto",
-                 fusion: str = "replace") -> None:
+                 fusion: str = "replace", bank: int = 8, pool: tuple[int, ...] = (1,)) -> None:
         super().__init__()
         self.cell = cell
-        self.rnn = CELLS[cell](spatial_dims, channels, channels, kernel_size,
-                               bidirectional=bidirectional, recompute=recompute,
-                               backend=backend)
+        self.recompute = recompute and cell == "attention"  # the RNNs recompute themselves
+        self.rnn = (MemoryAttention(spatial_dims, channels, bank, pool) if cell == "attention"
+                    else CELLS[cell](spatial_dims, channels, channels, kernel_size,
+                                     bidirectional=bidirectional, recompute=recompute,
+                                     backend=backend))
         self.proj = (layer("conv", spatial_dims, 2 * channels, channels, kernel_size=1)
                      if bidirectional else None)
         self.gate = (layer("conv", spatial_dims, 2 * channels, channels, kernel_size=1)
                      if fusion == "gated" else None)
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
-        y, state = self.rnn(x, state)  # (n, t, D*c, *s)
+        if self.recompute and torch.is_grad_enabled():
+            y, state = _checkpoint(self.rnn, x, state, use_reentrant=False)
+        else:
+            y, state = self.rnn(x, state)  # (n, t, D*c, *s)
         if self.proj is not None:
-            y = self.proj(y.flatten(0, 1)).unflatten(0, y.shape[:2])  # (n, t, c, *s)
+            y = self.proj(y.flatten(0, 1)).unflatten(0, (-1, y.shape[1]))  # (n, t, c, *s)
         if self.gate is not None:  # per frame and voxel: how much of the memory to take
             y = y.to(x.dtype)
             g = torch.sigmoid(self.gate(torch.cat([x, y], 2).flatten(0, 1)))  # (n*t, c, *s)
-            y = torch.lerp(x, y, g.unflatten(0, y.shape[:2]).to(y.dtype))
+            y = torch.lerp(x, y, g.unflatten(0, (-1, y.shape[1])).to(y.dtype))
         return y, state
 
 
@@ -206,7 +240,13 @@ class TimeResolvedUNet(nn.Module):
         out_channels: classes ``k`` (softmax over them; class 0 = background).
         channels: widths per level; ``len(channels) - 1`` poolings. Default ``(16, 32, 64, 128)``.
         temporal: ``"bottleneck"``, ``"skips"`` or ``"none"``. Default ``"bottleneck"``.
-        cell: ``"lstm"`` or ``"gru"``. Default ``"lstm"``.
+        cell: ``"lstm"``, ``"gru"`` or ``"attention"``
+            (:class:`~clstm4d.models.memattn.MemoryAttention`: every frame attends over its own
+            and the last ``bank`` frames' features; not bidirectional; at a level above the
+            bottleneck its memory tokens are pooled to the bottleneck's grid). Default
+            ``"lstm"``.
+        bank: frames of memory of ``cell="attention"`` (an int >= 1; default
+            :data:`DEFAULT_BANK`); only with that cell.
         bidirectional: run the recurrence both ways (offline analysis; not streamable; a 1x1
             convolution merges the two directions). Default False.
         rnn_kernel_size: kernel of the recurrent convolutions on the axes where the level's
@@ -272,6 +312,7 @@ class TimeResolvedUNet(nn.Module):
         kernel_sizes: Sequence[int | Sequence[int]] | None = None,
         backend: str = "auto",
         fusion: str = "replace",
+        bank: int | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -280,7 +321,7 @@ class TimeResolvedUNet(nn.Module):
         strides, kernels = check_strides_kernels(owner, spatial_dims, len(channels), strides,
                                                  kernel_sizes)
         check_choice("temporal", temporal, TEMPORAL, owner)
-        check_choice("cell", cell, tuple(CELLS), owner)
+        bank = check_memory(owner, temporal, cell, bidirectional, bank)
         check_choice("fusion", fusion, FUSIONS, owner)
         _positive_int(owner, "rnn_kernel_size", rnn_kernel_size)
         self.spatial_dims = spatial_dims
@@ -309,13 +350,13 @@ class TimeResolvedUNet(nn.Module):
             "rnn_kernel_size": rnn_kernel_size, "norm": norm, "act": act,
             "dropout": float(dropout), "recompute": bool(recompute),
             "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
-            "backend": backend, "fusion": fusion,
+            "backend": backend, "fusion": fusion, "bank": bank,
         }
 
-        self._build(norm, act, dropout, cell, rnn_kernel_size, backend, fusion)
+        self._build(norm, act, dropout, cell, rnn_kernel_size, backend, fusion, bank)
 
     def _build(self, norm: str, act: str, dropout: float, cell: str, rnn_kernel_size: int,
-               backend: str, fusion: str) -> None:
+               backend: str, fusion: str, bank: int | None) -> None:
         """The encoder and decoder stages, the head, and the recurrence at its levels."""
         d, channels, strides, kernels = (self.spatial_dims, self.channels, self.strides,
                                          self.kernel_sizes)
@@ -340,7 +381,8 @@ class TimeResolvedUNet(nn.Module):
                                     tuple(rnn_kernel_size if k > 1 else 1
                                           for k in kernels[level]),
                                     self.bidirectional, level in self._recompute_levels,
-                                    backend, fusion)
+                                    backend, fusion, bank or DEFAULT_BANK,
+                                    total_strides(strides[level:], d))
             for level in levels
         })
 
@@ -402,7 +444,7 @@ class TimeResolvedUNet(nn.Module):
         for level, stage in enumerate(self.encoder):
             h = stage(h, level in ckpt, self._chunkable)  # (n*t, c_level, *s_level)
             if str(level) in self.recurrence:
-                seq = h.unflatten(0, (n, t)).contiguous()  # (n, t, c_level, *s_level)
+                seq = h.unflatten(0, (-1, t)).contiguous()  # (n, t, c_level, *s_level)
                 seq, st = self.recurrence[str(level)](seq, states[len(new_states)])
                 new_states.append(st)
                 h = seq.flatten(0, 1).contiguous(memory_format=layout)
@@ -413,7 +455,7 @@ class TimeResolvedUNet(nn.Module):
         for j in reversed(range(len(self.decoder))):  # the head runs inside the last stage
             h = self.decoder[j](h, skips.pop(), j in ckpt, self._chunkable,
                                 head=self.head if j == 0 else None)
-        logits = crop_to(h, size).unflatten(0, (n, t)).contiguous()  # (n, t, k, *s)
+        logits = crop_to(h, size).unflatten(0, (-1, t)).contiguous()  # (n, t, k, *s)
         if return_state:
             return logits, tuple(new_states)
         return logits

@@ -157,7 +157,7 @@ def reference_direction(spec: Spec, x, mask, h0, c0, w_ih, b_x, w_hh, b_hh, peep
     else:
         # hoisted input convolution over all frames: (n*t, c, *s) -> (n, t, g*h, *s)
         gates_x = gate_conv(x.flatten(0, 1), w_ih, b_x, spec.pad, spec.dilation,
-                            spec.dtype).unflatten(0, (n, t))
+                            spec.dtype).unflatten(0, (-1, t))  # -1: batch symbolic in ONNX
     outputs: list[Tensor | None] = [None] * t
     for ti in (range(t - 1, -1, -1) if spec.reverse else range(t)):
         m = None if mask is None else mask[:, ti]

@@ -34,6 +34,7 @@ from clstm4d.engine.evaluation.plots import overlay_montage, plot_dice_per_frame
 from clstm4d.engine.inference.predictor import Predictor
 from clstm4d.engine.run.config import Config
 from clstm4d.engine.run.folders import OutputFolder
+from clstm4d.engine.run.progress import check_threads
 from clstm4d.engine.training.loop import TrainResult
 from clstm4d.engine.training.train import train
 from clstm4d.errors import Preempted, UserError
@@ -105,7 +106,7 @@ def default_threads() -> int:
 def _train_child(cfg_dict: dict[str, Any], threads: int, queue) -> None:
     """Train in a child process; send back the result (or the error message)."""
     try:
-        torch.set_num_threads(threads)
+        check_threads(threads, warn=False)  # the parent has warned
         cpu0 = time.process_time()
         # the demo owns its run folders: a second demo trains them again from step 0
         res = train(Config.from_dict(cfg_dict), progress_validation=False, overwrite=True)
@@ -114,6 +115,8 @@ def _train_child(cfg_dict: dict[str, Any], threads: int, queue) -> None:
                           "cpu": time.process_time() - cpu0}))
     except (UserError, OSError, Preempted) as e:  # the parent raises a user error
         queue.put(("user", str(e)))
+    except MemoryError as e:  # ... and this as a MemoryError, which the CLI explains
+        queue.put(("memory", f"while training: {e}" if str(e) else "while training"))
     except BaseException as e:
         queue.put(("error", f"{type(e).__name__}: {e}"))
         raise
@@ -142,6 +145,8 @@ def _train_isolated(cfg: Config, threads: int):
     proc.join()
     if status == "user":
         raise UserError(payload)
+    if status == "memory":
+        raise MemoryError(payload)
     if status != "ok":
         raise RuntimeError(f"training failed in the child process: {payload}")
     res = TrainResult(Path(payload["checkpoint"]), payload["steps"], payload["seconds"],
@@ -162,7 +167,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = _say_default) -> di
     with OutputFolder(opts.out, "demo", overwrite=opts.overwrite):
         t0 = time.perf_counter()
         _resolve(opts)
-        torch.set_num_threads(opts.threads or default_threads())
+        check_threads(opts.threads or default_threads())
         out = Path(opts.out)
         datalist_path, labelled = _write_data(opts, out, say)
         dl = load_datalist(datalist_path)
@@ -186,6 +191,8 @@ def _resolve(opts: DemoOptions) -> None:
     for key, value in DIMS_DEFAULTS[opts.dims].items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
+    if opts.threads is not None and opts.threads < 1:
+        raise UserError(f"demo: --threads must be >= 1, got {opts.threads}")
     if min(opts.steps, opts.cases, opts.test, opts.batch_size) < 1 or opts.frames < 2:
         raise UserError("demo: steps, cases, test and batch size must be >= 1, frames >= 2")
     if opts.labelled_frames is not None and not 1 <= opts.labelled_frames <= opts.frames:
@@ -252,13 +259,13 @@ def _evaluate(results: dict[str, Any], test_cases, dl, out: Path
             ev = evaluate_sequence(pred, c.label, dl.num_classes, spacing=c.geometry.spacing,
                                    degraded=c.meta.get("degraded", []),
                                    degradation=c.meta.get("degradation", []),
-                                   class_names=class_names)
+                                   class_names=class_names, unit=c.geometry.space_unit)
             per_case.append({"case": c.name, **ev.summary()})
             frames_all += [{"case": c.name, **row} for row in ev.rows]
             if c is test_cases[0]:
                 showcase["preds"][name] = pred
                 showcase["curves"][name] = [row["dice"] for row in ev.rows]
-        write_frames_csv(frames_all, out / f"frames_{r['slug']}.csv")
+        write_frames_csv(frames_all, out / f"frames_{r['slug']}.csv", ev.units())
         models[name] = _model_entry(r, per_case, frames_all, time.perf_counter() - t_eval)
     return models, showcase
 
@@ -271,9 +278,9 @@ def _model_entry(r: dict[str, Any], per_case: list[dict[str, Any]],
     return {
         "model": r["predictor"].run.model_spec.to_dict(),
         "parameters": int(sum(p.numel() for p in r["predictor"].model.parameters())),
-        "dice": float(dice.mean()),
-        "dice_degraded": float(dice[corr].mean()) if corr.any() else float("nan"),
-        "dice_clean": float(dice[~corr].mean()) if (~corr).any() else float("nan"),
+        "dice": nanmean(dice),
+        "dice_degraded": nanmean(dice[corr]),
+        "dice_clean": nanmean(dice[~corr]),
         "dice_by_degradation": dice_by_degradation(frames_all),
         "hd95": nanmean(c["hd95"] for c in per_case),
         "volume_change_error": nanmean(c["volume_change_error"] for c in per_case),

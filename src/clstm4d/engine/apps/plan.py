@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from clstm4d._common import atomic_write_text
+from clstm4d._common import atomic_write_text, human_bytes
 from clstm4d.engine.planning.fingerprint import fingerprint
-from clstm4d.engine.planning.memory import GiB, meta_model, parse_memory, step_macs
+from clstm4d.engine.planning.memory import meta_model, parse_memory, step_macs
 from clstm4d.engine.planning.planner import (
     MAX_BATCH,
     MIN_WINDOW,
@@ -117,7 +117,7 @@ def run_plan(*, memory: str | int | None = None, datalist: str | None = None,
         dev = resolve_device(device)
     budget = available_memory(dev) if memory is None else parse_memory(memory)
     if memory is None:
-        say(f"budget: {budget / GiB:.2f} GiB free on {dev} (set --memory to plan for another)")
+        say(f"budget: {human_bytes(budget)} free on {dev} (set --memory to plan for another)")
     fp = None
     if datalist is not None:
         def progress(i, n, name):
@@ -159,11 +159,11 @@ def capacity_lines(plan: Plan, model: str, shape: str) -> list[str]:
     """The ``--shape`` table: the largest patch per window that fits the plan's budget."""
     frames = parse_shape(shape)[0]
     lines = [f"largest patch per window (batch 1, {plan.precision}, "
-             f"{plan.budget / GiB:.1f} GiB with the margin left free):"]
+             f"{human_bytes(plan.budget)} with the margin left free):"]
     for row in capacity(plan.budget, model, frames, plan.median_shape, device=plan.device,
                         precision=plan.precision):
         roi = " x ".join(map(str, row["roi"])) if row["roi"] else "does not fit"
-        extra = f" ({row['predicted_gib']} GiB)" if row["roi"] else ""
+        extra = f" ({human_bytes(row['predicted_bytes'])})" if row["roi"] else ""
         lines.append(f"  window {row['window']:>3}, recompute "
                      f"{'on ' if row['recompute'] else 'off'}: {roi}{extra}")
     return lines

@@ -37,18 +37,24 @@ import torch
 
 from clstm4d._common import per_axis
 from clstm4d.data import (
+    array_geometry,
+    check_segmentation_output,
     normalize_intensity,
     read_image,
     resample_image,
     target_shape,
+    to_grey,
     write_label,
+    write_segmentation,
 )
 from clstm4d.engine.run.checkpoint import Checkpoint
-from clstm4d.engine.run.config import PredictConfig, SavedRun
-from clstm4d.engine.run.folders import check_label_outputs
+from clstm4d.engine.run.config import PredictConfig, SavedRun, check_values
+from clstm4d.engine.run.folders import check_label_outputs, check_outputs
+from clstm4d.engine.run.progress import Progress
 from clstm4d.engine.run.runtime import amp_dtype, resolve_device
 from clstm4d.errors import ConfigError, UserError
 
+from .onnx_model import is_onnx, load_onnx
 from .sliding import predict_sequence
 
 __all__ = ["Predictor"]
@@ -86,11 +92,11 @@ class Predictor:
             raise ConfigError(f"Predictor: unknown prediction setting(s) {unknown}; "
                               f"known: {list(OVERRIDABLE)}")
         self.run = run
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given = check_values("predict", {k: v for k, v in overrides.items() if v is not None})
         self.settings: PredictConfig = dataclasses.replace(run.config.predict, **given)
         if self.settings.roi is not None:
-            self.settings.roi = list(per_axis("roi", self.settings.roi, self.spatial_dims,
-                                              error=ConfigError))
+            self.settings.roi = list(per_axis("'predict.roi'", self.settings.roi,
+                                              self.spatial_dims, error=ConfigError))
         if isinstance(device, torch.device):
             self.device = device
         else:
@@ -103,7 +109,14 @@ class Predictor:
                         device: str | torch.device | None = None, amp: str | None = None,
                         **overrides: Any) -> Predictor:
         """Rebuild the model saved in ``checkpoint`` (a checkpoint folder, its
-        ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor."""
+        ``model.safetensors`` or a run folder) and wrap it; arguments as the constructor.
+        An ``.onnx`` file (``clstm4d export --format onnx``) runs with onnxruntime
+        (:mod:`~clstm4d.engine.inference.onnx_model`) through the same windows and chunks;
+        the rest (blending, resampling) then runs on the CPU unless ``device`` says
+        otherwise."""
+        if is_onnx(checkpoint):
+            model, run = load_onnx(checkpoint)
+            return cls(model, run, device=device or "cpu", amp=amp, **overrides)
         opened = Checkpoint.open(checkpoint)
         return cls(opened.build_model(), opened.saved, device=device, amp=amp, **overrides)
 
@@ -154,32 +167,48 @@ class Predictor:
                 f"{self.spatial_dims} spatial axes"
             )
         if image.shape[1] != self.in_channels:
+            hint = ("; for a colour cine and a grey-scale model pass --grey (predict_file(..., "
+                    "grey=True), or clstm4d.data.to_grey)"
+                    if image.shape[1] == 3 and self.in_channels == 1 else "")
             raise UserError(
                 f"{name} has {image.shape[1]} channel(s) per frame but the model expects "
-                f"{self.in_channels} (in_channels)"
+                f"{self.in_channels} (in_channels){hint}"
             )
         image = resample_image(image, self.model_shape(image.shape[2:], geometry, name))
         x = normalize_intensity(image, self.run.config.data.normalize)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
     # ------------------------------------------------------------------ prediction
-    def predict_array(self, image: np.ndarray, geometry: Any = None, *, name: str = "input",
-                      return_probs: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Segment every frame of ``image (t, c, *s)``.
+    def predict_array(self, image: np.ndarray, geometry: Any = None, *,
+                      spacing: float | Sequence[float] | None = None, name: str = "input",
+                      return_probs: bool = False, progress: bool = False
+                      ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Segment every frame of ``image (t, c, *s)``: a NumPy array in memory, or one read
+        with :func:`~clstm4d.data.read_image`.
 
         Args:
             image: the raw intensities (normalised here as in training).
             geometry: the image's :class:`~clstm4d.data.Geometry` (where the voxels lie):
                 when the model was trained at a voxel spacing (``data.spacing``), the image is
                 resampled to it, and the probabilities back to the image's grid before the
-                labels are taken. ``None``: the image is taken to be at that spacing.
+                labels are taken. ``None``: the image is taken to be at that spacing, unless
+                ``spacing`` is given.
+            spacing: instead of ``geometry``, for an array: its voxel size per spatial axis
+                (in the array's axis order; one number for all), e.g.
+                ``predictor.predict_array(cine, spacing=(1.5, 1.5))``.
             name: how errors name this image.
             return_probs: also return the class probabilities ``(t, k, *s)`` float32.
+            progress: show the frames done on a terminal (a bar; nothing in a redirected
+                log: :class:`~clstm4d.engine.run.progress.Progress`).
 
         Returns:
             Labels ``(t, *s)`` (``uint8``, or ``int64`` beyond 255 classes) on the image's grid,
             and the probabilities when ``return_probs``.
         """
+        if spacing is not None:
+            if geometry is not None:
+                raise UserError(f"{name}: give geometry or spacing, not both")
+            geometry = array_geometry(np.shape(image), spacing, source=name)
         x = self.prepare(image, name, geometry)  # (t, c, *s at the training spacing)
         grid = tuple(np.shape(image)[2:])
         resampled = tuple(x.shape[2:]) != grid
@@ -190,21 +219,34 @@ class Predictor:
                 # one time chunk's probabilities onto the image's grid, frame by frame
                 return torch.from_numpy(resample_image(p.numpy(), grid))
 
-        out = predict_sequence(self.model, x, roi=s.roi, overlap=s.overlap, chunk=s.chunk,
-                               time_margin=s.time_margin, sw_batch_size=s.sw_batch_size,
-                               mode=s.mode, device=self.device, amp_dtype=self.amp_dtype,
-                               return_probs=return_probs, chunk_probs=back)
+        with Progress(len(x), desc=f"predict {name}", unit="frame", enabled=progress,
+                      log_lines=False) as bar:  # a bar on a terminal, nothing in a log
+            out = predict_sequence(self.model, x, roi=s.roi, overlap=s.overlap, chunk=s.chunk,
+                                   time_margin=s.time_margin, sw_batch_size=s.sw_batch_size,
+                                   mode=s.mode, device=self.device, amp_dtype=self.amp_dtype,
+                                   return_probs=return_probs, chunk_probs=back,
+                                   progress=bar.update)
         return (out[0].numpy(), out[1].numpy()) if return_probs else out.numpy()
 
     def predict_file(self, input: str | os.PathLike | Sequence[str | os.PathLike],
-                     output: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
+                     output: str | os.PathLike, *, overwrite: bool = False,
+                     progress: bool = False, grey: bool = False,
+                     **array_options: Any) -> list[Path]:
         """Read a sequence, segment it and write the labels in its format and geometry.
 
         Args:
-            input: one 4D file (NIfTI, TIFF), a folder of per-frame files, or their list.
-            output: a file for single-file formats, a folder for per-frame series.
+            input: one 4D file (NIfTI, TIFF, NumPy), a folder of per-frame files, or their
+                list; a DICOM cine (one multi-frame file, or one series: a folder or list).
+            output: a file for single-file formats, a folder for per-frame series. Over DICOM
+                input: ``.dcm`` writes a DICOM Segmentation referencing the source instances
+                (segments named after the checkpoint's labels), ``.nii.gz`` a NIfTI label map.
             overwrite: replace an existing output file (or write into a non-empty output
                 folder). An output that is one of the inputs is refused even so.
+            progress: show the frames done (see :meth:`predict_array`).
+            grey: turn a colour (RGB) image into one luminance channel first
+                (:func:`~clstm4d.data.to_grey`), for a grey-scale model on colour cine.
+            array_options: NumPy inputs: ``axes``, ``spacing``, ``time_interval`` (see
+                :func:`~clstm4d.data.arrays.read_array`).
 
         Returns:
             The files written.
@@ -220,7 +262,25 @@ class Predictor:
         for f in paths:
             if not Path(f).exists():
                 raise UserError(f"input not found: {f}")
-        image, geometry = read_image(paths[0] if len(paths) == 1 else paths, self.spatial_dims)
-        check_label_outputs(geometry, output, inputs=paths, overwrite=overwrite)
-        labels = self.predict_array(image, geometry, name=str(paths[0]))
+        options = {k: v for k, v in array_options.items() if v is not None}
+        image, geometry = read_image(paths[0] if len(paths) == 1 else paths, self.spatial_dims,
+                                     **options)
+        segmentation = str(output).lower().endswith(".dcm")  # a DICOM Segmentation
+        if segmentation:
+            check_segmentation_output(geometry, output)
+            check_outputs([output], [*geometry.sources, *(p for p in paths if Path(p).is_file())],
+                          overwrite=overwrite)
+        else:
+            check_label_outputs(geometry, output, inputs=paths, overwrite=overwrite)
+        if grey:
+            image = to_grey(image, str(paths[0]))
+        labels = self.predict_array(image, geometry, name=str(paths[0]), progress=progress)
+        if segmentation:
+            return [write_segmentation(labels, geometry, output, self.class_names)]
         return write_label(labels, geometry, output)
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Class value -> name for the classes the model predicts (the checkpoint's labels;
+        ``class N`` where it has none)."""
+        return {k: self.run.labels.get(k, f"class {k}") for k in range(self.num_classes)}

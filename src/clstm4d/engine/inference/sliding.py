@@ -82,6 +82,7 @@ def predict_sequence(
     amp_dtype: torch.dtype | None = None,
     return_probs: bool = False,
     chunk_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Segment every frame of one sequence.
 
@@ -107,6 +108,7 @@ def predict_sequence(
             *out)`` before its labels are taken (the Predictor resamples them back to the
             input's grid here), so that only one chunk is held at the model's grid; labels
             and probabilities are then ``(t, *out)`` and ``(t, k, *out)``.
+        progress: called with the number of frames after each time chunk is done.
 
     Returns:
         Labels ``(t, *s)`` as ``uint8`` (``int64`` beyond 255 classes), and the probabilities
@@ -138,6 +140,8 @@ def predict_sequence(
         labels[t0:t0 + tc] = p.argmax(1).to(labels.dtype)
         if return_probs:
             probs_all[t0:t0 + tc] = p
+        if progress is not None:
+            progress(tc)
     return (labels, probs_all) if return_probs else labels
 
 

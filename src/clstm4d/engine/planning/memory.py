@@ -110,6 +110,10 @@ CONSTANTS = {
 #: float32 logits, their softmax and log-softmax, and the one-hot labels.
 LOSS_BYTES_PER_LOGIT = 16
 _GATES = {"lstm": 4, "gru": 3}
+#: what memory attention keeps per element of its level's map: (maps in the activation
+#: dtype, maps in float32): fitted to autograd's saved tensors (tests/test_engine_plan.py)
+#: in float32 and bf16 (its layer norms' statistics and time-encoded keys aside)
+ATTENTION_PER_ELEMENT = (11.9, 1.35)
 
 
 @dataclass
@@ -223,6 +227,7 @@ class _Step:
         self.model, self.device, self.const = model, device, CONSTANTS[device]
         cfg = unet.config
         self.folded = batch if self.tac else batch * window  # items of the per-frame network
+        self.batch, self.window = batch, window
         self.sizes = [math.prod(s) for s in level_shapes(roi, unet.strides)]
         self.elems = [self.folded * c * s
                       for c, s in zip(unet.channels, self.sizes, strict=True)]  # E_l
@@ -271,12 +276,13 @@ class _Step:
         if str(lv) not in unet.recurrence:
             return 0, 0, 0.0
         directions = 2 if unet.bidirectional else 1
-        if lv in unet.recompute_levels:  # the output, and the float32 state every few frames
-            per_dir = a + 4 / RECOMPUTE_FRAMES
+        if unet.config["cell"] == "attention":
+            rnn = self.attention(lv)
+        elif lv in unet.recompute_levels:  # the output, and the float32 state every few frames
+            rnn = directions * (a + 4 / RECOMPUTE_FRAMES) * e
         else:  # the activated gates (float32: the gate update runs in float32), the output
             #     and the cell state / GRU candidate part (activation dtype)
-            per_dir = 4 * _GATES[unet.config["cell"]] + 2 * a
-        rnn = directions * per_dir * e
+            rnn = directions * (4 * _GATES[unet.config["cell"]] + 2 * a) * e
         if unet.bidirectional:
             rnn += 2 * a * e  # the two directions concatenated for the 1x1 merge
         if unet.config.get("fusion") == "gated":  # the gate's input [x, y], its sigmoid, mix
@@ -288,6 +294,24 @@ class _Step:
         # weight-gradient temporaries
         workspace = self.const.recurrence * 4 * e + self.const.recurrence_weights * 4 * weights
         return rnn, weights, workspace
+
+    def attention(self, lv: int) -> float:
+        """Saved bytes of the memory attention at level ``lv``: per element of the level's map
+        its normalised input, projections, rotated queries, attention output, residual and
+        MLP (:data:`ATTENTION_PER_ELEMENT`); per frame the keys and values of the frames it
+        attends over (with their time encoding); the pooled memory above the bottleneck.
+        A recomputed level keeps its input only (the stage output, counted there)."""
+        unet, a, e = self.unet, self.a, self.elems[lv]
+        if lv in unet.recompute_levels:
+            return 0.0
+        low, fp32 = ATTENTION_PER_ELEMENT
+        pooled = self.sizes[-1]  # memory tokens per frame: the bottleneck's grid
+        bank = unet.config["bank"]
+        attended = sum(min(j + 1, bank + 1) for j in range(self.window))  # frames, all queries
+        keys = 2 * a * self.batch * unet.channels[lv] * pooled * attended
+        pool = 2 * a * self.folded * unet.channels[lv] * pooled if lv < len(self.sizes) - 1 \
+            else 0
+        return (low * a + fp32 * 4) * e + keys + pool
 
     def levels(self, gradients: int) -> tuple[list[int], int, int]:
         """Saved bytes per level, the largest recomputed piece, and the peak during the
@@ -417,4 +441,19 @@ def step_macs(model_config: Any, roi: Sequence[int], window: int, batch: int,
         forward += macs
         if level in unet.recompute_levels:
             recomputed += macs
+    if unet.config["cell"] == "attention":
+        for level in map(int, unet.recurrence):
+            macs = _attention_macs(unet, level, sizes, batch, window)
+            forward += macs
+            recomputed += macs if level in unet.recompute_levels else 0
     return 3 * forward + recomputed
+
+
+def _attention_macs(unet, level: int, sizes: Sequence[int], batch: int, window: int) -> float:
+    """Multiply-accumulates of one forward of the memory attention at ``level``: per query
+    token its projections, output and MLP (6 c^2); per memory token its keys and values, own
+    and for the bank (4 c^2); and the attention itself (2 c per query and key token: the
+    frame's own tokens and the bank's, at most ``bank`` frames)."""
+    c, q, p = unet.channels[level], sizes[level], sizes[-1]
+    attended = sum(min(j + 1, unet.config["bank"] + 1) for j in range(window))
+    return batch * (window * (6 * c * c * q + 4 * c * c * p) + 2 * c * q * p * attended)

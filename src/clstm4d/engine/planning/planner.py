@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from clstm4d._common import human_bytes
 from clstm4d.data import target_shape
 from clstm4d.errors import ConfigError, UserError
 from clstm4d.models import TimeAsChannelsUNet
@@ -84,7 +85,6 @@ class Plan:
         }
 
     def rows(self) -> list[tuple[str, str]]:
-        gib = 2**30
         time = ("not measured" if self.step_seconds is None
                 else f"{self.step_seconds:.2f} s (measured calibration, scaled by conv MACs)")
         out = [("model", self.model),
@@ -98,8 +98,8 @@ class Plan:
                ("kernel sizes", str(self.kernel_sizes)),
                ("recompute activations", "on" if self.recompute else "off"),
                ("precision", self.precision),
-               ("predicted peak", f"{self.predicted / gib:.2f} GiB"),
-               ("budget", f"{self.budget / gib:.2f} GiB ({self.device}); "
+               ("predicted peak", human_bytes(self.predicted)),
+               ("budget", f"{human_bytes(self.budget)} ({self.device}); "
                           f"{100 * self.share:.0f}% used, margin {100 * MARGIN:.0f}%"),
                ("predicted step time", time)]
         return out
@@ -233,13 +233,15 @@ class _Search:
         return roi, window, batch
 
     def too_small(self, ckpt: bool) -> UserError:
-        window = 1 if not self.tac else self.w0
+        window = self.w0  # the smallest candidate the search tries
         need = self.cost(self.floor, window, 1, ckpt)
+        need = need / (1 - MARGIN)
         return UserError(
-            f"--memory {self.budget / 2**30:.2f} GiB is too small: the smallest plan for model "
+            f"--memory {human_bytes(self.budget)} is too small: the smallest plan for model "
             f"'{self.model}' (roi {fmt_shape(self.floor)}, window {window}, batch 1, "
-            f"recomputation, {self.precision}) needs about "
-            f"{need / (1 - MARGIN) / 2**30:.2f} GiB with the {100 * MARGIN:.0f}% margin")
+            f"recomputation, {self.precision}) needs about {human_bytes(need)} with the "
+            f"{100 * MARGIN:.0f}% margin: give --memory "
+            f"{human_bytes(need, round_up=True, sep='')} or more")
 
 
 def plan_from_fingerprint(fp: Fingerprint, budget: int, *, model: str = "tiny",
@@ -276,8 +278,9 @@ def capacity(budget: int, model: str, frames: int, spatial: Sequence[int], *,
                               device=device, precision=precision, min_window=w, max_batch=1,
                               recompute=ckpt)
                 rows.append({"recompute": ckpt, "window": w, "roi": p.roi,
-                             "predicted_gib": round(p.predicted / GiB, 2)})
+                             "predicted_gib": round(p.predicted / GiB, 2),
+                             "predicted_bytes": p.predicted})
             except UserError:
                 rows.append({"recompute": ckpt, "window": w, "roi": None,
-                             "predicted_gib": None})
+                             "predicted_gib": None, "predicted_bytes": None})
     return rows

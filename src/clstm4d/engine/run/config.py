@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -30,7 +31,7 @@ from typing import Any
 from clstm4d.errors import ConfigError
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "ModelSpec", "PredictConfig", "SavedRun",
-           "TrainConfig", "load_config"]
+           "TrainConfig", "check_values", "load_config", "load_yaml"]
 
 
 @dataclass
@@ -49,6 +50,8 @@ class ModelConfig:
     temporal: str | None = None
     cell: str | None = None
     bidirectional: bool | None = None
+    #: frames of memory of ``cell: attention`` (only with that cell)
+    bank: int | None = None
     #: per-level, per-axis pooling strides (L - 1 entries) and conv kernels (L entries), in
     #: the arrays' axis order; each entry an int (all axes) or one int per axis
     strides: list[int | list[int]] | None = None
@@ -175,6 +178,7 @@ def _renamed(section: str, key: str) -> str:
 _RANGES: dict[str, tuple] = {
     "model.spatial_dims": (1, 3, True, True), "model.in_channels": (1, None, True, True),
     "model.out_channels": (2, None, True, True), "model.channels": (1, None, True, True),
+    "model.bank": (1, None, True, True),
     "data.window": (1, None, True, True), "data.roi": (1, None, True, True),
     "data.spacing": (0, None, False, True), "data.batch_size": (1, None, True, True),
     "data.foreground_prob": (0, 1, True, True), "data.num_workers": (0, None, True, True),
@@ -223,28 +227,32 @@ class Config:
             raise ConfigError(
                 f"configuration must be a mapping of sections, got {type(raw).__name__}"
             )
+        errors: list[str] = []
         merged: dict[str, dict[str, Any]] = {}
         for section, entries in raw.items():
             if section not in _SECTIONS:
-                raise ConfigError(
-                    f"unknown section '{section}' (known sections: {', '.join(_SECTIONS)})"
-                )
-            if entries is None:
-                entries = {}
-            if not isinstance(entries, dict):
-                raise ConfigError(f"section '{section}' must be a mapping, got {entries!r}")
-            merged[section] = {_renamed(section, k): v for k, v in entries.items()}
-        pairs = [(*_parse_override(item), item) for item in overrides or []]
+                errors.append(f"unknown section '{section}' (known sections: "
+                              f"{', '.join(_SECTIONS)})")
+            elif entries is not None and not isinstance(entries, dict):
+                errors.append(f"section '{section}' must be a mapping, got {entries!r}")
+            else:
+                merged[section] = {_renamed(section, k): v for k, v in (entries or {}).items()}
+        pairs = []
+        for item in overrides or []:
+            try:
+                pairs.append((*_parse_override(item), item))
+            except ConfigError as e:
+                errors.append(str(e))
         pairs += [(key, value, key) for key, value in (values or {}).items() if value is not None]
         for key, value, given in pairs:
             section, _, name = key.partition(".")
             if section not in _SECTIONS or not name:
-                raise ConfigError(
-                    f"override '{given}' must look like SECTION.KEY=VALUE with SECTION one of "
-                    f"{', '.join(_SECTIONS)}"
-                )
+                errors.append(f"override '{given}' must look like SECTION.KEY=VALUE with "
+                              f"SECTION one of {', '.join(_SECTIONS)}")
+                continue
             merged.setdefault(section, {})[_renamed(section, name)] = value
-        kwargs = {s: _build(_SECTIONS[s], s, merged.get(s, {})) for s in _SECTIONS}
+        kwargs = {s: _build(_SECTIONS[s], s, merged.get(s, {}), errors) for s in _SECTIONS}
+        _raise_all(errors)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -384,40 +392,107 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        import yaml
-
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"cannot parse config file {p}: {e}".splitlines()[0]) from None
+        raw = load_yaml(p.read_text(), str(p))
     return Config.from_dict(raw, overrides, values)
+
+
+@functools.cache
+def _yaml_loader():
+    """A ``yaml.SafeLoader`` that reads numbers as a person writes them: YAML 1.1 (PyYAML)
+    takes ``1e-3`` (no dot, or no sign in the exponent) for a string; this loader takes every
+    decimal float YAML 1.2 allows (``1e-3``, ``1E5``, ``.5e3``, ``-2.5e+4``) for a float."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"""),
+        list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(text: str, source: str = "YAML") -> Any:
+    """Parse ``text`` (YAML 1.1 as PyYAML reads it, with numbers in scientific notation read
+    as numbers, see :func:`_yaml_loader`); a syntax error becomes a one-line
+    :class:`ConfigError` naming ``source`` and the line.
+
+    Examples:
+        >>> load_yaml("{lr: 1e-3, steps: 10, name: 1e-3x}")
+        {'lr': 0.001, 'steps': 10, 'name': '1e-3x'}
+    """
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and start is not None and (mark is None or start.line != mark.line):
+            context += f" that starts on line {start.line + 1}"
+        raise ConfigError(f"cannot parse {source}{where}: {problem}"
+                          + (f" ({context})" if context else "")) from None
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like SECTION.KEY=VALUE")
     key, text = item.split("=", 1)
-    import yaml
-
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml(text) if text.strip() else None
+    except ConfigError:
         value = text
     return key.strip(), value
 
 
-def _build(cls: type, section: str, values: dict[str, Any]):
+def check_values(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``{key: value}`` of one section checked and converted as a configuration file's are
+    (type, range, choices); every problem in one :class:`ConfigError` naming
+    ``section.key``.
+
+    Examples:
+        >>> check_values("predict", {"roi": 32, "chunk": 4})
+        {'roi': [32], 'chunk': 4}
+        >>> check_values("predict", {"sw_batch_size": 0})
+        Traceback (most recent call last):
+        ...
+        clstm4d.errors.ConfigError: 'predict.sw_batch_size' must be >= 1, got 0
+    """
+    errors: list[str] = []
+    built = _build(_SECTIONS[section], section, values, errors)
+    _raise_all(errors)
+    return {k: getattr(built, k) for k in values}
+
+
+def _raise_all(errors: list[str]) -> None:
+    """One :class:`ConfigError` listing every problem found (none: nothing)."""
+    if errors:
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{len(errors)} configuration errors: " + "; ".join(errors))
+
+
+def _build(cls: type, section: str, values: dict[str, Any], errors: list[str]):
+    """The section's dataclass from ``values``; every problem is appended to ``errors`` (and
+    its key left at the default) so that all of them are reported at once."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         if name not in fields:
-            raise ConfigError(
-                f"unknown key '{section}.{name}' (known keys in '{section}': "
-                f"{', '.join(fields)})"
-            )
-        kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
-        _check_range(f"{section}.{name}", kwargs[name])
+            errors.append(f"unknown key '{section}.{name}' (known keys in '{section}': "
+                          f"{', '.join(fields)})")
+            continue
+        try:
+            kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+            _check_range(f"{section}.{name}", kwargs[name])
+        except ConfigError as e:
+            errors.append(str(e))
+            kwargs.pop(name, None)
     return cls(**kwargs)
 
 
@@ -446,7 +521,8 @@ def _check_range(key: str, value: Any) -> None:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a simple type hint; ints are accepted where floats are."""
+    """Check ``value`` against a simple type hint; ints are accepted where floats are, and
+    floats with an integral value (``1e4``) where ints are."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -478,6 +554,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return float(value)
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if hint is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        value = int(value)  # `steps: 1e4` (YAML reads a float) means 10000 steps
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"'{key}' must be an integer, got {value!r}")
     if not isinstance(value, hint):

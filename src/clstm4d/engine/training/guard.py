@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from clstm4d._common import per_axis
+from clstm4d._common import human_bytes, per_axis
 from clstm4d.engine.planning.memory import MemoryEstimate, MiB, memory_breakdown
 from clstm4d.engine.planning.planner import fmt_shape
 from clstm4d.engine.planning.topology import check_strides_for_roi
@@ -57,14 +57,13 @@ def check_training_memory(cfg: Any, run: Any, cases: Sequence[Any], device: Any,
                            precision, None, device=device.type)
     budget = available_memory(device) if budget is None else int(budget)
     if est.total > budget and not force:
-        gib = 2**30
         raise UserError(
             f"this run would not fit: one training step of model '{spec.name}' with roi "
             f"{fmt_shape(roi)}, window {window}, batch {cfg.data.batch_size}, {precision}, "
             f"recompute {'on' if spec.options.get('recompute') else 'off'} "
-            f"needs about {est.total / gib:.2f} GiB, and {device} has {budget / gib:.2f} GiB "
+            f"needs about {human_bytes(est.total)}, and {device} has {human_bytes(budget)} "
             f"free; run `clstm4d plan --datalist {cfg.data.datalist} --memory "
-            f"{budget / gib:.0f}GB` or lower data.roi, data.window or data.batch_size (or "
+            f"{human_bytes(budget, sep='')}` or lower data.roi, data.window or data.batch_size (or "
             f"set train.recompute), or pass --force to start anyway")
     return est
 

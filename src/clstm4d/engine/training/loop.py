@@ -29,6 +29,7 @@ from clstm4d._common import atomic_write_text
 from clstm4d.engine.run.checkpoint import save_checkpoint
 from clstm4d.engine.run.config import TrainConfig
 from clstm4d.engine.run.folders import RunFolder
+from clstm4d.engine.run.progress import Progress, check_threads
 from clstm4d.engine.run.runtime import DistInfo, PeakMemory, amp_dtype, autocast, init_distributed
 from clstm4d.errors import Preempted, UserError
 
@@ -181,21 +182,22 @@ class _Loop:
         decide_on_rank0(self.folder.open, self.dist.distributed, self.main)
         if self.main:
             self.mlog = _MetricsLog(self.folder, self.start)
-            if cfg.progress:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=cfg.steps, initial=self.start, desc="train", unit="step",
-                                dynamic_ncols=True)
+            self.bar = Progress(cfg.steps, desc="train", initial=self.start,
+                                enabled=cfg.progress)
 
     def _resume(self) -> int:
         """Restore from the run folder's resume point (checked once); the first step to run."""
         checkpoint = decide_on_rank0(self.folder.check, self.dist.distributed, self.main)
         self.skipped = NonFiniteSteps(self.cfg.max_nonfinite_steps)
+        self.seconds_before = 0.0  # training time of the run before this process
         if checkpoint is None:
             return 0
         checkpoint.restore(self.model, self.optimizer, self.scheduler, self.scaler)
         start = checkpoint.step
-        counts = checkpoint.state["extra"].get("nonfinite", {})
+        extra = checkpoint.state["extra"]
+        last = (extra.get("history") or [{}])[-1]
+        self.seconds_before = float(extra.get("seconds", last.get("seconds") or 0.0))
+        counts = extra.get("nonfinite", {})
         self.skipped = NonFiniteSteps(self.cfg.max_nonfinite_steps, **counts)
         log.info("resumed from %s at step %d", checkpoint.path, start)
         if self.dist.distributed:  # every rank continues with its own RNG stream
@@ -247,7 +249,9 @@ class _Loop:
     # ------------------------------------------------------------------ logging
     def log(self, step: int, value: torch.Tensor, finite: bool, seconds: float) -> None:
         """Record step ``step`` (1-based, just done): the running loss, the first step's
-        memory, every ``log_every`` steps a metrics row, validation when it is due."""
+        memory; a metrics row every ``log_every`` steps, when validation is due and after the
+        first step (its memory), each row complete (loss since the last row, learning rate,
+        seconds of training since step 0 across resumes, skipped steps)."""
         cfg = self.cfg
         if step == self.start + 1 and self.predicted_peak is not None:
             self.memory = self._first_step_memory()
@@ -255,21 +259,18 @@ class _Loop:
             self.running += float(value)
             self.count += 1
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{float(value):.4f}")
-        row: dict[str, Any] | None = None
-        if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
-            row = {"step": step, "loss": self.running / self.count if self.count else None,
-                   "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3),
-                   "skipped_steps": self.skipped.total}
-            self.running, self.count = 0.0, 0
+            self.bar.update(1, loss=f"{float(value):.4f}")
+        extra: dict[str, Any] = {}
         if self.validate is not None and self.main and (
                 (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps):
-            row = row or {"step": step, "seconds": round(seconds, 3)}
-            row.update(self.validate(self.model))
+            extra.update(self.validate(self.model))
         if self.memory and step == self.start + 1:
-            row = {**(row or {"step": step}), **self.memory}
-        if row is not None:
+            extra.update(self.memory)
+        if extra or step % max(1, cfg.log_every) == 0 or step == cfg.steps:
+            row = {"step": step, "loss": self.running / self.count if self.count else None,
+                   "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3),
+                   "skipped_steps": self.skipped.total, **extra}
+            self.running, self.count = 0.0, 0
             self._write(row)
 
     def _write(self, row: dict[str, Any]) -> None:
@@ -277,7 +278,7 @@ class _Loop:
         if self.mlog is not None:
             self.mlog.write(row)
         if self.bar is not None and "val_dice" in row:
-            self.bar.write(f"step {row['step']}: validation Dice {row['val_dice']:.4f}")
+            self.bar.write(f"train: step {row['step']}, validation Dice {row['val_dice']:.4f}")
         log.info("step %d: %s", row["step"], row)
 
     def _first_step_memory(self) -> dict[str, float]:
@@ -292,7 +293,8 @@ class _Loop:
         """A checkpoint of step ``step`` (rank 0 only; the other ranks get None)."""
         if not self.main:
             return None
-        extra = {"history": self.history[-1:], "nonfinite": self.skipped.state(), **self.memory}
+        extra = {"history": self.history[-1:], "nonfinite": self.skipped.state(),
+                 "seconds": round(self.elapsed(), 3), **self.memory}
         return save_checkpoint(self.folder.checkpoints, self.model, step=step,
                                config=self.saved_config, optimizer=self.optimizer,
                                scheduler=self.scheduler, scaler=self.scaler, extra=extra,
@@ -312,23 +314,29 @@ class _Loop:
             raise Preempted(stop.received, step, self.save(step))
 
     # ------------------------------------------------------------------ the run
+    def elapsed(self) -> float:
+        """Seconds of training since step 0, over every process that continued the run."""
+        return self.seconds_before + time.perf_counter() - self.t_start
+
     def run(self) -> TrainResult:
         self.setup()
-        t_start = time.perf_counter()
-        with PeakMemory(self.device) as self.peak, self.folder, StopOnSignal() as stop:
-            step = self.start
-            for batch in self.loader:
-                value, finite = self.step(batch, step)
-                step += 1
-                self.skipped.update(finite, step)
-                self.log(step, value, finite, time.perf_counter() - t_start)
-                self.after_step(step, stop)
-            seconds = time.perf_counter() - t_start
-            self.ck_path = self.save(step)
-        if self.bar is not None:
-            self.bar.close()
-        if self.mlog is not None:
-            self.mlog.close()
+        self.t_start = time.perf_counter()
+        try:
+            with PeakMemory(self.device) as self.peak, self.folder, StopOnSignal() as stop:
+                step = self.start
+                for batch in self.loader:
+                    value, finite = self.step(batch, step)
+                    step += 1
+                    self.skipped.update(finite, step)
+                    self.log(step, value, finite, self.elapsed())
+                    self.after_step(step, stop)
+                seconds = time.perf_counter() - self.t_start
+                self.ck_path = self.save(step)
+        finally:  # also when stopped: no bar redraws after the caller's last message
+            if self.bar is not None:
+                self.bar.close()
+            if self.mlog is not None:
+                self.mlog.close()
         _barrier(self.dist)
         return TrainResult(self.ck_path, step, seconds, int(self.peak.peak_bytes), self.history)
 
@@ -385,8 +393,7 @@ def fit(
     if cfg.steps < 1:
         raise UserError(f"train.steps must be >= 1, got {cfg.steps}")
     check_tbptt(model, cfg.tbptt)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    check_threads(cfg.threads)
     loop = _Loop(model, dataset, cfg, batch_size=batch_size,
                  folder=folder if folder is not None else RunFolder(cfg.out),
                  saved_config=dict(saved_config or {}), validate=validate,
