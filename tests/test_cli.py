@@ -197,6 +197,7 @@ def test_demo_tiny(tmp_path, capsys):
     assert "degraded" in text and "per-frame" in text
     assert "both models trained with --set train.unlabelled_weight=0.5" in text
     assert "trained with 2 of 6 frames labelled per training sequence (frames [0, 3])" in text
+    assert " HD95 mm " in text  # issue 17: distances carry their unit
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["labelled_frames"] == [0, 3]
     entries = json.loads((out / "data" / "datalist.json").read_text())
@@ -209,6 +210,7 @@ def test_demo_tiny(tmp_path, capsys):
         slug = "temporal" if name.startswith("temporal") else "per_frame"
         rows = (out / f"frames_{slug}.csv").read_text().splitlines()
         column = rows[0].split(",").index("dice")
+        assert "volume_chamber [mm^3]" in rows[0] and "hd95_blob [mm]" in rows[0], rows[0]
         frames = [float(r.split(",")[column]) for r in rows[1:]]
         assert m["dice"] == pytest.approx(np.mean(frames)) and m["train_steps"] == 2
         assert Path(m["checkpoint"], "model.safetensors").is_file()

@@ -67,13 +67,23 @@ def test_predict_file_writes_labels_in_the_input_geometry(saved, tmp_path):
     np.testing.assert_array_equal(labels, p.predict_array(saved["image"]))
 
 
+def _copy_weights_and_state(src, dst):
+    """A checkpoint assembled by hand from ``src``'s weights and state, as written before
+    checksums were recorded (its config.json is the caller's)."""
+    import json
+
+    (dst / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    state = json.loads((src / "state.json").read_text())
+    state.pop("checksums")
+    (dst / "state.json").write_text(json.dumps(state))
+
+
 def test_saved_run_errors_name_the_checkpoint(saved, tmp_path):
     import json
 
     bad = tmp_path / "bad"
     bad.mkdir()
-    for f in ("model.safetensors", "state.json"):
-        (bad / f).write_bytes((saved["ck"] / f).read_bytes())
+    _copy_weights_and_state(saved["ck"], bad)
     (bad / "config.json").write_text(json.dumps({"model": {"name": "tiny"}}))
     with pytest.raises(CheckpointError, match="model_config: expected a mapping with the model"):
         Predictor.from_checkpoint(bad)
@@ -111,8 +121,7 @@ def test_checkpoints_and_configs_of_earlier_versions_load(saved, tmp_path):
 
     old = tmp_path / "old"
     old.mkdir()
-    for f in ("model.safetensors", "state.json"):
-        (old / f).write_bytes((saved["ck"] / f).read_bytes())
+    _copy_weights_and_state(saved["ck"], old)
     doc = json.loads((saved["ck"] / "config.json").read_text())
     doc["model_config"]["checkpoint"] = doc["model_config"].pop("recompute")
     doc["model_config"]["checkpoint"] = True

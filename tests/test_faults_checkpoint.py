@@ -60,8 +60,8 @@ def _fail_on_call(real, n, error, write=True):
         if not write:
             raise error
         real(*args, **kwargs)
-        target = args[1] if len(args) > 1 else args[0]
-        if isinstance(target, (str, os.PathLike)) and Path(target).is_file():
+        target = next((a for a in args if isinstance(a, (str, os.PathLike))), None)
+        if target is not None and Path(target).is_file():
             data = Path(target).read_bytes()  # leave it cut short, as a full disk would
             Path(target).write_bytes(data[: len(data) // 2])
         raise error
@@ -76,19 +76,16 @@ ENOSPC = OSError(errno.ENOSPC, "No space left on device")
                                    "latest.json"])
 def test_a_write_that_fails_part_way_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
                                                                    reference, fault):
-    import safetensors.torch
-
-    # each checkpoint writes model, optimizer, rng (3 save_file calls), fsyncs its 5 files,
-    # then writes (and fsyncs) latest.json: fail in the second checkpoint (step 4)
+    # each checkpoint writes model, optimizer, rng, config, state and checksums (6
+    # _write_bytes calls), fsyncs its 6 files (the first after the manifest's), then writes
+    # (and fsyncs) latest.json: fail in the second checkpoint (step 4)
     if fault == "model.safetensors":
-        monkeypatch.setattr(safetensors.torch, "save_file",
-                            _fail_on_call(safetensors.torch.save_file, 4, ENOSPC))
+        monkeypatch.setattr(ckmod, "_write_bytes", _fail_on_call(ckmod._write_bytes, 7, ENOSPC))
     elif fault == "optimizer.safetensors":
-        monkeypatch.setattr(safetensors.torch, "save_file",
-                            _fail_on_call(safetensors.torch.save_file, 5, ENOSPC))
+        monkeypatch.setattr(ckmod, "_write_bytes", _fail_on_call(ckmod._write_bytes, 8, ENOSPC))
     elif fault == "fsync":
         monkeypatch.setattr(_common.os, "fsync",
-                            _fail_on_call(os.fsync, 8, OSError(errno.EIO, "I/O error")))
+                            _fail_on_call(os.fsync, 10, OSError(errno.EIO, "I/O error")))
     else:  # the disk fills while the new latest.json is written: the old one stays
         monkeypatch.setattr(ckmod, "atomic_write_text",
                             _fail_on_call(ckmod.atomic_write_text, 2, ENOSPC, write=False))
@@ -180,3 +177,97 @@ def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path):
         Checkpoint.open(tmp_path)  # no silent fall back to the older step 2
     with pytest.raises(CheckpointFormatError):
         _train(tmp_path, resume=tmp_path)
+
+
+def _flip_bit(path: Path, offset_from_end: int = 9) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - offset_from_end] ^= 0x04  # inside the tensor data, past the header
+    path.write_bytes(bytes(data))
+
+
+def test_a_bit_flip_in_the_weights_is_refused_and_the_run_falls_back(tmp_path, caplog):
+    """Regression (issue 17): a bit flip in model.safetensors loaded silently."""
+    _train(tmp_path, steps=4)
+    ckdir = tmp_path / "checkpoints"
+    _flip_bit(ckdir / "step_000004" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: its sha256 differs"):
+        Checkpoint.open(ckdir / "step_000004")
+    with caplog.at_level(logging.WARNING, logger="clstm4d.engine.run.checkpoint"):
+        assert Checkpoint.open(tmp_path).path == ckdir / "step_000002"  # as --resume does
+    assert "sha256 differs" in caplog.text and "newest valid checkpoint" in caplog.text
+    # the structure is intact: only the checksum tells
+    assert verify_checkpoint(ckdir / "step_000004", checksums=False)
+
+
+def test_checksums_are_recorded_and_old_checkpoints_without_them_still_load(tmp_path):
+    _train(tmp_path, steps=2)
+    ck = tmp_path / "checkpoints" / "step_000002"
+    sums = json.loads((ck / "checksums.json").read_text())["sha256"]
+    import hashlib
+
+    assert sorted(sums) == sorted(p.name for p in ck.iterdir() if p.name != "checksums.json")
+    assert all(hashlib.sha256((ck / n).read_bytes()).hexdigest() == h for n, h in sums.items())
+    (ck / "checksums.json").unlink()  # state.json promises checksums: a missing file is damage
+    with pytest.raises(CheckpointError, match="checksums.json"):
+        Checkpoint.open(ck)
+    state = json.loads((ck / "state.json").read_text())
+    del state["checksums"]  # now as written before checksums existed
+    (ck / "state.json").write_text(json.dumps(state))
+    assert Checkpoint.open(ck).step == 2
+
+
+def _synth_and_train_args(tmp_path, steps=2):
+    from clstm4d.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "data"), "--cases", "2", "--frames", "4",
+                 "--size", "16", "--validation", "0"]) == 0
+    return ["train", "--datalist", str(tmp_path / "data" / "datalist.json"), "--out",
+            str(tmp_path / "run"), "--batch-size", "1", "--set", "data.window=2", "--set",
+            "train.progress=false", "--set", "model.channels=[2, 4]", "--set",
+            "train.checkpoint_every=1", "--steps", str(steps)]
+
+
+def test_a_full_disk_while_train_checkpoints_is_one_line(tmp_path, capsys, monkeypatch):
+    """Regression (issue 17): a full disk while writing a checkpoint ended in a traceback
+    (safetensors raises its own error for ENOSPC, not an OSError)."""
+    import safetensors
+    import safetensors.torch
+
+    from clstm4d.cli import main
+
+    argv = _synth_and_train_args(tmp_path)
+    disk_full = {"on": False}
+
+    def full(real, make_error):
+        def wrapper(*args, **kwargs):
+            if disk_full["on"]:
+                raise make_error()
+            return real(*args, **kwargs)
+        return wrapper
+
+    # the disk as a library writing the file itself sees it, and as Python's write does
+    monkeypatch.setattr(safetensors.torch, "save_file", full(
+        safetensors.torch.save_file, lambda: safetensors.SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)")))
+    monkeypatch.setattr(ckmod, "_write_bytes", full(getattr(ckmod, "_write_bytes", None),
+                        lambda: OSError(errno.ENOSPC, "No space left on device")),
+                        raising=False)
+    real_save = ckmod.save_checkpoint
+
+    def fill_after_first(*args, **kwargs):  # the first checkpoint fits, the second does not
+        path = real_save(*args, **kwargs)
+        disk_full["on"] = True
+        return path
+
+    monkeypatch.setattr(ckmod, "save_checkpoint", fill_after_first)
+    import clstm4d.engine.training.loop as loop
+
+    monkeypatch.setattr(loop, "save_checkpoint", fill_after_first)
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in err and "step_000002" in err, err
+    ckdir = tmp_path / "run" / "checkpoints"
+    assert json.loads((ckdir / "latest.json").read_text())["checkpoint"] == "step_000001"
+    assert not [p.name for p in ckdir.iterdir() if p.name.startswith(".")]

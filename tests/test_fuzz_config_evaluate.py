@@ -56,6 +56,8 @@ def number_text(draw, kind, low, high, low_in):
     v = draw(st.floats(low, hi, allow_nan=False, exclude_min=not low_in, exclude_max=True))
     if v == 0 and not low_in:
         v = 1e-3
+    if 0 < v < 1e-12:  # subnormal and tiny values: write them as they are
+        v = 1e-12
     style = draw(st.sampled_from(["e", "E", "nodot", "g", "repr"]))
     if style == "nodot":
         exp = math.floor(math.log10(v)) if v > 0 else 0
@@ -64,7 +66,10 @@ def number_text(draw, kind, low, high, low_in):
             return float(f"{mant}e{exp}"), f"{mant}e{exp}"  # 1e-3: the README's own example
         style = "repr"
     text = {"e": f"{v:.3e}", "E": f"{v:.2E}", "g": f"{v:g}", "repr": repr(v)}[style]
-    return float(text), text
+    value = float(text)
+    if value < low or (value == low and not low_in) or (high is not None and value >= high):
+        text, value = repr(v), v  # rounded out of range (0.99999 -> 1.0): write it exactly
+    return value, text
 
 
 JUNK = ["fast", "1e", "e5", "1.2.3", "'1e-3'", "yes", "-1", ".nan", ".inf", "[1, 2]", "{}"]

@@ -112,6 +112,7 @@ def test_predict_refuses_existing_outputs_unless_overwrite(ckpt, scans, tmp_path
     assert out.read_bytes() == b"an earlier result"
     assert _predict(ckpt, [scans["scan"]], out, "--overwrite") == 0
     assert out.read_bytes() != b"an earlier result" and out.stat().st_size > 100
+    capsys.readouterr()  # its progress line
     # a series into a non-empty folder (other names: nothing of the input is at stake)
     folder = tmp_path / "segs"
     folder.mkdir()

@@ -646,5 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"out of memory ({memory}); lower {_LOWER.get(args.command, 'the sizes')}"
         if isinstance(e, FileNotFoundError) and e.filename:
             msg = f"file not found: {e.filename}"
+        elif isinstance(e, OSError) and e.filename and e.strerror:  # full disk, read-only
+            msg = f"{e.strerror}: {e.filename}"
         print(f"clstm4d {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USER_ERROR

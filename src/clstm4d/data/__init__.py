@@ -30,7 +30,9 @@ from .io import (
     write_image,
     write_label,
 )
+from .output import convert_geometry, resolve_output, write_result
 from .resample import (
+    check_resample_memory,
     resample_case,
     resample_image,
     resample_label,
@@ -55,8 +57,10 @@ __all__ = [
     "save_datalist", "validate_datalist", "ignore_index", "spread_frames",
     "detect_format", "output_files", "output_path", "read_image", "read_label", "write_image",
     "write_label", "array_geometry", "to_grey", "check_segmentation_output", "write_segmentation",
+    "convert_geometry", "resolve_output", "write_result",
     "PatchDataset", "crop_or_pad",
-    "resample_case", "resample_image", "resample_label", "resampled_geometry", "target_shape",
+    "check_resample_memory", "resample_case", "resample_image", "resample_label",
+    "resampled_geometry", "target_shape",
     "CLASS_NAMES", "CUE_CLASS_NAMES", "design_check",
     "make_cue_shapes_case", "make_cue_track_case", "make_synthetic_case", "write_synthetic_dataset",
     "Augment", "Degrade", "normalize_intensity",

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from clstm4d._common import atomic_file, check_spatial_dims
+from clstm4d._common import atomic_file, check_host_memory, check_spatial_dims
 
 from . import arrays, dicom
 from ._common import DataError, Geometry, full_suffix
@@ -266,6 +266,7 @@ def _read(path_or_paths, spatial_dims, label, **array_options):
         paths = ([path_or_paths] if isinstance(path_or_paths, (str, os.PathLike))
                  else list(path_or_paths))
         array, geometry = _read_series([Path(p) for p in paths], fmt, label)
+    _check_not_empty(array, geometry)
     array, geometry = _fit_spatial_dims(array, geometry, spatial_dims)
     if label:
         array = _as_labels(array, geometry.sources[0])
@@ -276,6 +277,25 @@ def _read(path_or_paths, spatial_dims, label, **array_options):
             raise DataError(f"image has {int(bad.sum())} NaN/inf values (first in frame {t})",
                             _frame_source(geometry, t))
     return array, geometry
+
+
+def _check_not_empty(array, geometry):
+    """Refuse a sequence without frames, channels or voxels along some axis."""
+    if array.size:
+        return
+    t, c, *spatial = array.shape
+    what = ("no frames (0 along time)" if t == 0 else "no channels" if c == 0 else
+            f"an empty spatial axis (spatial shape {tuple(spatial)})")
+    raise DataError(f"the image holds {what}; expected at least one frame of at least one "
+                    "voxel", geometry.sources[0] if geometry.sources else None)
+
+
+def _check_fits(shape, bytes_per_voxel, path):
+    """Refuse, before reading, a file whose data would not fit in the machine's memory."""
+    shape = tuple(int(n) for n in shape)
+    voxels = float(np.prod(shape, dtype=np.float64))
+    check_host_memory(voxels * bytes_per_voxel, f"{path}: reading its {shape} voxels",
+                      error=DataError)
 
 
 def _is_dicom_folder(folder: Path) -> bool:
@@ -427,6 +447,7 @@ def _read_nifti(path, label, frame=False):
     shape = img.shape
     if len(shape) > 5 or len(shape) < 2:
         raise DataError(f"expected a 2D-5D NIfTI (x, y[, z[, t[, c]]]), got shape {shape}", path)
+    _check_fits(shape, img.get_data_dtype().itemsize + 8 if label else 4, path)
     try:
         data = np.asanyarray(img.dataobj) if label else img.get_fdata(dtype=np.float32)
     except Exception as e:
@@ -466,6 +487,8 @@ def _write_nifti(array, geometry, path, label, frame=False):
         data = data.reshape(data.shape[:d] + (1,) * (3 - d) + data.shape[d:])  # (x, y, z, t, c)
         if data.shape[-1] == 1:
             data = data[..., 0]
+    if full_suffix(path) not in NIFTI_SUFFIXES:  # nibabel would add ".nii" to the name
+        raise ValueError(f"a NIfTI file name ends with .nii or .nii.gz, got {path}")
     src = geometry.header.get("nifti_header")
     klass = nib.Nifti1Image
     if src is not None and isinstance(src, nib.Nifti2Header):
@@ -543,6 +566,12 @@ def _read_nrrd(path, label):
 
     if not path.exists():
         raise DataError("file not found", path)
+    try:
+        sizes = nrrd.read_header(str(path)).get("sizes")
+    except Exception:  # the read below names what is wrong
+        sizes = None
+    if sizes is not None:  # the file's own type (up to 8 bytes) and the converted copy
+        _check_fits(sizes, 16 if label else 12, path)
     try:
         data, header = nrrd.read(str(path))
     except Exception as e:
@@ -687,12 +716,15 @@ def _read_tiff(path, label):
         with tifffile.TiffFile(str(path)) as tf:
             series = tf.series[0]
             axes = series.axes.upper()
+            _check_fits(series.shape, series.dtype.itemsize + (8 if label else 4), path)
             data = series.asarray()
             ij = tf.imagej_metadata or {}
             page = tf.pages[0]
             xres = page.tags.get("XResolution")
             yres = page.tags.get("YResolution")
             resolution = [_ratio(r.value) if r is not None else None for r in (yres, xres)]
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"cannot read TIFF ({type(e).__name__}: {e})", path) from e
     # axes other than T Z C Y X: samples -> channels, one generic stack axis -> time

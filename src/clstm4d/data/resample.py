@@ -34,13 +34,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from clstm4d._common import check_host_memory, human_bytes
 from clstm4d.errors import ConfigError
 
 from ._common import DataError, Geometry
 from .datalist import CaseData
 
-__all__ = ["resample_case", "resample_image", "resample_label", "resampled_geometry",
-           "target_shape", "target_spacing_for"]
+__all__ = ["check_resample_memory", "resample_case", "resample_image", "resample_label",
+           "resampled_geometry", "target_shape", "target_spacing_for"]
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -66,6 +67,32 @@ def target_shape(shape: Sequence[int], spacing: Sequence[float],
     target = target_spacing_for(target, len(shape))
     return tuple(max(1, int(round(n * h / g)))
                  for n, h, g in zip(shape, spacing, target, strict=True))
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "x".join(f"{v:g}" for v in values)
+
+
+def check_resample_memory(shape: Sequence[int], spacing: Sequence[float],
+                          target: Sequence[float] | float, frames: int, bytes_per_voxel: float,
+                          name: str) -> tuple[int, ...]:
+    """The shape of ``shape`` resampled to ``target`` (:func:`target_shape`), after checking
+    that ``frames`` frames of it at ``bytes_per_voxel`` fit in the memory the machine has.
+
+    Raises:
+        DataError: naming ``name``, its spacing, the target's, the shape it would become and
+            the memory that needs, before anything is allocated.
+    """
+    new = target_shape(shape, spacing, target)
+    target = target_spacing_for(target, len(shape))
+    voxels = frames * float(np.prod(new, dtype=np.float64))
+    check_host_memory(
+        voxels * bytes_per_voxel,
+        f"{name}: at the model's voxel spacing {_fmt(target)} (the input's is "
+        f"{_fmt(spacing)}) its {frames} frame(s) of {_fmt(shape)} voxels become {_fmt(new)} "
+        f"voxels each ({human_bytes(4 * voxels)} per channel as float32); resample or crop it "
+        "nearer the model's spacing first. It", error=DataError)
+    return new
 
 
 def resampled_geometry(geometry: Geometry, shape: Sequence[int]) -> Geometry:
@@ -140,7 +167,12 @@ def resample_case(case: CaseData, spacing: Sequence[float] | float) -> CaseData:
     if geometry is None:
         raise DataError("cannot resample: the case has no geometry (voxel spacing)",
                         case=case.name)
-    shape = target_shape(geometry.spatial_shape, geometry.spacing, spacing)
+    per_voxel = 4 * case.image.shape[1] + (0 if case.label is None else 8 + 8)
+    try:
+        shape = check_resample_memory(geometry.spatial_shape, geometry.spacing, spacing,
+                                      case.image.shape[0], per_voxel, "training case")
+    except DataError as e:
+        raise e.with_case(case.name) from None
     if shape == geometry.spatial_shape:
         return case
     label = None if case.label is None else resample_label(case.label, shape)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from clstm4d._common import check_spatial_dims
+from clstm4d._common import check_host_memory, check_spatial_dims
 from clstm4d.errors import ConfigError
 
 from ._common import Geometry
@@ -150,6 +150,7 @@ def make_synthetic_case(seed: int | Sequence[int] = 0, frames: int = 10,
     if min(voxels) < 4:
         raise ConfigError(f"size {shape} at spacing {step} gives {voxels} voxels; every axis "
                           "needs at least 4 (use a larger size or a finer spacing)")
+    _check_case_memory(frames, voxels)
     rng = np.random.default_rng(seed)
     # where the voxel centres lie in the scene: the voxels of a coarse axis tile the same extent
     # (at spacing 1, voxel i sits at i)
@@ -268,6 +269,15 @@ def _degraded_frames(rng: np.random.Generator, frames: int, degraded) -> list[in
     return bad_frames
 
 
+def _check_case_memory(frames: int, shape: tuple[int, ...]) -> None:
+    """Refuse, before drawing it, a case whose arrays would not fit in memory: its image
+    (float32) and label (int64) per frame, plus about eight float64 volumes of scene."""
+    voxels = float(np.prod(shape, dtype=np.float64))
+    check_host_memory(voxels * (12 * frames + 64),
+                      f"a synthetic case of {frames} frame(s) of {'x'.join(map(str, shape))} "
+                      "voxels (lower --size or --frames)", error=ConfigError)
+
+
 def _spacing(spacing, spatial_dims: int) -> tuple[float, ...]:
     values = (spacing,) * spatial_dims if np.ndim(spacing) == 0 else tuple(spacing)
     if len(values) != spatial_dims or not all(np.isfinite(v) and v > 0 for v in values):
@@ -335,6 +345,7 @@ def make_cue_track_case(seed: int | Sequence[int] = 0, frames: int = 24,
                          f"frames={frames}")
     if noise < 0:
         raise ConfigError(f"noise must be >= 0, got {noise}")
+    _check_case_memory(frames, shape)
     rng = np.random.default_rng(seed)
     d = spatial_dims
     length = float(min(shape))

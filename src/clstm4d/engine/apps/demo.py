@@ -267,6 +267,7 @@ def _evaluate(results: dict[str, Any], test_cases, dl, out: Path
                 showcase["curves"][name] = [row["dice"] for row in ev.rows]
         write_frames_csv(frames_all, out / f"frames_{r['slug']}.csv", ev.units())
         models[name] = _model_entry(r, per_case, frames_all, time.perf_counter() - t_eval)
+        models[name]["hd95_unit"] = ev.unit
     return models, showcase
 
 
@@ -331,13 +332,14 @@ def _report(opts: DemoOptions, models: dict[str, Any], datalist_path: Path, dl,
 
 def format_table(report: dict[str, Any]) -> str:
     """The demo's result table as text (one row per model)."""
-    head = (f"{'model':<22} {'Dice all':>8} {'degraded':>9} {'clean':>7} {'HD95':>6} "
-            f"{'train s':>8} {'peak MB':>8} {'params':>8}")
+    unit = next(iter(report["models"].values()), {}).get("hd95_unit", "")
+    head = (f"{'model':<22} {'Dice all':>8} {'degraded':>9} {'clean':>7} "
+            f"{('HD95 ' + unit).strip():>8} {'train s':>8} {'peak MB':>8} {'params':>8}")
     lines = [head, "-" * len(head)]
     for name, m in report["models"].items():
         lines.append(
             f"{name:<22} {m['dice']:>8.3f} {m['dice_degraded']:>9.3f} {m['dice_clean']:>7.3f} "
-            f"{_fmt(m['hd95']):>6} {m['train_seconds']:>8.1f} {m['peak_memory_mb']:>8.1f} "
+            f"{_fmt(m['hd95']):>8} {m['train_seconds']:>8.1f} {m['peak_memory_mb']:>8.1f} "
             f"{m['parameters']:>8d}"
         )
     margin = report["degraded_margin"]

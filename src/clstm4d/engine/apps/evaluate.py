@@ -1,5 +1,6 @@
 """``clstm4d evaluate``: score a prediction against its reference and write the tables and
-plots, into an output folder checked before the (slow) evaluation."""
+plots, into an output folder checked before the (slow) evaluation and written as a whole
+(a killed or failed run leaves the earlier output or the complete new one)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clstm4d._common import atomic_dir
 from clstm4d.engine.evaluation.evaluate import (
     EvaluationResult,
     evaluate_files,
@@ -33,5 +35,9 @@ def run_evaluate(pred: str | Path | Sequence[str | Path],
     result = evaluate_files(pred, label, **options)
     if folder is None:
         return result, []
-    with folder:
-        return result, write_evaluation(result, out)
+    # all files at once: into a temporary folder renamed onto ``out`` (into a folder of
+    # the user's files, given --overwrite, they move in one by one)
+    with atomic_dir(out, replace=not folder.foreign) as tmp:
+        names = [p.name for p in write_evaluation(result, tmp)]
+        folder.record(at=tmp)
+    return result, [Path(out) / n for n in names]

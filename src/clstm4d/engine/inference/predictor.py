@@ -38,18 +38,17 @@ import torch
 from clstm4d._common import per_axis
 from clstm4d.data import (
     array_geometry,
-    check_segmentation_output,
+    check_resample_memory,
     normalize_intensity,
     read_image,
     resample_image,
     target_shape,
     to_grey,
-    write_label,
-    write_segmentation,
+    write_result,
 )
 from clstm4d.engine.run.checkpoint import Checkpoint
 from clstm4d.engine.run.config import PredictConfig, SavedRun, check_values
-from clstm4d.engine.run.folders import check_label_outputs, check_outputs
+from clstm4d.engine.run.folders import check_label_outputs
 from clstm4d.engine.run.progress import Progress
 from clstm4d.engine.run.runtime import amp_dtype, resolve_device
 from clstm4d.errors import ConfigError, UserError
@@ -117,7 +116,7 @@ class Predictor:
         if is_onnx(checkpoint):
             model, run = load_onnx(checkpoint)
             return cls(model, run, device=device or "cpu", amp=amp, **overrides)
-        opened = Checkpoint.open(checkpoint)
+        opened = Checkpoint.open(checkpoint, weights_only=True)
         return cls(opened.build_model(), opened.saved, device=device, amp=amp, **overrides)
 
     # ------------------------------------------------------------------ what the model takes
@@ -135,10 +134,16 @@ class Predictor:
         return self.run.model_spec.out_channels
 
     def model_shape(self, image_shape: Sequence[int], geometry: Any = None,
-                    name: str = "input") -> tuple[int, ...]:
+                    name: str = "input", frames: int = 1) -> tuple[int, ...]:
         """The spatial shape the model sees for an image of spatial shape ``image_shape``:
         resampled to the training spacing (``data.spacing``) when it is set and the geometry
-        says where the voxels lie; else the image's own."""
+        says where the voxels lie; else the image's own.
+
+        Raises:
+            DataError: before anything is resampled, when ``frames`` frames at that shape
+                would not fit in the memory the machine has (an input at a much coarser
+                spacing than the model's), naming both spacings and the shape.
+        """
         target = self.run.config.data.spacing
         image_shape = tuple(int(n) for n in image_shape)
         if target is None:
@@ -148,9 +153,15 @@ class Predictor:
                         "spacing %s already (not resampled)", name, target)
             return image_shape
         try:
-            return target_shape(image_shape, geometry.spacing, target)
+            target_shape(image_shape, geometry.spacing, target)
         except ValueError as e:
             raise ConfigError(f"checkpoint's {e}") from None
+        # float32: the resampled input and its normalised copy (every frame), the class
+        # probabilities of one time chunk and their copy resampled back
+        chunk = min(frames, self.settings.chunk or frames)
+        per_voxel = 8 * self.in_channels + 8 * self.num_classes * chunk / frames
+        return check_resample_memory(image_shape, geometry.spacing, target, frames, per_voxel,
+                                     name)
 
     def prepare(self, image: np.ndarray, name: str = "input",
                 geometry: Any = None) -> torch.Tensor:
@@ -174,9 +185,31 @@ class Predictor:
                 f"{name} has {image.shape[1]} channel(s) per frame but the model expects "
                 f"{self.in_channels} (in_channels){hint}"
             )
-        image = resample_image(image, self.model_shape(image.shape[2:], geometry, name))
+        shape = self.model_shape(image.shape[2:], geometry, name, frames=image.shape[0])
+        self._check_not_too_small(shape, name)
+        image = resample_image(image, shape)
         x = normalize_intensity(image, self.run.config.data.normalize)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+    def _check_not_too_small(self, shape: Sequence[int], name: str) -> None:
+        """Refuse a frame so small that the coarsest level of a UNet with instance
+        normalisation holds one voxel (no statistics to normalise with)."""
+        strides = getattr(self.model, "strides", None)
+        if strides is None or self.run.model_spec.options.get("norm", "instance") != "instance":
+            return
+        from clstm4d.models.unet import total_strides
+
+        roi = self.settings.roi
+        total = total_strides(strides, len(shape))
+        seen = [int(n) for n in shape]  # whole frames, or windows padded up to the roi
+        if roi is not None and any(r < n for r, n in zip(roi, seen, strict=True)):
+            seen = [max(n, int(r)) for n, r in zip(seen, roi, strict=True)]
+        if np.prod([-(-n // p) for n, p in zip(seen, total, strict=True)]) <= 1:
+            raise UserError(
+                f"{name}: frames of {'x'.join(map(str, shape))} voxels (at the model's grid) "
+                f"are too small for this model: its pooling ({'x'.join(map(str, total))} in "
+                "all) leaves one voxel at its coarsest level; it needs more than "
+                f"{'x'.join(map(str, total))} voxels along at least one axis")
 
     # ------------------------------------------------------------------ prediction
     def predict_array(self, image: np.ndarray, geometry: Any = None, *,
@@ -237,9 +270,12 @@ class Predictor:
         Args:
             input: one 4D file (NIfTI, TIFF, NumPy), a folder of per-frame files, or their
                 list; a DICOM cine (one multi-frame file, or one series: a folder or list).
-            output: a file for single-file formats, a folder for per-frame series. Over DICOM
-                input: ``.dcm`` writes a DICOM Segmentation referencing the source instances
-                (segments named after the checkpoint's labels), ``.nii.gz`` a NIfTI label map.
+            output: a file (its extension chooses the format: ``.nii.gz``, ``.nii``, ``.tif``,
+                ``.tiff``, converting from the input's when they differ; no extension: the
+                input's), or a folder for per-frame series (see :mod:`clstm4d.data.output`).
+                Over DICOM input: ``.dcm`` writes a DICOM Segmentation referencing the source
+                instances (segments named after the checkpoint's labels), ``.nii.gz`` a NIfTI
+                label map.
             overwrite: replace an existing output file (or write into a non-empty output
                 folder). An output that is one of the inputs is refused even so.
             progress: show the frames done (see :meth:`predict_array`).
@@ -265,19 +301,11 @@ class Predictor:
         options = {k: v for k, v in array_options.items() if v is not None}
         image, geometry = read_image(paths[0] if len(paths) == 1 else paths, self.spatial_dims,
                                      **options)
-        segmentation = str(output).lower().endswith(".dcm")  # a DICOM Segmentation
-        if segmentation:
-            check_segmentation_output(geometry, output)
-            check_outputs([output], [*geometry.sources, *(p for p in paths if Path(p).is_file())],
-                          overwrite=overwrite)
-        else:
-            check_label_outputs(geometry, output, inputs=paths, overwrite=overwrite)
+        resolved = check_label_outputs(geometry, output, inputs=paths, overwrite=overwrite)
         if grey:
             image = to_grey(image, str(paths[0]))
         labels = self.predict_array(image, geometry, name=str(paths[0]), progress=progress)
-        if segmentation:
-            return [write_segmentation(labels, geometry, output, self.class_names)]
-        return write_label(labels, geometry, output)
+        return write_result(labels, geometry, resolved=resolved, class_names=self.class_names)
 
     @property
     def class_names(self) -> dict[int, str]:

@@ -9,6 +9,7 @@ A checkpoint is a directory::
       rng.safetensors        torch RNG states (CPU and every CUDA device)
       config.json            the resolved configuration (with the model's own ``config``)
       state.json             step, optimizer/scheduler scalars, numpy/python RNG, metrics
+      checksums.json         the sha256 of every other file, recorded as it was written
 
 Loading never unpickles anything: only ``safetensors`` and ``json`` are read. Every
 checkpoint is written into a temporary sibling directory and renamed into place, and the
@@ -17,9 +18,11 @@ either the old or the new checkpoint, never a half-written one.
 
 ``state.json`` carries the format version (:data:`FORMAT_VERSION`); a checkpoint of a newer
 format is refused with a message. :meth:`Checkpoint.open` checks a checkpoint before use
-(:func:`verify_checkpoint`: JSON complete, safetensors headers intact and covering their
-files); given a run folder, it falls back from a damaged newest checkpoint to the newest valid
-one and says so in a warning.
+(:func:`verify_checkpoint`: every file's sha256 against ``checksums.json``, so a single
+flipped bit is found; JSON complete, safetensors headers intact and covering their files);
+given a run folder, it falls back from a damaged newest checkpoint to the newest valid one and
+says so in a warning. Checkpoints written before checksums were recorded (no
+``checksums.json``, and ``state.json`` does not promise one) are checked without them.
 
 Examples:
     >>> import tempfile, torch
@@ -35,8 +38,10 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 from functools import cached_property
@@ -60,6 +65,7 @@ OPTIM_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
+CHECKSUMS_FILE = "checksums.json"
 LATEST = "latest.json"
 #: version of the checkpoint layout written here (``state.json["format"]``); absent = 1
 FORMAT_VERSION = 1
@@ -166,21 +172,22 @@ def save_checkpoint(
     Returns:
         The checkpoint's folder.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
     final = directory / (name or f"step_{step:06d}")
     with atomic_dir(final) as tmp:
+        sums: dict[str, str] = {}
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / MODEL_FILE))
+        sums[MODEL_FILE] = _write_bytes(tmp / MODEL_FILE, save(weights))
         state: dict[str, Any] = {"format": FORMAT_VERSION, "step": int(step),
-                                 "extra": _jsonable(extra or {})}
+                                 "extra": _jsonable(extra or {}), "checksums": CHECKSUMS_FILE}
         if optimizer is not None:
             tensors, meta = _split_optimizer(optimizer.state_dict())
-            save_file(tensors, str(tmp / OPTIM_FILE))
+            sums[OPTIM_FILE] = _write_bytes(tmp / OPTIM_FILE, save(tensors))
             state["optimizer"] = meta
             rng_tensors, rng_meta = _rng_state()
-            save_file(rng_tensors, str(tmp / RNG_FILE))
+            sums[RNG_FILE] = _write_bytes(tmp / RNG_FILE, save(rng_tensors))
             state["rng"] = rng_meta
         if scheduler is not None:
             sd = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -189,8 +196,10 @@ def save_checkpoint(
             sd = scaler.state_dict()
             state["scaler"] = _jsonable({k: float(v) if isinstance(v, torch.Tensor) else v
                                          for k, v in sd.items()})
-        (tmp / CONFIG_FILE).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True))
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        for file, obj in ((CONFIG_FILE, _jsonable(config)), (STATE_FILE, state)):
+            sums[file] = _write_bytes(tmp / file,
+                                      json.dumps(obj, indent=2, sort_keys=True).encode())
+        _write_bytes(tmp / CHECKSUMS_FILE, json.dumps({"sha256": sums}, indent=1).encode())
     atomic_write_text(directory / LATEST, json.dumps({"checkpoint": final.name,
                                                       "step": int(step)}))
     if keep is not None and keep > 0:
@@ -200,7 +209,44 @@ def save_checkpoint(
     return final
 
 
-def _locate(path: str | Path) -> Path:
+def _write_bytes(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` (a full disk raises ``OSError``, which a library writing the
+    file itself may not); returns its sha256."""
+    with open(path, "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+#: the files that building the model reads (:meth:`Checkpoint.open` with ``weights_only``)
+WEIGHT_FILES = (MODEL_FILE, CONFIG_FILE, STATE_FILE)
+
+
+def _check_checksums(ck: Path, state: dict, files: tuple[str, ...] | None = None) -> None:
+    """Compare the sha256 of ``files`` (default: all) with ``checksums.json`` (when the
+    checkpoint has one)."""
+    path = ck / CHECKSUMS_FILE
+    if not path.is_file() and "checksums" not in state:
+        return  # written before checksums were recorded
+    sums = _read_json(path).get("sha256") if path.is_file() else None
+    if not isinstance(sums, dict) or not sums:
+        raise CheckpointError(f"damaged checkpoint file {path}: no sha256 checksums")
+    for name, expected in sorted(sums.items()):
+        if files is not None and name not in files:
+            continue
+        file = ck / os.path.basename(str(name))
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file missing: {file}")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"damaged checkpoint file {file}: its sha256 differs from "
+                                  "the one recorded when it was written")
+
+
+def _locate(path: str | Path, checksums: bool | tuple[str, ...] = True) -> Path:
     """Resolve ``path`` to a checkpoint folder, checked with :func:`verify_checkpoint`:
     a checkpoint folder, its ``model.safetensors``, a folder of checkpoints with a
     ``latest.json`` pointer, or a training run folder whose ``checkpoints/`` has one (for the
@@ -217,10 +263,10 @@ def _locate(path: str | Path) -> Path:
                 f"{p} is not a checkpoint: expected a folder with {MODEL_FILE} and {CONFIG_FILE}"
             )
     if (p / MODEL_FILE).is_file() or (p / STATE_FILE).is_file():
-        return verify_checkpoint(p)
+        return verify_checkpoint(p, checksums=checksums)
     for cand in (p, p / "checkpoints"):
         if (cand / LATEST).is_file() or any(cand.glob("step_*")):
-            return _newest_valid(cand)
+            return _newest_valid(cand, checksums)
     raise CheckpointError(
         f"{p} is not a checkpoint: expected {MODEL_FILE} and {CONFIG_FILE}, or {LATEST}"
     )
@@ -233,7 +279,7 @@ def _step_of(folder: Path) -> int:
         return -1
 
 
-def _newest_valid(directory: Path) -> Path:
+def _newest_valid(directory: Path, checksums: bool | tuple[str, ...] = True) -> Path:
     """The checkpoint ``latest.json`` names if it is valid, else the newest valid ``step_*``."""
     problems = []
     named = None
@@ -247,7 +293,7 @@ def _newest_valid(directory: Path) -> Path:
                    reverse=True)
     for ck in ([named] if named is not None else []) + [d for d in steps if d != named]:
         try:
-            verify_checkpoint(ck)
+            verify_checkpoint(ck, checksums=checksums)
         except CheckpointFormatError:
             raise
         except CheckpointError as e:
@@ -272,15 +318,17 @@ def _check_safetensors(path: Path) -> None:
         raise CheckpointError(f"damaged checkpoint file {path}: {e}") from None
 
 
-def verify_checkpoint(path: str | Path) -> Path:
-    """Check that the checkpoint folder ``path`` is complete and readable; returns it.
+def verify_checkpoint(path: str | Path, *, checksums: bool | tuple[str, ...] = True) -> Path:
+    """Check that the checkpoint folder ``path`` is complete and unchanged; returns it.
 
-    Reads ``state.json`` and ``config.json`` and the headers of the safetensors files (a
-    header names every tensor's byte range, so a truncated file is detected); tensor data is
-    not read.
+    Compares the sha256 of every file (or of the file names in ``checksums``) with
+    ``checksums.json`` (``checksums=False`` skips that; checkpoints written before checksums
+    were recorded have none), reads ``state.json``
+    and ``config.json`` and the headers of the safetensors files (a header names every
+    tensor's byte range, so a truncated file is detected).
 
     Raises:
-        CheckpointError: a file is missing, cut short or unreadable.
+        CheckpointError: a file is missing, cut short, changed or unreadable.
         CheckpointFormatError: ``state.json`` names a format newer than :data:`FORMAT_VERSION`.
     """
     ck = Path(path)
@@ -298,6 +346,8 @@ def verify_checkpoint(path: str | Path) -> Path:
     _read_json(ck / CONFIG_FILE)
     for name in (MODEL_FILE, OPTIM_FILE, RNG_FILE) if "optimizer" in state else (MODEL_FILE,):
         _check_safetensors(ck / name)
+    if checksums:
+        _check_checksums(ck, state, None if checksums is True else tuple(checksums))
     return ck
 
 
@@ -347,15 +397,19 @@ class Checkpoint:
         self.path, self.state, self.config = Path(path), state, config
 
     @classmethod
-    def open(cls, path: str | Path) -> Checkpoint:
+    def open(cls, path: str | Path, *, weights_only: bool = False,
+             checksums: bool = True) -> Checkpoint:
         """Open a checkpoint folder, its ``model.safetensors``, a folder of checkpoints with a
-        ``latest.json`` pointer, or a training run folder.
+        ``latest.json`` pointer, or a training run folder, verified
+        (:func:`verify_checkpoint`): with ``weights_only`` (to build the model, not to resume)
+        only the checksums of :data:`WEIGHT_FILES` are compared; ``checksums=False`` skips
+        the comparison (for benchmarks).
 
         Raises:
             CheckpointError: no (valid) checkpoint there; CheckpointFormatError: one of a
                 newer format.
         """
-        ck = _locate(path)
+        ck = _locate(path, WEIGHT_FILES if checksums and weights_only else checksums)
         return cls(ck, _from_json(_read_json(ck / STATE_FILE)),
                    _from_json(_read_json(ck / CONFIG_FILE)))
 

@@ -41,7 +41,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from clstm4d._common import atomic_write_text
+from clstm4d._common import atomic_write_text, remove_stale_temporaries
 from clstm4d.errors import UserError
 
 from .checkpoint import Checkpoint
@@ -109,17 +109,23 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | o
 
 def check_label_outputs(geometry, output: str | os.PathLike,
                         inputs: Iterable[str | os.PathLike] = (), *, overwrite: bool = False,
-                        option: str = "--output") -> None:
+                        option: str = "--output"):
     """:func:`check_outputs` for the label map of an image with ``geometry`` written to
-    ``output`` (a file, or the folder of a per-frame series): the files
-    :func:`~clstm4d.data.write_label` would write are checked against the image's source
-    files and ``inputs`` (what the user named: files or a folder)."""
-    from clstm4d.data import output_files
+    ``output`` (a file, or the folder of a per-frame series; the extension chooses the
+    format): the files :func:`~clstm4d.data.write_result` would write are checked against
+    the image's source files and ``inputs`` (what the user named: files or a folder).
 
+    Returns:
+        The :class:`~clstm4d.data.output.ResolvedOutput` to pass to ``write_result``.
+    """
+    from clstm4d.data import resolve_output
+
+    resolved = resolve_output(geometry, output, option=option)
     inputs = [*geometry.sources, *(p for p in inputs if Path(p).is_file())]
-    series = geometry.format.endswith("-series")
-    check_outputs(output_files(geometry, output, label=True), inputs, overwrite=overwrite,
-                  folder=output if series else None, option=option)
+    folder = resolved.path if resolved.series and resolved.files[0].parent == resolved.path \
+        else None
+    check_outputs(resolved.files, inputs, overwrite=overwrite, folder=folder, option=option)
+    return resolved
 
 
 class OutputFolder:
@@ -155,6 +161,7 @@ class OutputFolder:
         self.own: set[str] = set()
         self.foreign: set[str] = set()
         self._created = False
+        self._created_parents: list[Path] = []
 
     def _entries(self) -> set[str]:
         return {name for name in os.listdir(self.path) if name != MANIFEST}
@@ -200,15 +207,27 @@ class OutputFolder:
                         "(--overwrite)", self.path, len(self.foreign))
         return self
 
-    def record(self, planned: Iterable[str] = ()) -> None:
+    def record(self, planned: Iterable[str] = (), at: str | os.PathLike | None = None) -> None:
         """Write the manifest: every entry of the folder except the foreign ones, plus the
         ``planned`` names the command is about to write. A folder this object created that is
-        still empty is removed instead."""
+        still empty is removed instead. ``at``: write the manifest of the entries of that
+        folder into it instead (a temporary folder that will be renamed onto :attr:`path`)."""
+        if at is not None:
+            names = {n for n in os.listdir(at) if n != MANIFEST} | set(planned)
+            atomic_write_text(Path(at) / MANIFEST, json.dumps(
+                {"format": _MANIFEST_VERSION, "command": self.command,
+                 "entries": sorted(names - self.foreign)}, indent=1))
+            return
         if not self.path.is_dir():
             return
         own = sorted((self._entries() | set(planned)) - self.foreign)
         if not own and self._created:
             self.path.rmdir()
+            for parent in self._created_parents:  # and the parents it made for it
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty: something else is there now
+                    break
             return
         atomic_write_text(self.path / MANIFEST, json.dumps(
             {"format": _MANIFEST_VERSION, "command": self.command, "entries": own}, indent=1))
@@ -216,6 +235,7 @@ class OutputFolder:
     def __enter__(self) -> OutputFolder:
         self.check()
         self._created = not self.path.exists()
+        self._created_parents = [p for p in self.path.absolute().parents if not p.exists()]
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -442,13 +462,16 @@ class RunFolder:
         return self._resume_from
 
     def open(self) -> None:
-        """Create and lock the folder, record it as a training run's, and (starting again
-        with ``overwrite``) delete its old checkpoints."""
+        """Create and lock the folder, remove the temporaries a killed run left in it, record
+        it as a training run's, and (starting again with ``overwrite``) delete its old
+        checkpoints."""
         import shutil
 
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:
+            for folder in (self.path, self.checkpoints):  # what a killed run left half-written
+                remove_stale_temporaries(folder, every=True)
             if self.resume is None and self.CHECKPOINTS in self.folder.own and self.overwrite:
                 shutil.rmtree(self.checkpoints)
             self.folder.record(planned=self.ENTRIES)

@@ -21,11 +21,11 @@ import resource
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from clstm4d import _common
 from clstm4d.errors import UserError
 
 __all__ = ["DistInfo", "PeakMemory", "amp_dtype", "autocast", "available_memory",
@@ -204,13 +204,7 @@ def available_memory(device: Any) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return _common.available_host_memory()
 
 
 def precision_of(amp_dtype: Any) -> str:

@@ -13,6 +13,7 @@ import torch
 
 from clstm4d._common import per_axis
 from clstm4d.data import PatchDataset, ignore_index, load_case, load_datalist
+from clstm4d.data.leakage import check_no_leakage
 from clstm4d.engine.run.config import Config, ModelSpec, SavedRun, create
 from clstm4d.errors import ConfigError, UserError
 
@@ -28,6 +29,7 @@ def load_cases(datalist_path: str | Path):
         ``(datalist, training CaseData list, validation CaseData list)``.
     """
     dl = load_datalist(datalist_path, require="training")
+    check_no_leakage(dl)
     train = [load_case(c) for c in dl.training]
     val = [load_case(c) for c in dl.validation]
     return dl, train, val
