@@ -145,6 +145,10 @@ def test_fixed_window_model_exports_its_window_and_bidirectional_is_refused(tmp_
     err = capsys.readouterr().err
     assert "bidirectional" in err and "later frames" in err and err.count("\n") == 1
     assert not (tmp_path / "bi.onnx").exists()
+    attention = _checkpoint(tmp_path / "att", spatial_dims=2, cell="attention")
+    with pytest.raises(ConfigError, match="memory-attention"):
+        export_onnx(attention, tmp_path / "att.onnx")
+    assert not (tmp_path / "att.onnx").exists()
 
 
 def test_bad_onnx_inputs_are_one_line_and_write_nothing(exported, tmp_path, capsys,

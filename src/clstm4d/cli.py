@@ -426,9 +426,16 @@ def _add_synth(sub) -> None:
                         "dropout,occlusion)")
     s.add_argument("--task", default=default["task"], choices=sorted(TASKS),
                    help="chamber: beating chamber + blobs; cue-track: two look-alike discs "
-                        "labelled by identity, told apart only in the first frames")
+                        "labelled by identity, told apart only in the first frames; "
+                        "cue-shapes: the same with 2-4 objects of varied form (--shapes)")
     s.add_argument("--cue-frames", type=int, default=3,
-                   help="cue-track: frames at the start where the discs differ")
+                   help="cue-track, cue-shapes: frames at the start where the objects differ")
+    s.add_argument("--shapes", default=None, metavar="FAMILY,...",
+                   help="cue-shapes: shape families of the objects: disc, polygon, cell, glyph, "
+                        "or tuning (disc,polygon,cell: the default), held-out (glyph: kept out "
+                        "of all tuning), all")
+    s.add_argument("--objects", default=None, metavar="N[-M]",
+                   help="cue-shapes: objects per sequence, a number or a range (default 2-4)")
     _add_overwrite_arg(s, "write into an --out that holds files synth did not write")
 
 
@@ -440,17 +447,36 @@ def _synth_options(args) -> dict[str, Any]:
     opts = {"cases": args.cases, "frames": args.frames, "size": args.size,
             "spatial_dims": args.dims, "seed": args.seed, "format": args.format,
             "validation": args.validation, "test": args.test, "noise": args.noise}
-    if args.task == "cue-track":
+    if args.task != "cue-shapes" and (args.shapes is not None or args.objects is not None):
+        raise ConfigError(f"--shapes and --objects apply to --task cue-shapes, not {args.task}")
+    if args.task in ("cue-track", "cue-shapes"):
         if args.degrade is not None or args.degraded is not None or args.spacing is not None:
             raise ConfigError("--degrade, --degraded and --spacing apply to --task chamber, "
-                              "not cue-track")
-        return {**opts, "task": args.task, "cue_frames": args.cue_frames}
+                              f"not {args.task}")
+        opts.update(task=args.task, cue_frames=args.cue_frames)
+        if args.task == "cue-shapes":
+            from clstm4d.data.shapes import parse_shapes
+
+            opts["shapes"] = list(parse_shapes(args.shapes, owner="--shapes"))
+            if args.objects is not None:
+                opts["objects"] = _objects_arg(args.objects)
+        return opts
     opts.update(blobs=args.blobs, degraded=args.degraded)
     if args.spacing is not None:
         opts["spacing"] = args.spacing
     if args.degrade is not None:
         opts["degradation"] = parse_degradations(args.degrade, owner="--degrade")
     return opts
+
+
+def _objects_arg(text: str) -> list[int]:
+    from clstm4d.errors import ConfigError
+
+    try:
+        lo, _, hi = text.partition("-")
+        return [int(lo), int(hi or lo)]
+    except ValueError:
+        raise ConfigError(f"--objects must be N or N-M (e.g. 2-4), got {text!r}") from None
 
 
 def _cmd_synth(args) -> int:

@@ -44,6 +44,7 @@ from .synthetic import (
     CLASS_NAMES,
     CUE_CLASS_NAMES,
     design_check,
+    make_cue_shapes_case,
     make_cue_track_case,
     make_synthetic_case,
     write_synthetic_dataset,
@@ -61,6 +62,6 @@ __all__ = [
     "check_resample_memory", "resample_case", "resample_image", "resample_label",
     "resampled_geometry", "target_shape",
     "CLASS_NAMES", "CUE_CLASS_NAMES", "design_check",
-    "make_cue_track_case", "make_synthetic_case", "write_synthetic_dataset",
+    "make_cue_shapes_case", "make_cue_track_case", "make_synthetic_case", "write_synthetic_dataset",
     "Augment", "Degrade", "normalize_intensity",
 ]

@@ -43,7 +43,6 @@ OUTPUT_SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".tif": "tiff", ".tiff":
                    ".npy": "numpy", ".npz": "numpy", ".dcm": "dicom-seg"}
 #: what an output without extension gets, by the input's format
 _OWN_SUFFIX = {"nifti": ".nii.gz", "tiff": ".tif", "numpy": ".npy", "dicom": ".nii.gz"}
-_LPS = {"LPS", "left-posterior-superior"}
 _NIFTI_UNITS = {"mm": "mm", "micron": "micron", "um": "micron", "\u00b5m": "micron",
                 "meter": "meter", "m": "meter"}
 
@@ -92,9 +91,7 @@ def convert_geometry(geometry: Geometry, fmt: str) -> tuple[Geometry, tuple[int,
     axes = tuple(range(d))[::-1] if reverse else None
     spacing = geometry.spacing[::-1] if reverse else geometry.spacing
     if fmt == "nifti" and geometry.format != "tiff":
-        affine = geometry.affine.copy()
-        if geometry.space in _LPS:
-            affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        affine = geometry.ras_affine().copy()  # NRRD's and DICOM's LPS turned into RAS
     else:
         affine = np.eye(4)
         affine[range(d), range(d)] = spacing

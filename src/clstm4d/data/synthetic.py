@@ -19,7 +19,10 @@ Every case is a 2D+t or 3D+t sequence (1D+t works too) drawn deterministically f
   ``meta["degradation_strength"]`` the strengths.
 
 A second task, *cue-then-track* (:func:`make_cue_track_case`), measures how long a model
-remembers: two discs that look alike except during the first frames, labelled by identity.
+remembers: two discs that look alike except during the first frames, labelled by identity;
+*cue-shapes* (:func:`make_cue_shapes_case`) the same with 2-4 objects of varied form (discs,
+polygons, cell-like blobs, glyph-like strokes; :mod:`clstm4d.data.shapes`), one family held out
+from all tuning.
 
 Shape legend: ``t`` frames, ``c`` channels, ``s`` / ``*s`` spatial axes, ``d`` spatial dims.
 """
@@ -43,7 +46,8 @@ from .degrade import DEGRADATIONS, FULL, degrade, parse_degradations, smooth_fie
 from .io import write_image, write_label
 
 __all__ = ["CLASS_NAMES", "CUE_CLASS_NAMES", "TASKS", "make_synthetic_case",
-           "make_cue_track_case", "write_synthetic_dataset", "DEFAULT_SIZE", "design_check"]
+           "make_cue_track_case", "make_cue_shapes_case", "write_synthetic_dataset",
+           "DEFAULT_SIZE", "design_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -372,6 +376,153 @@ def make_cue_track_case(seed: int | Sequence[int] = 0, frames: int = 24,
         for i in range(frames):
             offset = grid - pos[i].reshape((d,) + (1,) * d).astype(np.float32)
             label[i][np.square(offset).sum(0) <= r * r] = k
+    image = _cue_image(rng, label, grid, shape, cue_frames, noise)
+    geometry = Geometry.default("nifti", shape, frames, spacing=(spacing,) * d,
+                                time_interval=time_interval)
+    meta = {"degraded": [], "degradation": [], "cue_frames": int(cue_frames),
+            "closest_frame": int(cue_frames + np.argmin(dist[cue_frames:]))}
+    return CaseData(image, label, geometry, meta, name or f"cue_{_seed_name(seed)}")
+
+
+def _objects_range(objects) -> tuple[int, int]:
+    lo, hi = (objects, objects) if np.ndim(objects) == 0 else tuple(objects)
+    if not 2 <= int(lo) <= int(hi) <= 8:
+        raise ConfigError(f"objects must be an int or a (min, max) pair in [2, 8], got "
+                          f"{objects!r}")
+    return int(lo), int(hi)
+
+
+def _shape_tracks(rng, radii: np.ndarray, t: np.ndarray, shape, cue_frames: int,
+                  speed, min_gap: float, seed) -> tuple[np.ndarray, np.ndarray]:
+    """Bouncing tracks ``(o, t, 2)`` for objects of bounding radii ``(o,)``: apart during the
+    cue, never nearer than ``min_gap`` times the sum of two radii (below 1: partial overlaps),
+    the cued object (0) passing close to another after the cue (centres nearer than 1.5
+    times the two radii) before the last quarter of the frames. Also returns the centre
+    distance of object 0 to its nearest other, relative to the two radii ``(t,)``."""
+    length = float(min(shape))
+    for _attempt in range(300):
+        tracks: list[np.ndarray] = []
+        for r in radii:  # one object at a time, each clear of those placed before
+            lo, hi = np.full(2, r + 1.0), np.asarray(shape, np.float64) - r - 2.0
+            for _try in range(100):
+                direction = rng.normal(size=2)
+                direction /= np.linalg.norm(direction)
+                velocity = direction * rng.uniform(*speed) * length
+                pos = _bounce(rng.uniform(lo, hi), velocity, t, lo, hi)  # (t, 2)
+                dist = [np.linalg.norm(pos - p, axis=1) / (r + q)
+                        for p, q in zip(tracks, radii, strict=False)]
+                if all((d >= min_gap).all() and (d[:cue_frames] * (r + q) >= r + q + 1).all()
+                       for d, q in zip(dist, radii, strict=False)):
+                    tracks.append(pos)
+                    break
+            else:
+                break
+        if len(tracks) < len(radii):
+            continue
+        tracks_o = np.stack(tracks)  # (o, t, 2)
+        near = np.min([np.linalg.norm(tracks_o[0] - tracks_o[j], axis=1) / (radii[0] + radii[j])
+                       for j in range(1, len(radii))], axis=0)  # (t,)
+        if near[cue_frames:max(cue_frames + 1, len(t) - len(t) // 4)].min() <= 1.5:
+            return tracks_o, near  # a close pass before the last quarter
+    raise ConfigError(f"make_cue_shapes_case(seed={seed}): no tracks for {len(radii)} objects "
+                      f"that meet after the cue in {shape} x {len(t)} frames; use a larger "
+                      f"size, fewer objects or smaller shapes")
+
+
+def make_cue_shapes_case(seed: int | Sequence[int] = 0, frames: int = 16,
+                         size: int | Sequence[int] | None = None, spatial_dims: int = 2, *,
+                         shapes: str | Sequence[str] | None = None,
+                         objects: int | Sequence[int] = (2, 4), cue_frames: int = 3,
+                         scale: tuple[float, float] = (0.1, 0.16),
+                         speed: tuple[float, float] = (0.02, 0.05), min_gap: float = 0.6,
+                         noise: float = 0.08, spacing: float = 1.0,
+                         time_interval: float = 0.05, name: str | None = None) -> CaseData:
+    """Draw one cue-then-track sequence with objects of varied form (2D): who is who, when
+    the objects are not discs?
+
+    As :func:`make_cue_track_case`, but with 2-4 objects of the shape families of
+    :mod:`clstm4d.data.shapes` (discs, polygons, cell-like blobs, glyph-like strokes), each
+    with its own size, speed, slow rotation (and, for cells, a changing outline). During the
+    first ``cue_frames`` frames the *cued* object (class 1) is bright and the others (class
+    2) dim, and no two touch; afterwards all look alike, they bounce off the walls, pass
+    close to each other and may overlap partly (the one drawn on top owns the overlap; its
+    identity is the label there). The cued object passes close to another at least once.
+
+    Args:
+        seed, frames, size, noise, spacing, time_interval, name: as
+            :func:`make_cue_track_case` (``spatial_dims`` must be 2).
+        shapes: the families objects are drawn from (one per object, uniformly):
+            ``"disc,polygon,cell"``, a list, ``"tuning"`` (the default:
+            :data:`~clstm4d.data.shapes.TUNING_SHAPES`), ``"held-out"``
+            (:data:`~clstm4d.data.shapes.HELD_OUT_SHAPES`: glyphs) or ``"all"``.
+        objects: number of objects, an int or a ``(min, max)`` range (default 2-4).
+        cue_frames: frames at the start in which the cued object differs (>= 1).
+        scale: range of the radius of an object's bounding circle, as fractions of ``min(size)``.
+        speed: range of speeds, as fractions of ``min(size)`` per frame.
+        min_gap: the closest two objects' centres come, as a fraction of the sum of their
+            radii (< 1 lets them overlap partly; 0.6 by default).
+
+    Returns:
+        :class:`CaseData` (classes :data:`CUE_CLASS_NAMES`) with ``meta``: ``"cue_frames"``,
+        ``"shapes"`` (each object's family, the cued one first), ``"objects"``,
+        ``"closest_frame"`` (after the cue, the frame where the cued object is nearest
+        another), ``"overlap_frames"`` (frames where two objects overlap), empty
+        ``"degraded"``.
+
+    Examples:
+        >>> case = make_cue_shapes_case(seed=0, frames=12, size=48, shapes="held-out")
+        >>> case.image.shape, sorted(np.unique(case.label).tolist()), case.meta["shapes"][0]
+        ((12, 1, 48, 48), [0, 1, 2], 'glyph')
+    """
+    from .shapes import draw_shape, parse_shapes, shape_mask
+
+    if spatial_dims != 2:
+        raise ConfigError(f"make_cue_shapes_case draws 2D shapes: spatial_dims must be 2, got "
+                          f"{spatial_dims}")
+    shape = _shape(size, spatial_dims)
+    if not 1 <= cue_frames < frames:
+        raise ConfigError(f"cue_frames must be in [1, frames), got cue_frames={cue_frames}, "
+                          f"frames={frames}")
+    if noise < 0 or not 0 <= min_gap:
+        raise ConfigError(f"noise and min_gap must be >= 0, got {noise}, {min_gap}")
+    families = parse_shapes(shapes)
+    lo, hi = _objects_range(objects)
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(lo, hi + 1))
+    kinds = [families[int(rng.integers(len(families)))] for _ in range(n)]
+    forms = [draw_shape(k, rng) for k in kinds]
+    length = float(min(shape))
+    radii = rng.uniform(*scale, n) * length
+    angle0, omega = rng.uniform(0, 2 * np.pi, n), rng.uniform(-0.08, 0.08, n)
+    t = np.arange(frames, dtype=np.float64)
+    tracks, near = _shape_tracks(rng, radii, t, shape, cue_frames, speed, min_gap, seed)
+    grid = np.indices(shape, dtype=np.float32)  # (2, *s)
+    label = np.zeros((frames, *shape), np.int64)
+    overlap = []
+    order = rng.permutation(n)  # drawing order: the last one drawn owns an overlap
+    for i in range(frames):
+        count = np.zeros(shape, np.int64)
+        for k in order:
+            mask = shape_mask(forms[k], grid, tracks[k, i], radii[k],
+                              angle0[k] + omega[k] * i, float(i))
+            label[i][mask] = 1 if k == 0 else 2
+            count += mask
+        if (count > 1).any():
+            overlap.append(i)
+    image = _cue_image(rng, label, grid, shape, cue_frames, noise)
+    geometry = Geometry.default("nifti", shape, frames, spacing=(spacing,) * 2,
+                                time_interval=time_interval)
+    meta = {"degraded": [], "degradation": [], "cue_frames": int(cue_frames),
+            "shapes": kinds, "objects": n, "overlap_frames": overlap,
+            "closest_frame": int(cue_frames + np.argmin(near[cue_frames:]))}
+    return CaseData(image, label, geometry, meta, name or f"cue_{_seed_name(seed)}")
+
+
+def _cue_image(rng, label: np.ndarray, grid: np.ndarray, shape, cue_frames: int,
+               noise: float) -> np.ndarray:
+    """The image of a cue-then-track label ``(t, *s)``: the cued class bright and the other
+    dim during the cue, both alike afterwards, on a smooth background under a bias field."""
+    frames = label.shape[0]
     background = 0.2 + smooth_field(rng, grid, shape, 0.05)
     bias = 1 + smooth_field(rng, grid, shape, 0.1)
     image = np.empty((frames, 1, *shape), np.float32)
@@ -379,11 +530,7 @@ def make_cue_track_case(seed: int | Sequence[int] = 0, frames: int = 24,
         levels = np.array([0.0, 1.0, 0.5] if i < cue_frames else [0.0, 0.75, 0.75], np.float32)
         frame = np.where(label[i] > 0, levels[label[i]], background)
         image[i, 0] = bias * frame + noise * rng.standard_normal(shape, dtype=np.float32)
-    geometry = Geometry.default("nifti", shape, frames, spacing=(spacing,) * d,
-                                time_interval=time_interval)
-    meta = {"degraded": [], "degradation": [], "cue_frames": int(cue_frames),
-            "closest_frame": int(cue_frames + np.argmin(dist[cue_frames:]))}
-    return CaseData(image, label, geometry, meta, name or f"cue_{_seed_name(seed)}")
+    return image
 
 
 
@@ -396,6 +543,10 @@ TASKS = {
                   "Synthetic cue-then-track sequences: two look-alike discs told apart only "
                   "during the first 'cue_frames' frames, labelled by identity (1 cued, "
                   "2 other) on every frame."),
+    "cue-shapes": (make_cue_shapes_case, CUE_CLASS_NAMES,
+                   "Synthetic cue-then-track sequences with 2-4 objects of varied form "
+                   "(families in 'shapes'), the cued one told apart only during the first "
+                   "'cue_frames' frames, labelled by identity (1 cued, 2 others)."),
 }
 
 
@@ -424,8 +575,8 @@ def write_synthetic_dataset(out: str | os.PathLike, cases: int = 16, frames: int
         validation: fraction of ``cases`` put in the ``validation`` section (at least one when
             ``cases >= 2`` and the fraction is > 0).
         test: number of extra cases in the ``test`` section (written with labels).
-        task: ``"chamber"`` (:func:`make_synthetic_case`) or ``"cue-track"``
-            (:func:`make_cue_track_case`).
+        task: ``"chamber"`` (:func:`make_synthetic_case`), ``"cue-track"``
+            (:func:`make_cue_track_case`) or ``"cue-shapes"`` (:func:`make_cue_shapes_case`).
         case_kwargs: passed to the task's function (``blobs``, ``noise``, ``degradation``, ...).
 
     Examples:

@@ -138,6 +138,11 @@ def _step_spec(model: torch.nn.Module, frames: int) -> tuple[StepSpec, list[int]
 
 
 def _refuse(model: torch.nn.Module, frames: int) -> None:
+    if model.config.get("cell") == "attention":
+        raise ConfigError(
+            "a memory-attention model (cell: attention) cannot be exported to ONNX yet: its "
+            "state is a memory of past frames whose size changes from step to step; export "
+            "a ConvLSTM or ConvGRU model (cell: lstm or gru)")
     if not model.streamable and model.frames is None:
         raise ConfigError(
             "a bidirectional model cannot be exported to ONNX: every frame's output depends "

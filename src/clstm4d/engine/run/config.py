@@ -112,6 +112,11 @@ class TrainConfig:
     budget the run was planned for (``"2GB"``, ``"800MB"``; ``clstm4d plan`` writes it): the
     memory guard refuses a run whose predicted peak exceeds it (or the device's free memory,
     whichever is less).
+    ``tbptt``: truncated backpropagation through time: run each training window of
+    ``data.window`` frames in chunks of this many frames, the recurrent state carried from
+    chunk to chunk and detached between them (gradients within a chunk, memory of a chunk,
+    one optimizer step per window); ``None`` (default) backpropagates the whole window.
+    Needs a streamable (unidirectional) model.
     """
 
     out: str = "runs/train"
@@ -138,6 +143,7 @@ class TrainConfig:
     dist_timeout: float = 1800.0
     progress: bool = True
     threads: int | None = None
+    tbptt: int | None = None
     memory: str | None = None
 
 
@@ -192,6 +198,7 @@ _RANGES: dict[str, tuple] = {
     "train.keep_checkpoints": (0, None, True, True),
     "train.max_nonfinite_steps": (0, None, True, True),
     "train.dist_timeout": (0, None, False, True), "train.threads": (1, None, True, True),
+    "train.tbptt": (1, None, True, True),
     "predict.roi": (1, None, True, True), "predict.overlap": (0, 1, True, False),
     "predict.chunk": (1, None, True, True), "predict.time_margin": (0, None, True, True),
     "predict.sw_batch_size": (1, None, True, True),

@@ -69,6 +69,8 @@ def check_training_memory(cfg: Any, run: Any, cases: Sequence[Any], device: Any,
     else:
         roi = list(per_axis("data.roi", cfg.data.roi, d))
     window = cfg.data.window or max(c.image.shape[0] for c in cases)
+    if cfg.train.tbptt is not None:  # activations of one chunk at a time
+        window = min(int(window), cfg.train.tbptt)
     if cfg.model.strides is not None:
         check_strides_for_roi(spec.options.get("strides"), roi)
     precision = precision_of(amp_dtype(device, cfg.train.amp))

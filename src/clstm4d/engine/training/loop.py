@@ -45,6 +45,7 @@ from .guard import first_step_memory
 from .losses import PseudoLabelLoss, SequenceLoss, unlabelled_weight
 from .optim import lr_lambda, param_groups
 from .sampling import EpochStream, StepBatchSampler
+from .tbptt import check_tbptt, chunked_backward
 
 __all__ = ["TrainResult", "fit"]
 
@@ -220,15 +221,8 @@ class _Loop:
         y = batch["label"].to(dev, non_blocking=True)
         lengths, labelled = (None if batch.get(k) is None else batch[k].to(dev)
                              for k in ("length", "labelled"))
-        with autocast(dev, self.dtype):
-            logits = self.net(x)
-        loss = self.loss_fn(logits, y, lengths, labelled)
-        if self.pseudo_fn is not None:
-            loss = loss + unlabelled_weight(cfg, step) * self.pseudo_fn(logits, y, lengths,
-                                                                        labelled)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        value = _mean_over_ranks(loss.detach(), self.dist)
+        value = _mean_over_ranks(self._backward(x, y, lengths, labelled, step), self.dist)
         norm = _unscaled_grad_norm(self.model, self.optimizer, self.scaler, cfg)
         finite = self.skipped.finite(value, norm)
         if finite:  # else skip the step, as GradScaler does on overflow
@@ -236,6 +230,28 @@ class _Loop:
         self.scaler.update()
         self.scheduler.step()
         return value, finite
+
+    def _backward(self, x, y, lengths, labelled, step: int) -> torch.Tensor:
+        """Forward and backward of one window (in chunks with ``cfg.tbptt``); the loss."""
+        cfg, dev = self.cfg, self.device
+        weight = unlabelled_weight(cfg, step)
+        extra = None if self.pseudo_fn is None else (
+            lambda logits, *rest: weight * self.pseudo_fn(logits, *rest))
+        if cfg.tbptt is not None:
+            def forward(run):
+                with autocast(dev, self.dtype):
+                    return run()
+
+            return chunked_backward(self.net, self.loss_fn, x, y, lengths, labelled,
+                                    chunk=cfg.tbptt, forward=forward, extra=extra,
+                                    backward=lambda loss: self.scaler.scale(loss).backward())
+        with autocast(dev, self.dtype):
+            logits = self.net(x)
+        loss = self.loss_fn(logits, y, lengths, labelled)
+        if extra is not None:
+            loss = loss + extra(logits, y, lengths, labelled)
+        self.scaler.scale(loss).backward()
+        return loss.detach()
 
     # ------------------------------------------------------------------ logging
     def log(self, step: int, value: torch.Tensor, finite: bool, seconds: float) -> None:
@@ -387,6 +403,7 @@ def fit(
         dist_info, device = init_distributed(cfg.device, timeout_s=cfg.dist_timeout)
     if cfg.steps < 1:
         raise UserError(f"train.steps must be >= 1, got {cfg.steps}")
+    check_tbptt(model, cfg.tbptt)
     check_threads(cfg.threads)
     loop = _Loop(model, dataset, cfg, batch_size=batch_size,
                  folder=folder if folder is not None else RunFolder(cfg.out),

@@ -66,7 +66,46 @@ class SequenceLoss(torch.nn.Module):
                              ignore_index=ignore_index)
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor, lengths=None,
-                labelled=None) -> torch.Tensor:
+                labelled=None, totals: tuple[int, int] | None = None) -> torch.Tensor:
+        """The loss; with ``totals`` (:meth:`totals` of a longer window this one is a chunk
+        of), this chunk's share of that window's loss: the chunks' shares add up to the
+        window's loss exactly (truncated backpropagation through time)."""
+        x, y = self._kept(logits, label, lengths, labelled)
+        if x.shape[0] == 0:
+            return logits.sum() * 0.0
+        ignore = -100 if self.ignore_index is None else self.ignore_index
+        frames, voxels = totals if totals is not None else self._counts(y)
+        dice = self.dice(x, y.unsqueeze(1)) * (x.shape[0] / max(frames, 1))
+        ce = torch.nn.functional.cross_entropy(x, y.long(), ignore_index=ignore,
+                                               reduction="sum")
+        return self.lambda_dice * dice + self.lambda_ce * ce / max(voxels, 1)
+
+    def totals(self, label: torch.Tensor, lengths=None, labelled=None) -> tuple[int, int]:
+        """``(frames, voxels)`` that count in the loss of a window with this ``label``
+        ``(n, t, *s)``: what :meth:`forward` divides by."""
+        n, t = label.shape[:2]
+        return self._counts(label.flatten(0, 1)[self._mask(n, t, lengths, labelled,
+                                                           label.device)])
+
+    def _counts(self, y: torch.Tensor) -> tuple[int, int]:
+        voxels = y.numel() if self.ignore_index is None else int((y != self.ignore_index).sum())
+        return int(y.shape[0]), voxels
+
+    @staticmethod
+    def _mask(n: int, t: int, lengths, labelled, device) -> torch.Tensor:
+        """``(n*t,)``: the frames that count (real and annotated)."""
+        mask = valid_frames_mask(lengths, n, t, device)  # (n, t)
+        if labelled is not None:
+            labelled = torch.as_tensor(labelled, device=device)
+            if labelled.shape != (n, t):
+                raise ValueError(f"labelled must be (n, t) = {(n, t)} bool, got shape "
+                                 f"{tuple(labelled.shape)}")
+            mask = mask & labelled.bool()
+        return mask.flatten()
+
+    def _kept(self, logits, label, lengths, labelled) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(frames, k, *s)`` (at least float32) and labels ``(frames, *s)`` of the
+        frames that count."""
         if logits.dim() != label.dim() + 1 or logits.shape[:2] != label.shape[:2]:
             raise ValueError(
                 f"logits (n, t, k, *s) and label (n, t, *s) do not match: got logits "
@@ -78,25 +117,10 @@ class SequenceLoss(torch.nn.Module):
             raise ValueError(f"SequenceLoss: ignore_index {self.ignore_index} is a predicted "
                              f"class (the model has {k} outputs); the ignore class must come "
                              "after every predicted class")
-        mask = valid_frames_mask(lengths, n, t, logits.device)  # (n, t)
-        if labelled is not None:
-            labelled = torch.as_tensor(labelled, device=logits.device)
-            if labelled.shape != (n, t):
-                raise ValueError(f"labelled must be (n, t) = {(n, t)} bool, got shape "
-                                 f"{tuple(labelled.shape)}")
-            mask = mask & labelled.bool()
-        mask = mask.flatten()  # (n*t,)
+        mask = self._mask(n, t, lengths, labelled, logits.device)  # (n*t,)
         x = logits.flatten(0, 1)[mask]  # (frames, k, *s)
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision -> fp32
-        y = label.flatten(0, 1)[mask]  # (frames, *s)
-        if x.shape[0] == 0:
-            return logits.sum() * 0.0
-        loss = self.lambda_dice * self.dice(x, y.unsqueeze(1))
-        ignore = -100 if self.ignore_index is None else self.ignore_index
-        ce = torch.nn.functional.cross_entropy(x, y.long(), ignore_index=ignore,
-                                               reduction="sum")
-        counted = y.numel() if self.ignore_index is None else int((y != ignore).sum())
-        return loss + self.lambda_ce * ce / max(counted, 1)
+        return x, label.flatten(0, 1)[mask]
 
 
 class PseudoLabelLoss(torch.nn.Module):
