@@ -21,11 +21,11 @@ Tasks (``--tasks``, default all):
 - ``c2c12``: the real phase-contrast time-lapse of bench_degraded.py (left half for
   training, right half for test, 64^2 crops, windows of 8): Dice on the clean sequence, on
   its first and last 3 frames (drift), and on frames 2, 5, 8 under each degradation family.
-- ``cost``: parameters, training-step time (forward + backward, median of interleaved
-  repetitions, ratio to ConvLSTM measured in the same run) and peak memory (measured RSS and
-  the memory model of ``clstm4d plan``) at 2D 64^2 x 8 frames x batch 4 and 3D 32^3 x
-  4 frames x batch 1; and the state carried between chunks after 8 and 64 frames (flat for
-  every cell: ConvLSTM/GRU hold one map, attention ``bank`` frames).
+- ``cost``: parameters, training-step time (forward + backward, CPU seconds of one thread,
+  median of interleaved repetitions, ratio to ConvLSTM measured in the same run) and peak
+  memory (measured RSS and the memory model of ``clstm4d plan``) at 2D 64^2 x 8 frames x
+  batch 4 and 3D 32^3 x 4 frames x batch 1; and the state carried between chunks after 8
+  and 64 frames (flat for every cell: ConvLSTM/GRU hold one map, attention ``bank`` frames).
 
     nice -n 10 python benchmarks/bench_temporal_cells.py --out /tmp/cells          # all
     nice -n 10 python benchmarks/bench_temporal_cells.py --out /tmp/cells --tasks cue \\
@@ -212,10 +212,10 @@ def cost(args, name: str, seed: int) -> dict:
         times: dict[str, list[float]] = {v: [] for v in nets}
         for rep in range(args.cost_reps + 1):
             for v, net in nets.items():
-                t0 = time.perf_counter()
+                t0 = time.process_time()  # CPU seconds: what a loaded machine inflates least
                 _step(net, x, y)
                 if rep:  # the first one warms up
-                    times[v].append(time.perf_counter() - t0)
+                    times[v].append(time.process_time() - t0)
         with PeakMemory(torch.device("cpu")) as peak:
             _step(nets[name], x, y)
         net = nets[name]

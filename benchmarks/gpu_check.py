@@ -1,6 +1,6 @@
 """GPU check of the recurrence core: CUDA tests, layer benchmark, UNet training steps.
 
-One prepared run (about 5 minutes on one GPU) that writes everything it measures under
+One prepared run (about 8 minutes on one GPU) that writes everything it measures under
 ``--out``:
 
 1. ``tests.log``: the CUDA tests (``pytest -k cuda``): fused == reference on CUDA in float64,
@@ -14,9 +14,15 @@ One prepared run (about 5 minutes on one GPU) that writes everything it measures
    ``--steps`` steps after a warm-up and ``torch.cuda.max_memory_allocated`` above the memory
    held before the step;
 4. ``plan.jsonl`` / ``plan.txt``: ``bench_plan.py --device cuda``, the memory model of
-   ``engine.plan`` (the whole estimate) against ``torch.cuda.max_memory_allocated`` of one
-   training step, for six of its configurations (ratios to record beside the CPU ones);
-5. ``summary.md``: the tables for docs/benchmarks.md, with the GPU's name.
+   one training step (the whole estimate) against ``torch.cuda.max_memory_allocated`` of one
+   step, for three of its configurations (ratios to record beside the CPU ones);
+5. ``plan_cli.jsonl``: ``bench_plan_cli.py --device cuda``, the plan as a user runs it
+   (``synth``, ``plan``, ``train --config plan.yaml`` with validation, fresh processes) on
+   its CUDA matrix: the reference widths at 64^3 x 5 frames (40 GB bf16 and fp32, 8 GB with
+   recomputation), the largest patch the plan gives for 40 GB on 128^3 cases, a 1 x 1 x 4 mm
+   and a 2D fp16 configuration; predicted/measured peak of the process
+   (``max_memory_reserved`` plus the context) and step time;
+6. ``summary.md``: the tables for docs/benchmarks.md, with the GPU's name.
 
 ``--dry-run`` runs the same code on the CPU at tiny sizes (one CPU test, the quick layer
 configs, the UNet step at 16^3 with the "tiny" widths) so that CI checks the script; its
@@ -89,16 +95,32 @@ def run_layer_bench(out: Path, device: str, dry_run: bool) -> dict:
 def run_plan_bench(out: Path, device: str, dry_run: bool) -> dict:
     """bench_plan (memory model vs measured peak of one training step) in a subprocess."""
     cmd = [sys.executable, str(HERE / "bench_plan.py"), "--device", device]
-    # six configurations (a fresh CUDA process each, ~10 s apiece) keep the check near 5 min
+    # three configurations (a fresh CUDA process each, ~10 s apiece): the process-level check
+    # (plan_cli) is the one the plan is judged by
     cmd += (["--configs", "2d-tiny", "--threads", "1"] if dry_run else
-            ["--configs", "2d-small-bf16,3d-small,3d-small-ckpt-bf16,3d-ref,3d-ref-ckpt,"
-             "3d-ref-ckpt-bf16"])
+            ["--configs", "3d-small,3d-ref,3d-ref-ckpt-bf16"])
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     (out / "plan.txt").write_text(res.stdout + res.stderr)
     rows = [line for line in res.stdout.splitlines() if line.startswith("{")]
     (out / "plan.jsonl").write_text("".join(r + "\n" for r in rows))
     return {"step": "plan", "returncode": res.returncode, "rows": len(rows),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_plan_cli(out: Path, device: str, dry_run: bool) -> dict:
+    """bench_plan_cli (plan, then train from the plan, as a user runs them) in a subprocess:
+    its CUDA matrix (dry run: one small CPU configuration)."""
+    cmd = [sys.executable, str(HERE / "bench_plan_cli.py"), "--device", device, "--steps", "3",
+           "--json", str(out / "plan_cli.jsonl")]
+    if dry_run:
+        cmd += ["--configs", "2d-many-small-640MB-fp32"]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    (out / "plan_cli.txt").write_text(res.stdout + res.stderr)
+    if not (out / "plan_cli.jsonl").exists():
+        (out / "plan_cli.jsonl").write_text("")
+    return {"step": "plan_cli", "returncode": res.returncode,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -196,6 +218,17 @@ def summary(out: Path, device: str, steps: list[dict]) -> str:
           ["config", "precision", "ckpt", "measured MiB", "predicted MiB", "pred/meas"],
           lambda r: [r["config"], r["precision"], r["recompute"], r["measured_mib"],
                      r["predicted_mib"], r["ratio"]], left=3)
+    table("The plan as a user runs it: train process peak and step time", "plan_cli.jsonl",
+          ["config", "roi x window x batch", "pred MiB", "meas MiB", "mem ratio", "pred s",
+           "meas s", "time ratio"],
+          lambda r: [r["config"], r.get("refused", "x".join(map(str, r.get("roi", [])))
+                                        + f" x {r.get('window')} x {r.get('batch')}"),
+                     r.get("predicted_mb", "-"), r.get("measured_mb", "-"),
+                     round(r["predicted_mb"] / r["measured_mb"], 3) if "measured_mb" in r
+                     else "-", round(r.get("predicted_s", 0), 3),
+                     round(r.get("measured_s", 0), 3),
+                     round(r["predicted_s"] / r["measured_s"], 3) if "measured_s" in r
+                     else "-"], left=2)
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
@@ -206,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     parser.add_argument("--dry-run", action="store_true",
                         help="the same code on the CPU at tiny sizes (numbers mean nothing)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "layer", "unet", "plan"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["tests", "layer", "unet", "plan", "plan_cli"])
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -219,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in (("tests", lambda: run_tests(args.out, args.dry_run)),
                      ("layer", lambda: run_layer_bench(args.out, device, args.dry_run)),
                      ("unet", lambda: run_unet(args.out, device, args.dry_run)),
-                     ("plan", lambda: run_plan_bench(args.out, device, args.dry_run))):
+                     ("plan", lambda: run_plan_bench(args.out, device, args.dry_run)),
+                     ("plan_cli", lambda: run_plan_cli(args.out, device, args.dry_run))):
         if name in args.skip:
             (args.out / f"{name}.jsonl").write_text("")
             continue

@@ -246,14 +246,16 @@ def test_plan_for_thick_slices_keeps_z_unpooled_and_trains_as_is(thick_slices, t
     from clstm4d.engine.planning.planner import MARGIN
     from clstm4d.engine.run.config import load_config
 
-    plan, written = run_plan(memory="400MB", datalist=str(thick_slices), model="tiny",
+    plan, written = run_plan(memory="1GB", datalist=str(thick_slices), model="tiny",
                              out=tmp_path / "plan.yaml", device="cpu", max_batch=2)
-    assert plan.step_seconds > 0 and "measured calibration" in plan.table()
+    assert plan.step_seconds > 0 and "calibrated on the real step and data" in plan.table()
+    assert plan.run_seconds > 200 * plan.step_seconds - 1e-9  # the default train.steps
     assert [p.name for p in written] == ["plan.yaml", "fingerprint.json"]
     assert plan.spacing == [1.0, 1.0, 5.0] and "percentile" in plan.spacing_rule
     assert plan.strides[0] == [2, 2, 1]  # z is 5x coarser: not pooled at level 0
     assert plan.kernel_sizes[0] == [3, 3, 1]  # ... and not convolved while coarse
-    assert plan.predicted <= (1 - MARGIN) * 400 * 2**20
+    assert plan.predicted <= (1 - MARGIN) * 2**30
+    assert plan.memory["runtime"] > 0 and plan.memory["data"] > 0  # the process, not a step
     fp = json.loads((tmp_path / "fingerprint.json").read_text())
     assert [c["shape"] for c in fp["cases"]] == [[40, 40, 8]] * 3
     assert fp["cases"][0]["frames"] == 4 and fp["cases"][0]["spacing"] == [1.0, 1.0, 5.0]
@@ -274,10 +276,10 @@ def test_plan_order_roi_then_window_then_batch():
     from clstm4d.engine.planning.planner import MARGIN, make_plan
 
     big = make_plan(8 * 2**30, model="tiny", median_shape=[48, 48, 48], median_frames=12,
-                    device="cpu")
+                    device="cpu", runtime=0)
     assert big.roi == [48, 48, 48] and big.window == 12 and big.batch > 1  # everything fits
     small = make_plan(300 * 2**20, model="tiny", median_shape=[96, 96, 96], median_frames=12,
-                      device="cpu")
+                      device="cpu", runtime=0)
     assert small.window == 4 and small.batch == 1 and max(small.roi) < 96  # roi first
     assert small.predicted <= (1 - MARGIN) * 300 * 2**20
     larger = [r + 8 for r in small.roi]
@@ -363,15 +365,32 @@ def test_guard_stops_an_over_budget_run_and_force_overrides(aniso_data, tmp_path
     from clstm4d.errors import UserError
 
     monkeypatch.setattr(guard, "available_memory", lambda device: 5 * 2**20)
+    monkeypatch.setattr(guard, "process_memory", lambda device, peak=True: 0)
     cfg = _train_cfg(aniso_data, tmp_path / "run")
     with pytest.raises(UserError, match=r"this run would not fit: .*roi 16 x 16 x 8, window 3, "
-                                        r"batch 1.*cpu has 5 MiB free; run `clstm4d plan "
-                                        r".*--memory 5MiB`"):
+                                        r"batch 1.*needs about [\d.]+ [MG]iB \(runtime \d+ \+ "
+                                        r"data \d+ \+ step \d+ MiB\), and cpu has 5 MiB; run "
+                                        r"`clstm4d plan .*--memory 5MiB`"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing started
     res = train(cfg, force=True)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    first = rows[0]
+    first, last = rows[0], rows[-1]
     assert first["step"] == 1 and first["peak_mb"] > 0 and first["predicted_peak_mb"] > 0
+    assert last["step"] == 2 and last["peak_mb"] >= first["peak_mb"]  # the whole run's peak
     state = json.loads((res.checkpoint / "state.json").read_text())
     assert state["extra"]["predicted_peak_mb"] == first["predicted_peak_mb"]
+    assert state["extra"]["peak_mb"] == last["peak_mb"]
+
+
+def test_guard_refuses_a_plan_edited_beyond_its_budget(aniso_data, tmp_path):
+    from clstm4d.errors import UserError
+
+    cfg = _train_cfg(aniso_data, tmp_path / "run")
+    cfg.train.memory = "300MB"  # what `plan` wrote; the batch was then edited up by hand
+    cfg.data.batch_size = 64
+    with pytest.raises(UserError, match=r"this run would not fit: .* batch 64, .*needs about "
+                                        r"[\d.]+ [GM]iB \(runtime .*\), and its budget "
+                                        r"\(train.memory\) has 300 MiB"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -60,6 +60,7 @@ def test_bidirectional_sees_the_future_and_refuses_streaming():
     ("bottleneck", "lstm", 0.0, False),
     ("bottleneck", "lstm", 0.0, True),  # large stages recomputed in pieces of the n*t axis
     ("skips", "gru", 0.3, True),  # dropout: never in pieces (masks must replay exactly)
+    ("skips", "attention", 0.0, False),  # memory attention recomputed as a whole
 ])
 def test_recompute_gives_the_same_gradients(temporal, cell, dropout, chunk, monkeypatch):
     if chunk:

@@ -26,8 +26,12 @@ def _check_results(out: Path) -> None:
     assert all(r["time_s"] > 0 for r in unet)
     plan = [json.loads(line) for line in (out / "plan.jsonl").read_text().splitlines()]
     assert [r["config"] for r in plan] == ["2d-tiny"] and plan[0]["measured_mib"] > 0
+    cli = [json.loads(line) for line in (out / "plan_cli.jsonl").read_text().splitlines()]
+    assert [r["config"] for r in cli] == ["2d-many-small-640MB-fp32"]
+    assert cli[0]["measured_mb"] > 0 and cli[0]["predicted_s"] > 0
     summary = (out / "summary.md").read_text()
     assert "gpu_check on CPU (dry run)" in summary and "| quick3d | bf16 |" in summary
+    assert "| 2d-many-small-640MB-fp32 | 48x48 x 6 x 1 |" in summary
 
 
 def test_gpu_check_dry_run_layer_and_unet(tmp_path):

@@ -245,6 +245,8 @@ def _cmd_train(args) -> int:
         print(f"trained {res.steps} steps in {res.seconds:.1f} s"
               + (f", loss {last['loss']:.4f}" if last.get("loss") is not None else "")
               + (f", val Dice {last['val_dice']:.3f}" if "val_dice" in last else "")
+              + (f", peak memory {last['peak_mb']:.0f} MiB (predicted "
+                 f"{last['predicted_peak_mb']:.0f})" if "peak_mb" in last else "")
               + f"; checkpoint {res.checkpoint}")
     return 0
 
@@ -512,7 +514,13 @@ def _add_plan(sub) -> None:
     pl.add_argument("--min-window", type=int, default=4,
                     help="frames per window the roi search starts from")
     pl.add_argument("--max-batch", type=int, default=8, help="largest batch to propose")
+    pl.add_argument("--recompute", choices=("auto", "on", "off"), default="auto",
+                    help="activation recomputation: auto (only when it buys a larger patch or "
+                         "window), on or off")
     pl.add_argument("--no-time", action="store_true", help="skip the step-time calibration")
+    pl.add_argument("--time-per-step", type=float, default=None, metavar="SECONDS",
+                    help="longest predicted seconds per training step (from the calibration): "
+                         "smaller batch, window, then patch until a step fits")
 
 
 def _cmd_plan(args) -> int:
@@ -522,6 +530,8 @@ def _cmd_plan(args) -> int:
                              model=args.model, out=args.out, device=args.device,
                              precision=args.precision, min_window=args.min_window,
                              max_batch=args.max_batch, measure_time=not args.no_time,
+                             time_per_step=args.time_per_step,
+                             recompute={"auto": None, "on": True, "off": False}[args.recompute],
                              say=lambda m: print(m, file=sys.stderr, flush=True))
     print(plan.table())
     if args.shape:

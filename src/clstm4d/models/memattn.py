@@ -58,7 +58,8 @@ def _heads(channels: int) -> int:
 
 
 class MemoryAttention(nn.Module):
-    r"""Causal attention of every frame over its own and the last ``bank`` frames' features.
+    r"""Causal attention of every frame over its own features and a bank of the last ``bank``
+    frames' outputs.
 
     See the module docstring for the equations.
 

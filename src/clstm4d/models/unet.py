@@ -12,6 +12,9 @@ Layout: the encoder and decoder run on every frame with batch and time folded to
   cell-tracking networks do);
 - ``temporal="none"``: no recurrence: every frame is segmented on its own (the baseline).
 
+``cell`` chooses the temporal block: a ConvLSTM (``"lstm"``), a ConvGRU (``"gru"``) or memory
+attention over a bank of past frames (``"attention"``, :mod:`clstm4d.models.memattn`).
+
 There are ``L - 1`` poolings and exactly ``L - 1`` upsampling stages, so every upsampled map
 lines up with its skip; the input is zero-padded up to a multiple of the total stride of each
 axis (the product of that axis' pooling strides; ``2**(L-1)`` by default) and the logits

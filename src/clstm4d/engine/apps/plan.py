@@ -4,6 +4,7 @@ short calibration of the real training step, and write the plan as a config ``tr
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -26,59 +27,88 @@ from clstm4d.engine.planning.planner import (
     make_plan,
     plan_from_fingerprint,
 )
+from clstm4d.engine.planning.process import CaseSize, DataSizes
+from clstm4d.engine.planning.timing import StepTime
 from clstm4d.engine.run.config import create
-from clstm4d.engine.run.runtime import amp_dtype, available_memory, resolve_device
+from clstm4d.engine.run.runtime import (
+    amp_dtype,
+    available_memory,
+    resolve_device,
+    return_freed_memory,
+)
 from clstm4d.engine.training.losses import SequenceLoss
 from clstm4d.engine.training.optim import param_groups
 from clstm4d.engine.training.step import training_step
 from clstm4d.errors import ConfigError, UserError
 
-__all__ = ["calibrate_step_seconds", "capacity_lines", "parse_shape", "run_plan"]
+__all__ = ["calibrate_step_time", "capacity_lines", "parse_shape", "run_plan"]
 
 
-def calibrate_step_seconds(model_config: dict[str, Any], roi: Sequence[int], window: int,
-                           batch: int, precision: str, recompute: bool, device: Any, *,
-                           max_macs: float | None = None, repeats: int = 2) -> float:
-    """Predicted seconds of one training step: time a few steps of the same model on
-    ``device`` with batch 1 and a short window (2 frames) at the plan's patch (or, when that
-    exceeds ``max_macs`` multiply-accumulates, 2e10 on CPU and 2e12 on CUDA, at a patch shrunk
-    to no less than half of every axis), then scale by the ratio of convolution MACs
-    (:func:`step_macs`: linear in batch and frames)."""
+def calibrate_step_time(model_config: dict[str, Any], roi: Sequence[int], window: int,
+                        precision: str, recompute: bool, device: Any, *,
+                        dataset: Any = None, max_macs: float | None = None,
+                        repeats: int = 2) -> StepTime:
+    """A :class:`~clstm4d.engine.planning.timing.StepTime` from a short calibration of the real
+    training step on ``device``: a few steps of the planned model at batch 1 with the plan's
+    window and patch (fewer frames, then a smaller patch, when that exceeds ``max_macs``
+    multiply-accumulates: 2e10 on CPU, 2e12 on CUDA), the optimizer's update alone (the fixed
+    part) and, with ``dataset`` (a :class:`~clstm4d.data.PatchDataset` at the plan's patch
+    and window), a few of its samples (the data pipeline)."""
     device = device if isinstance(device, torch.device) else resolve_device(str(device))
     if max_macs is None:
         max_macs = 2e12 if device.type == "cuda" else 2e10
-    full = step_macs(model_config, roi, window, batch, recompute)
     model = meta_model(model_config, recompute)
     unet = getattr(model, "unet", model)
-    d = unet.spatial_dims
-    mult = [math.prod(s[a] for s in unet.strides) for a in range(d)]
-    frames = window if hasattr(model, "frames") else min(window, 2)  # tac: its fixed window
-    small = list(roi)
+    frames, small = (model.frames or window), list(roi)
+    while model.frames is None and frames > 1 and \
+            step_macs(model_config, small, frames, 1, recompute) > max_macs:
+        frames = max(1, frames // 2)
     macs = step_macs(model_config, small, frames, 1, recompute)
     if macs > max_macs:
-        scale = max(0.5, (max_macs / macs) ** (1 / d))
+        mult = [math.prod(s[a] for s in unet.strides) for a in range(unet.spatial_dims)]
+        scale = max(0.5, (max_macs / macs) ** (1 / unet.spatial_dims))
         small = [max(m, int(r * scale) // m * m) for r, m in zip(roi, mult, strict=True)]
         macs = step_macs(model_config, small, frames, 1, recompute)
+    if device.type == "cpu":
+        return_freed_memory()  # allocate as train does (every large tensor mapped afresh)
     cfg = dict(model_config)
     torch.manual_seed(0)
     net = create(cfg.pop("name"), **{**cfg, "recompute": recompute}).to(device)
     optimizer = torch.optim.AdamW(param_groups(net, 1e-4), lr=1e-4)
-    loss_fn = SequenceLoss()
     dtype = amp_dtype(device, {"fp32": "none"}.get(precision, precision))
-    k = net.config["out_channels"]
+    x = torch.randn(1, frames, net.config["in_channels"], *small, device=device)
+    y = torch.randint(0, net.config["out_channels"], (1, frames, *small), device=device)
+
+    def step():
+        training_step(net, optimizer, SequenceLoss(), x, y, device=device, amp_dtype=dtype)
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+
+    seconds = _timed(step, device, repeats)
+    fixed = _timed(update, device, repeats)
+    data = 0.0
+    if dataset is not None:
+        voxels = window * math.prod(roi)
+        items = itertools.count()
+        data = _timed(lambda: dataset[next(items) % len(dataset)], device, repeats + 1) / voxels
+    return StepTime(rate=macs / max(seconds - fixed, 1e-9), fixed=fixed, data=data)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
     times = []
-    for i in range(repeats + 1):  # the first is a warm-up
-        x = torch.randn(1, frames, net.config["in_channels"], *small, device=device)
-        y = torch.randint(0, k, (1, frames, *small), device=device)
+    for i in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        training_step(net, optimizer, loss_fn, x, y, device=device, amp_dtype=dtype)
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i:
             times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * full / macs
+    return float(np.median(times))
 
 
 def parse_shape(text: str) -> tuple[int, list[int]]:
@@ -97,20 +127,24 @@ def run_plan(*, memory: str | int | None = None, datalist: str | None = None,
              shape: str | None = None, model: str = "tiny", out: str | os.PathLike | None = None,
              device: str = "auto", precision: str = "auto", min_window: int = MIN_WINDOW,
              max_batch: int = MAX_BATCH, measure_time: bool = True,
+             time_per_step: float | None = None, recompute: bool | None = None,
              say: Any = None) -> tuple[Plan, list[Path]]:
     """What ``clstm4d plan`` does: fingerprint the datalist (or take ``shape``), plan for the
-    memory budget (default: what the training device has free), time a short calibration,
-    and write the plan YAML (plus ``fingerprint.json`` beside it).
+    memory budget (default: what the training device has free), calibrate the time of the
+    real step and data pipeline and plan again with it (the batch that trains an epoch
+    fastest, within ``time_per_step`` seconds), and write the plan YAML (plus
+    ``fingerprint.json`` beside it).
 
     Returns:
         ``(plan, files written)``.
     """
-    import yaml
-
     say = say or (lambda message: None)
     if (datalist is None) == (shape is None):
         raise UserError("give --datalist (plan from the data) or --shape T,D,H,W "
                         "(plan for a sequence size without data), not both or neither")
+    if time_per_step is not None and (not measure_time or time_per_step <= 0):
+        raise UserError(f"--time-per-step must be a positive number of seconds and needs the "
+                        f"time calibration (not --no-time), got {time_per_step!r}")
     if memory is not None and not measure_time and device != "auto":
         dev = torch.device(device)  # planning for a device this machine need not have
     else:
@@ -120,39 +154,71 @@ def run_plan(*, memory: str | int | None = None, datalist: str | None = None,
         say(f"budget: {human_bytes(budget)} free on {dev} (set --memory to plan for another)")
     fp = None
     if datalist is not None:
-        def progress(i, n, name):
-            say(f"fingerprint: {i}/{n} {name}")
-
-        fp = fingerprint(datalist, progress=progress)
-        plan = plan_from_fingerprint(fp, budget, model=model, device=dev.type,
-                                     precision=precision, min_window=min_window,
-                                     max_batch=max_batch)
-    else:
-        frames, spatial = parse_shape(shape)
-        plan = make_plan(budget, model=model, median_shape=spatial, median_frames=frames,
-                         device=dev.type, precision=precision, min_window=min_window,
-                         max_batch=max_batch)
+        fp = fingerprint(datalist, progress=lambda i, n, name: say(f"fingerprint: {i}/{n} {name}"))
+    options = {"model": model, "device": dev.type, "precision": precision,
+               "min_window": min_window, "max_batch": max_batch, "recompute": recompute}
+    plan = _plan(fp, shape, budget, options)
     if measure_time:
-        say("timing a short calibration step ...")
-        plan.step_seconds = calibrate_step_seconds(
-            plan.model_config(), plan.roi, plan.window, plan.batch, plan.precision,
-            plan.recompute, dev)
-    written: list[Path] = []
-    if out is not None:
-        out = Path(out)
-        header = ["clstm4d plan: train with `clstm4d train --config " + out.name + "`", ""]
-        header += plan.table().splitlines()
-        text = "".join(f"# {line}\n".replace("# \n", "#\n") for line in header)
-        text += yaml.safe_dump(plan.config(None if fp is None else fp.datalist),
-                               sort_keys=False, default_flow_style=None)
-        atomic_write_text(out, text)
-        written.append(out)
-        if fp is not None:
-            fp_path = out.parent / "fingerprint.json"
-            atomic_write_text(fp_path, json.dumps({**fp.to_dict(), "plan": plan.to_dict()},
-                                                  indent=1))
-            written.append(fp_path)
-    return plan, written
+        say("timing a short calibration of the training step and its data ...")
+        timer = calibrate_step_time(plan.model_config(), plan.roi, plan.window, plan.precision,
+                                    plan.recompute, dev, dataset=_calibration_data(fp, plan))
+        plan = _plan(fp, shape, budget, {**options, "timer": timer,
+                                         "time_per_step": time_per_step})
+    return plan, _write_plan(plan, fp, out)
+
+
+def _plan(fp, shape: str | None, budget: int, options: dict[str, Any]) -> Plan:
+    """The plan for a fingerprint, or for a ``--shape`` (one training and one validation
+    sequence of that size)."""
+    if fp is not None:
+        return plan_from_fingerprint(fp, budget, **options)
+    frames, spatial = parse_shape(shape)
+    case = CaseSize(frames, 1, tuple(spatial), tuple(spatial))
+    plan = make_plan(budget, median_shape=spatial, median_frames=frames,
+                     data=DataSizes([case], [case]), **options)
+    plan.notes.append("the process is planned as holding one training and one validation "
+                      "sequence of this size")
+    return plan
+
+
+def _calibration_data(fp, plan: Plan):
+    """Patches of the plan's size from the first training case, sampled as ``train`` samples
+    them (augmentation, and frame degradation for models with memory); None without data."""
+    if fp is None:
+        return None
+    from clstm4d.data import PatchDataset, load_case, load_datalist, resample_case
+    from clstm4d.engine.run.config import ModelSpec
+    from clstm4d.engine.training.build import resolve_degrade
+
+    case = load_case(load_datalist(fp.datalist, require="training").training[0])
+    if plan.spacing is not None:
+        case = resample_case(case, plan.spacing)
+    spec = ModelSpec.of(meta_model(plan.model_config(), plan.recompute))
+    return PatchDataset([case], window=plan.window, roi=plan.roi, foreground_prob=0.5,
+                        augment=True, degrade=resolve_degrade("auto", spec),
+                        samples_per_case=64)
+
+
+def _write_plan(plan: Plan, fp, out: str | os.PathLike | None) -> list[Path]:
+    """The plan YAML (its table as a comment) and ``fingerprint.json`` beside it."""
+    import yaml
+
+    if out is None:
+        return []
+    out = Path(out)
+    header = ["clstm4d plan: train with `clstm4d train --config " + out.name + "`", ""]
+    header += plan.table().splitlines()
+    text = "".join(f"# {line}\n".replace("# \n", "#\n") for line in header)
+    text += yaml.safe_dump(plan.config(None if fp is None else fp.datalist),
+                           sort_keys=False, default_flow_style=None)
+    atomic_write_text(out, text)
+    written = [out]
+    if fp is not None:
+        fp_path = out.parent / "fingerprint.json"
+        atomic_write_text(fp_path, json.dumps({**fp.to_dict(), "plan": plan.to_dict()},
+                                              indent=1))
+        written.append(fp_path)
+    return written
 
 
 def capacity_lines(plan: Plan, model: str, shape: str) -> list[str]:

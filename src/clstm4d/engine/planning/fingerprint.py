@@ -49,8 +49,9 @@ class Fingerprint:
         datalist: the datalist's absolute path. spatial_dims, channels: shared by every case.
         labels: class index (as a string) -> name. num_classes: classes the model predicts
         (background included, the ``"ignore"`` class not). cases: one
-        :class:`CaseFingerprint` each. notes: what the user should know (e.g. formats that
-        state no spacing).
+        :class:`CaseFingerprint` each. validation: the validation cases (spacing, shape,
+        frames and channels only: what validation during training holds and predicts).
+        notes: what the user should know (e.g. formats that state no spacing).
     """
 
     datalist: str
@@ -60,6 +61,7 @@ class Fingerprint:
     num_classes: int
     cases: list[CaseFingerprint]
     notes: list[str] = field(default_factory=list)
+    validation: list[CaseFingerprint] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable (``fingerprint.json``)."""
@@ -70,6 +72,8 @@ def fingerprint(datalist: str | os.PathLike, *, progress: Any = None) -> Fingerp
     """Read every training case once, one at a time (never all in memory), and record per
     case: spacing, spatial shape, frames, channels, intensity statistics and class voxel
     counts (labelled frames only, when the data says which are labelled).
+
+    The validation cases are read for their size only (spacing, shape, frames, channels).
 
     Raises:
         UserError: no training cases, or cases that disagree in channel count or spatial dims
@@ -87,10 +91,21 @@ def fingerprint(datalist: str | os.PathLike, *, progress: Any = None) -> Fingerp
         del case
         if progress is not None:
             progress(i + 1, len(dl.training), cases[-1].name)
+    validation = [_case_size(load_case(entry)) for entry in dl.validation]
     return Fingerprint(datalist=str(path.resolve()), spatial_dims=len(cases[0].shape),
                        channels=cases[0].channels,
                        labels={str(k): v for k, v in sorted((dl.labels or {}).items())},
-                       num_classes=int(dl.num_classes), cases=cases, notes=notes)
+                       num_classes=int(dl.num_classes), cases=cases, notes=notes,
+                       validation=validation)
+
+
+def _case_size(case) -> CaseFingerprint:
+    """A validation case: its grid and size only."""
+    g = case.geometry
+    return CaseFingerprint(name=case.name, format=g.format,
+                           spacing=[round(v, 6) for v in g.spacing], spacing_stated=True,
+                           shape=list(g.spatial_shape), frames=int(case.image.shape[0]),
+                           channels=int(case.image.shape[1]), intensity={})
 
 
 def _check_agrees(case, first: CaseFingerprint) -> None:

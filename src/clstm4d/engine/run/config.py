@@ -108,12 +108,19 @@ class TrainConfig:
     of the forward and compute it again in backward; same gradients, less memory).
     ``max_nonfinite_steps``: a step with a non-finite loss or gradient is skipped; this many in
     a row stop the run (0: never). ``dist_timeout``: seconds a ``torchrun`` rank waits for the
+<<<<<<< HEAD
     others in a collective before it fails (a rank that died or hangs).
     ``tbptt``: truncated backpropagation through time: run each training window of
     ``data.window`` frames in chunks of this many frames, the recurrent state carried from
     chunk to chunk and detached between them (gradients within a chunk, memory of a chunk,
     one optimizer step per window); ``None`` (default) backpropagates the whole window.
     Needs a streamable (unidirectional) model.
+=======
+    others in a collective before it fails (a rank that died or hangs). ``memory``: the
+    budget the run was planned for (``"2GB"``, ``"800MB"``; ``clstm4d plan`` writes it): the
+    memory guard refuses a run whose predicted peak exceeds it (or the device's free memory,
+    whichever is less).
+>>>>>>> i18
     """
 
     out: str = "runs/train"
@@ -141,6 +148,7 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
     tbptt: int | None = None
+    memory: str | None = None
 
 
 @dataclass

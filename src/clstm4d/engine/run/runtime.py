@@ -29,7 +29,11 @@ from clstm4d import _common
 from clstm4d.errors import UserError
 
 __all__ = ["DistInfo", "PeakMemory", "amp_dtype", "autocast", "available_memory",
-           "init_distributed", "precision_of", "resolve_device"]
+           "init_distributed", "precision_of", "process_memory", "reset_process_peak",
+           "resolve_device", "return_freed_memory"]
+
+#: glibc's ``M_MMAP_THRESHOLD`` (mallopt) and the size from which ``train`` maps allocations.
+_M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 64 * 2**10
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -140,6 +144,69 @@ def _release_free_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+
+def return_freed_memory() -> bool:
+    """Serve every allocation of :data:`MMAP_THRESHOLD` bytes or more with its own memory
+    mapping (glibc; elsewhere nothing happens), so that a freed tensor leaves the resident set
+    at once instead of staying in the heap for later reuse: the peak resident memory of the
+    process is then the peak of what is alive, which the memory model predicts. glibc
+    otherwise raises the threshold to the largest block freed so far (up to 32 MiB), and the
+    heap keeps what a training step and a validation pass freed. Returns whether it was set.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def process_memory(device: Any, peak: bool = True) -> int:
+    """The process's memory as the process model counts it (bytes): on CPU its peak resident
+    set (``VmHWM``; ``ru_maxrss`` where /proc is missing), or the resident set now with
+    ``peak=False``; on CUDA ``torch.cuda.max_memory_reserved`` (or ``memory_reserved``) plus
+    the context (what the device has in use beyond PyTorch's allocator: assumes the device is
+    not shared with another process)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+        context = max(0, total - free - reserved)
+        top = torch.cuda.max_memory_reserved(device) if peak else reserved
+        return int(top + context)
+    value = _status_bytes("VmHWM" if peak else "VmRSS")
+    if value is None:
+        scale = 1 if sys.platform == "darwin" else 1024
+        value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return int(value)
+
+
+def reset_process_peak(device: Any) -> None:
+    """Start :func:`process_memory`'s peak again from now (CPU: Linux's ``clear_refs``; a
+    no-op where that is not allowed; CUDA: the allocator's peak statistics)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 class PeakMemory:

@@ -30,7 +30,14 @@ from clstm4d.engine.run.checkpoint import save_checkpoint
 from clstm4d.engine.run.config import TrainConfig
 from clstm4d.engine.run.folders import RunFolder
 from clstm4d.engine.run.progress import Progress, check_threads
-from clstm4d.engine.run.runtime import DistInfo, PeakMemory, amp_dtype, autocast, init_distributed
+from clstm4d.engine.run.runtime import (
+    DistInfo,
+    PeakMemory,
+    amp_dtype,
+    autocast,
+    init_distributed,
+    process_memory,
+)
 from clstm4d.errors import Preempted, UserError
 
 from .faults import NonFiniteSteps, StopOnSignal, decide_on_rank0, ignore_stop_signals
@@ -254,7 +261,7 @@ class _Loop:
         seconds of training since step 0 across resumes, skipped steps)."""
         cfg = self.cfg
         if step == self.start + 1 and self.predicted_peak is not None:
-            self.memory = self._first_step_memory()
+            self.memory = self._process_memory("first step")
         if finite:
             self.running += float(value)
             self.count += 1
@@ -264,7 +271,9 @@ class _Loop:
         if self.validate is not None and self.main and (
                 (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps):
             extra.update(self.validate(self.model))
-        if self.memory and step == self.start + 1:
+        if self.memory and step == cfg.steps:  # the whole run's peak, validation included
+            self.memory = self._process_memory("run")
+        if self.memory and step in (self.start + 1, cfg.steps):
             extra.update(self.memory)
         if extra or step % max(1, cfg.log_every) == 0 or step == cfg.steps:
             row = {"step": step, "loss": self.running / self.count if self.count else None,
@@ -281,11 +290,11 @@ class _Loop:
             self.bar.write(f"train: step {row['step']}, validation Dice {row['val_dice']:.4f}")
         log.info("step %d: %s", row["step"], row)
 
-    def _first_step_memory(self) -> dict[str, float]:
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        memory = first_step_memory(self.peak.so_far() + params, self.predicted_peak)
-        log.info("first step: peak memory %.0f MiB, predicted %.0f MiB", memory["peak_mb"],
-                 memory["predicted_peak_mb"])
+    def _process_memory(self, when: str) -> dict[str, float]:
+        """The process's peak memory so far (``process_memory``) next to the prediction."""
+        memory = first_step_memory(process_memory(self.device), self.predicted_peak)
+        log.info("%s: peak memory of the process %.0f MiB, predicted %.0f MiB", when,
+                 memory["peak_mb"], memory["predicted_peak_mb"])
         return memory
 
     # ------------------------------------------------------------------ checkpoints
@@ -376,9 +385,11 @@ def fit(
             per index, which ``PatchDataset`` is).
         dist_info, device: where this process runs; default: from the ``torchrun``
             environment and ``cfg.device``.
-        predicted_peak: the memory model's estimate of a step (bytes); after the first step
-            the measured peak (above the start, plus the parameters) is logged next to it
-            (``peak_mb`` and ``predicted_peak_mb`` in the metrics and ``state.json``).
+        predicted_peak: the process model's estimate of the run's peak (bytes); after the
+            first and after the last step (its validation included) the process's measured
+            peak (:func:`~clstm4d.engine.run.runtime.process_memory`: CPU peak resident set,
+            CUDA peak reserved plus context) is logged next to it (``peak_mb`` and
+            ``predicted_peak_mb`` in the metrics and ``state.json``).
 
     Returns:
         A :class:`TrainResult` (on ranks other than 0 ``checkpoint`` is None).

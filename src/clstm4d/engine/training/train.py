@@ -7,7 +7,7 @@ from pathlib import Path
 
 from clstm4d.engine.run.config import Config
 from clstm4d.engine.run.folders import RunFolder
-from clstm4d.engine.run.runtime import init_distributed
+from clstm4d.engine.run.runtime import init_distributed, reset_process_peak, return_freed_memory
 from clstm4d.errors import UserError
 
 from .build import build_dataset, build_model, load_cases
@@ -37,6 +37,9 @@ def train(cfg: Config, *, resume: str | Path | None = None,
     predicted not to fit stops with a :class:`UserError` unless ``force``.
     """
     dist_info, device = init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout)
+    if device.type == "cpu":  # freed tensors leave the resident set: the peak is what lives
+        return_freed_memory()
+    reset_process_peak(device)  # peak_mb: this run's, also when one process trains twice
     if cfg.data.datalist is None:
         raise UserError("no training data: set data.datalist (or --datalist)")
     folder = RunFolder(cfg.train.out, resume=resume, overwrite=overwrite)
@@ -48,7 +51,8 @@ def train(cfg: Config, *, resume: str | Path | None = None,
         train_cases = [resample_case(c, cfg.data.spacing) for c in train_cases]
     model, run = build_model(cfg, datalist, train_cases)
     dataset = build_dataset(cfg, train_cases, run)
-    estimate = check_training_memory(cfg, run, train_cases, device, force=force)
+    estimate = check_training_memory(cfg, run, train_cases, device, force=force,
+                                     validation=val_cases if progress_validation else ())
     validate = None
     if val_cases and progress_validation:
         validate = make_validator(run, val_cases, device)
