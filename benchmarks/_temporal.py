@@ -98,3 +98,26 @@ def load_results(folder: Path, names) -> dict[str, dict[str, Any]]:
         if p.is_file():
             out[name] = json.loads(p.read_text())
     return out
+
+
+def c2c12_left_half(npz: str | Path, out: str | Path):
+    """The real C2C12 time-lapse split down the middle: the left half written once as the
+    training datalist under ``out/train``. Returns ``(image (t, 1, y, x), label (t, y, x), half,
+    datalist path)``; the right half (``[..., half:]``) is for testing."""
+    import numpy as np
+
+    from clstm4d.data import Geometry, save_datalist, write_image, write_label
+
+    z = np.load(npz)
+    image = z["images"].astype(np.float32)[:, None]  # (t, 1, y, x)
+    label = (z["labels"] > 0).astype(np.int64)  # (t, y, x)
+    half = image.shape[-1] // 2
+    folder = Path(out) / "train"
+    path = folder / "datalist.json"
+    if not path.is_file():
+        geometry = Geometry.default("nifti", image.shape[2:3] + (half,), image.shape[0])
+        img = write_image(image[..., :half], geometry, folder / "left.nii.gz")[0]
+        lab = write_label(label[..., :half], geometry, folder / "left_label.nii.gz")[0]
+        save_datalist(path, training=[{"name": "c2c12_left", "image": img, "label": lab}],
+                      labels={0: "background", 1: "cell"}, spatial_dims=2)
+    return image, label, half, path

@@ -77,22 +77,11 @@ def synthetic_data(args):
 
 def c2c12_data(args):
     """(training datalist of the left half, test cases of the right half)."""
-    from clstm4d.data import CaseData, Geometry, save_datalist, write_image, write_label
+    from clstm4d.data import CaseData, Geometry
     from clstm4d.data.degrade import degrade as degrade_frame
     from clstm4d.data.degrade import parse_degradations
 
-    z = np.load(args.c2c12)
-    image = z["images"].astype(np.float32)[:, None]  # (t, 1, y, x)
-    label = (z["labels"] > 0).astype(np.int64)  # (t, y, x)
-    half = image.shape[-1] // 2
-    folder = Path(args.out) / "train"
-    path = folder / "datalist.json"
-    if not path.is_file():
-        geometry = Geometry.default("nifti", image.shape[2:3] + (half,), image.shape[0])
-        img = write_image(image[..., :half], geometry, folder / "left.nii.gz")[0]
-        lab = write_label(label[..., :half], geometry, folder / "left_label.nii.gz")[0]
-        save_datalist(path, training=[{"name": "c2c12_left", "image": img, "label": lab}],
-                      labels={0: "background", 1: "cell"}, spatial_dims=2)
+    image, label, half, path = common.c2c12_left_half(args.c2c12, args.out)
     right_img, right_lab = image[..., half:], label[..., half:]
     geometry = Geometry.default("nifti", right_lab.shape[1:], right_lab.shape[0])
     test = [CaseData(right_img, right_lab, geometry, {"degraded": [], "degradation": []},

@@ -60,20 +60,9 @@ PING_PONG = list(range(10)) + list(range(8, -1, -1)) + list(range(1, 10))  # 28 
 def c2c12_data(args):
     """(training datalist of the left half, test groups of the right half: ``forward``
     (frames 0..9) and ``ping-pong`` (0..9, 8..0, 1..9))."""
-    from clstm4d.data import CaseData, Geometry, save_datalist, write_image, write_label
+    from clstm4d.data import CaseData, Geometry
 
-    z = np.load(args.c2c12)
-    image = z["images"].astype(np.float32)[:, None]  # (t, 1, y, x)
-    label = (z["labels"] > 0).astype(np.int64)  # (t, y, x)
-    half = image.shape[-1] // 2
-    folder = Path(args.out) / "train"
-    path = folder / "datalist.json"
-    if not path.is_file():
-        geometry = Geometry.default("nifti", image.shape[2:3] + (half,), image.shape[0])
-        img = write_image(image[..., :half], geometry, folder / "left.nii.gz")[0]
-        lab = write_label(label[..., :half], geometry, folder / "left_label.nii.gz")[0]
-        save_datalist(path, training=[{"name": "c2c12_left", "image": img, "label": lab}],
-                      labels={0: "background", 1: "cell"}, spatial_dims=2)
+    image, label, half, path = common.c2c12_left_half(args.c2c12, args.out)
     groups = {}
     for name, order in (("forward", list(range(10))), ("ping-pong", PING_PONG)):
         right_img, right_lab = image[order][..., half:], label[order][..., half:]
