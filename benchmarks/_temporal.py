@@ -16,6 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: the per-frame model and the two placements of the recurrence (bench_drift, bench_generalise)
+PLACEMENTS = {
+    "per-frame": ["model.temporal=none"],
+    "bottleneck": ["model.temporal=bottleneck"],
+    "skips": ["model.temporal=skips"],
+}
+
 
 def add_common_arguments(p) -> None:
     p.add_argument("--out", default=None,

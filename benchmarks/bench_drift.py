@@ -45,11 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _temporal as common  # noqa: E402
 
-DEFAULT_VARIANTS = {
-    "per-frame": ["model.temporal=none"],
-    "bottleneck": ["model.temporal=bottleneck"],
-    "skips": ["model.temporal=skips"],
-}
+DEFAULT_VARIANTS = common.PLACEMENTS
 C2C12_FILE = Path("shared", "data", "c2c12", "c2c12_phase_10frames.npz")
 _ROOT = Path(__file__).resolve().parents[1]
 C2C12 = next((p / C2C12_FILE for p in _ROOT.parents if (p / C2C12_FILE).is_file()),

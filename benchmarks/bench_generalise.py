@@ -42,11 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _temporal as common  # noqa: E402
 
-DEFAULT_VARIANTS = {
-    "per-frame": ["model.temporal=none"],
-    "bottleneck": ["model.temporal=bottleneck"],
-    "skips": ["model.temporal=skips"],
-}
+DEFAULT_VARIANTS = common.PLACEMENTS
 THRESHOLD = 0.8
 TESTS = {"held-out": "held-out", "tuning": "tuning"}
 
