@@ -23,6 +23,8 @@ variant gets the same data, steps, batch, learning rate and seed (``--steps`` et
     nice -n 10 python benchmarks/bench_generalise.py --out /tmp/gen              # all
     nice -n 10 python benchmarks/bench_generalise.py --out /tmp/gen --only per-frame skips
     python benchmarks/bench_generalise.py --out /tmp/gen --report                # table
+    nice -n 10 python benchmarks/bench_generalise.py --out /tmp/gen --cross --only skips \
+        --tests held-out      # each seed's model on every seed's test set (no training)
 
 Prints a table and one JSON line per variant.
 """
@@ -103,22 +105,29 @@ def predict(run: Path, datalist: Path, out: Path) -> list[tuple[Path, Path]]:
 
 
 def score(pairs, cue: int) -> dict:
-    """Identity and foreground Dice per frame (mean over sequences), frames 8-15, horizon."""
+    """Identity and foreground Dice per frame (mean over sequences), frames 8-15, horizon;
+    per sequence: identity and foreground Dice on frames 8-15 and the share of the cued
+    object's voxels there that are labelled as another object (a swap)."""
     from clstm4d.data import read_label
     from clstm4d.engine.evaluation.metrics import dice_per_frame
 
-    ident, fg = [], []
+    ident, fg, swapped = [], [], []
     for pred_path, label_path in pairs:
         pred, _ = read_label(pred_path)
         label, _ = read_label(label_path)
         ident.append(dice_per_frame(pred, label, 3).mean(1).numpy())  # (t,)
         fg.append(dice_per_frame(pred > 0, label > 0, 2)[:, 0].numpy())
+        cued = np.asarray(label)[8:16] == 1
+        swapped.append(float((np.asarray(pred)[8:16][cued] == 2).sum() / max(1, cued.sum())))
+    per_seq = {"identity_late": [round(float(d[8:16].mean()), 3) for d in ident],
+               "foreground_late": [round(float(f[8:16].mean()), 3) for f in fg],
+               "swapped_late": [round(v, 3) for v in swapped]}
     ident, fg = np.mean(ident, 0), np.mean(fg, 0)
     below = np.flatnonzero(ident[cue:] < THRESHOLD)
     return {"identity_dice": ident.round(4).tolist(), "foreground_dice": fg.round(4).tolist(),
             "late": float(ident[8:16].mean()), "foreground_late": float(fg[8:16].mean()),
             "horizon": int(below[0]) if below.size else len(ident) - cue,
-            "frames_above": int((ident[cue:] >= THRESHOLD).sum())}
+            "frames_above": int((ident[cue:] >= THRESHOLD).sum()), "per_sequence": per_seq}
 
 
 def run_variant(args, name: str, overrides: list[str], seed: int) -> dict:
@@ -138,6 +147,51 @@ def run_variant(args, name: str, overrides: list[str], seed: int) -> dict:
     return result
 
 
+def cross(args, chosen) -> None:
+    """Each seed's checkpoint on every seed's test sets (no training): does a miss follow the
+    model (its training seed) or the test sequences? Prints, per variant and test set, the
+    identity Dice on frames 8-15 (frames >= 0.8 after the cue) with the models as rows and
+    the test seeds as columns, then each cell's weak sequences (identity < 0.6 on frames
+    8-15): ``swap`` where more than a third of the cued object is labelled as another
+    object, ``seg`` where the foreground Dice is below 0.6, else ``mixed``."""
+    out = Path(args.out)
+    for name in chosen:
+        if args.only and name not in args.only:
+            continue
+        runs = {s: out / "runs" / f"{common.slug(name)}_s{s}" for s in args.seeds}
+        missing = [str(r) for r in runs.values() if not (r / "checkpoints").is_dir()]
+        if missing:
+            raise SystemExit(f"--cross: not trained yet: {missing}")
+        cells = {}
+        for test in args.tests:
+            for a, b in ((a, b) for a in args.seeds for b in args.seeds):
+                dl = synth(out / f"data_s{b}" / f"test_{test}", TESTS[test], args.test,
+                           1000 + b, args)
+                folder = test if a == b else f"{test}_on_s{b}"
+                pairs = predict(runs[a], dl, out / "preds" / f"{common.slug(name)}_s{a}" / folder)
+                cells[f"{test} model s{a} test s{b}"] = score(pairs, cue=3)
+            _print_cross(name, test, args.seeds, cells)
+        common.save_result(out / "results" / f"cross_{common.slug(name)}.json", cells)
+
+
+def _print_cross(name: str, test: str, seeds, cells) -> None:
+    print(f"{name}, {test} test sets: identity Dice 8-15 (frames >= {THRESHOLD}); rows: the "
+          f"model's seed, columns: the test set's seed")
+    print(f"{'model':>6} " + " ".join(f"{'test s' + str(b):>14}" for b in seeds))
+    for a in seeds:
+        row = [cells[f"{test} model s{a} test s{b}"] for b in seeds]
+        print(f"{'s' + str(a):>6} " + " ".join(f"{c['late']:>8.3f} ({c['frames_above']:>2})"
+                                                  for c in row))
+    for a, b in ((a, b) for a in seeds for b in seeds):
+        per = cells[f"{test} model s{a} test s{b}"]["per_sequence"]
+        weak = [f"#{i} {d:.2f} " + ("swap" if sw > 1 / 3 else "seg" if f < 0.6 else "mixed")
+                for i, (d, f, sw) in enumerate(zip(per["identity_late"],
+                                                   per["foreground_late"],
+                                                   per["swapped_late"], strict=True))
+                if d < 0.6]
+        print(f"  model s{a} on test s{b}: weak sequences: {', '.join(weak) or 'none'}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_arguments(p)
@@ -151,9 +205,15 @@ def main(argv=None) -> None:
     p.add_argument("--tests", nargs="+", default=list(TESTS), choices=list(TESTS),
                    help="test sets to score (tuning runs: --tests tuning, so that the held-out "
                         "family is not even looked at while choosing settings)")
+    p.add_argument("--cross", action="store_true",
+                   help="no training: predict each seed's checkpoint on every seed's test sets "
+                        "(a miss that follows the model or the test data?)")
     p.set_defaults(steps=400, lr=3e-3, batch=4)
     args = p.parse_args(argv)
     chosen = common.variants(args, DEFAULT_VARIANTS)
+    if args.cross:
+        cross(args, chosen)
+        return
     results_dir = Path(args.out) / "results"
     for name, overrides in chosen.items():
         if args.report or (args.only and name not in args.only):
