@@ -111,7 +111,9 @@ class TrainConfig:
     others in a collective before it fails (a rank that died or hangs). ``memory``: the
     budget the run was planned for (``"2GB"``, ``"800MB"``; ``clstm4d plan`` writes it): the
     memory guard refuses a run whose predicted peak exceeds it (or the device's free memory,
-    whichever is less).
+    whichever is less). ``memory_model``: the process model's constants as ``clstm4d plan``
+    measured them on the training device (``device``, ``runtime_mb``, ``step_scale``,
+    ``validation_scale``; CUDA plans write it), used by the guard on a device of that type.
     ``tbptt``: truncated backpropagation through time: run each training window of
     ``data.window`` frames in chunks of this many frames, the recurrent state carried from
     chunk to chunk and detached between them (gradients within a chunk, memory of a chunk,
@@ -145,6 +147,7 @@ class TrainConfig:
     threads: int | None = None
     tbptt: int | None = None
     memory: str | None = None
+    memory_model: dict[str, Any] | None = None
 
 
 @dataclass
