@@ -84,6 +84,9 @@ class DataConfig:
     temporal memory (every model but ``temporal: none``) and not for per-frame models, ``true``
     / ``false``, or a mapping of its arguments (``{prob: 0.25, kinds: [snr, defocus],
     strength: [0.25, 1.0]}``); see docs/training.md for the measurements behind the default.
+    ``reverse_time``: the probability that a training window is played backwards (for data
+    whose changes run both ways, e.g. cells that grow and shrink; not for tasks with an
+    order such as a cue in the first frames); 0 (default): never.
     """
 
     datalist: str | None = None
@@ -96,6 +99,7 @@ class DataConfig:
     augment: bool = True
     degrade: bool | str | dict[str, Any] = "auto"
     num_workers: int = 0
+    reverse_time: float = 0.0
 
 
 @dataclass
@@ -189,6 +193,7 @@ _RANGES: dict[str, tuple] = {
     "data.window": (1, None, True, True), "data.roi": (1, None, True, True),
     "data.spacing": (0, None, False, True), "data.batch_size": (1, None, True, True),
     "data.foreground_prob": (0, 1, True, True), "data.num_workers": (0, None, True, True),
+    "data.reverse_time": (0, 1, True, True),
     "train.steps": (1, None, True, True), "train.lr": (0, None, False, True),
     "train.weight_decay": (0, None, True, True), "train.warmup_steps": (0, None, True, True),
     "train.grad_clip": (0, None, False, True), "train.lambda_dice": (0, None, True, True),
