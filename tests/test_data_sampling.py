@@ -171,3 +171,22 @@ def test_reverse_time_plays_about_that_share_backwards_and_zero_changes_nothing(
     assert all(torch.equal(plain[i]["image"], zero[i]["image"]) for i in range(20))
     with pytest.raises(ValueError, match=r"reverse_time must be in \[0, 1\], got 1.5"):
         PatchDataset([case], reverse_time=1.5, **kw)
+
+
+def test_prepare_holds_an_in_memory_case_once_normalised():
+    """After ``prepare`` the dataset holds the normalised copy only: the raw image of a case
+    given in memory is freed once the caller lets go of it (train holds data once, as the
+    process model counts it), and the items are those of lazy normalisation."""
+    import gc
+    import weakref
+
+    case = _coded_case()
+    raw = weakref.ref(case.image)
+    expected = PatchDataset([_coded_case()], window=3, roi=(4, 5), seed=2)[0]
+    ds = PatchDataset([case], window=3, roi=(4, 5), seed=2)
+    del case
+    ds.prepare()
+    gc.collect()
+    assert raw() is None
+    item = ds[0]
+    assert all(torch.equal(item[k], expected[k]) for k in ("image", "label", "labelled"))

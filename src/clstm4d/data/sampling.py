@@ -184,7 +184,18 @@ class PatchDataset(Dataset):
             image = normalize_intensity(data.image, self.normalize)
             self._cache[index] = CaseData(image, data.label, data.geometry, data.meta, name,
                                           data.labelled)
+            if isinstance(c, CaseData):  # hold the normalised case only, not both
+                self.cases[index] = self._cache[index]
         return self._cache[index]
+
+    def prepare(self) -> None:
+        """Load and normalise every case now rather than on first use (``train`` does, so
+        that its steps take their steady time from the first, a case without annotations
+        stops the run before it starts, and a case given in memory is held once: the
+        normalised copy replaces it here, and the raw image is freed when nobody else holds
+        it)."""
+        for index in range(len(self.cases)):
+            self.case_data(index)
 
     def _foreground(self, index: int) -> list[np.ndarray]:
         """Flat indices of the foreground voxels of each annotated frame of case ``index``
