@@ -257,7 +257,8 @@ class PatchDataset(Dataset):
         labelled[:length] = data.labelled[frames]
         backwards = self.reverse_time > 0 and rng.random() < self.reverse_time
         if backwards:  # the window played backwards (padding stays at the end)
-            img, lab, labelled[:length] = img[::-1], lab[::-1], labelled[:length][::-1]
+            img, lab = img[::-1].copy(), lab[::-1].copy()  # (a 1-frame view keeps its stride)
+            labelled[:length] = labelled[:length][::-1]
         if self.augment is not None:
             img, lab = self.augment(img, lab, rng)
         degraded = np.zeros(window, bool)
