@@ -91,6 +91,47 @@ def test_a_malformed_memory_model_names_its_key(key, value):
         ProcessConstants.from_config(raw, "cuda")
 
 
+class _FakeMeter:
+    """Stands in for the CUDA reserve on CPU: records the phases and returns set peaks."""
+
+    def __init__(self, peaks, context):
+        self.peaks, self.ctx, self.calls = list(peaks), context, []
+
+    def start(self):
+        self.calls.append("start")
+
+    def peak(self):
+        self.calls.append("peak")
+        return self.peaks.pop(0)
+
+    def context(self):
+        self.calls.append("context")
+        return self.ctx
+
+
+def test_the_plan_measures_the_step_then_validation_and_plans_with_what_it_measured():
+    """The calibration on CPU with a stand-in meter: the real step and the real Predictor run
+    (so the path the GPU takes stays working in CI), the phases are measured in order, and
+    the constants are those of the measured numbers."""
+    from clstm4d.engine.apps.plan import calibrate_memory
+
+    case = CaseSize(4, 1, (32, 32, 16))
+    plan = make_plan(2 * 2**30, median_shape=[32, 32, 16], median_frames=4, device="cuda",
+                     precision="bf16", data=DataSizes([case], [case]), recompute=False)
+    model = estimate_process({k: v for k, v in plan.model_config().items()
+                              if k != "recompute"}, plan.roi, plan.window, 1, plan.precision,
+                             plan.recompute, device="cuda", predict={"roi": plan.roi},
+                             data=DataSizes([], [case]))
+    step_peak = int(1.3 * model.step.total)
+    val_peak = model.step.persistent + int(1.6 * model.validation)
+    meter = _FakeMeter([step_peak, val_peak], 700 * MiB)
+    c = calibrate_memory(plan, torch.device("cpu"), case, meter=meter)
+    assert meter.calls == ["start", "peak", "start", "peak", "context"]
+    assert c == measured_constants(model, step_peak, val_peak, 700 * MiB)
+    assert c.scale == pytest.approx(1.3, rel=1e-6) and c.val_scale == pytest.approx(1.6, rel=1e-6)
+    assert calibrate_memory(plan, torch.device("cpu"), case) is None  # CPU: the fitted model
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_plan_measures_the_train_process_it_plans(tmp_path):
     """On a GPU: `plan` (memory measured on the device) then `train --config plan.yaml` in a

@@ -39,10 +39,9 @@ from clstm4d.engine.planning.process import (
 from clstm4d.engine.planning.timing import StepTime
 from clstm4d.engine.run.config import Config, ModelSpec, SavedRun, create
 from clstm4d.engine.run.runtime import (
+    ReserveMeter,
     amp_dtype,
     available_memory,
-    cuda_context,
-    release_cached_memory,
     resolve_device,
     return_freed_memory,
 )
@@ -107,18 +106,21 @@ def calibrate_step_time(model_config: dict[str, Any], roi: Sequence[int], window
     return StepTime(rate=macs / max(seconds - fixed, 1e-9), fixed=fixed, data=data)
 
 
-def calibrate_memory(plan: Plan, device: torch.device,
-                     case: CaseSize | None) -> ProcessConstants | None:
+def calibrate_memory(plan: Plan, device: torch.device, case: CaseSize | None,
+                     meter: Any = None) -> ProcessConstants | None:
     """On CUDA, the process model's constants measured on ``device`` for ``plan`` (None on
     CPU, where the fitted :data:`~clstm4d.engine.planning.process.PROCESS_CONSTANTS` hold):
     two training steps of the planned model at batch 1, then one validation pass as ``train``
     runs it (the :class:`~clstm4d.engine.inference.predictor.Predictor` with the plan's
     predict settings) on a random sequence the size of ``case`` (the largest validation case
     at the plan's spacing; None: no validation), the cache released before and after as in
-    ``train``. The caching allocator's peak reserve of each phase and the device's context
-    give :func:`~clstm4d.engine.planning.process.measured_constants`."""
-    if device.type != "cuda":
-        return None
+    ``train``. The peak reserve of each phase and the device's context (``meter``: a
+    :class:`~clstm4d.engine.run.runtime.ReserveMeter` by default) give
+    :func:`~clstm4d.engine.planning.process.measured_constants`."""
+    if meter is None:
+        if device.type != "cuda":
+            return None
+        meter = ReserveMeter(device)
     model_config = plan.model_config()
     spec = {k: v for k, v in model_config.items() if k != "recompute"}
     estimate = estimate_process(spec, plan.roi, plan.window, 1, plan.precision, plan.recompute,
@@ -130,23 +132,20 @@ def calibrate_memory(plan: Plan, device: torch.device,
     dtype = amp_dtype(device, {"fp32": "none"}.get(plan.precision, plan.precision))
     x = torch.randn(1, plan.window, plan.in_channels, *plan.roi, device=device)
     y = torch.randint(0, plan.out_channels, (1, plan.window, *plan.roi), device=device)
-    release_cached_memory(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    meter.start()
     for _ in range(2):
         training_step(net, optimizer, SequenceLoss(), x, y, device=device, amp_dtype=dtype)
     del x, y
-    release_cached_memory(device)
-    step_peak = torch.cuda.max_memory_reserved(device)
+    step_peak = meter.peak()
     validation_peak = None
     if case is not None:
-        torch.cuda.reset_peak_memory_stats(device)
+        meter.start()
         run = SavedRun(Config.from_dict({"predict": {"roi": list(plan.roi)}}), ModelSpec.of(net))
         image = np.random.default_rng(0).random((case.frames, case.channels, *case.shape),
                                                 dtype=np.float32)
         Predictor(net, run, device=device, amp="none").predict_array(image, name="calibration")
-        release_cached_memory(device)
-        validation_peak = torch.cuda.max_memory_reserved(device)
-    return measured_constants(estimate, step_peak, validation_peak, cuda_context(device))
+        validation_peak = meter.peak()
+    return measured_constants(estimate, step_peak, validation_peak, meter.context())
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:

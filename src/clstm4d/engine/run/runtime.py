@@ -28,7 +28,7 @@ import torch
 from clstm4d import _common
 from clstm4d.errors import UserError
 
-__all__ = ["DistInfo", "PeakMemory", "amp_dtype", "autocast", "available_memory",
+__all__ = ["DistInfo", "PeakMemory", "ReserveMeter", "amp_dtype", "autocast", "available_memory",
            "cuda_context", "init_distributed", "precision_of", "process_memory",
            "release_cached_memory", "reset_process_peak", "resolve_device",
            "return_freed_memory"]
@@ -193,6 +193,27 @@ def cuda_context(device: Any) -> int:
     loaded kernels, libraries' workspaces); assumes no other process shares the device."""
     free, total = torch.cuda.mem_get_info(device)
     return max(0, int(total - free - torch.cuda.memory_reserved(device)))
+
+
+class ReserveMeter:
+    """The CUDA caching allocator's peak reserve phase by phase (what ``clstm4d plan``
+    measures): :meth:`start` releases the cache and starts the peak again, :meth:`peak`
+    releases the phase's cache and returns its peak reserve (bytes), :meth:`context` the
+    device's memory beyond the reserve."""
+
+    def __init__(self, device: Any):
+        self.device = torch.device(device)
+
+    def start(self) -> None:
+        release_cached_memory(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        release_cached_memory(self.device)
+        return int(torch.cuda.max_memory_reserved(self.device))
+
+    def context(self) -> int:
+        return cuda_context(self.device)
 
 
 def process_memory(device: Any, peak: bool = True) -> int:
