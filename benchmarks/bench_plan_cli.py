@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", help="comma-separated names (default: the whole matrix)")
     p.add_argument("--device", default="cpu", help="cpu (the CPU matrix) or cuda (CUDA_MATRIX)")
-    p.add_argument("--steps", type=int, default=4, help="training steps per run")
+    p.add_argument("--steps", type=int, default=8, help="training steps per run")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the runs")
     p.add_argument("--work", help="folder for data and runs (default: a temporary one)")
     p.add_argument("--json", help="also write one JSON line per configuration here")

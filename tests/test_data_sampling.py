@@ -137,3 +137,56 @@ def test_lazy_cases_from_a_datalist_and_whole_sequences(tmp_path):
     np.testing.assert_array_equal(item["label"].numpy(), ref.label)
     assert item["case"] == "case_001" and item["length"] == 6
     assert np.flatnonzero(item["degraded"].numpy()).tolist() == ref.meta["degraded"]
+
+
+@pytest.mark.parametrize("window", [1, 3, 7])  # one frame, within the sequence, padded
+def test_a_window_played_backwards_is_the_forward_window_reversed(window):
+    """reverse_time=1 gives the forward item's frames, labels, annotated and degraded flags
+    in reverse order (the padding stays at the end); the image's frame code proves the order."""
+    case = _coded_case(t=5)
+    case = CaseData(case.image, case.label, case.geometry, case.meta, case.name,
+                    np.array([True, False, True, True, False]))
+    kw = dict(window=window, roi=(4, 5), normalize=None, seed=3, samples_per_case=6)
+    forward, backward = PatchDataset([case], **kw), PatchDataset([case], reverse_time=1.0, **kw)
+    for i in range(len(forward)):
+        f, b = forward[i], backward[i]
+        n = f["length"]
+        assert b["start"] == f["start"] and b["length"] == n
+        frames = (b["image"].numpy()[:n, 0, 0, 0] // 1000).astype(int)
+        assert frames.tolist() == list(range(f["start"] + n - 1, f["start"] - 1, -1))
+        for key in ("image", "label", "labelled", "degraded"):
+            assert torch.equal(b[key][:n], f[key][:n].flip(0)), key
+            assert torch.equal(b[key][n:], f[key][n:]), key  # padding
+        assert b["degraded"][:n].tolist() == [f["start"] + n - 1 - k == 2 for k in range(n)]
+
+
+def test_reverse_time_plays_about_that_share_backwards_and_zero_changes_nothing():
+    kw = dict(window=3, roi=(4, 5), normalize=None, seed=0, samples_per_case=200)
+    case = _coded_case()
+    half = PatchDataset([case], reverse_time=0.5, **kw)
+    backwards = [half[i]["image"][0, 0, 0, 0] > half[i]["image"][1, 0, 0, 0]
+                 for i in range(len(half))]
+    assert 0.4 < np.mean(backwards) < 0.6
+    plain, zero = PatchDataset([case], **kw), PatchDataset([case], reverse_time=0.0, **kw)
+    assert all(torch.equal(plain[i]["image"], zero[i]["image"]) for i in range(20))
+    with pytest.raises(ValueError, match=r"reverse_time must be in \[0, 1\], got 1.5"):
+        PatchDataset([case], reverse_time=1.5, **kw)
+
+
+def test_prepare_holds_an_in_memory_case_once_normalised():
+    """After ``prepare`` the dataset holds the normalised copy only: the raw image of a case
+    given in memory is freed once the caller lets go of it (train holds data once, as the
+    process model counts it), and the items are those of lazy normalisation."""
+    import gc
+    import weakref
+
+    case = _coded_case()
+    raw = weakref.ref(case.image)
+    expected = PatchDataset([_coded_case()], window=3, roi=(4, 5), seed=2)[0]
+    ds = PatchDataset([case], window=3, roi=(4, 5), seed=2)
+    del case
+    ds.prepare()
+    gc.collect()
+    assert raw() is None
+    item = ds[0]
+    assert all(torch.equal(item[k], expected[k]) for k in ("image", "label", "labelled"))

@@ -394,3 +394,25 @@ def test_guard_refuses_a_plan_edited_beyond_its_budget(aniso_data, tmp_path):
                                         r"\(train.memory\) has 300 MiB"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+
+def test_guard_predicts_with_the_constants_the_plan_measured(aniso_data, tmp_path):
+    """``train.memory_model`` (what a CUDA plan measured) is what the guard predicts with, on
+    a device of the type it was measured on; another type's constants are not used."""
+    from clstm4d.errors import UserError
+
+    cfg = _train_cfg(aniso_data, tmp_path / "run")
+    cfg.train.memory = "4000MB"
+    cfg.train.memory_model = {"device": "cuda", "runtime_mb": 1.0, "step_scale": 1000.0,
+                              "validation_scale": 1.0}
+    cfg.train.steps = 1
+    train(cfg)  # measured on a GPU: the CPU run keeps the CPU constants (and fits)
+    cfg = _train_cfg(aniso_data, tmp_path / "run2")
+    cfg.train.memory = "4000MB"
+    cfg.train.memory_model = {"device": "cpu", "runtime_mb": 1.0, "step_scale": 1000.0,
+                              "validation_scale": 1.0}
+    with pytest.raises(UserError, match=r"this run would not fit: .*needs about [\d.]+ GiB "
+                                        r"\(runtime 1 \+ .*step \d+ MiB\), and its "
+                                        r"budget \(train.memory\) has 3.91 GiB"):
+        train(cfg)

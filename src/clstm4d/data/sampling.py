@@ -89,6 +89,11 @@ class PatchDataset(Dataset):
             arguments, or ``False``/``None``. Degraded frames are marked in ``degraded``.
             Occluders are placed over the foreground of annotated frames only.
         ignore_index: the value of the ``"ignore"`` class (never a crop centre), or ``None``.
+        reverse_time: probability that a window is played backwards (its frames, labels,
+            annotated and degraded flags in reverse order; ``start`` stays the first frame in
+            the file). For data whose changes run both ways (cells that grow and shrink,
+            appear and leave), so that a model does not learn from forward-only training
+            that foreground persists; not for tasks with an order (a cue at the start).
 
     Raises:
         DataError: (on first use of the case) a case without any annotated frame: no window
@@ -118,7 +123,7 @@ class PatchDataset(Dataset):
                  seed: int = 0, augment: bool | Augment | None = False,
                  normalize: str | None = "percentile", samples_per_case: int = 1,
                  degrade: bool | Degrade | dict | None = None,
-                 ignore_index: int | None = None):
+                 ignore_index: int | None = None, reverse_time: float = 0.0):
         if not cases:
             raise ValueError("PatchDataset: cases must not be empty")
         for c in cases:
@@ -139,6 +144,8 @@ class PatchDataset(Dataset):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"PatchDataset: normalize must be one of {NORMALIZATIONS}, got "
                              f"{normalize!r}")
+        if not 0 <= reverse_time <= 1:
+            raise ValueError(f"PatchDataset: reverse_time must be in [0, 1], got {reverse_time}")
         if samples_per_case < 1:
             raise ValueError(f"PatchDataset: samples_per_case must be >= 1, got "
                              f"{samples_per_case}")
@@ -152,6 +159,7 @@ class PatchDataset(Dataset):
         self.normalize = normalize
         self.samples_per_case = samples_per_case
         self.ignore_index = ignore_index
+        self.reverse_time = reverse_time
         self.epoch = 0
         self._cache: dict[int, CaseData] = {}
         self._fg_cache: dict[int, list[np.ndarray]] = {}
@@ -176,7 +184,18 @@ class PatchDataset(Dataset):
             image = normalize_intensity(data.image, self.normalize)
             self._cache[index] = CaseData(image, data.label, data.geometry, data.meta, name,
                                           data.labelled)
+            if isinstance(c, CaseData):  # hold the normalised case only, not both
+                self.cases[index] = self._cache[index]
         return self._cache[index]
+
+    def prepare(self) -> None:
+        """Load and normalise every case now rather than on first use (``train`` does, so
+        that its steps take their steady time from the first, a case without annotations
+        stops the run before it starts, and a case given in memory is held once: the
+        normalised copy replaces it here, and the raw image is freed when nobody else holds
+        it)."""
+        for index in range(len(self.cases)):
+            self.case_data(index)
 
     def _foreground(self, index: int) -> list[np.ndarray]:
         """Flat indices of the foreground voxels of each annotated frame of case ``index``
@@ -236,6 +255,10 @@ class PatchDataset(Dataset):
         lab = crop_or_pad(label[frames], corner, roi, lead=1)  # (length, *roi)
         labelled = np.zeros(window, bool)
         labelled[:length] = data.labelled[frames]
+        backwards = self.reverse_time > 0 and rng.random() < self.reverse_time
+        if backwards:  # the window played backwards (padding stays at the end)
+            img, lab = img[::-1].copy(), lab[::-1].copy()  # (a 1-frame view keeps its stride)
+            labelled[:length] = labelled[:length][::-1]
         if self.augment is not None:
             img, lab = self.augment(img, lab, rng)
         degraded = np.zeros(window, bool)
@@ -247,7 +270,7 @@ class PatchDataset(Dataset):
             lab = np.concatenate([lab, np.zeros((window - length, *lab.shape[1:]), lab.dtype)])
         for f in data.meta.get("degraded", []):
             if start <= f < start + length:
-                degraded[f - start] = True
+                degraded[start + length - 1 - f if backwards else f - start] = True
         return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
                 "label": torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)),
                 "labelled": torch.from_numpy(labelled),

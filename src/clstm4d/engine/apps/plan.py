@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from clstm4d._common import atomic_write_text, human_bytes
+from clstm4d.data import target_shape
+from clstm4d.engine.inference.predictor import Predictor
 from clstm4d.engine.planning.fingerprint import fingerprint
 from clstm4d.engine.planning.memory import meta_model, parse_memory, step_macs
 from clstm4d.engine.planning.planner import (
@@ -27,10 +29,17 @@ from clstm4d.engine.planning.planner import (
     make_plan,
     plan_from_fingerprint,
 )
-from clstm4d.engine.planning.process import CaseSize, DataSizes
+from clstm4d.engine.planning.process import (
+    CaseSize,
+    DataSizes,
+    ProcessConstants,
+    estimate_process,
+    measured_constants,
+)
 from clstm4d.engine.planning.timing import StepTime
-from clstm4d.engine.run.config import create
+from clstm4d.engine.run.config import Config, ModelSpec, SavedRun, create
 from clstm4d.engine.run.runtime import (
+    ReserveMeter,
     amp_dtype,
     available_memory,
     resolve_device,
@@ -41,7 +50,8 @@ from clstm4d.engine.training.optim import param_groups
 from clstm4d.engine.training.step import training_step
 from clstm4d.errors import ConfigError, UserError
 
-__all__ = ["calibrate_step_time", "capacity_lines", "parse_shape", "run_plan"]
+__all__ = ["calibrate_memory", "calibrate_step_time", "capacity_lines", "parse_shape",
+           "run_plan"]
 
 
 def calibrate_step_time(model_config: dict[str, Any], roi: Sequence[int], window: int,
@@ -96,17 +106,61 @@ def calibrate_step_time(model_config: dict[str, Any], roi: Sequence[int], window
     return StepTime(rate=macs / max(seconds - fixed, 1e-9), fixed=fixed, data=data)
 
 
+def calibrate_memory(plan: Plan, device: torch.device, case: CaseSize | None,
+                     meter: Any = None) -> ProcessConstants | None:
+    """On CUDA, the process model's constants measured on ``device`` for ``plan`` (None on
+    CPU, where the fitted :data:`~clstm4d.engine.planning.process.PROCESS_CONSTANTS` hold):
+    two training steps of the planned model at batch 1, then one validation pass as ``train``
+    runs it (the :class:`~clstm4d.engine.inference.predictor.Predictor` with the plan's
+    predict settings) on a random sequence the size of ``case`` (the largest validation case
+    at the plan's spacing; None: no validation), the cache released before and after as in
+    ``train``. The peak reserve of each phase and the device's context (``meter``: a
+    :class:`~clstm4d.engine.run.runtime.ReserveMeter` by default) give
+    :func:`~clstm4d.engine.planning.process.measured_constants`."""
+    if meter is None:
+        if device.type != "cuda":
+            return None
+        meter = ReserveMeter(device)
+    model_config = plan.model_config()
+    spec = {k: v for k, v in model_config.items() if k != "recompute"}
+    estimate = estimate_process(spec, plan.roi, plan.window, 1, plan.precision, plan.recompute,
+                                device="cuda", predict={"roi": plan.roi},
+                                data=DataSizes([], [] if case is None else [case]))
+    torch.manual_seed(0)
+    net = create(model_config.pop("name"), **model_config).to(device)
+    optimizer = torch.optim.AdamW(param_groups(net, 1e-4), lr=1e-4)
+    dtype = amp_dtype(device, {"fp32": "none"}.get(plan.precision, plan.precision))
+    x = torch.randn(1, plan.window, plan.in_channels, *plan.roi, device=device)
+    y = torch.randint(0, plan.out_channels, (1, plan.window, *plan.roi), device=device)
+    meter.start()
+    for _ in range(2):
+        training_step(net, optimizer, SequenceLoss(), x, y, device=device, amp_dtype=dtype)
+    del x, y
+    step_peak = meter.peak()
+    validation_peak = None
+    if case is not None:
+        meter.start()
+        run = SavedRun(Config.from_dict({"predict": {"roi": list(plan.roi)}}), ModelSpec.of(net))
+        image = np.random.default_rng(0).random((case.frames, case.channels, *case.shape),
+                                                dtype=np.float32)
+        Predictor(net, run, device=device, amp="none").predict_array(image, name="calibration")
+        validation_peak = meter.peak()
+    return measured_constants(estimate, step_peak, validation_peak, meter.context())
+
+
 def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call (two on CUDA,
+    whose first calls also load kernels and choose convolution algorithms)."""
     times = []
-    for i in range(repeats + 1):
+    warm = 2 if device.type == "cuda" else 1
+    for i in range(repeats + warm):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:
+        if i >= warm:
             times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -162,7 +216,12 @@ def run_plan(*, memory: str | int | None = None, datalist: str | None = None,
         say("timing a short calibration of the training step and its data ...")
         timer = calibrate_step_time(plan.model_config(), plan.roi, plan.window, plan.precision,
                                     plan.recompute, dev, dataset=_calibration_data(fp, plan))
-        plan = _plan(fp, shape, budget, {**options, "timer": timer,
+        constants = calibrate_memory(plan, dev, _validation_case(fp, shape, plan))
+        if constants is not None:
+            say(f"memory measured on {dev}: context {human_bytes(constants.runtime)}, "
+                f"reserve x{constants.scale:.2f} (step) and x{constants.val_scale:.2f} "
+                f"(validation) of what the model counts")
+        plan = _plan(fp, shape, budget, {**options, "timer": timer, "constants": constants,
                                          "time_per_step": time_per_step})
     return plan, _write_plan(plan, fp, out)
 
@@ -179,6 +238,17 @@ def _plan(fp, shape: str | None, budget: int, options: dict[str, Any]) -> Plan:
     plan.notes.append("the process is planned as holding one training and one validation "
                       "sequence of this size")
     return plan
+
+
+def _validation_case(fp, shape: str | None, plan: Plan) -> CaseSize | None:
+    """The largest validation sequence at the plan's spacing (``--shape``: that size)."""
+    if fp is None:
+        frames, spatial = parse_shape(shape)
+        return CaseSize(frames, 1, tuple(spatial))
+    cases = [CaseSize(c.frames, c.channels, tuple(target_shape(c.shape, c.spacing, plan.spacing)
+                                                 if plan.spacing else c.shape))
+             for c in fp.validation]
+    return max(cases, key=lambda c: c.frames * c.channels * c.voxels, default=None)
 
 
 def _calibration_data(fp, plan: Plan):

@@ -20,7 +20,7 @@ from clstm4d.models import TimeAsChannelsUNet
 
 from .fingerprint import Fingerprint
 from .memory import PRECISIONS, GiB, MiB, meta_model
-from .process import CaseSize, DataSizes, ProcessEstimate, estimate_process
+from .process import CaseSize, DataSizes, ProcessConstants, ProcessEstimate, estimate_process
 from .timing import StepTime
 from .topology import (
     MIN_POOLED_VOXELS,
@@ -71,6 +71,7 @@ class Plan:
     validation_seconds: float | None = None
     run_seconds: float | None = None
     memory: dict[str, Any] = field(default_factory=dict)
+    memory_model: dict[str, Any] | None = None  # constants measured on the device
 
     @property
     def share(self) -> float:
@@ -92,7 +93,9 @@ class Plan:
             "data": {"datalist": datalist, "spacing": self.spacing, "roi": list(self.roi),
                      "window": self.window, "batch_size": self.batch},
             "train": {"amp": amp, "recompute": self.recompute,
-                      "memory": f"{max(1, self.budget // MiB)}MB"},
+                      "memory": f"{max(1, self.budget // MiB)}MB",
+                      **({"memory_model": dict(self.memory_model)} if self.memory_model
+                         else {})},
             "predict": {"roi": list(self.roi)},  # windows of the training patch
         }
 
@@ -159,7 +162,8 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
               device: str = "cuda", precision: str = "auto", min_window: int = MIN_WINDOW,
               max_batch: int = MAX_BATCH, recompute: bool | None = None,
               data: DataSizes | None = None, runtime: int | None = None,
-              timer: StepTime | None = None, time_per_step: float | None = None) -> Plan:
+              timer: StepTime | None = None, time_per_step: float | None = None,
+              constants: ProcessConstants | None = None) -> Plan:
     """Choose roi, window, batch, strides, kernels, recomputation and precision so that the
     predicted peak of the ``train`` process (:func:`~.process.estimate_process`: runtime,
     ``data``, the step, validation) stays within ``budget * (1 - MARGIN)``, and (with a
@@ -179,7 +183,7 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     search = _Search(budget, model, median_shape, median_frames, spacing, in_channels,
                      out_channels, device, _resolved_precision(precision, device), min_window,
-                     {"data": data, "runtime": runtime})
+                     {"data": data, "runtime": runtime, "constants": constants})
     search.timer, search.time_limit = timer, time_per_step
     options = [False, True] if recompute is None else [bool(recompute)]
     found = {ckpt: search.run(ckpt, max_batch) for ckpt in options}
@@ -207,6 +211,7 @@ def make_plan(budget: int, *, model: str = "tiny", median_shape: Sequence[int],
                 spacing=None if spacing is None else list(search.spacing),
                 spacing_rule=spacing_rule, median_shape=[int(n) for n in median_shape],
                 median_frames=int(median_frames), notes=notes,
+                memory_model=None if constants is None else constants.to_config(device),
                 **search.times(roi, window, batch, ckpt))
 
 
@@ -332,7 +337,8 @@ def plan_from_fingerprint(fp: Fingerprint, budget: int, *, model: str = "tiny",
                           device: str = "cuda", precision: str = "auto",
                           min_window: int = MIN_WINDOW, max_batch: int = MAX_BATCH,
                           timer: StepTime | None = None, time_per_step: float | None = None,
-                          recompute: bool | None = None) -> Plan:
+                          recompute: bool | None = None,
+                          constants: ProcessConstants | None = None) -> Plan:
     """:func:`make_plan` for a dataset: the target spacing from the cases' spacings, the
     median shape after resampling to it, the median frame count, channels and classes."""
     spacings = [c.spacing for c in fp.cases]
@@ -353,7 +359,7 @@ def plan_from_fingerprint(fp: Fingerprint, budget: int, *, model: str = "tiny",
                      in_channels=fp.channels, out_channels=max(2, classes),
                      device=device, precision=precision, min_window=min_window,
                      max_batch=max_batch, data=data, timer=timer,
-                     time_per_step=time_per_step, recompute=recompute)
+                     time_per_step=time_per_step, recompute=recompute, constants=constants)
     plan.notes.extend(fp.notes)
     if not fp.validation:
         few = len(fp.cases) <= 2

@@ -27,7 +27,14 @@ On CPU ``train`` serves every allocation of 64 KiB or more with its own mapping
 (:func:`~clstm4d.engine.run.runtime.return_freed_memory`), so that a freed tensor leaves the
 resident set at once and the peak of the process is the peak of what is alive; the measured
 number is the process's peak resident set (``VmHWM``). On CUDA the measured number is
-``torch.cuda.max_memory_reserved`` plus the context.
+``torch.cuda.max_memory_reserved`` plus the context. What the caching allocator reserves
+beyond the live tensors depends on the shapes and could not be fitted from a few runs (five
+H200 plans, docs/benchmarks.md), so a CUDA plan measures it: ``clstm4d plan`` runs the
+planned step and one validation pass on the device
+(:func:`~clstm4d.engine.apps.plan.calibrate_memory`), takes the factors of reserved over
+modelled and the context (:func:`measured_constants`), plans with them and writes them into
+the plan (``train.memory_model``) for ``train``'s guard; ``train`` releases the cache before
+and after validation, as the measurement does.
 """
 
 from __future__ import annotations
@@ -38,12 +45,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from clstm4d._common import per_axis
+from clstm4d.errors import ConfigError
 
 from .memory import MemoryEstimate, MiB, memory_breakdown, meta_model
 from .topology import level_shapes
 
 __all__ = ["PROCESS_CONSTANTS", "CaseSize", "DataSizes", "ProcessConstants", "ProcessEstimate",
-           "estimate_process"]
+           "estimate_process", "measured_constants"]
 
 
 @dataclass(frozen=True)
@@ -54,20 +62,58 @@ class ProcessConstants:
         runtime: bytes of the process before its data (see the module docstring).
         inference: the no-grad forward's workspace next to the skip connections, in units of
             the window's largest level map.
-        scale: a factor on the step's and validation's peaks (what the allocator keeps next
-            to the live tensors).
+        scale: a factor on the step's peak (what the allocator keeps next to the live
+            tensors).
+        validation_scale: the same for validation (None: ``scale``). On CUDA the caching
+            allocator reserves more than is alive, by a factor that depends on the shapes;
+            ``clstm4d plan`` measures both factors on the device
+            (:func:`~clstm4d.engine.apps.plan.calibrate_memory`) and writes them into the
+            plan (``train.memory_model``), so that ``train`` predicts with them too.
     """
 
     runtime: int
     inference: float
     scale: float
+    validation_scale: float | None = None
+
+    def to_config(self, device: str) -> dict[str, Any]:
+        """``train.memory_model`` as the plan writes it (MiB and plain factors)."""
+        return {"device": device, "runtime_mb": round(self.runtime / MiB, 1),
+                "step_scale": round(self.scale, 4),
+                "validation_scale": round(self.val_scale, 4)}
+
+    @property
+    def val_scale(self) -> float:
+        return self.scale if self.validation_scale is None else self.validation_scale
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any], device: str) -> ProcessConstants | None:
+        """The constants of ``train.memory_model`` (:meth:`to_config`) when they were measured
+        on a device of ``device``'s type, else None (the defaults apply).
+
+        Raises:
+            ConfigError: a key is missing or not a positive number."""
+        kind = "cuda" if str(device).startswith("cuda") else "cpu"
+        if str(raw.get("device", "")) != kind:
+            return None
+        values = {}
+        for key in ("runtime_mb", "step_scale", "validation_scale"):
+            v = raw.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 \
+                    or not math.isfinite(v):
+                raise ConfigError(f"'train.memory_model.{key}' must be a positive number "
+                                  f"(as `clstm4d plan` writes it), got {v!r}")
+            values[key] = float(v)
+        return cls(runtime=int(values["runtime_mb"] * MiB),
+                   inference=PROCESS_CONSTANTS[kind].inference,
+                   scale=values["step_scale"], validation_scale=values["validation_scale"])
 
 
 #: CPU: the runtime as measured by two plans of 1 x 1 x 4 mm data (torch 2.13, MONAI 1.6);
 #: ``benchmarks/bench_plan_cli.py`` refits both constants on a training split of its matrix
 #: (452 MiB and 1.016 there; held-out ratios 0.99-1.01, docs/benchmarks.md). It depends on
-#: the installed libraries. CUDA: ``runtime`` is a typical context of a recent driver, the
-#: rest as on CPU; not measured on a GPU yet (``benchmarks/gpu_check.py`` records it).
+#: the installed libraries. CUDA: the defaults when nothing was measured (``plan --no-time``,
+#: a hand-written config): ``runtime`` a typical context; a plan made on the GPU measures both.
 PROCESS_CONSTANTS = {
     "cpu": ProcessConstants(runtime=460 * MiB, inference=5.0, scale=1.0),
     "cuda": ProcessConstants(runtime=500 * MiB, inference=5.0, scale=1.0),
@@ -137,7 +183,8 @@ def estimate_process(model_config: Any, roi: int | Sequence[int], window: int, b
                      precision: str = "fp32", recompute: bool | None = None, *,
                      device: str = "cuda", data: DataSizes | None = None,
                      predict: dict[str, Any] | None = None,
-                     runtime: int | None = None) -> ProcessEstimate:
+                     runtime: int | None = None,
+                     constants: ProcessConstants | None = None) -> ProcessEstimate:
     """Predicted peak memory of a ``clstm4d train`` process (see the module docstring).
 
     Args:
@@ -147,10 +194,12 @@ def estimate_process(model_config: Any, roi: int | Sequence[int], window: int, b
         predict: the validation's sliding-window settings (``roi``, ``chunk``;
             :class:`~clstm4d.engine.run.config.PredictConfig`'s keys); default: windows of
             ``roi``, chunks of 16 frames.
-        runtime: bytes of the runtime (default: :data:`PROCESS_CONSTANTS`).
+        runtime: bytes of the runtime (default: the constants').
+        constants: the calibrated constants (default: :data:`PROCESS_CONSTANTS` of the
+            device's type).
     """
     device = "cuda" if str(device).startswith("cuda") else "cpu"
-    const = PROCESS_CONSTANTS[device]
+    const = constants or PROCESS_CONSTANTS[device]
     step = memory_breakdown(model_config, roi, window, batch, precision, recompute,
                             device=device)
     data = data or DataSizes([])
@@ -158,7 +207,7 @@ def estimate_process(model_config: Any, roi: int | Sequence[int], window: int, b
     validation = max((_validation_bytes(model_config, case, predict, const.inference)
                       for case in data.validation), default=0)
     step_peak = const.scale * step.total
-    val_peak = step.persistent + const.scale * validation
+    val_peak = step.persistent + const.val_scale * validation
     held = data.held if device == "cpu" else 0
     runtime = const.runtime if runtime is None else int(runtime)
     total = runtime + held + max(step_peak, val_peak)
@@ -191,3 +240,20 @@ def _validation_bytes(model_config: Any, case: CaseSize, predict: dict[str, Any]
     read = math.prod(case.read_shape or case.shape)
     back = 4 * tc * k * read if case.read_shape and tuple(case.read_shape) != case.shape else 0
     return int(forward + window_io + sliding + prepared + back + case.frames * read)
+
+
+def measured_constants(estimate: ProcessEstimate, step_peak: int, validation_peak: int | None,
+                       context: int) -> ProcessConstants:
+    """The CUDA constants from a measurement of the estimated configuration: ``step_peak``
+    the caching allocator's peak reserve over a few training steps, ``validation_peak`` its
+    peak over one validation pass after them (the reserve released in between, as ``train``
+    does; None: not measured, the step's factor applies) and ``context`` the device's memory
+    beyond the reserve. The factors are measured over modelled, so that the model's
+    arithmetic carries them to the other plans of the search."""
+    scale = step_peak / max(1, estimate.step.total)
+    if validation_peak is None or estimate.validation <= 0:
+        val_scale = scale
+    else:
+        val_scale = max(1, validation_peak - estimate.step.persistent) / estimate.validation
+    return ProcessConstants(runtime=int(context), inference=PROCESS_CONSTANTS["cuda"].inference,
+                            scale=float(scale), validation_scale=float(val_scale))

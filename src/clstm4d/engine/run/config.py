@@ -84,6 +84,9 @@ class DataConfig:
     temporal memory (every model but ``temporal: none``) and not for per-frame models, ``true``
     / ``false``, or a mapping of its arguments (``{prob: 0.25, kinds: [snr, defocus],
     strength: [0.25, 1.0]}``); see docs/training.md for the measurements behind the default.
+    ``reverse_time``: the probability that a training window is played backwards (for data
+    whose changes run both ways, e.g. cells that grow and shrink; not for tasks with an
+    order such as a cue in the first frames); 0 (default): never.
     """
 
     datalist: str | None = None
@@ -96,6 +99,7 @@ class DataConfig:
     augment: bool = True
     degrade: bool | str | dict[str, Any] = "auto"
     num_workers: int = 0
+    reverse_time: float = 0.0
 
 
 @dataclass
@@ -111,7 +115,9 @@ class TrainConfig:
     others in a collective before it fails (a rank that died or hangs). ``memory``: the
     budget the run was planned for (``"2GB"``, ``"800MB"``; ``clstm4d plan`` writes it): the
     memory guard refuses a run whose predicted peak exceeds it (or the device's free memory,
-    whichever is less).
+    whichever is less). ``memory_model``: the process model's constants as ``clstm4d plan``
+    measured them on the training device (``device``, ``runtime_mb``, ``step_scale``,
+    ``validation_scale``; CUDA plans write it), used by the guard on a device of that type.
     ``tbptt``: truncated backpropagation through time: run each training window of
     ``data.window`` frames in chunks of this many frames, the recurrent state carried from
     chunk to chunk and detached between them (gradients within a chunk, memory of a chunk,
@@ -145,6 +151,7 @@ class TrainConfig:
     threads: int | None = None
     tbptt: int | None = None
     memory: str | None = None
+    memory_model: dict[str, Any] | None = None
 
 
 @dataclass
@@ -186,6 +193,7 @@ _RANGES: dict[str, tuple] = {
     "data.window": (1, None, True, True), "data.roi": (1, None, True, True),
     "data.spacing": (0, None, False, True), "data.batch_size": (1, None, True, True),
     "data.foreground_prob": (0, 1, True, True), "data.num_workers": (0, None, True, True),
+    "data.reverse_time": (0, 1, True, True),
     "train.steps": (1, None, True, True), "train.lr": (0, None, False, True),
     "train.weight_decay": (0, None, True, True), "train.warmup_steps": (0, None, True, True),
     "train.grad_clip": (0, None, False, True), "train.lambda_dice": (0, None, True, True),

@@ -28,9 +28,10 @@ import torch
 from clstm4d import _common
 from clstm4d.errors import UserError
 
-__all__ = ["DistInfo", "PeakMemory", "amp_dtype", "autocast", "available_memory",
-           "init_distributed", "precision_of", "process_memory", "reset_process_peak",
-           "resolve_device", "return_freed_memory"]
+__all__ = ["DistInfo", "PeakMemory", "ReserveMeter", "amp_dtype", "autocast", "available_memory",
+           "cuda_context", "init_distributed", "precision_of", "process_memory",
+           "release_cached_memory", "reset_process_peak", "resolve_device",
+           "return_freed_memory"]
 
 #: glibc's ``M_MMAP_THRESHOLD`` (mallopt) and the size from which ``train`` maps allocations.
 _M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 64 * 2**10
@@ -175,6 +176,46 @@ def _status_bytes(key: str) -> int | None:
     return None
 
 
+def release_cached_memory(device: Any) -> None:
+    """On CUDA, hand the caching allocator's unused blocks back to the device (a no-op on
+    CPU, where ``train`` maps large tensors afresh). ``train`` calls it before and after
+    validation, so that blocks cut for the training step's shapes and for validation's
+    never pile up: the reserve then peaks at the larger of the two phases, as the process
+    model counts it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def cuda_context(device: Any) -> int:
+    """Bytes the CUDA device has in use beyond PyTorch's reserve (the context: driver,
+    loaded kernels, libraries' workspaces); assumes no other process shares the device."""
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(total - free - torch.cuda.memory_reserved(device)))
+
+
+class ReserveMeter:
+    """The CUDA caching allocator's peak reserve phase by phase (what ``clstm4d plan``
+    measures): :meth:`start` releases the cache and starts the peak again, :meth:`peak`
+    releases the phase's cache and returns its peak reserve (bytes), :meth:`context` the
+    device's memory beyond the reserve."""
+
+    def __init__(self, device: Any):
+        self.device = torch.device(device)
+
+    def start(self) -> None:
+        release_cached_memory(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        release_cached_memory(self.device)
+        return int(torch.cuda.max_memory_reserved(self.device))
+
+    def context(self) -> int:
+        return cuda_context(self.device)
+
+
 def process_memory(device: Any, peak: bool = True) -> int:
     """The process's memory as the process model counts it (bytes): on CPU its peak resident
     set (``VmHWM``; ``ru_maxrss`` where /proc is missing), or the resident set now with
@@ -183,11 +224,9 @@ def process_memory(device: Any, peak: bool = True) -> int:
     not shared with another process)."""
     device = torch.device(device)
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        reserved = torch.cuda.memory_reserved(device)
-        context = max(0, total - free - reserved)
-        top = torch.cuda.max_memory_reserved(device) if peak else reserved
-        return int(top + context)
+        top = torch.cuda.max_memory_reserved(device) if peak else \
+            torch.cuda.memory_reserved(device)
+        return int(top + cuda_context(device))
     value = _status_bytes("VmHWM" if peak else "VmRSS")
     if value is None:
         scale = 1 if sys.platform == "darwin" else 1024

@@ -99,7 +99,8 @@ def build_dataset(cfg: Config, cases, run: SavedRun):
         return PatchDataset(cases, window=d.window, roi=roi, foreground_prob=d.foreground_prob,
                             seed=cfg.train.seed, augment=d.augment, normalize=d.normalize,
                             degrade=resolve_degrade(d.degrade, run.model_spec),
-                            ignore_index=ignore_index(run.labels))
+                            ignore_index=ignore_index(run.labels),
+                            reverse_time=d.reverse_time)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
 

@@ -12,7 +12,13 @@ import torch
 from clstm4d._common import human_bytes, per_axis
 from clstm4d.engine.planning.memory import MiB, parse_memory
 from clstm4d.engine.planning.planner import fmt_shape
-from clstm4d.engine.planning.process import CaseSize, DataSizes, ProcessEstimate, estimate_process
+from clstm4d.engine.planning.process import (
+    CaseSize,
+    DataSizes,
+    ProcessConstants,
+    ProcessEstimate,
+    estimate_process,
+)
 from clstm4d.engine.planning.topology import check_strides_for_roi
 from clstm4d.engine.run.runtime import amp_dtype, available_memory, precision_of, process_memory
 from clstm4d.errors import UserError
@@ -75,8 +81,10 @@ def check_training_memory(cfg: Any, run: Any, cases: Sequence[Any], device: Any,
         check_strides_for_roi(spec.options.get("strides"), roi)
     precision = precision_of(amp_dtype(device, cfg.train.amp))
     predict = {"roi": cfg.predict.roi, "chunk": cfg.predict.chunk}
+    constants = None if cfg.train.memory_model is None else \
+        ProcessConstants.from_config(cfg.train.memory_model, device.type)
     est = estimate_process(spec, roi, int(window), int(cfg.data.batch_size), precision, None,
-                           device=device.type, predict=predict,
+                           device=device.type, predict=predict, constants=constants,
                            data=data_sizes(cases, validation, cfg.data.spacing))
     planned = None if cfg.train.memory is None else parse_memory(cfg.train.memory)
     if budget is None:

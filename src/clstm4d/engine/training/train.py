@@ -53,6 +53,8 @@ def train(cfg: Config, *, resume: str | Path | None = None,
     dataset = build_dataset(cfg, train_cases, run)
     estimate = check_training_memory(cfg, run, train_cases, device, force=force,
                                      validation=val_cases if progress_validation else ())
+    del train_cases  # the dataset holds each case once, normalised
+    dataset.prepare()
     validate = None
     if val_cases and progress_validation:
         validate = make_validator(run, val_cases, device)

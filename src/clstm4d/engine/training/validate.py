@@ -12,6 +12,7 @@ from clstm4d.data import ignore_index
 from clstm4d.engine.evaluation.metrics import dice_per_frame
 from clstm4d.engine.inference.predictor import Predictor
 from clstm4d.engine.run.config import SavedRun
+from clstm4d.engine.run.runtime import release_cached_memory
 
 __all__ = ["make_validator"]
 
@@ -26,6 +27,7 @@ def make_validator(run: SavedRun, cases, device: torch.device):
     ignore = ignore_index(run.labels)
 
     def validate(model: torch.nn.Module) -> dict[str, Any]:
+        release_cached_memory(device)  # the training step's cached blocks
         predictor = Predictor(model, run, device=device, amp="none")
         scores: list[dict[int, float]] = []  # per case: annotated frame -> Dice
         for c in cases:
@@ -34,6 +36,7 @@ def make_validator(run: SavedRun, cases, device: torch.device):
             dice = dice_per_frame(pred[annotated], c.label[annotated], k, ignore).mean(1)
             scores.append(dict(zip(annotated.tolist(), dice.tolist(), strict=True)))
         model.train()
+        release_cached_memory(device)  # validation's, before training goes on
         longest = max(len(c.labelled) for c in cases)
         per_frame = [[s[f] for s in scores if f in s] for f in range(longest)]
         return {"val_dice": float(np.mean([v for s in scores for v in s.values()])),
