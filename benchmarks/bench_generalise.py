@@ -4,7 +4,8 @@ Cue-then-track with objects of varied form (``clstm4d synth --task cue-shapes``)
 (discs, polygons, cell-like blobs; glyph-like strokes held out), the cued one bright only in
 the first 3 frames, then all alike, moving, passing close and overlapping partly. Every stage
 runs the command line in a fresh process: ``clstm4d synth`` writes the training set (tuning
-families) and two test sets (the held-out family and the tuning families, other seeds),
+families) and the test sets (the held-out family, the tuning families and, with ``--tests
+crowded``, the tuning families with 4-5 objects; other seeds),
 ``clstm4d train`` trains each variant, ``clstm4d predict`` segments every test sequence
 (one process per variant and test set, calling the CLI once per sequence) from the saved
 checkpoint; the written predictions are scored here.
@@ -21,6 +22,8 @@ A variant is a name plus ``section.key=value`` overrides of ``clstm4d train --se
 variant gets the same data, steps, batch, learning rate and seed (``--steps`` etc.).
 
     nice -n 10 python benchmarks/bench_generalise.py --out /tmp/gen              # all
+    nice -n 10 python benchmarks/bench_generalise.py --out /tmp/gen128 --cases 128  # the
+        # training set that met the target on every seed (docs/training.md)
     nice -n 10 python benchmarks/bench_generalise.py --out /tmp/gen --only per-frame skips
     python benchmarks/bench_generalise.py --out /tmp/gen --report                # table
     nice -n 10 python benchmarks/bench_generalise.py --out /tmp/gen --cross --only skips \
