@@ -190,3 +190,15 @@ def test_prepare_holds_an_in_memory_case_once_normalised():
     assert raw() is None
     item = ds[0]
     assert all(torch.equal(item[k], expected[k]) for k in ("image", "label", "labelled"))
+
+
+def test_a_flipped_one_voxel_patch_is_a_tensor():
+    """A roi of 1 voxel flipped (found by tests/test_fuzz_inputs.py): numpy keeps a negative
+    stride on a size-1 axis and calls the array contiguous; the item must still convert."""
+    ds = PatchDataset([_coded_case()], window=2, roi=1, normalize=None, samples_per_case=4,
+                      augment=Augment(flip=1.0, rotate90=0, scale=0, shift=0))
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (2, 1, 1, 1) and item["label"].shape == (2, 1, 1)
+        y, x = divmod(int(item["image"][0, 0, 0, 0]) % 1000, 10)
+        assert int(item["label"][0, 0, 0]) == (y + x) % 3  # the label of the image's voxel

@@ -257,8 +257,7 @@ class PatchDataset(Dataset):
         labelled[:length] = data.labelled[frames]
         backwards = self.reverse_time > 0 and rng.random() < self.reverse_time
         if backwards:  # the window played backwards (padding stays at the end)
-            img, lab = img[::-1].copy(), lab[::-1].copy()  # (a 1-frame view keeps its stride)
-            labelled[:length] = labelled[:length][::-1]
+            img, lab, labelled[:length] = img[::-1], lab[::-1], labelled[:length][::-1]
         if self.augment is not None:
             img, lab = self.augment(img, lab, rng)
         degraded = np.zeros(window, bool)
@@ -271,8 +270,10 @@ class PatchDataset(Dataset):
         for f in data.meta.get("degraded", []):
             if start <= f < start + length:
                 degraded[start + length - 1 - f if backwards else f - start] = True
-        return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
-                "label": torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)),
+        # fresh C-order copies: numpy calls a flipped axis of size 1 contiguous and keeps its
+        # negative stride, which torch refuses (a 1-voxel roi flipped, a 1-frame window reversed)
+        return {"image": torch.from_numpy(np.array(img, dtype=np.float32, order="C")),
+                "label": torch.from_numpy(np.array(lab, dtype=np.int64, order="C")),
                 "labelled": torch.from_numpy(labelled),
                 "length": length, "start": start, "degraded": torch.from_numpy(degraded),
                 "case": data.name}
