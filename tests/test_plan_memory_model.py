@@ -53,7 +53,7 @@ def test_measured_constants_reproduce_the_peaks_they_were_measured_from(step_fac
 def test_without_a_validation_measurement_the_steps_factor_applies():
     model = _estimate()
     c = measured_constants(model, int(1.5 * model.step.total), None, 500 * MiB)
-    assert c.val_scale == pytest.approx(1.5, rel=1e-6)
+    assert c.validation_scale == pytest.approx(1.5, rel=1e-6)
 
 
 def test_the_plan_writes_the_constants_and_train_reads_them_back():
@@ -128,7 +128,8 @@ def test_the_plan_measures_the_step_then_validation_and_plans_with_what_it_measu
     c = calibrate_memory(plan, torch.device("cpu"), case, meter=meter)
     assert meter.calls == ["start", "peak", "start", "peak", "context"]
     assert c == measured_constants(model, step_peak, val_peak, 700 * MiB)
-    assert c.scale == pytest.approx(1.3, rel=1e-6) and c.val_scale == pytest.approx(1.6, rel=1e-6)
+    assert c.scale == pytest.approx(1.3, rel=1e-6)
+    assert c.validation_scale == pytest.approx(1.6, rel=1e-6)
     assert calibrate_memory(plan, torch.device("cpu"), case) is None  # CPU: the fitted model
 
 

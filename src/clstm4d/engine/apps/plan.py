@@ -81,16 +81,8 @@ def calibrate_step_time(model_config: dict[str, Any], roi: Sequence[int], window
         macs = step_macs(model_config, small, frames, 1, recompute)
     if device.type == "cpu":
         return_freed_memory()  # allocate as train does (every large tensor mapped afresh)
-    cfg = dict(model_config)
-    torch.manual_seed(0)
-    net = create(cfg.pop("name"), **{**cfg, "recompute": recompute}).to(device)
-    optimizer = torch.optim.AdamW(param_groups(net, 1e-4), lr=1e-4)
-    dtype = amp_dtype(device, {"fp32": "none"}.get(precision, precision))
-    x = torch.randn(1, frames, net.config["in_channels"], *small, device=device)
-    y = torch.randint(0, net.config["out_channels"], (1, frames, *small), device=device)
-
-    def step():
-        training_step(net, optimizer, SequenceLoss(), x, y, device=device, amp_dtype=dtype)
+    net, optimizer, step = _training_step(model_config, recompute, precision, frames, small,
+                                          device)
 
     def update():
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -121,21 +113,16 @@ def calibrate_memory(plan: Plan, device: torch.device, case: CaseSize | None,
         if device.type != "cuda":
             return None
         meter = ReserveMeter(device)
-    model_config = plan.model_config()
-    spec = {k: v for k, v in model_config.items() if k != "recompute"}
+    spec = {k: v for k, v in plan.model_config().items() if k != "recompute"}
     estimate = estimate_process(spec, plan.roi, plan.window, 1, plan.precision, plan.recompute,
                                 device="cuda", predict={"roi": plan.roi},
                                 data=DataSizes([], [] if case is None else [case]))
-    torch.manual_seed(0)
-    net = create(model_config.pop("name"), **model_config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(net, 1e-4), lr=1e-4)
-    dtype = amp_dtype(device, {"fp32": "none"}.get(plan.precision, plan.precision))
-    x = torch.randn(1, plan.window, plan.in_channels, *plan.roi, device=device)
-    y = torch.randint(0, plan.out_channels, (1, plan.window, *plan.roi), device=device)
+    net, _, step = _training_step(spec, plan.recompute, plan.precision, plan.window, plan.roi,
+                                  device)
     meter.start()
     for _ in range(2):
-        training_step(net, optimizer, SequenceLoss(), x, y, device=device, amp_dtype=dtype)
-    del x, y
+        step()
+    del step  # and the batch it holds
     step_peak = meter.peak()
     validation_peak = None
     if case is not None:
@@ -146,6 +133,24 @@ def calibrate_memory(plan: Plan, device: torch.device, case: CaseSize | None,
         Predictor(net, run, device=device, amp="none").predict_array(image, name="calibration")
         validation_peak = meter.peak()
     return measured_constants(estimate, step_peak, validation_peak, meter.context())
+
+
+def _training_step(model_config: dict[str, Any], recompute: bool, precision: str, frames: int,
+                   roi: Sequence[int], device: torch.device):
+    """The model of ``model_config`` on ``device`` (seeded), its AdamW, and a function that
+    takes one training step of it on a random batch of 1 x ``frames`` x ``roi``."""
+    cfg = dict(model_config)
+    torch.manual_seed(0)
+    net = create(cfg.pop("name"), **{**cfg, "recompute": recompute}).to(device)
+    optimizer = torch.optim.AdamW(param_groups(net, 1e-4), lr=1e-4)
+    dtype = amp_dtype(device, {"fp32": "none"}.get(precision, precision))
+    x = torch.randn(1, frames, net.config["in_channels"], *roi, device=device)
+    y = torch.randint(0, net.config["out_channels"], (1, frames, *roi), device=device)
+
+    def step():
+        training_step(net, optimizer, SequenceLoss(), x, y, device=device, amp_dtype=dtype)
+
+    return net, optimizer, step
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
@@ -219,7 +224,7 @@ def run_plan(*, memory: str | int | None = None, datalist: str | None = None,
         constants = calibrate_memory(plan, dev, _validation_case(fp, shape, plan))
         if constants is not None:
             say(f"memory measured on {dev}: context {human_bytes(constants.runtime)}, "
-                f"reserve x{constants.scale:.2f} (step) and x{constants.val_scale:.2f} "
+                f"reserve x{constants.scale:.2f} (step) and x{constants.validation_scale:.2f} "
                 f"(validation) of what the model counts")
         plan = _plan(fp, shape, budget, {**options, "timer": timer, "constants": constants,
                                          "time_per_step": time_per_step})

@@ -64,7 +64,7 @@ class ProcessConstants:
             the window's largest level map.
         scale: a factor on the step's peak (what the allocator keeps next to the live
             tensors).
-        validation_scale: the same for validation (None: ``scale``). On CUDA the caching
+        validation_scale: the same for validation. On CUDA the caching
             allocator reserves more than is alive, by a factor that depends on the shapes;
             ``clstm4d plan`` measures both factors on the device
             (:func:`~clstm4d.engine.apps.plan.calibrate_memory`) and writes them into the
@@ -74,17 +74,13 @@ class ProcessConstants:
     runtime: int
     inference: float
     scale: float
-    validation_scale: float | None = None
+    validation_scale: float
 
     def to_config(self, device: str) -> dict[str, Any]:
         """``train.memory_model`` as the plan writes it (MiB and plain factors)."""
         return {"device": device, "runtime_mb": round(self.runtime / MiB, 1),
                 "step_scale": round(self.scale, 4),
-                "validation_scale": round(self.val_scale, 4)}
-
-    @property
-    def val_scale(self) -> float:
-        return self.scale if self.validation_scale is None else self.validation_scale
+                "validation_scale": round(self.validation_scale, 4)}
 
     @classmethod
     def from_config(cls, raw: dict[str, Any], device: str) -> ProcessConstants | None:
@@ -115,8 +111,8 @@ class ProcessConstants:
 #: the installed libraries. CUDA: the defaults when nothing was measured (``plan --no-time``,
 #: a hand-written config): ``runtime`` a typical context; a plan made on the GPU measures both.
 PROCESS_CONSTANTS = {
-    "cpu": ProcessConstants(runtime=460 * MiB, inference=5.0, scale=1.0),
-    "cuda": ProcessConstants(runtime=500 * MiB, inference=5.0, scale=1.0),
+    "cpu": ProcessConstants(runtime=460 * MiB, inference=5.0, scale=1.0, validation_scale=1.0),
+    "cuda": ProcessConstants(runtime=500 * MiB, inference=5.0, scale=1.0, validation_scale=1.0),
 }
 
 
@@ -207,7 +203,7 @@ def estimate_process(model_config: Any, roi: int | Sequence[int], window: int, b
     validation = max((_validation_bytes(model_config, case, predict, const.inference)
                       for case in data.validation), default=0)
     step_peak = const.scale * step.total
-    val_peak = step.persistent + const.val_scale * validation
+    val_peak = step.persistent + const.validation_scale * validation
     held = data.held if device == "cpu" else 0
     runtime = const.runtime if runtime is None else int(runtime)
     total = runtime + held + max(step_peak, val_peak)

@@ -29,7 +29,7 @@ from clstm4d import _common
 from clstm4d.errors import UserError
 
 __all__ = ["DistInfo", "PeakMemory", "ReserveMeter", "amp_dtype", "autocast", "available_memory",
-           "cuda_context", "init_distributed", "precision_of", "process_memory",
+           "init_distributed", "precision_of", "process_memory",
            "release_cached_memory", "reset_process_peak", "resolve_device",
            "return_freed_memory"]
 
@@ -188,7 +188,7 @@ def release_cached_memory(device: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def cuda_context(device: Any) -> int:
+def _cuda_context(device: Any) -> int:
     """Bytes the CUDA device has in use beyond PyTorch's reserve (the context: driver,
     loaded kernels, libraries' workspaces); assumes no other process shares the device."""
     free, total = torch.cuda.mem_get_info(device)
@@ -213,7 +213,7 @@ class ReserveMeter:
         return int(torch.cuda.max_memory_reserved(self.device))
 
     def context(self) -> int:
-        return cuda_context(self.device)
+        return _cuda_context(self.device)
 
 
 def process_memory(device: Any, peak: bool = True) -> int:
@@ -226,7 +226,7 @@ def process_memory(device: Any, peak: bool = True) -> int:
     if device.type == "cuda":
         top = torch.cuda.max_memory_reserved(device) if peak else \
             torch.cuda.memory_reserved(device)
-        return int(top + cuda_context(device))
+        return int(top + _cuda_context(device))
     value = _status_bytes("VmHWM" if peak else "VmRSS")
     if value is None:
         scale = 1 if sys.platform == "darwin" else 1024
