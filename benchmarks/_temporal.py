@@ -83,10 +83,13 @@ def train_variant(base: dict[str, Any], overrides: list[str]):
     torch.set_num_threads(int(base["train"]["threads"]))
     t0, cpu0 = time.perf_counter(), time.process_time()
     run = Path(base["train"]["out"])
-    if (run / "checkpoints" / "latest.json").is_file():  # trained before: score it again
+    cfg = Config.from_dict(base, overrides=overrides)
+    latest = run / "checkpoints" / "latest.json"
+    if latest.is_file() and json.loads(latest.read_text())["step"] >= cfg.train.steps:
+        # trained before: score it again (a run stopped early is continued below)
         predictor = Predictor.from_checkpoint(run, device="cpu", amp="none")
         return predictor, float("nan"), float("nan")
-    res = train(Config.from_dict(base, overrides=overrides), progress_validation=False)
+    res = train(cfg, progress_validation=False, resume=run)
     predictor = Predictor.from_checkpoint(res.checkpoint, device="cpu", amp="none")
     return predictor, time.perf_counter() - t0, time.process_time() - cpu0
 
